@@ -1,0 +1,22 @@
+"""Engines behind one interface (see base.py); shipped as `crossengine.adapters`.
+
+The registry maps an engine type to a lazy "module:Class" string, as lm-evaluation-harness
+does, so that importing crossengine never imports vLLM or torch-heavy engine code: the class
+is resolved inside the Ray worker that runs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+ENGINES: dict[str, str] = {
+    "hf": "crossengine.adapters.hf:HFEngine",
+    "vllm": "crossengine.adapters.vllm:VLLMEngine",
+    "native": "crossengine.adapters.native:NativeEngine",
+}
+
+
+def engine_class(kind: str):
+    """Import and return the engine class registered under `kind`."""
+    module, _, cls = ENGINES[kind].partition(":")
+    return getattr(importlib.import_module(module), cls)

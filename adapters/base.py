@@ -1,0 +1,154 @@
+"""The one interface every engine implements; the core knows nothing else about engines.
+
+Imported as `crossengine.adapters.base`. Engines live one per file beside this one and are
+imported lazily, by the registry in `crossengine.adapters`, inside the Ray worker that runs
+them, so importing crossengine never imports vLLM or a native training stack.
+
+A worked example (tiny-text, `top_k=2`), for the token ids of "<bos> The fox":
+
+    input_ids        = [1, 357, 486]              # position 0 is never scored
+    token_logprobs   = [nan, -2.31, -0.42]        # log p(357 | 1), log p(486 | 1 357)
+    topk_ids[1]      = [357, 36]                  # the engine's two best at position 1
+    topk_logprobs[1] = [-2.31, -2.97]
+    logits           = float32 [3, 512] or None   # full vocabulary, where cheap (HF, native)
+
+Row t holds the prediction *for* token t, made from tokens < t; row 0 is padding, so
+every array is indexed by the position of the token it scores.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Modality and attention codes; stored as dictionary-encoded strings in Parquet.
+MODALITIES = ("text", "image", "special")
+ATTENTIONS = ("causal", "bidirectional")
+
+
+@dataclass
+class Sample:
+    """One prompt as every engine sees it: token ids expanded once, by the reference engine."""
+
+    sample_id: str
+    input_ids: np.ndarray  # int64 [T]
+    modality: np.ndarray  # int8 [T], index into MODALITIES
+    text: str | None = None
+    images: list[str] = field(default_factory=list)
+    # Extra model inputs made by the reference processor (pixel_values, token_type_ids, ...).
+    model_inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    # Tokens appended by a generator, scored teacher-forced (generation mode); the prompt
+    # is input_ids[:prompt_len].
+    prompt_len: int | None = None
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class TokenLogprobs:
+    """An engine's teacher-forced scores for one sample; arrays, never per-token objects."""
+
+    token_logprobs: np.ndarray  # float32 [T], nan at position 0
+    topk_ids: np.ndarray  # int64 [T, k]
+    topk_logprobs: np.ndarray  # float32 [T, k]
+    attention: np.ndarray  # int8 [T], index into ATTENTIONS: the mask this engine applied
+    logits: np.ndarray | None = None  # float32 [T, V], raw logits where the engine gives them cheaply
+    scored_ids: np.ndarray | None = None  # ids the engine actually scored, when it expanded them itself
+
+    @property
+    def full_vocab(self) -> bool:
+        return self.logits is not None
+
+
+@dataclass
+class Generation:
+    """Tokens an engine sampled after a prompt, with its own log-prob of each."""
+
+    sample_id: str
+    completion_ids: np.ndarray  # int64 [G]
+    token_logprobs: np.ndarray  # float32 [G]
+    topk_ids: np.ndarray  # int64 [G, k]
+    topk_logprobs: np.ndarray  # float32 [G, k]
+
+
+@dataclass
+class EngineInfo:
+    name: str
+    engine: str
+    versions: dict[str, str]
+    device: str
+    dtype: str
+    tokenizer_fingerprint: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class SampleError(ValueError):
+    """A problem with one sample that the run reports and skips, e.g. a prompt too long."""
+
+    def __init__(self, sample_id: str, message: str):
+        super().__init__(f"sample {sample_id}: {message}")
+        self.sample_id = sample_id
+        self.message = message
+
+    def __reduce__(self):  # crosses Ray's process boundary intact
+        return (SampleError, (self.sample_id, self.message))
+
+
+class Engine(abc.ABC):
+    """Load a model once, then score or generate batches of samples.
+
+    Implementations take their options from an engine spec (see crossengine.config) and must
+    be deterministic for a fixed seed. They should free device memory in `close()`.
+    """
+
+    name: str = "engine"
+
+    def __init__(self, spec: Any, model_path: str, instance: str, seed: int = 0):
+        self.spec = spec
+        self.model_path = model_path
+        self.instance = instance  # the experiment's name for this engine or variant
+        self.seed = seed
+
+    @abc.abstractmethod
+    def info(self) -> EngineInfo:
+        """Library versions, device and dtype as this worker sees them (go into run.json)."""
+
+    def prepare(self, raw: list[dict[str, Any]]) -> list[Sample]:
+        """Tokenise and expand prompts; only the reference engine is asked to."""
+        raise NotImplementedError(f"engine {self.name!r} cannot be the reference that tokenises samples")
+
+    @abc.abstractmethod
+    def score(self, samples: list[Sample], top_k: int, full_vocab: bool) -> list[TokenLogprobs | SampleError]:
+        """Teacher-forced log-probs of every position; a failing sample yields a SampleError."""
+
+    def generate(self, samples: list[Sample], sampling: Any, top_k: int) -> list[Generation | SampleError]:
+        raise NotImplementedError(f"engine {self.name!r} does not generate")
+
+    def close(self) -> None:
+        """Release the model (and device memory) before the worker exits."""
+
+    def token_texts(self) -> list[str]:
+        """Readable text of every token id, for the token_text column (asked of the reference)."""
+        tok = self.tokenizer  # type: ignore[attr-defined]
+        n = max(len(tok), self.vocab_size)  # type: ignore[attr-defined]
+        return [tok.decode([i]) for i in range(n)]
+
+
+def topk_from_logprobs(logprobs, k: int):
+    """Top-k of a [T, V] torch tensor of log-probs, as numpy (shared by torch engines)."""
+    values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+    return ids.cpu().numpy().astype(np.int64), values.float().cpu().numpy()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Short hash of a tokenizer's vocabulary and special tokens: equal ids need equal tokenizers."""
+    import hashlib
+    import json
+
+    vocab = sorted(tokenizer.get_vocab().items())
+    blob = json.dumps([vocab, sorted(tokenizer.all_special_tokens)], ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,231 @@
+"""Hugging Face transformers engine: AutoModelForCausalLM, or AutoModelForImageTextToText
+when the checkpoint has a vision tower.
+
+Every sample runs as its own forward pass, unpadded: padding changes the numerics of some
+attention backends, and a parity tool must not add differences of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .base import (
+    ATTENTIONS,
+    MODALITIES,
+    Engine,
+    EngineInfo,
+    Generation,
+    Sample,
+    SampleError,
+    TokenLogprobs,
+    tokenizer_fingerprint,
+    topk_from_logprobs,
+)
+
+
+def resolve_device(device: str | None) -> str:
+    """auto -> cuda when torch sees one, else cpu (as nanoGPT does)."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def mask_kinds(model_type: str, input_ids: np.ndarray, model_inputs: dict[str, Any]) -> np.ndarray:
+    """Which positions the model's own mask lets attend bidirectionally (DESIGN.md §6).
+
+    Gemma3 makes each image span bidirectional only when token_type_ids reaches the model;
+    PaliGemma makes the whole prefix (token_type_ids == 0) bidirectional.
+    """
+    kinds = np.zeros(len(input_ids), dtype=np.int8)
+    tti = model_inputs.get("token_type_ids")
+    if tti is not None:
+        tti = np.asarray(tti).reshape(-1)[: len(input_ids)]
+        if model_type in ("gemma3", "gemma3n", "gemma4"):
+            kinds[tti == 1] = ATTENTIONS.index("bidirectional")
+        elif model_type == "paligemma":
+            kinds[tti == 0] = ATTENTIONS.index("bidirectional")
+    return kinds
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+class HFEngine(Engine):
+    name = "hf"
+
+    def __init__(self, spec, model_path: str, instance: str, seed: int = 0):
+        super().__init__(spec, model_path, instance, seed)
+        import torch
+        from transformers import AutoConfig
+
+        torch.manual_seed(seed)
+        self.device = resolve_device(spec.device)
+        self.dtype = torch_dtype(spec.dtype)
+        common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        self.config = AutoConfig.from_pretrained(model_path, **common)
+        self.is_vision = getattr(self.config, "vision_config", None) is not None
+        self.model = self._load_model(common)
+        self.tokenizer, self.processor = self._load_tokenizer(common)
+        from .patches import apply_patches
+
+        self.patch_report = apply_patches(self, spec.patches)
+
+    def _load_model(self, common: dict):
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+        cls = AutoModelForImageTextToText if self.is_vision else AutoModelForCausalLM
+        kwargs = dict(common, dtype=self.dtype, **self.spec.options)
+        if self.spec.attn_implementation:
+            kwargs["attn_implementation"] = self.spec.attn_implementation
+        model = cls.from_pretrained(self.model_path, **kwargs)
+        return model.to(self.device).eval()
+
+    def _load_tokenizer(self, common: dict):
+        from transformers import AutoProcessor, AutoTokenizer
+
+        if self.is_vision:
+            processor = AutoProcessor.from_pretrained(self.model_path, **common)
+            return processor.tokenizer, processor
+        return AutoTokenizer.from_pretrained(self.model_path, **common), None
+
+    # ------------------------------------------------------------------ interface
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            name=self.instance,
+            engine=self.name,
+            versions=versions(),
+            device=self.device,
+            dtype=str(self.spec.dtype),
+            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
+            extra={
+                "model_type": self.config.model_type,
+                "vocab_size": int(self.vocab_size),
+                "attn_implementation": getattr(self.model.config, "_attn_implementation", None),
+                "patches": self.patch_report,
+            },
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    def prepare(self, raw: list[dict[str, Any]]) -> list[Sample]:
+        return [self._prepare_one(r) for r in raw]
+
+    def _prepare_one(self, r: dict[str, Any]) -> Sample:
+        sid = r["id"]
+        inputs: dict[str, np.ndarray] = {}
+        if r.get("token_ids") is not None:
+            ids = np.asarray(r["token_ids"], dtype=np.int64)
+        elif r.get("images"):
+            if self.processor is None:
+                raise SampleError(sid, f"has images but model {self.model_path} is text-only")
+            from PIL import Image
+
+            images = [Image.open(p).convert("RGB") for p in r["images"]]
+            enc = self.processor(text=[r["text"]], images=[images], return_tensors="np")
+            ids = enc.pop("input_ids")[0].astype(np.int64)
+            enc.pop("attention_mask", None)
+            inputs = {k: np.asarray(v) for k, v in enc.items()}
+        else:
+            ids = np.asarray(self.tokenizer(r["text"]).input_ids, dtype=np.int64)
+        if r.get("max_length") and len(ids) > r["max_length"]:
+            ids = ids[: r["max_length"]]
+            if "token_type_ids" in inputs:
+                inputs["token_type_ids"] = inputs["token_type_ids"][:, : r["max_length"]]
+        if len(ids) < 2:
+            raise SampleError(sid, "has fewer than 2 tokens; nothing to score")
+        return Sample(sid, ids, self._modality(ids), text=r.get("text"), images=[str(p) for p in r.get("images", [])], model_inputs=inputs)
+
+    def _modality(self, ids: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(ids), dtype=np.int8)
+        special = np.asarray(sorted(set(self.tokenizer.all_special_ids)), dtype=np.int64)
+        out[np.isin(ids, special)] = MODALITIES.index("special")
+        image_id = getattr(self.config, "image_token_id", None) or getattr(self.config, "image_token_index", None)
+        if image_id is not None:
+            out[ids == image_id] = MODALITIES.index("image")
+        return out
+
+    def _inputs(self, sample: Sample, ids: np.ndarray | None = None) -> dict[str, Any]:
+        import torch
+
+        ids = sample.input_ids if ids is None else ids
+        out: dict[str, Any] = {"input_ids": torch.as_tensor(ids, device=self.device)[None]}
+        for key, value in sample.model_inputs.items():
+            if key in self.spec.drop_inputs:
+                continue
+            t = torch.as_tensor(value, device=self.device)
+            if key == "token_type_ids" and t.shape[-1] != len(ids):  # completion tokens are text
+                pad = torch.zeros((*t.shape[:-1], len(ids) - t.shape[-1]), dtype=t.dtype, device=self.device)
+                t = torch.cat([t, pad], dim=-1)
+            out[key] = t.to(self.dtype) if t.is_floating_point() else t
+        return out
+
+    def forward_logits(self, sample: Sample):
+        """Raw logits [T, V] in float32 for one sample; the one place HF's forward is called."""
+        import torch
+
+        with torch.inference_mode():
+            return self.model(**self._inputs(sample)).logits[0].float()
+
+    def score(self, samples: list[Sample], top_k: int, full_vocab: bool) -> list[TokenLogprobs | SampleError]:
+        out: list[TokenLogprobs | SampleError] = []
+        for s in samples:
+            if int(s.input_ids.max()) >= self.vocab_size:
+                out.append(SampleError(s.sample_id, f"token id {int(s.input_ids.max())} >= vocab size {self.vocab_size}"))
+                continue
+            if s.model_inputs.get("pixel_values") is not None and not self.is_vision:
+                out.append(SampleError(s.sample_id, "has images but the model is text-only"))
+                continue
+            logits = self.forward_logits(s)
+            out.append(self._to_arrays(s, logits, top_k, full_vocab))
+        return out
+
+    def _to_arrays(self, s: Sample, logits, top_k: int, full_vocab: bool) -> TokenLogprobs:
+        import torch
+
+        ids = torch.as_tensor(s.input_ids, device=logits.device)
+        pred = logits[:-1]  # row t-1 predicts token t
+        logprobs = pred.log_softmax(-1)
+        token_lp = logprobs.gather(-1, ids[1:, None])[:, 0].cpu().numpy()
+        topk_ids, topk_lp = topk_from_logprobs(logprobs, top_k)
+        k = topk_ids.shape[1]
+        pad_row = lambda a, fill: np.concatenate([np.full((1, *a.shape[1:]), fill, a.dtype), a])  # noqa: E731
+        used = {k_: v for k_, v in s.model_inputs.items() if k_ not in self.spec.drop_inputs}
+        return TokenLogprobs(
+            token_logprobs=pad_row(token_lp.astype(np.float32), np.nan),
+            topk_ids=pad_row(topk_ids, -1),
+            topk_logprobs=pad_row(topk_lp.astype(np.float32).reshape(-1, k), np.nan),
+            attention=mask_kinds(self.config.model_type, s.input_ids, used),
+            logits=pad_row(pred.cpu().numpy().astype(np.float32), np.nan) if full_vocab else None,
+        )
+
+    def generate(self, samples: list[Sample], sampling: Any, top_k: int) -> list[Generation | SampleError]:
+        from .hf_generate import generate
+
+        return generate(self, samples, sampling, top_k)
+
+    def close(self) -> None:
+        import gc
+
+        import torch
+
+        del self.model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,342 @@
+"""The experiment file: typed, validated at load, every error one line naming file:line: field.
+
+Validation happens entirely before a results directory exists, so a bad experiment never
+leaves anything behind. YAML is read with `yaml.safe_load` semantics (plus a duplicate-key
+check, since silently keeping the last of two engines with one name hides mistakes);
+nothing in it is evaluated, and user code loads only from an explicit "module:function".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from .errors import ExperimentError
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+EngineType = Literal["hf", "vllm", "native"]
+_CALLABLE_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EnvSpec(_Strict):
+    """Where an engine's worker runs: its own pip environment or an existing interpreter."""
+
+    pip: Optional[list[str]] = Field(None, description="Packages for a Ray runtime_env, e.g. ['transformers==4.57.6'].")
+    python: Optional[str] = Field(None, description="Path to another environment's python (Ray py_executable).")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="Environment variables for the worker.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "EnvSpec":
+        if self.pip and self.python:
+            raise ValueError("give either pip or python, not both")
+        return self
+
+
+class EngineSpec(_Strict):
+    """One engine instance. Fields left out inherit the experiment's model, dtype and device."""
+
+    type: EngineType = Field(description="Which adapter runs it: hf, vllm or native.")
+    model: Optional[str] = Field(None, description="Fixture name, local path or hub id; default: the experiment's model.")
+    dtype: Optional[Dtype] = Field(None, description="Weights and compute dtype; default: the experiment's.")
+    device: Optional[str] = Field(None, description="auto (cuda if present, else cpu), cpu, cuda or cuda:N.")
+    attn_implementation: Optional[str] = Field(None, description="HF attention backend: eager, sdpa, flash_attention_2 ...")
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(False, description="Run the model repo's own Python code. Off unless set.")
+    drop_inputs: list[str] = Field(default_factory=list, description="Model inputs to withhold, e.g. token_type_ids.")
+    patches: list[str] = Field(default_factory=list, description="Built-in patch names or 'module:function' refs.")
+    factory: Optional[str] = Field(None, description="native: 'module:function' returning the model.")
+    preprocess: Optional[str] = Field(None, description="native: 'module:function' turning a sample into model inputs.")
+    env: Optional[EnvSpec] = Field(None, description="Run this engine in its own Python environment.")
+    num_gpus: Optional[float] = Field(None, ge=0, description="GPUs for this engine's worker; default 1 on a GPU cluster, else 0.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Engine-specific keyword arguments (e.g. vllm.LLM's).")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda or cuda:N")
+        return v
+
+    @field_validator("factory", "preprocess")
+    @classmethod
+    def _callable_ref(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not _CALLABLE_REF.match(v):
+            raise ValueError(f"{v!r} is not of the form 'package.module:function'")
+        return v
+
+    @model_validator(mode="after")
+    def _fits_type(self) -> "EngineSpec":
+        if self.type != "native" and (self.factory or self.preprocess):
+            raise ValueError(f"factory/preprocess are for native engines, not {self.type}")
+        if self.type == "vllm" and self.attn_implementation:
+            raise ValueError("attn_implementation is an hf option; vLLM picks its backend via options")
+        return self
+
+
+# A variant names its base engine and overrides any of the engine's fields.
+VariantSpec = create_model(
+    "VariantSpec",
+    __config__=ConfigDict(extra="forbid", frozen=True),
+    engine=(str, Field(description="The engine this variant starts from.")),
+    **{name: (Optional[f.annotation], None) for name, f in EngineSpec.model_fields.items() if name != "type"},
+)
+
+
+class SampleSpec(_Strict):
+    """A prompt: text (optionally with images), raw token ids, or a JSONL file of these."""
+
+    id: Optional[str] = Field(None, description="Stable id; default: s<index>.")
+    text: Optional[str] = None
+    images: list[Path] = Field(default_factory=list, description="Image files; the text marks where each goes.")
+    token_ids: Optional[list[int]] = None
+    file: Optional[Path] = Field(None, description="JSONL file, one sample object per line.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "SampleSpec":
+        given = [k for k in ("text", "token_ids", "file") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of text, token_ids or file")
+        if self.images and self.text is None:
+            raise ValueError("images need a text prompt")
+        if self.token_ids is not None:
+            if len(self.token_ids) < 2:
+                raise ValueError("token_ids needs at least 2 tokens (position 0 is never scored)")
+            if min(self.token_ids) < 0:
+                raise ValueError("token ids must be >= 0")
+        if self.text is not None and not self.text:
+            raise ValueError("text is empty")
+        return self
+
+
+class SamplingSpec(_Strict):
+    """Generation mode: how the generator samples completions."""
+
+    temperature: float = Field(1.0, ge=0, description="0 means greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1, description="-1: no top-k truncation.")
+    max_tokens: int = Field(16, ge=1)
+    n: int = Field(1, ge=1, description="Completions per prompt.")
+    seed: Optional[int] = None
+
+
+class Experiment(_Strict):
+    """An experiment: one model, a reference engine, candidates, variants and samples."""
+
+    name: Optional[str] = Field(None, description="Default: the file's stem.")
+    model: str = Field(description="Fixture name (tiny-text, tiny-vision), local path or hub id.")
+    reference: str = Field(description="Name of the engine every other one is compared against.")
+    engines: dict[str, EngineSpec] = Field(min_length=1)
+    variants: dict[str, VariantSpec] = Field(default_factory=dict)  # type: ignore[valid-type]
+    samples: list[SampleSpec] = Field(min_length=1)
+    mode: Literal["score", "generate"] = Field("score", description="score: teacher-forced prompts; generate: a generator samples, all rescore.")
+    generator: Optional[str] = Field(None, description="generate mode: the sampling engine; default: the reference.")
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    top_k: int = Field(20, ge=1, le=1000, description="Top-k ids and log-probs kept per position.")
+    full_vocab: bool = Field(True, description="Use full-vocabulary logits where an engine gives them (KL, cos_sim).")
+    tie_eps: float = Field(1e-3, ge=0, description="A top-1 mismatch where the reference's two best differ by less is a tie.")
+    dtype: Dtype = "float32"
+    device: str = "auto"
+    seed: int = 0
+    batch_size: int = Field(8, ge=1, le=4096)
+    max_length: Optional[int] = Field(None, ge=2, description="Truncate prompts to this many tokens.")
+    output_dir: Path = Path("results")
+    run_id: Optional[str] = None
+
+    @field_validator("engines", "variants")
+    @classmethod
+    def _names(cls, v: dict) -> dict:
+        for name in v:
+            if not _NAME.match(name):
+                raise ValueError(f"name {name!r} must match {_NAME.pattern}")
+        return v
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not _NAME.match(v):
+            raise ValueError(f"run_id {v!r} must match {_NAME.pattern}")
+        return v
+
+    @model_validator(mode="after")
+    def _references(self) -> "Experiment":
+        if self.reference not in self.engines:
+            raise ValueError(f"reference {self.reference!r} is not one of the engines: {sorted(self.engines)}")
+        for name, var in self.variants.items():
+            if var.engine not in self.engines:
+                raise ValueError(f"variants.{name}.engine {var.engine!r} is not one of the engines")
+            if name in self.engines:
+                raise ValueError(f"variant {name!r} has the name of an engine")
+        if self.generator is not None and self.generator not in self.engines:
+            raise ValueError(f"generator {self.generator!r} is not one of the engines")
+        if len(self.engines) + len(self.variants) < 2:
+            raise ValueError("need a reference and at least one candidate engine or variant")
+        return self
+
+    def resolved_engines(self) -> dict[str, tuple[str, str, EngineSpec]]:
+        """name -> (cand_engine, variant, full spec); variants are their base engine with overrides."""
+        out: dict[str, tuple[str, str, EngineSpec]] = {}
+        for name, spec in self.engines.items():
+            out[name] = (name, "base", self._fill(spec))
+        for name, var in self.variants.items():
+            base = self.engines[var.engine].model_dump(exclude_unset=True)
+            base.update(var.model_dump(exclude_unset=True, exclude={"engine"}))
+            out[name] = (var.engine, name, self._fill(EngineSpec.model_validate(base)))
+        return out
+
+    def _fill(self, spec: EngineSpec) -> EngineSpec:
+        return spec.model_copy(
+            update={
+                "model": spec.model or self.model,
+                "dtype": spec.dtype or self.dtype,
+                "device": spec.device or self.device,
+            }
+        )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice in one mapping is an error, not 'last one wins'."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
+    """The 1-based line of the deepest YAML node the pydantic location reaches."""
+    node, line = root, None
+    for part in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            nxt = None
+            for k, v in node.value:
+                if k.value == str(part):
+                    nxt, line = v, k.start_mark.line + 1
+                    break
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            node = None
+    if node is not None:
+        line = node.start_mark.line + 1
+    return line
+
+
+def _field_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<top>"
+
+
+def _first_error(exc: ValidationError, path: Path, root: yaml.Node | None, prefix: tuple = ()) -> ExperimentError:
+    err = exc.errors()[0]
+    loc = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = f"unknown key {loc[-1]!r}"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    return ExperimentError(str(path), _line_of(root, loc), _field_path(loc), msg)
+
+
+def _check_paths(exp: Experiment, path: Path, root: yaml.Node | None) -> Experiment:
+    """Resolve image and JSONL paths against the experiment's folder and check they exist."""
+    base = path.parent
+    samples: list[SampleSpec] = []
+    for i, s in enumerate(exp.samples):
+        if s.file is not None:
+            f = s.file if s.file.is_absolute() else base / s.file
+            if not f.is_file():
+                raise ExperimentError(str(path), _line_of(root, ("samples", i, "file")), f"samples[{i}].file", f"no such file: {f}")
+            samples.extend(_read_jsonl(f, i))
+            continue
+        images = []
+        for j, img in enumerate(s.images):
+            p = img if img.is_absolute() else base / img
+            if not p.is_file():
+                loc = ("samples", i, "images", j)
+                raise ExperimentError(str(path), _line_of(root, loc), _field_path(loc), f"no such image file: {p}")
+            images.append(p.resolve())
+        samples.append(s.model_copy(update={"images": images}))
+    ids = [s.id for s in samples if s.id is not None]
+    dup = {x for x in ids if ids.count(x) > 1}
+    if dup:
+        raise ExperimentError(str(path), _line_of(root, ("samples",)), "samples", f"duplicate sample id {sorted(dup)[0]!r}")
+    return exp.model_copy(update={"samples": samples})
+
+
+def _read_jsonl(f: Path, index: int) -> list[SampleSpec]:
+    out = []
+    for n, line in enumerate(f.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            spec = SampleSpec.model_validate(obj)
+        except json.JSONDecodeError as e:
+            raise ExperimentError(str(f), n, f"samples[{index}].file", f"invalid JSON: {e.msg}") from None
+        except ValidationError as e:
+            err = _first_error(e, f, None)
+            raise ExperimentError(str(f), n, err.field, err.message) from None
+        if spec.file is not None:
+            raise ExperimentError(str(f), n, "file", "a JSONL sample cannot name another file")
+        images = [p if p.is_absolute() else (f.parent / p) for p in spec.images]
+        for p in images:
+            if not p.is_file():
+                raise ExperimentError(str(f), n, "images", f"no such image file: {p}")
+        out.append(spec.model_copy(update={"images": [p.resolve() for p in images]}))
+    if not out:
+        raise ExperimentError(str(f), None, f"samples[{index}].file", "the file holds no samples")
+    return out
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read, validate and resolve an experiment file; raises ExperimentError (one line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExperimentError(str(path), None, "<file>", "no such experiment file")
+    text = path.read_text()
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else None
+        problem = (e.problem or str(e)).strip()
+        raise ExperimentError(str(path), line, "<yaml>", f"YAML error: {problem}") from None
+    if not isinstance(data, dict):
+        raise ExperimentError(str(path), 1, "<top>", "an experiment is a YAML mapping of fields")
+    data.setdefault("name", path.stem)
+    try:
+        exp = Experiment.model_validate(data)
+    except ValidationError as e:
+        raise _first_error(e, path, root) from None
+    return _check_paths(exp, path, root)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the experiment file, for editors (`crossengine schema`)."""
+    return Experiment.model_json_schema()

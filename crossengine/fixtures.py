@@ -1,0 +1,253 @@
+"""Tiny, deterministic models built offline from a config and a seed.
+
+There is no model hub on CI, so every model a test or the quickstart uses is made here:
+random weights plus a byte-level BPE tokenizer trained on a built-in paragraph. The
+checkpoints use the canonical hub layout, so HF, vLLM and native code load them the same
+way a real checkpoint would be loaded (`model: tiny-text` in an experiment is resolved to
+the folder this module writes; a hub id or local path goes through the same engines).
+
+    crossengine fixtures build            # writes all fixtures (also done on demand)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+FIXTURE_VERSION = "1"
+
+# A few sentences are enough to learn a few hundred merges; the text itself is ours.
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog while the engines compare their numbers.
+A model that is ported from one library to another should give the same log-probabilities.
+When two engines disagree, the engineer wants to know which token, which layer and which buffer.
+Images are cut into patches, projected, and placed between the start and the end of image tokens.
+Reinforcement learning samples tokens with one engine and scores them with another one.
+Small differences in attention masks, rotary frequencies or data types add up over many layers.
+In the morning the river was calm, and in the evening the wind came down from the hills.
+Numbers are computed, never typed in; every metric is checked against an independent computation.
+"""
+_NEWLINE_RUNS = ["\n", "\n\n", "\n\n\n", "\n\n\n\n"]  # Gemma's processor emits "\n\n" around images
+
+
+def fixtures_home() -> Path:
+    """Where fixtures live; outside the repo so a clean clone never carries weights."""
+    root = os.environ.get("CROSSENGINE_HOME") or Path.home() / ".cache" / "crossengine"
+    return Path(root) / "fixtures"
+
+
+def _train_tokenizer(vocab_size: int, special: list[str]):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in _NEWLINE_RUNS])
+    bos = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)]
+    )
+    return tok
+
+
+def _fast_tokenizer(special: list[str], vocab_size: int, **extra):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _train_tokenizer(vocab_size, special)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", **extra
+    )
+
+
+def _seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def _sharpen_attention(model, factor: float = 3.0) -> None:
+    """Scale Q/K projections so random attention is peaked, not uniform (a uniform mask hides bugs)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(factor)
+
+
+def _build_tiny_text(out: Path, seed: int) -> None:
+    """Llama family: head_dim 64, GQA, vocab 512, weights large enough for peaked attention."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _fast_tokenizer(["<pad>", "<bos>", "<eos>"], vocab_size=508)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=1024,
+        initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    _seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    _sharpen_attention(model)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+_GEMMA3_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+
+
+def _build_tiny_vision(out: Path, seed: int) -> None:
+    """Gemma3 with a SigLIP tower: 4 image tokens per 32x32 image, head_dim 64 on both towers."""
+    import torch
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+    )
+
+    tokenizer = _fast_tokenizer(
+        _GEMMA3_SPECIAL,
+        vocab_size=508,
+        unk_token="<unk>",
+        extra_special_tokens={
+            "image_token": "<image_soft_token>",
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+        },
+    )
+    tokens_per_image = 4
+    config = Gemma3Config(
+        text_config=dict(
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=64,
+            query_pre_attn_scalar=64,
+            sliding_window=64,
+            layer_types=["sliding_attention", "full_attention"],
+            max_position_embeddings=1024,
+            initializer_range=0.1,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            image_size=32,
+            patch_size=8,
+            vision_use_head=False,
+        ),
+        mm_tokens_per_image=tokens_per_image,
+        boi_token_index=tokenizer.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image_soft_token>"),
+        initializer_range=0.1,
+        torch_dtype="float32",
+    )
+    _seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    _sharpen_attention(model)
+    with torch.no_grad():  # random init leaves the projector's scale at zero
+        for p in model.model.multi_modal_projector.parameters():
+            p.normal_(0.0, 0.1)
+    model.save_pretrained(out)
+    _write_canonical_gemma3_weights(model, out)
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pan_and_scan=False
+    )
+    processor = Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=tokens_per_image
+    )
+    processor.save_pretrained(out)
+
+
+def _write_canonical_gemma3_weights(model, out: Path) -> None:
+    """Rewrite weights in the hub's Gemma3 layout, which vLLM's loader expects (DESIGN.md §7)."""
+    from safetensors.torch import save_file
+
+    renamed = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("model.vision_tower.head") or name == "lm_head.weight":
+            continue  # unused pooling head; lm_head is tied to the embeddings
+        if name.startswith("model.vision_tower."):
+            name = "vision_tower.vision_model." + name.removeprefix("model.vision_tower.")
+        elif name.startswith("model.language_model."):
+            name = "language_model.model." + name.removeprefix("model.language_model.")
+        elif name.startswith("model.multi_modal_projector."):
+            name = name.removeprefix("model.")
+        renamed[name] = tensor.contiguous()
+    for stale in out.glob("model*.safetensors*"):
+        stale.unlink()
+    save_file(renamed, out / "model.safetensors", metadata={"format": "pt"})
+
+
+FIXTURES: dict[str, Callable[[Path, int], None]] = {
+    "tiny-text": _build_tiny_text,
+    "tiny-vision": _build_tiny_vision,
+}
+
+
+def is_fixture(name: str) -> bool:
+    return name in FIXTURES
+
+
+def fixture_path(name: str, seed: int = 0) -> Path:
+    return fixtures_home() / f"{name}-v{FIXTURE_VERSION}-s{seed}"
+
+
+def ensure_fixture(name: str, seed: int = 0) -> Path:
+    """Build once; later calls reuse the folder. Written to a temp dir, then renamed (atomic)."""
+    import shutil
+    import tempfile
+
+    out = fixture_path(name, seed)
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
+    try:
+        FIXTURES[name](tmp, seed)
+        (tmp / "crossengine-fixture.json").write_text(json.dumps({"name": name, "seed": seed, "version": FIXTURE_VERSION}))
+        try:
+            tmp.rename(out)
+        except OSError:  # another process won the race; its copy is identical
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def folder_fingerprint(path: Path) -> str:
+    """Hash of a fixture's files, to check that builds are deterministic."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,167 @@
+"""Per-token metrics, candidate vs reference (DESIGN.md §4), vectorised over a whole batch.
+
+All formulas live here once; summaries (summary.py) and the RL monitor (monitor.py) reduce
+the columns this module produces. Full-vocabulary work runs in float64 torch, in row chunks,
+so memory stays bounded at T×V of any size and the numbers match a float64 numpy reference.
+
+Conventions: `lr`, `lc` are the reference's and the candidate's log-prob of the scored token.
+Outside generation mode the reference plays the trainer `t` and the candidate the generator
+`g`, so gen_kl = k3(lt − lg) reads as "how far the candidate's samples would be off".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .adapters.base import TokenLogprobs
+
+# Column -> Arrow type; the public token schema's metric part (results.py adds the keys).
+METRIC_COLUMNS: dict[str, str] = {
+    "lp_ref": "float32",
+    "lp_cand": "float32",
+    "lp_diff": "float32",
+    "abs_lp_diff": "float32",
+    "prob_diff": "float32",
+    "mult_prob_error": "float32",
+    "gen_kl": "float32",
+    "policy_kl": "float32",
+    "js": "float32",
+    "kl_ref_cand": "float32",
+    "kl_cand_ref": "float32",
+    "cos_sim": "float32",
+    "topk_kl": "float32",
+    "topk_overlap": "float32",
+    "top1_ref": "int32",
+    "top1_cand": "int32",
+    "top1_match": "bool",
+    "top1_tie": "bool",
+    "rank_in_cand": "int32",
+}
+
+_CHUNK_ELEMENTS = 1 << 23  # rows × vocab per float64 chunk: 64 MiB
+
+
+def k3(x: np.ndarray) -> np.ndarray:
+    """Schulman's k3 estimator exp(x) − x − 1 (≥ 0, exact 0 at x = 0)."""
+    return np.expm1(x) - x
+
+
+def sampled_token_metrics(lt: np.ndarray, lg: np.ndarray) -> dict[str, np.ndarray]:
+    """Metrics of the sampled token alone, from trainer (t) and generator (g) log-probs.
+
+    Shared with the RL monitor, which has only these two numbers per token.
+    """
+    lt = lt.astype(np.float64)
+    lg = lg.astype(np.float64)
+    log_mix = np.logaddexp(lt, lg) - np.log(2.0)  # log(½ e^t + ½ e^g)
+    return {
+        "lp_diff": lg - lt,
+        "abs_lp_diff": np.abs(lg - lt),
+        "prob_diff": np.exp(lg) - np.exp(lt),
+        "mult_prob_error": np.exp(np.abs(lg - lt)),
+        "gen_kl": k3(lt - lg),
+        "policy_kl": k3(lg - lt),
+        "js": 0.5 * k3(lt - log_mix) + 0.5 * k3(lg - log_mix),
+    }
+
+
+def token_metrics(ref: TokenLogprobs, cand: TokenLogprobs, token_ids: np.ndarray, tie_eps: float) -> dict[str, np.ndarray]:
+    """Every metric column for positions 1..T-1 of one sample (row 0 scores nothing)."""
+    rows = slice(1, None)
+    ids = token_ids[rows]
+    full = ref.full_vocab and cand.full_vocab
+    if full:
+        fv = _full_vocab_metrics(ref.logits[rows], cand.logits[rows], ids)
+        lr, lc = fv.pop("lp_ref"), fv.pop("lp_cand")
+    else:
+        lr = ref.token_logprobs[rows].astype(np.float64)
+        lc = cand.token_logprobs[rows].astype(np.float64)
+        fv = _topk_rank_and_top1(ref, cand, rows)
+        nan = np.full(len(ids), np.nan)
+        fv.update(kl_ref_cand=nan, kl_cand_ref=nan, cos_sim=nan)
+    out = {"lp_ref": lr, "lp_cand": lc, **sampled_token_metrics(lr, lc), **fv}
+    out["top1_match"] = out["top1_ref"] == out["top1_cand"]
+    gap = ref.topk_logprobs[rows, 0] - ref.topk_logprobs[rows, 1] if ref.topk_logprobs.shape[1] > 1 else np.full(len(ids), np.inf)
+    out["top1_tie"] = ~out["top1_match"] & (gap < tie_eps)
+    out["topk_kl"] = topk_kl(ref.topk_ids[rows], ref.topk_logprobs[rows], cand.topk_ids[rows], cand.topk_logprobs[rows])
+    out["topk_overlap"] = topk_overlap(ref.topk_ids[rows], cand.topk_ids[rows])
+    return out
+
+
+def _full_vocab_metrics(ref_logits: np.ndarray, cand_logits: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """KL both ways, cosine of logits, argmaxes and exact rank, from raw logits in float64."""
+    import torch
+
+    n, vocab = ref_logits.shape
+    step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("lp_ref", "lp_cand", "kl_ref_cand", "kl_cand_ref", "cos_sim", "top1_ref", "top1_cand", "rank_in_cand")}
+    for start in range(0, n, step):
+        r = torch.from_numpy(np.asarray(ref_logits[start : start + step], dtype=np.float64))  # a writable copy
+        c = torch.from_numpy(np.asarray(cand_logits[start : start + step], dtype=np.float64))
+        tok = torch.from_numpy(ids[start : start + step]).long()[:, None]
+        lr, lc = r.log_softmax(-1), c.log_softmax(-1)
+        pr, pc = lr.exp(), lc.exp()
+        top1_ref = r.argmax(-1)
+        cand_at_ref_top1 = c.gather(-1, top1_ref[:, None])
+        chunk = {
+            "lp_ref": lr.gather(-1, tok)[:, 0],
+            "lp_cand": lc.gather(-1, tok)[:, 0],
+            "kl_ref_cand": (pr * (lr - lc)).sum(-1),
+            "kl_cand_ref": (pc * (lc - lr)).sum(-1),
+            "cos_sim": torch.nn.functional.cosine_similarity(r, c, dim=-1),
+            "top1_ref": top1_ref,
+            "top1_cand": c.argmax(-1),
+            "rank_in_cand": 1 + (c > cand_at_ref_top1).sum(-1),
+        }
+        for k, v in chunk.items():
+            cols[k].append(v.numpy())
+    return {k: np.concatenate(v) if v else np.empty(0) for k, v in cols.items()}
+
+
+def _topk_rank_and_top1(ref: TokenLogprobs, cand: TokenLogprobs, rows: slice) -> dict[str, np.ndarray]:
+    top1_ref = ref.topk_ids[rows, 0]
+    hit = cand.topk_ids[rows] == top1_ref[:, None]
+    rank = np.where(hit.any(-1), hit.argmax(-1) + 1, -1)  # -1 -> null: beyond the candidate's k
+    return {"top1_ref": top1_ref, "top1_cand": cand.topk_ids[rows, 0], "rank_in_cand": rank}
+
+
+def topk_overlap(ref_ids: np.ndarray, cand_ids: np.ndarray) -> np.ndarray:
+    """|top-k(r) ∩ top-k(c)| / k, row by row."""
+    k = ref_ids.shape[1]
+    return (ref_ids[:, :, None] == cand_ids[:, None, :]).any(-1).sum(-1) / k
+
+
+def topk_kl(ref_ids: np.ndarray, ref_lp: np.ndarray, cand_ids: np.ndarray, cand_lp: np.ndarray) -> np.ndarray:
+    """KL(ref ‖ cand) over the union U of both top-k sets plus one tail bucket.
+
+    Each side knows its own top-k probabilities. An id of U outside a side's top-k gets
+    min(that side's k-th probability, its remaining mass / (number unknown + 1)), an upper
+    bound that keeps the distribution proper; the tail takes whatever mass is left. With
+    identical top-k sets this is the KL of the coarse-grained distributions, a lower bound
+    of the full KL (data-processing inequality).
+    """
+    ref_lp = ref_lp.astype(np.float64)
+    cand_lp = cand_lp.astype(np.float64)
+    union = np.concatenate([ref_ids, cand_ids], axis=1)  # [T, 2k]
+    k = ref_ids.shape[1]
+    dup = np.zeros(union.shape, dtype=bool)
+    dup[:, k:] = (cand_ids[:, :, None] == ref_ids[:, None, :]).any(-1)  # cand ids already in ref's list
+    p_ref = _side_probs(union, ref_ids, ref_lp, dup)
+    p_cand = _side_probs(union, cand_ids, cand_lp, dup)
+    eps = 1e-300
+    return (p_ref * (np.log(p_ref + eps) - np.log(p_cand + eps))).sum(-1)
+
+
+def _side_probs(union: np.ndarray, ids: np.ndarray, lp: np.ndarray, dup: np.ndarray) -> np.ndarray:
+    """One side's probabilities over [U..., tail]; duplicates in U get zero."""
+    probs = np.exp(lp)
+    match = union[:, :, None] == ids[:, None, :]  # [T, 2k, k]
+    known = match.any(-1) & ~dup
+    p = np.where(known, (match * probs[:, None, :]).sum(-1), 0.0)
+    unknown = ~known & ~dup
+    rest = np.clip(1.0 - p.sum(-1), 0.0, None)
+    n_unknown = unknown.sum(-1)
+    share = np.minimum(probs[:, -1], rest / (n_unknown + 1))
+    p = np.where(unknown, share[:, None], p)
+    tail = np.clip(rest - share * n_unknown, 0.0, None)
+    return np.concatenate([p, tail[:, None]], axis=1)

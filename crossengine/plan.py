@@ -1,0 +1,97 @@
+"""From a validated experiment to what will run: engine instances, model paths, batches, waves.
+
+Everything here is decided before any engine starts, so a wrong model path is reported
+in one line and no results folder is made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import EngineSpec, Experiment
+from .errors import ExperimentError
+from .fixtures import ensure_fixture, is_fixture
+
+
+@dataclass(frozen=True)
+class EngineInstance:
+    name: str  # the experiment's key: an engine or a variant
+    cand_engine: str  # the engine it is (a variant's base)
+    variant: str  # "base" for an engine itself
+    spec: EngineSpec
+    model_path: str
+    is_reference: bool
+
+
+@dataclass
+class Plan:
+    experiment: Experiment
+    experiment_path: Path
+    run_id: str
+    run_dir: Path
+    reference: EngineInstance
+    candidates: list[EngineInstance]
+    batches: list[list[int]]  # sample indices per batch
+    fingerprint: str
+
+    @property
+    def instances(self) -> list[EngineInstance]:
+        return [self.reference, *self.candidates]
+
+    def waves(self, gpus_available: float) -> list[list[EngineInstance]]:
+        """Candidates grouped so that each wave, with the reference, fits the cluster's GPUs."""
+        need = lambda i: i.spec.num_gpus or 0  # noqa: E731
+        if sum(need(i) for i in self.instances) <= gpus_available or not any(need(i) for i in self.candidates):
+            return [self.candidates]
+        room = max(gpus_available - need(self.reference), 0)
+        waves: list[list[EngineInstance]] = [[]]
+        used = 0.0
+        for c in self.candidates:
+            if waves[-1] and used + need(c) > room:
+                waves.append([])
+                used = 0.0
+            waves[-1].append(c)
+            used += need(c)
+        return waves
+
+
+def looks_like_path(model: str) -> bool:
+    """Hub ids are 'org/name'; anything else with a separator or a dot prefix is a path."""
+    return model.startswith((".", "/", "~")) or model.count("/") > 1
+
+
+def resolve_model(model: str, seed: int, experiment_path: Path, field: str) -> str:
+    """Fixture name -> built folder; existing path -> absolute path; else a hub id, as given."""
+    if is_fixture(model):
+        return str(ensure_fixture(model, seed=0))
+    for base in (Path.cwd(), experiment_path.parent):
+        candidate = (base / Path(model).expanduser()).resolve()
+        if candidate.exists():
+            return str(candidate)
+    if looks_like_path(model):
+        raise ExperimentError(str(experiment_path), None, field, f"no such model directory: {model}")
+    return model
+
+
+def fingerprint(exp: Experiment) -> str:
+    """What a resumed run must share with the run it continues (run_id/output excluded)."""
+    data = exp.model_dump(mode="json", exclude={"run_id", "output_dir"})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_plan(exp: Experiment, experiment_path: Path, run_id: str | None = None, output_dir: Path | None = None) -> Plan:
+    instances = []
+    for name, (cand_engine, variant, spec) in exp.resolved_engines().items():
+        field = f"engines.{name}.model" if variant == "base" else f"variants.{name}.model"
+        path = resolve_model(spec.model, exp.seed, experiment_path, field if spec.model != exp.model else "model")
+        instances.append(EngineInstance(name, cand_engine, variant, spec, path, name == exp.reference))
+    run_id = run_id or exp.run_id or f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(output_dir or exp.output_dir)
+    n = len(exp.samples)
+    batches = [list(range(i, min(i + exp.batch_size, n))) for i in range(0, n, exp.batch_size)]
+    ref = next(i for i in instances if i.is_reference)
+    return Plan(exp, experiment_path, run_id, out / run_id, ref, [i for i in instances if not i.is_reference], batches, fingerprint(exp))

@@ -1,0 +1,53 @@
+"""The terminal view of a run: the summary table, one row per candidate/variant and split."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+COLUMNS = [
+    ("n_tokens", "n", "{:d}"),
+    ("top1_agreement", "top1", "{:.4f}"),
+    ("abs_max", "abs_max", "{:.3g}"),
+    ("abs_mean", "abs_mean", "{:.3g}"),
+    ("cos_sim", "cos_sim", "{:.6f}"),
+    ("kl_mean", "kl_mean", "{:.3g}"),
+    ("gen_kl_error", "gen_kl", "{:.3g}"),
+    ("token_mult_prob_error", "mult_prob", "{:.6f}"),
+    ("first_divergent_position", "1st_div", "{:d}"),
+]
+
+
+def _fmt(value, pattern: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if pattern.endswith("d}"):
+        return "-" if int(value) < 0 else pattern.format(int(value))
+    return pattern.format(float(value))
+
+
+def summary_table(summary: pd.DataFrame, title: str, splits: bool = True):
+    """A rich Table of the summary; without `splits`, only the pooled rows."""
+    from rich.table import Table
+
+    df = summary.copy()
+    for col in ("attention", "segment", "position_bucket"):
+        df[col] = df[col].astype(str)
+    rows = df[(df["attention"] == "all") & (df["segment"] == "all") & (df["position_bucket"] == "all")] if not splits else df
+    table = Table(title=title, title_justify="left", pad_edge=False, padding=(0, 1))
+    for header in ("candidate", "split"):
+        table.add_column(header, no_wrap=True)
+    for _, header, _ in COLUMNS:
+        table.add_column(header, justify="right")
+    for _, r in rows.iterrows():
+        split = ", ".join(f"{k}={r[k]}" for k in ("modality", "attention", "segment", "position_bucket") if str(r[k]) != "all") or "all"
+        name = str(r["cand_engine"]) if str(r["variant"]) == "base" else str(r["variant"])
+        table.add_row(name, split, *[_fmt(r[c], p) for c, _, p in COLUMNS])
+    return table
+
+
+def print_summary(run_dir: Path, console) -> None:
+    summary = pd.read_parquet(run_dir / "summary.parquet")
+    console.print(summary_table(summary, f"crossengine summary: {run_dir}"))

@@ -1,0 +1,387 @@
+"""Runs a plan: one Ray actor per engine instance, batches streamed through, parts on disk.
+
+For each batch every engine scores the same samples concurrently; while they work on
+batch n+1 the driver turns batch n into metric rows and writes one Parquet part per
+candidate. Logits never outlive their batch. A batch whose parts all exist is skipped,
+which is all a resumed run needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from . import __version__
+from .adapters.base import Sample, SampleError, TokenLogprobs
+from .align import check_scores
+from .errors import CrossengineError, ExperimentError
+from .metrics import token_metrics
+from .plan import EngineInstance, Plan
+from .results import RunDir, TokenRows, git_sha, host_info, token_table, write_table
+from .summary import summarize
+
+
+def runtime_env(inst: EngineInstance) -> dict[str, Any] | None:
+    """Ray runtime_env for an engine that names its own environment (DESIGN.md §3)."""
+    env = inst.spec.env
+    if env is None:
+        return None
+    out: dict[str, Any] = {}
+    if env.pip:
+        out["pip"] = list(env.pip)
+    if env.python:
+        out["py_executable"] = str(Path(env.python).expanduser().absolute())
+    if env.env_vars:
+        out["env_vars"] = dict(env.env_vars)
+    return out
+
+
+def _worker_class():
+    import ray
+
+    @ray.remote
+    class EngineWorker:
+        """Hosts one engine; the adapter is imported here, in the worker's own environment."""
+
+        def __init__(self, kind: str, spec: dict, model_path: str, instance: str, seed: int, threads: int):
+            import torch
+
+            torch.set_num_threads(threads)
+            from crossengine.adapters import engine_class
+            from crossengine.config import EngineSpec
+
+            self.engine = engine_class(kind)(EngineSpec.model_validate(spec), model_path, instance, seed)
+
+        def info(self) -> dict:
+            return dataclasses.asdict(self.engine.info())
+
+        def prepare(self, raw):
+            return self.engine.prepare(raw)
+
+        def score(self, samples, top_k, full_vocab):
+            return self.engine.score(samples, top_k, full_vocab)
+
+        def generate(self, samples, sampling, top_k):
+            return self.engine.generate(samples, sampling, top_k)
+
+        def token_texts(self):
+            return self.engine.token_texts()
+
+        def close(self):
+            self.engine.close()
+
+    return EngineWorker
+
+
+def _one_line(exc: BaseException) -> str:
+    """The last meaningful line of a (possibly Ray-wrapped) exception."""
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip().splitlines()
+    lines = [line.strip() for line in text if line.strip() and not line.startswith(("Traceback", "  File", "File "))]
+    return lines[-1] if lines else type(cause).__name__
+
+
+class EnginePool:
+    """The live actors of one wave, created together so their models load in parallel."""
+
+    def __init__(self, instances: list[EngineInstance], seed: int, cpus: float):
+        import ray
+
+        worker = _worker_class()
+        share = cpus / max(len(instances), 1)
+        threads = max(1, int(share))
+        self.instances = instances
+        self.actors = {}
+        for inst in instances:
+            options: dict[str, Any] = {"num_cpus": min(share, 1.0), "num_gpus": inst.spec.num_gpus or 0, "name": None}
+            env = runtime_env(inst)
+            if env:
+                options["runtime_env"] = env
+            self.actors[inst.name] = worker.options(**options).remote(
+                inst.spec.type, inst.spec.model_dump(mode="json"), inst.model_path, inst.name, seed, threads
+            )
+        self.infos: dict[str, dict] = {}
+        for inst in instances:
+            try:
+                self.infos[inst.name] = ray.get(self.actors[inst.name].info.remote())
+            except Exception as exc:  # noqa: BLE001 - any load failure becomes one line naming the engine
+                self.close()
+                raise CrossengineError(f"engine {inst.name!r} ({inst.spec.type}) failed to start: {_one_line(exc)}") from None
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors.values():
+            try:
+                ray.get(actor.close.remote(), timeout=60)
+            except Exception:  # noqa: BLE001 - best effort; the actor is killed next
+                pass
+            ray.kill(actor)
+        self.actors = {}
+
+
+def ensure_ray(address: str | None) -> float:
+    """Join a cluster or start a local one; returns the GPUs it has."""
+    import ray
+
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": os.cpu_count()}
+        ray.init(log_to_driver=False, configure_logging=False, include_dashboard=False, **kwargs)
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def raw_samples(plan: Plan) -> list[dict[str, Any]]:
+    exp = plan.experiment
+    return [
+        {
+            "id": s.id or f"s{i}",
+            "text": s.text,
+            "images": [str(p) for p in s.images],
+            "token_ids": s.token_ids,
+            "max_length": exp.max_length,
+        }
+        for i, s in enumerate(exp.samples)
+    ]
+
+
+def prepare_samples(plan: Plan, pool: EnginePool) -> list[Sample]:
+    """Tokenise once, on the reference; a sample that cannot be prepared is an input error."""
+    import ray
+
+    raw = raw_samples(plan)
+    ref = pool.actors[plan.reference.name]
+    try:
+        samples = ray.get(ref.prepare.remote(raw))
+    except Exception as exc:  # noqa: BLE001
+        cause = getattr(exc, "cause", exc)
+        if isinstance(cause, SampleError):
+            idx = next(i for i, r in enumerate(raw) if r["id"] == cause.sample_id)
+            raise ExperimentError(str(plan.experiment_path), None, f"samples[{idx}]", cause.message) from None
+        raise CrossengineError(f"reference {plan.reference.name!r} could not prepare samples: {_one_line(exc)}") from None
+    vocab = pool.infos[plan.reference.name]["extra"].get("vocab_size")
+    for i, s in enumerate(samples):
+        if vocab is not None and int(s.input_ids.max()) >= vocab:
+            j = int(np.argmax(s.input_ids >= vocab))
+            raise ExperimentError(
+                str(plan.experiment_path), None, f"samples[{i}].token_ids[{j}]",
+                f"token id {int(s.input_ids[j])} >= vocab size {vocab} of {plan.reference.name}",
+            )
+    return samples
+
+
+class Runner:
+    """Drives one run; `run()` returns the run folder."""
+
+    def __init__(self, plan: Plan, console=None, address: str | None = None, overwrite: bool = False):
+        self.plan = plan
+        self.console = console
+        self.address = address
+        self.overwrite = overwrite
+        self.run_dir = RunDir(plan.run_dir)
+        self.errors: list[dict[str, str]] = []
+        self.timings: dict[str, float] = {}
+
+    def _say(self, msg: str) -> None:
+        if self.console is not None:
+            self.console.print(msg)
+
+    def _check_existing(self) -> dict | None:
+        meta = self.run_dir.read_meta()
+        if meta is None:
+            return None
+        if meta.get("status") == "complete" and not self.overwrite:
+            raise CrossengineError(f"{self.run_dir.root}: run {self.plan.run_id!r} is complete; pass --overwrite or choose another --run-id")
+        if meta.get("fingerprint") != self.plan.fingerprint and not self.overwrite:
+            raise CrossengineError(f"{self.run_dir.root}: the experiment changed since this run started; pass --overwrite or choose another --run-id")
+        if self.overwrite:
+            import shutil
+
+            shutil.rmtree(self.run_dir.root)
+            return None
+        return meta
+
+    def run(self) -> Path:
+        import ray
+
+        t0 = time.time()
+        resumed = self._check_existing()
+        gpus = ensure_ray(self.address)
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        self.timings["ray_init_s"] = time.time() - t0
+        waves = self.plan.waves(gpus)
+        infos: dict[str, dict] = {}
+        samples: list[Sample] | None = None
+        try:
+            for w, wave in enumerate(waves):
+                t = time.time()
+                pool = EnginePool([self.plan.reference, *wave], self.plan.experiment.seed, cpus)
+                self.timings[f"engine_start_s_wave{w}"] = time.time() - t
+                infos.update(pool.infos)
+                try:
+                    if samples is None:
+                        samples = prepare_samples(self.plan, pool)
+                        vocab_text = pa.array(ray.get(pool.actors[self.plan.reference.name].token_texts.remote()), pa.string())
+                        self._start_meta(infos, resumed, len(samples))
+                    self._run_wave(pool, wave, samples, vocab_text)
+                finally:
+                    pool.close()
+        except KeyboardInterrupt:
+            self._say(f"[yellow]interrupted; finished batches are kept. Resume with: crossengine run {self.plan.experiment_path} --run-id {self.plan.run_id}")
+            raise
+        t = time.time()
+        summary = summarize(self.run_dir.tokens)
+        write_table(self.run_dir.summary, pa.Table.from_pandas(summary, preserve_index=False))
+        self.timings["summary_s"] = time.time() - t
+        self.timings["total_s"] = time.time() - t0
+        self._finish_meta(infos)
+        return self.run_dir.root
+
+    # --------------------------------------------------------------------- batches
+
+    def _run_wave(self, pool: EnginePool, wave: list[EngineInstance], samples: list[Sample], vocab_text: pa.Array) -> None:
+        import ray
+
+        exp = self.plan.experiment
+        todo = [(b, idx, [c for c in wave if not self.run_dir.done(c.name, b)]) for b, idx in enumerate(self.plan.batches)]
+        todo = [t for t in todo if t[2]]
+        progress = _progress(self.console, [self.plan.reference, *wave], len(samples), self.plan, self.run_dir)
+
+        def submit(item):
+            b, idx, cands = item
+            batch_ref = ray.put([samples[i] for i in idx])
+            futures = {inst.name: pool.actors[inst.name].score.remote(batch_ref, exp.top_k, exp.full_vocab) for inst in [self.plan.reference, *cands]}
+            return b, idx, cands, futures
+
+        t = time.time()
+        with progress:
+            pending = submit(todo[0]) if todo else None
+            for n in range(len(todo)):
+                b, idx, cands, futures = pending
+                pending = submit(todo[n + 1]) if n + 1 < len(todo) else None  # engines start on the next batch
+                ref_out = ray.get(futures[self.plan.reference.name])
+                progress.advance(self.plan.reference.name, len(idx))
+                for inst in cands:
+                    cand_out = ray.get(futures[inst.name])
+                    self._write_part(b, inst, [samples[i] for i in idx], ref_out, cand_out, vocab_text)
+                    progress.advance(inst.name, len(idx))
+        self.timings["scoring_s"] = self.timings.get("scoring_s", 0.0) + time.time() - t
+
+    def _write_part(self, b: int, inst: EngineInstance, batch: list[Sample], ref_out: list, cand_out: list, vocab_text: pa.Array) -> None:
+        exp = self.plan.experiment
+        rows: list[TokenRows] = []
+        for sample, r, c in zip(batch, ref_out, cand_out):
+            failed = [x for x in (r, c) if isinstance(x, SampleError)]
+            if failed:
+                for x, who in ((r, self.plan.reference.name), (c, inst.name)):
+                    if isinstance(x, SampleError):
+                        self._error(who, x)
+                continue
+            misaligned = check_scores(sample, inst.name, r, c)
+            if misaligned is not None:
+                self._error(inst.name, misaligned)
+                continue
+            rows.append(_rows(sample, r, c, exp.tie_eps))
+        table = token_table(rows, self.plan.run_id, self.plan.reference.name, inst.cand_engine, inst.variant, vocab_text)
+        write_table(self.run_dir.part(inst.name, b), table)
+
+    def _error(self, engine: str, err: SampleError) -> None:
+        entry = {"sample_id": err.sample_id, "engine": engine, "error": err.message}
+        if entry not in self.errors:
+            self.errors.append(entry)
+            self._say(f"[red]error[/red] engine {engine!r}: {err} (sample skipped)")
+
+    # ---------------------------------------------------------------------- run.json
+
+    def _start_meta(self, infos: dict, resumed: dict | None, n_samples: int) -> None:
+        meta = resumed or {
+            "run_id": self.plan.run_id,
+            "schema_version": 1,
+            "crossengine_version": __version__,
+            "git_sha": git_sha(),
+            "experiment_file": str(self.plan.experiment_path),
+            "experiment": self.plan.experiment.model_dump(mode="json"),
+            "fingerprint": self.plan.fingerprint,
+            "reference": self.plan.reference.name,
+            "candidates": {c.name: {"cand_engine": c.cand_engine, "variant": c.variant} for c in self.plan.candidates},
+            "model_paths": {i.name: i.model_path for i in self.plan.instances},
+            "host": host_info(),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "n_samples": n_samples,
+            "n_batches": len(self.plan.batches),
+        }
+        if resumed:
+            meta.setdefault("resumed_at", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            self._say(f"resuming run {self.plan.run_id}: finished batches are skipped")
+        meta.update(status="running", engines=infos)
+        self.run_dir.write_meta(meta)
+
+    def _finish_meta(self, infos: dict) -> None:
+        meta = self.run_dir.read_meta() or {}
+        meta.update(
+            status="complete",
+            engines=infos,
+            finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            timings=self.timings,
+            errors=meta.get("errors", []) + self.errors,
+        )
+        self.run_dir.write_meta(meta)
+
+
+def _rows(sample: Sample, ref: TokenLogprobs, cand: TokenLogprobs, tie_eps: float) -> TokenRows:
+    positions = np.arange(1, len(sample), dtype=np.int32)
+    segment = np.zeros(len(positions), dtype=np.int8)
+    if sample.prompt_len is not None:
+        segment[positions >= sample.prompt_len] = 1
+    return TokenRows(
+        sample_id=sample.sample_id,
+        positions=positions,
+        token_ids=sample.input_ids[1:],
+        modality=sample.modality[1:],
+        attention=ref.attention[1:],
+        attention_cand=cand.attention[1:],
+        segment=segment,
+        metrics=token_metrics(ref, cand, sample.input_ids, tie_eps),
+    )
+
+
+class _Progress:
+    """A rich progress bar per engine; silent without a console."""
+
+    def __init__(self, console, names: list[str], total: int, done: dict[str, int]):
+        self.bar = None
+        self.tasks: dict[str, int] = {}
+        if console is None:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description:>16}"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"), TimeElapsedColumn(), console=console, transient=False)
+        for name in names:
+            self.tasks[name] = self.bar.add_task(name, total=total, completed=done.get(name, 0))
+
+    def advance(self, name: str, n: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.tasks[name], n)
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+def _progress(console, instances: list[EngineInstance], total: int, plan: Plan, run_dir: RunDir) -> _Progress:
+    done = {
+        inst.name: sum(len(idx) for b, idx in enumerate(plan.batches) if run_dir.done(inst.name, b))
+        for inst in instances
+        if not inst.is_reference
+    }
+    return _Progress(console, [i.name for i in instances], total, done)

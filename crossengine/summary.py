@@ -1,0 +1,94 @@
+"""summary.parquet: one row per (candidate, variant, split), reduced from the token rows.
+
+Summaries are computed from the token Parquet on disk, never from logits held in memory, so
+a resumed run summarises its old and new batches alike. A split pools tokens by one key
+(modality, attention, segment, or position in the completion) with the others at "all".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as ds
+
+from .frameworks import framework_metrics
+
+SPLITS = ("modality", "attention", "segment", "position_bucket")
+KEYS = ["cand_engine", "variant", *SPLITS]
+_NEEDED = [
+    "sample_id", "position", "modality", "attention", "segment", "cand_engine", "variant",
+    "lp_ref", "lp_cand", "lp_diff", "prob_diff", "kl_ref_cand", "cos_sim", "topk_kl", "topk_overlap",
+    "top1_match", "top1_tie",
+]
+
+
+def read_tokens(tokens_dir: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    return ds.dataset(tokens_dir, format="parquet").to_table(columns=columns).to_pandas()
+
+
+def _position_bucket(df: pd.DataFrame) -> pd.Series:
+    """first: the first completion token of each sample; rest: later ones; prompt: the prompt."""
+    bucket = pd.Series("prompt", index=df.index, dtype=object)
+    comp = df["segment"].astype(str) == "completion"
+    if comp.any():
+        first_pos = df[comp].groupby(df["sample_id"].astype(str))["position"].transform("min")
+        bucket[comp] = np.where(df.loc[comp, "position"] == first_pos, "first", "rest")
+    return bucket
+
+
+def summarize_group(g: pd.DataFrame) -> dict[str, float]:
+    """The summary metrics of one group of token rows."""
+    agree = g["top1_match"] | g["top1_tie"]
+    mism = ~agree
+    first = g[mism].groupby(g["sample_id"].astype(str))["position"].min()
+    full = g["kl_ref_cand"].notna().all()
+    kl = g["kl_ref_cand"] if full else g["topk_kl"]
+    abs_prob = g["prob_diff"].abs()
+    row = {
+        "n_tokens": len(g),
+        "n_samples": g["sample_id"].nunique(),
+        "top1_agreement": float(agree.mean()),
+        "top1_mismatches": int(mism.sum()),
+        "top1_ties": int(g["top1_tie"].sum()),
+        "abs_max": float(g["lp_diff"].abs().max()),
+        "abs_mean": float(g["lp_diff"].abs().mean()),
+        "cos_sim": float(g["cos_sim"].mean()) if full else np.nan,
+        "kl_source": "full" if full else "topk",
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "topk_kl_mean": float(g["topk_kl"].mean()),
+        "topk_overlap_mean": float(g["topk_overlap"].mean()),
+        "prob_diff_max": float(abs_prob.max()),
+        "prob_diff_mean": float(abs_prob.mean()),
+        "prob_diff_std": float(abs_prob.std(ddof=1)) if len(g) > 1 else np.nan,
+        "first_divergent_position": int(first.min()) if len(first) else -1,
+        "n_samples_diverged": int(len(first)),
+    }
+    seq = g["sample_id"].astype(str).to_numpy()
+    row.update(framework_metrics(g=g["lp_cand"].to_numpy(), t=g["lp_ref"].to_numpy(), seq=seq))
+    return row
+
+
+def summarize(tokens_dir: Path) -> pd.DataFrame:
+    df = read_tokens(tokens_dir, _NEEDED)
+    if df.empty:
+        return pd.DataFrame(columns=KEYS)
+    for col in ("modality", "attention", "segment", "cand_engine", "variant"):
+        df[col] = df[col].astype(str)
+    df["position_bucket"] = _position_bucket(df)
+    rows = []
+    for (cand, variant), g in df.groupby(["cand_engine", "variant"], sort=False):
+        rows.append({"cand_engine": cand, "variant": variant, **{s: "all" for s in SPLITS}, **summarize_group(g)})
+        for split in SPLITS:
+            values = g[split].unique()
+            if len(values) < 2 and split != "modality":
+                continue  # one value: identical to "all"
+            for value, sub in g.groupby(split, sort=True):
+                keys = {s: "all" for s in SPLITS} | {split: value}
+                rows.append({"cand_engine": cand, "variant": variant, **keys, **summarize_group(sub)})
+    out = pd.DataFrame(rows)
+    for k in KEYS + ["kl_source"]:
+        out[k] = out[k].astype("category")
+    return out
