@@ -1,7 +1,7 @@
 """The experiment file: typed, validated at load, every error one line naming file:line: field.
 
 Validation happens entirely before a results directory exists, so a bad experiment never
-leaves anything behind. YAML is read with `yaml.safe_load` semantics (plus a duplicate-key
+leaves anything behind. YAML is read with `yaml.safe_load` (after a duplicate-key
 check, since silently keeping the last of two engines with one name hides mistakes);
 nothing in it is evaluated, and user code loads only from an explicit "module:function".
 """
@@ -167,21 +167,6 @@ class Experiment(_Strict):
             raise ValueError(f"run_id {v!r} must match {_NAME.pattern}")
         return v
 
-    @model_validator(mode="after")
-    def _references(self) -> "Experiment":
-        if self.reference not in self.engines:
-            raise ValueError(f"reference {self.reference!r} is not one of the engines: {sorted(self.engines)}")
-        for name, var in self.variants.items():
-            if var.engine not in self.engines:
-                raise ValueError(f"variants.{name}.engine {var.engine!r} is not one of the engines")
-            if name in self.engines:
-                raise ValueError(f"variant {name!r} has the name of an engine")
-        if self.generator is not None and self.generator not in self.engines:
-            raise ValueError(f"generator {self.generator!r} is not one of the engines")
-        if len(self.engines) + len(self.variants) < 2:
-            raise ValueError("need a reference and at least one candidate engine or variant")
-        return self
-
     def resolved_engines(self) -> dict[str, tuple[str, str, EngineSpec]]:
         """name -> (cand_engine, variant, full spec); variants are their base engine with overrides."""
         out: dict[str, tuple[str, str, EngineSpec]] = {}
@@ -204,21 +189,6 @@ class Experiment(_Strict):
 
 
 # --------------------------------------------------------------------------- loading
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load, but a key given twice in one mapping is an error, not 'last one wins'."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
@@ -260,6 +230,50 @@ def _first_error(exc: ValidationError, path: Path, root: yaml.Node | None, prefi
     elif err["type"] == "missing":
         msg = "required field is missing"
     return ExperimentError(str(path), _line_of(root, loc), _field_path(loc), msg)
+
+
+def _check_references(exp: Experiment, path: Path, root: yaml.Node | None) -> None:
+    """Names that must point at engines; checked after typing so each error names its field."""
+
+    def fail(loc: tuple, msg: str) -> None:
+        raise ExperimentError(str(path), _line_of(root, loc), _field_path(loc), msg)
+
+    engines = sorted(exp.engines)
+    if exp.reference not in exp.engines:
+        fail(("reference",), f"{exp.reference!r} is not one of the engines {engines}")
+    for name, var in exp.variants.items():
+        if var.engine not in exp.engines:
+            fail(("variants", name, "engine"), f"{var.engine!r} is not one of the engines {engines}")
+        if name in exp.engines:
+            fail(("variants", name), f"variant {name!r} has the name of an engine")
+    if exp.generator is not None and exp.generator not in exp.engines:
+        fail(("generator",), f"{exp.generator!r} is not one of the engines {engines}")
+    if len(exp.engines) + len(exp.variants) < 2:
+        fail(("engines",), "need a reference and at least one candidate engine or variant")
+    from .plan import looks_like_path
+
+    for loc, model in [(("model",), exp.model)] + [(("engines", n, "model"), e.model) for n, e in exp.engines.items() if e.model]:
+        if looks_like_path(model) and not any((b / Path(model).expanduser()).exists() for b in (Path.cwd(), path.parent)):
+            fail(loc, f"no such model directory: {model}")
+
+
+def _duplicate_key(node: yaml.Node | None, loc: tuple = ()) -> tuple[tuple, int] | None:
+    """The path and line of the first key given twice in one mapping (YAML keeps the last)."""
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for k, v in node.value:
+            if k.value in seen:
+                return loc + (k.value,), k.start_mark.line + 1
+            seen.add(k.value)
+            found = _duplicate_key(v, loc + (k.value,))
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            found = _duplicate_key(v, loc + (i,))
+            if found:
+                return found
+    return None
 
 
 def _check_paths(exp: Experiment, path: Path, root: yaml.Node | None) -> Experiment:
@@ -321,7 +335,11 @@ def load_experiment(path: str | Path) -> Experiment:
     text = path.read_text()
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        duplicate = _duplicate_key(root)
+        if duplicate:
+            loc, line = duplicate
+            raise ExperimentError(str(path), line, _field_path(loc), f"duplicate key {loc[-1]!r} (YAML would silently keep the last)")
+        data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
@@ -334,7 +352,17 @@ def load_experiment(path: str | Path) -> Experiment:
         exp = Experiment.model_validate(data)
     except ValidationError as e:
         raise _first_error(e, path, root) from None
+    _check_references(exp, path, root)
     return _check_paths(exp, path, root)
+
+
+def experiment_error(path: Path, loc: tuple, message: str) -> ExperimentError:
+    """An error about a field found after loading (e.g. by an engine), with its YAML line."""
+    try:
+        root = yaml.compose(Path(path).read_text(), Loader=yaml.SafeLoader)
+    except (OSError, yaml.YAMLError):
+        root = None
+    return ExperimentError(str(path), _line_of(root, loc), _field_path(loc), message)
 
 
 def json_schema() -> dict[str, Any]:

@@ -231,6 +231,9 @@ def ensure_fixture(name: str, seed: int = 0) -> Path:
     if (out / "config.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a build is one line of output, not a progress bar per shard
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
     try:
         FIXTURES[name](tmp, seed)

@@ -98,7 +98,7 @@ def _full_vocab_metrics(ref_logits: np.ndarray, cand_logits: np.ndarray, ids: np
     for start in range(0, n, step):
         r = torch.from_numpy(np.asarray(ref_logits[start : start + step], dtype=np.float64))  # a writable copy
         c = torch.from_numpy(np.asarray(cand_logits[start : start + step], dtype=np.float64))
-        tok = torch.from_numpy(ids[start : start + step]).long()[:, None]
+        tok = torch.from_numpy(np.array(ids[start : start + step], dtype=np.int64))[:, None]
         lr, lc = r.log_softmax(-1), c.log_softmax(-1)
         pr, pc = lr.exp(), lc.exp()
         top1_ref = r.argmax(-1)

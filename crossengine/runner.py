@@ -20,7 +20,8 @@ import pyarrow as pa
 from . import __version__
 from .adapters.base import Sample, SampleError, TokenLogprobs
 from .align import check_scores
-from .errors import CrossengineError, ExperimentError
+from .config import experiment_error
+from .errors import CrossengineError
 from .metrics import token_metrics
 from .plan import EngineInstance, Plan
 from .results import RunDir, TokenRows, git_sha, host_info, token_table, write_table
@@ -162,16 +163,14 @@ def prepare_samples(plan: Plan, pool: EnginePool) -> list[Sample]:
         cause = getattr(exc, "cause", exc)
         if isinstance(cause, SampleError):
             idx = next(i for i, r in enumerate(raw) if r["id"] == cause.sample_id)
-            raise ExperimentError(str(plan.experiment_path), None, f"samples[{idx}]", cause.message) from None
+            raise experiment_error(plan.experiment_path, ("samples", idx), cause.message) from None
         raise CrossengineError(f"reference {plan.reference.name!r} could not prepare samples: {_one_line(exc)}") from None
     vocab = pool.infos[plan.reference.name]["extra"].get("vocab_size")
     for i, s in enumerate(samples):
         if vocab is not None and int(s.input_ids.max()) >= vocab:
             j = int(np.argmax(s.input_ids >= vocab))
-            raise ExperimentError(
-                str(plan.experiment_path), None, f"samples[{i}].token_ids[{j}]",
-                f"token id {int(s.input_ids[j])} >= vocab size {vocab} of {plan.reference.name}",
-            )
+            msg = f"token id {int(s.input_ids[j])} >= vocab size {vocab} of {plan.reference.name}"
+            raise experiment_error(plan.experiment_path, ("samples", i, "token_ids", j), msg)
     return samples
 
 

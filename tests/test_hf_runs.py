@@ -1,0 +1,145 @@
+"""End to end with the HF engine on real tiny models, through Ray, as `crossengine run` does it."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from crossengine.cli import app
+from crossengine.results import TOKEN_SCHEMA
+
+from .conftest import EXPERIMENTS, run_experiment
+
+IDENTICAL = """\
+model: tiny-text
+reference: a
+engines:
+  a: {type: hf, attn_implementation: sdpa}
+  b: {type: hf, attn_implementation: sdpa}
+samples:
+  - text: "The quick brown fox jumps over the lazy dog."
+  - text: "Numbers are computed, never typed in."
+  - token_ids: [1, 60, 61, 62, 63, 64, 65]
+batch_size: 2
+"""
+
+
+@pytest.fixture(scope="module")
+def identical_run(ray_cluster, tmp_path_factory):
+    d = tmp_path_factory.mktemp("identical")
+    path = d / "identical.yaml"
+    path.write_text(IDENTICAL)
+    run_dir, runner = run_experiment(path, d / "results")
+    return run_dir, runner
+
+
+def test_identical_engines_give_exactly_zero(identical_run):
+    run_dir, _ = identical_run
+    tokens = pd.read_parquet(run_dir / "tokens")
+    assert len(tokens) > 0
+    for col in ("lp_diff", "prob_diff", "gen_kl", "policy_kl", "js", "kl_ref_cand", "kl_cand_ref", "topk_kl"):
+        assert (tokens[col] == 0).all(), col
+    assert (tokens["mult_prob_error"] == 1).all() and tokens["top1_match"].all()
+    summary = pd.read_parquet(run_dir / "summary.parquet")
+    pooled = summary[summary["modality"] == "all"].iloc[0]
+    assert pooled["abs_max"] == 0 and pooled["gen_kl_error"] == 0 and pooled["token_mult_prob_error"] == 1
+    assert pooled["top1_agreement"] == 1 and pooled["first_divergent_position"] == -1
+
+
+def test_token_rows_follow_the_public_schema(identical_run):
+    run_dir, _ = identical_run
+    parts = sorted((run_dir / "tokens").glob("part-*.parquet"))
+    assert [p.name for p in parts] == ["part-b-00000.parquet", "part-b-00001.parquet"]
+    for part in parts:
+        schema = pq.read_schema(part)
+        assert schema.remove_metadata().equals(TOKEN_SCHEMA.remove_metadata())
+    tokens = pd.read_parquet(run_dir / "tokens")
+    raw = tokens[tokens["sample_id"] == "s2"]
+    assert raw["position"].tolist() == list(range(1, 7))
+    assert raw["token_id"].tolist() == [60, 61, 62, 63, 64, 65]
+    assert set(tokens["segment"].astype(str)) == {"prompt"}
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["status"] == "complete" and meta["reference"] == "a"
+    assert meta["engines"]["b"]["versions"]["transformers"]
+    assert meta["engines"]["a"]["device"] == "cpu" and meta["engines"]["a"]["dtype"] == "float32"
+    assert {"ray_init_s", "scoring_s", "summary_s", "total_s"} <= set(meta["timings"])
+
+
+def test_resume_skips_finished_batches(identical_run, tmp_path):
+    import shutil
+
+    run_dir, _ = identical_run
+    copy = tmp_path / "results" / "t"
+    shutil.copytree(run_dir, copy)
+    (copy / "tokens" / "part-b-00001.parquet").unlink()  # as if the run died before batch 1
+    (copy / "summary.parquet").unlink()
+    meta = json.loads((copy / "run.json").read_text())
+    meta["status"] = "running"
+    (copy / "run.json").write_text(json.dumps(meta))
+    kept = copy / "tokens" / "part-b-00000.parquet"
+    before = os.stat(kept).st_mtime_ns
+    path = tmp_path / "identical.yaml"
+    path.write_text(IDENTICAL)
+    run_experiment(path, tmp_path / "results")
+    assert os.stat(kept).st_mtime_ns == before, "finished batch was not rewritten"
+    again = pd.read_parquet(copy / "tokens").sort_values(["sample_id", "position"]).reset_index(drop=True)
+    first = pd.read_parquet(run_dir / "tokens").sort_values(["sample_id", "position"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(again, first)
+    assert json.loads((copy / "run.json").read_text())["status"] == "complete"
+
+
+def test_a_complete_run_is_not_overwritten(identical_run):
+    run_dir, _ = identical_run
+    result = CliRunner().invoke(app, ["run", str(run_dir.parent.parent / "identical.yaml"), "--output-dir", str(run_dir.parent), "--run-id", "t"])
+    assert result.exit_code == 2 and "is complete" in result.output
+
+
+def test_token_id_beyond_vocab_is_a_one_line_error(ray_cluster, write_experiment, tmp_path):
+    path = write_experiment(IDENTICAL.replace("[1, 60, 61, 62, 63, 64, 65]", "[1, 60, 600, 62]"))
+    out = tmp_path / "results"
+    result = CliRunner().invoke(app, ["run", str(path), "--output-dir", str(out)])
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"{path}:9: samples[2].token_ids[2]: token id 600 >= vocab size 512" in result.stderr
+    assert not out.exists()
+
+
+def test_quickstart_from_the_cli(ray_cluster, tmp_path):
+    """The README's main job, as a new user runs it."""
+    out = tmp_path / "results"
+    result = CliRunner().invoke(app, ["run", str(EXPERIMENTS / "quickstart.yaml"), "--output-dir", str(out), "--run-id", "qs"])
+    assert result.exit_code == 0, result.output
+    assert "hf-eager" in result.output and "hf-bf16" in result.output
+    summary = pd.read_parquet(out / "qs" / "summary.parquet")
+    pooled = summary[summary["modality"] == "all"].set_index("cand_engine")
+    assert pooled.loc["hf-eager", "abs_max"] < 1e-4, "fp32 eager vs sdpa agree to float rounding"
+    assert pooled.loc["hf-bf16", "abs_max"] > 100 * pooled.loc["hf-eager", "abs_max"], "bf16 is visibly different"
+    tokens = pd.read_parquet(out / "qs" / "tokens")
+    assert set(tokens["sample_id"].astype(str)) == {"s0", "s1", "s2", "raw-ids", "river", "rl"}
+
+
+def test_vision_bidirectional_vs_causal(ray_cluster, tmp_path):
+    run_dir, _ = run_experiment(EXPERIMENTS / "vision-bidirectional.yaml", tmp_path / "results")
+    tokens = pd.read_parquet(run_dir / "tokens")
+    for col in ("modality", "attention", "attention_cand", "sample_id"):
+        tokens[col] = tokens[col].astype(str)
+    image = tokens[tokens["modality"] == "image"]
+    assert len(image) == 12, "3 images × 4 image tokens"
+    assert (image["attention"] == "bidirectional").all() and (image["attention_cand"] == "causal").all()
+    for sid, rows in tokens[tokens["sample_id"] != "text-only"].groupby("sample_id"):
+        first_image = rows.loc[rows["modality"] == "image", "position"].min()
+        before = rows[rows["position"] <= first_image]  # predicted from tokens before any image token
+        assert (before["lp_diff"] == 0).all() and (before["kl_ref_cand"] == 0).all(), sid
+        at_image = rows[(rows["modality"] == "image") & (rows["position"] > first_image)]
+        assert (at_image["kl_ref_cand"] > 0).all(), sid
+    assert (tokens.loc[tokens["sample_id"] == "text-only", "lp_diff"] == 0).all()
+    summary = pd.read_parquet(run_dir / "summary.parquet")
+    by_modality = summary[summary["attention"] == "all"].set_index("modality")
+    assert by_modality.loc["image", "kl_mean"] > by_modality.loc["text", "kl_mean"] > 0
+    assert np.isfinite(by_modality.loc["image", "cos_sim"])

@@ -1,0 +1,178 @@
+"""Every metric column against an independent, per-token numpy computation from raw logits."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from crossengine.adapters.base import TokenLogprobs
+from crossengine.frameworks import framework_metrics
+from crossengine.metrics import METRIC_COLUMNS, token_metrics
+
+T, V, K = 40, 300, 8
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    m = x.max()
+    return x - m - math.log(np.exp(x - m).sum())
+
+
+def _scores(logits: np.ndarray, ids: np.ndarray, full: bool) -> TokenLogprobs:
+    """What an engine returns, built here from raw logits with plain numpy."""
+    lp = np.stack([_log_softmax(row) for row in logits.astype(np.float64)])
+    order = np.argsort(-lp, axis=1, kind="stable")[:, :K]
+    token_lp = np.array([np.nan] + [lp[t, ids[t]] for t in range(1, T)], dtype=np.float32)
+    return TokenLogprobs(
+        token_logprobs=token_lp,
+        topk_ids=order,
+        topk_logprobs=np.take_along_axis(lp, order, 1).astype(np.float32),
+        attention=np.zeros(T, np.int8),
+        logits=logits.astype(np.float32) if full else None,
+    )
+
+
+def _k3(x: float) -> float:
+    return math.exp(x) - x - 1
+
+
+def _reference_row(r_logits, c_logits, tok, ref: TokenLogprobs, cand: TokenLogprobs, t: int, full: bool, tie_eps: float) -> dict:
+    """One token's metrics, written out the slow, obvious way."""
+    lr_all, lc_all = _log_softmax(r_logits.astype(np.float64)), _log_softmax(c_logits.astype(np.float64))
+    lr, lc = (lr_all[tok], lc_all[tok]) if full else (float(ref.token_logprobs[t]), float(cand.token_logprobs[t]))
+    pr, pc = math.exp(lr), math.exp(lc)
+    m = math.log(0.5 * pr + 0.5 * pc)
+    out = {
+        "lp_ref": lr, "lp_cand": lc, "lp_diff": lc - lr, "abs_lp_diff": abs(lc - lr), "prob_diff": pc - pr,
+        "mult_prob_error": math.exp(abs(lc - lr)), "gen_kl": _k3(lr - lc), "policy_kl": _k3(lc - lr),
+        "js": 0.5 * _k3(lr - m) + 0.5 * _k3(lc - m),
+    }
+    ref_ids, cand_ids = list(ref.topk_ids[t]), list(cand.topk_ids[t])
+    if full:
+        p, q = np.exp(lr_all), np.exp(lc_all)
+        out["kl_ref_cand"] = float(np.sum(p * (lr_all - lc_all)))
+        out["kl_cand_ref"] = float(np.sum(q * (lc_all - lr_all)))
+        out["cos_sim"] = float(r_logits @ c_logits / (np.linalg.norm(r_logits) * np.linalg.norm(c_logits)))
+        out["top1_ref"], out["top1_cand"] = int(np.argmax(r_logits)), int(np.argmax(c_logits))
+        out["rank_in_cand"] = 1 + int(np.sum(c_logits > c_logits[out["top1_ref"]]))
+    else:
+        out["kl_ref_cand"] = out["kl_cand_ref"] = out["cos_sim"] = float("nan")
+        out["top1_ref"], out["top1_cand"] = ref_ids[0], cand_ids[0]
+        out["rank_in_cand"] = cand_ids.index(ref_ids[0]) + 1 if ref_ids[0] in cand_ids else -1
+    out["top1_match"] = out["top1_ref"] == out["top1_cand"]
+    gap = float(ref.topk_logprobs[t, 0] - ref.topk_logprobs[t, 1])
+    out["top1_tie"] = (not out["top1_match"]) and gap < tie_eps
+    out["topk_overlap"] = len(set(ref_ids) & set(cand_ids)) / K
+    out["topk_kl"] = _topk_kl_slow(ref_ids, np.exp(ref.topk_logprobs[t].astype(np.float64)), cand_ids, np.exp(cand.topk_logprobs[t].astype(np.float64)))
+    return out
+
+
+def _topk_kl_slow(ref_ids, ref_p, cand_ids, cand_p) -> float:
+    union = list(dict.fromkeys(list(ref_ids) + list(cand_ids)))
+
+    def side(ids, p):
+        known = dict(zip(ids, p))
+        rest = max(1.0 - sum(known.values()), 0.0)
+        unknown = [i for i in union if i not in known]
+        share = min(p[-1], rest / (len(unknown) + 1))
+        return [known.get(i, share) for i in union] + [max(rest - share * len(unknown), 0.0)]
+
+    pr, pc = side(ref_ids, ref_p), side(cand_ids, cand_p)
+    return sum(a * (math.log(a + 1e-300) - math.log(b + 1e-300)) for a, b in zip(pr, pc))
+
+
+@pytest.mark.parametrize("full", [True, False], ids=["full-vocab", "top-k-only"])
+def test_every_metric_column_matches_numpy(full):
+    rng = np.random.default_rng(0)
+    ref_logits = rng.normal(0, 3, (T, V)).astype(np.float32)
+    cand_logits = (ref_logits + rng.normal(0, 0.3, (T, V))).astype(np.float32)
+    cand_logits[5] = ref_logits[5]  # one identical row
+    ref_logits[7, :2] = ref_logits[7].max() + np.array([1.0, 1.0 - 1e-4], dtype=np.float32)  # a near-tie
+    cand_logits[7] = ref_logits[7]
+    cand_logits[7, 1] += 1e-3  # candidate picks the reference's second best
+    ids = rng.integers(0, V, T)
+    ref, cand = _scores(ref_logits, ids, full), _scores(cand_logits, ids, full)
+    got = token_metrics(ref, cand, ids, tie_eps=1e-3)
+    assert set(got) == set(METRIC_COLUMNS)
+    for t in range(1, T):
+        want = _reference_row(ref_logits[t], cand_logits[t], ids[t], ref, cand, t, full, 1e-3)
+        for col, value in want.items():
+            g = got[col][t - 1]
+            if isinstance(value, float) and math.isnan(value):
+                assert np.isnan(g), (col, t)
+            else:
+                assert g == pytest.approx(value, abs=1e-6, rel=1e-6), (col, t, g, value)
+    assert got["top1_tie"][6] and not got["top1_match"][6], "the near-tie at position 7 is a tie, not a mismatch"
+
+
+def test_identical_scores_give_exact_zeros():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 2, (T, V)).astype(np.float32)
+    ids = rng.integers(0, V, T)
+    s = _scores(logits, ids, True)
+    got = token_metrics(s, s, ids, tie_eps=0.0)
+    for col in ("lp_diff", "abs_lp_diff", "prob_diff", "gen_kl", "policy_kl", "js", "kl_ref_cand", "kl_cand_ref"):
+        assert np.all(got[col] == 0), col
+    assert np.all(got["mult_prob_error"] == 1) and np.all(got["top1_match"]) and np.all(got["topk_overlap"] == 1)
+
+
+def test_topk_kl_is_a_lower_bound_of_full_kl_when_topk_sets_agree():
+    rng = np.random.default_rng(2)
+    ref_logits = rng.normal(0, 3, (T, V)).astype(np.float32)
+    cand_logits = (ref_logits + rng.normal(0, 0.05, (T, V))).astype(np.float32)
+    ids = rng.integers(0, V, T)
+    got = token_metrics(_scores(ref_logits, ids, True), _scores(cand_logits, ids, True), ids, tie_eps=0.0)
+    same = got["topk_overlap"] == 1
+    assert same.any()
+    assert np.all(got["topk_kl"][same] <= got["kl_ref_cand"][same] + 1e-9)
+
+
+def _framework_slow(g, t, seq):
+    """Each framework's number, the way its own code reduces it (loops, not numpy reductions)."""
+    n = len(g)
+    absd = [abs(a - b) for a, b in zip(t, g)]
+    pdiff = [abs(math.exp(a) - math.exp(b)) for a, b in zip(t, g)]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    std = lambda xs: math.sqrt(sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1))  # noqa: E731
+    by_seq = lambda vals: mean([mean([v for v, s in zip(vals, seq) if s == k]) for k in sorted(set(seq))])  # noqa: E731
+    k3s = [_k3(b - a) for a, b in zip(g, t)]
+    return {
+        "token_mult_prob_error": mean([math.exp(x) for x in absd]),
+        "gen_kl_error": mean(k3s),
+        "policy_kl_error": mean([_k3(a - b) for a, b in zip(g, t)]),
+        "sampling_importance_ratio": mean([math.exp(b - a) for a, b in zip(g, t)]),
+        "rollout_probs_diff_max": max(pdiff),
+        "rollout_probs_diff_mean": mean(pdiff),
+        "rollout_probs_diff_std": std(pdiff),
+        "rollout_actor_probs_pearson_corr": float(np.corrcoef([math.exp(x) for x in t], [math.exp(x) for x in g])[0, 1]),
+        "rollout_corr/kl": mean([a - b for a, b in zip(g, t)]),
+        "rollout_corr/k3_kl": mean([math.exp(b - a) - (b - a) - 1 for a, b in zip(g, t)]),
+        "rollout_corr/chi2_token": mean([math.exp(2 * (b - a)) for a, b in zip(g, t)]) - 1,
+        "train_rollout_logprob_abs_diff": by_seq(absd),
+        "mismatch_kl": by_seq(k3s),
+        "rollout_train_logprobs_abs_diff_mean": mean(absd),
+        "rollout_train_logprobs_abs_diff_std": std(absd),
+        "vllm_kl": mean([a - b for a, b in zip(g, t)]),
+        "n": n,
+    }
+
+
+def test_framework_metrics_match_each_frameworks_definition():
+    rng = np.random.default_rng(3)
+    t = np.log(rng.uniform(0.05, 0.95, 30))
+    g = t + rng.normal(0, 0.2, 30)
+    seq = np.repeat([0, 1, 2], [5, 10, 15])  # unequal lengths: per-sequence means differ from token means
+    got = framework_metrics(g, t, seq)
+    want = _framework_slow(list(g), list(t), list(seq))
+    for name, value in got.items():
+        if name != "js_divergence_error":
+            assert value == pytest.approx(want[name], rel=1e-9, abs=1e-12), name
+    assert got["mismatch_kl"] != pytest.approx(got["gen_kl_error"], rel=1e-6), "sequence-first averaging must differ here"
+
+
+def test_framework_metrics_identical_logprobs():
+    t = np.log(np.array([0.2, 0.5, 0.9]))
+    got = framework_metrics(t, t)
+    assert got["gen_kl_error"] == 0 and got["policy_kl_error"] == 0 and got["js_divergence_error"] == 0
+    assert got["token_mult_prob_error"] == 1 and got["sampling_importance_ratio"] == 1
