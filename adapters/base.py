@@ -125,8 +125,13 @@ class Engine(abc.ABC):
     def score(self, samples: list[Sample], top_k: int, full_vocab: bool) -> list[TokenLogprobs | SampleError]:
         """Teacher-forced log-probs of every position; a failing sample yields a SampleError."""
 
-    def generate(self, samples: list[Sample], sampling: Any, top_k: int) -> list[Generation | SampleError]:
+    def generate(self, samples: list[Sample], sampling: Any, top_k: int) -> list[list[Generation] | SampleError]:
+        """`sampling.n` completions per sample, each with the engine's raw log-prob of every token."""
         raise NotImplementedError(f"engine {self.name!r} does not generate")
+
+    def timings(self) -> dict[str, float]:
+        """Engine-side timings worth reporting (e.g. vLLM's output unpacking)."""
+        return {}
 
     def close(self) -> None:
         """Release the model (and device memory) before the worker exits."""

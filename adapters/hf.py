@@ -115,6 +115,7 @@ class HFEngine(Engine):
             extra={
                 "model_type": self.config.model_type,
                 "vocab_size": int(self.vocab_size),
+                "special_ids": sorted(int(i) for i in self.tokenizer.all_special_ids),
                 "attn_implementation": getattr(self.model.config, "_attn_implementation", None),
                 "patches": self.patch_report,
             },
@@ -215,7 +216,7 @@ class HFEngine(Engine):
             logits=pad_row(pred.cpu().numpy().astype(np.float32), np.nan) if full_vocab else None,
         )
 
-    def generate(self, samples: list[Sample], sampling: Any, top_k: int) -> list[Generation | SampleError]:
+    def generate(self, samples: list[Sample], sampling: Any, top_k: int) -> list[list[Generation] | SampleError]:
         from .hf_generate import generate
 
         return generate(self, samples, sampling, top_k)

@@ -138,7 +138,11 @@ class Experiment(_Strict):
     engines: dict[str, EngineSpec] = Field(min_length=1)
     variants: dict[str, VariantSpec] = Field(default_factory=dict)  # type: ignore[valid-type]
     samples: list[SampleSpec] = Field(min_length=1)
-    mode: Literal["score", "generate"] = Field("score", description="score: teacher-forced prompts; generate: a generator samples, all rescore.")
+    mode: Literal["score", "generate", "greedy"] = Field(
+        "score",
+        description="score: teacher-forced prompts; generate: the generator samples, every engine rescores; "
+        "greedy: every engine decodes greedily, first divergence per sample reported, the reference's decode rescored.",
+    )
     generator: Optional[str] = Field(None, description="generate mode: the sampling engine; default: the reference.")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     top_k: int = Field(20, ge=1, le=1000, description="Top-k ids and log-probs kept per position.")
@@ -250,6 +254,15 @@ def _check_references(exp: Experiment, path: Path, root: yaml.Node | None) -> No
         fail(("generator",), f"{exp.generator!r} is not one of the engines {engines}")
     if len(exp.engines) + len(exp.variants) < 2:
         fail(("engines",), "need a reference and at least one candidate engine or variant")
+    for name, spec in exp.resolved_engines().items():
+        env = spec[2].env
+        if env is not None and env.python:
+            python = Path(env.python).expanduser()
+            python = python if python.is_absolute() else path.parent / python
+            if not python.exists():
+                section = "engines" if name in exp.engines else "variants"
+                hint = " (build it with scripts/setup-vllm-env.sh)" if spec[2].type == "vllm" else ""
+                fail((section, name, "env", "python"), f"no such interpreter: {python}{hint}")
     from .plan import looks_like_path
 
     for loc, model in [(("model",), exp.model)] + [(("engines", n, "model"), e.model) for n, e in exp.engines.items() if e.model]:

