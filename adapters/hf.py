@@ -57,6 +57,15 @@ def mask_kinds(model_type: str, input_ids: np.ndarray, model_inputs: dict[str, A
     return kinds
 
 
+def text_modality(ids: np.ndarray, special_ids, image_token_id: int | None) -> np.ndarray:
+    """text | image | special per position, from the reference tokenizer's special ids."""
+    out = np.zeros(len(ids), dtype=np.int8)
+    out[np.isin(ids, np.asarray(sorted(set(special_ids)), dtype=np.int64))] = MODALITIES.index("special")
+    if image_token_id is not None:
+        out[ids == image_token_id] = MODALITIES.index("image")
+    return out
+
+
 def versions() -> dict[str, str]:
     import torch
     import transformers
@@ -154,13 +163,8 @@ class HFEngine(Engine):
         return Sample(sid, ids, self._modality(ids), text=r.get("text"), images=[str(p) for p in r.get("images", [])], model_inputs=inputs)
 
     def _modality(self, ids: np.ndarray) -> np.ndarray:
-        out = np.zeros(len(ids), dtype=np.int8)
-        special = np.asarray(sorted(set(self.tokenizer.all_special_ids)), dtype=np.int64)
-        out[np.isin(ids, special)] = MODALITIES.index("special")
         image_id = getattr(self.config, "image_token_id", None) or getattr(self.config, "image_token_index", None)
-        if image_id is not None:
-            out[ids == image_id] = MODALITIES.index("image")
-        return out
+        return text_modality(ids, self.tokenizer.all_special_ids, image_id)
 
     def _inputs(self, sample: Sample, ids: np.ndarray | None = None) -> dict[str, Any]:
         import torch

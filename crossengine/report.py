@@ -52,3 +52,19 @@ def summary_table(summary: pd.DataFrame, title: str, splits: bool = True):
 def print_summary(run_dir: Path, console) -> None:
     summary = pd.read_parquet(run_dir / "summary.parquet")
     console.print(summary_table(summary, f"crossengine summary: {run_dir}"))
+    if (run_dir / "nearest.parquet").exists():
+        import json
+
+        from .nearest import nearest_lines
+
+        reference = json.loads((run_dir / "run.json").read_text())["reference"]
+        for line in nearest_lines(pd.read_parquet(run_dir / "nearest.parquet"), reference):
+            console.print(line, highlight=False)
+    if (run_dir / "greedy").exists():
+        greedy = pd.read_parquet(run_dir / "greedy")
+        for _, r in greedy[greedy["first_divergence"] >= 0].iterrows():
+            console.print(
+                f"greedy: {r['cand_engine']}/{r['variant']} leaves {r['ref_engine']} on sample {r['sample_id']} at completion token "
+                f"{r['first_divergence']}: {r['ref_token_text']!r} ({r['ref_lp']:.4f}) vs {r['cand_token_text']!r} ({r['cand_lp']:.4f})",
+                highlight=False,
+            )

@@ -240,6 +240,11 @@ class Runner:
         t = time.time()
         summary = summarize(self.run_dir.tokens)
         write_table(self.run_dir.summary, pa.Table.from_pandas(summary, preserve_index=False))
+        if len(self.plan.candidates) > 1:
+            from .nearest import nearest_table
+
+            nearest = nearest_table(self.run_dir.tokens, self.plan.reference.name)
+            write_table(self.run_dir.root / "nearest.parquet", pa.Table.from_pandas(nearest, preserve_index=False))
         self.timings["summary_s"] = time.time() - t
         self.timings["total_s"] = time.time() - t0
         self._finish_meta(infos)

@@ -143,3 +143,50 @@ def test_vision_bidirectional_vs_causal(ray_cluster, tmp_path):
     by_modality = summary[summary["attention"] == "all"].set_index("modality")
     assert by_modality.loc["image", "kl_mean"] > by_modality.loc["text", "kl_mean"] > 0
     assert np.isfinite(by_modality.loc["image", "cos_sim"])
+
+
+GENERATE_IDENTICAL = """\
+model: tiny-text
+reference: trainer
+engines:
+  trainer: {type: hf}
+  same: {type: hf}
+  bf16: {type: hf, dtype: bfloat16}
+mode: MODE
+sampling: {temperature: 1.0, max_tokens: 10, seed: 5}
+samples:
+  - text: "The quick brown fox jumps over the lazy dog."
+  - text: "Numbers are computed, never typed in."
+"""
+
+
+def test_generate_mode_identical_engines_give_exact_zero_gen_kl(ray_cluster, tmp_path):
+    path = tmp_path / "gen.yaml"
+    path.write_text(GENERATE_IDENTICAL.replace("MODE", "generate"))
+    run_dir, runner = run_experiment(path, tmp_path / "results")
+    summary = pd.read_parquet(run_dir / "summary.parquet")
+    pooled = summary[(summary["modality"] == "all") & (summary["segment"] == "all") & (summary["position_bucket"] == "all")].set_index("cand_engine")
+    same = pooled[pooled["variant"] == "base"].loc["same"]
+    assert same["gen_kl_error"] == 0 and same["policy_kl_error"] == 0 and same["js_divergence_error"] == 0
+    assert same["token_mult_prob_error"] == 1 and same["prob_diff_max"] == 0
+    assert pooled[pooled["variant"] == "base"].loc["bf16", "gen_kl_error"] > 0
+    tokens = pd.read_parquet(run_dir / "tokens")
+    sampled = tokens[tokens["variant"] == "sampled"]
+    assert len(sampled) == 20 and (sampled["segment"] == "completion").all(), "2 samples × 10 generated tokens"
+    # the generator's own sampling-time log-probs vs its teacher-forced rescoring: same model, KV cache vs prefill
+    assert sampled["abs_lp_diff"].max() < 1e-4
+
+
+def test_greedy_mode_reports_first_divergence(ray_cluster, tmp_path):
+    path = tmp_path / "greedy.yaml"
+    path.write_text(GENERATE_IDENTICAL.replace("MODE", "greedy").replace("max_tokens: 10", "max_tokens: 40"))
+    result = CliRunner().invoke(app, ["run", str(path), "--output-dir", str(tmp_path / "results"), "--run-id", "g"])
+    assert result.exit_code == 0, result.output
+    greedy = pd.read_parquet(tmp_path / "results" / "g" / "greedy").set_index(["cand_engine", "sample_id"])
+    assert (greedy.loc["same", "first_divergence"] == -1).all(), "identical engines decode identically"
+    assert len(greedy) == 4 and greedy["ref_len"].min() > 0
+    diverged = greedy[greedy["first_divergence"] >= 0]
+    for _, r in diverged.iterrows():
+        assert r["ref_token"] != r["cand_token"] or r["ref_len"] != r["cand_len"]
+    if len(diverged):
+        assert "leaves trainer" in result.output

@@ -1,0 +1,116 @@
+"""vLLM for real, on the CPU, in its own environment (.venvs/vllm; scripts/setup-vllm-env.sh).
+
+Each run starts vLLM once (about 20 s); the module keeps to three runs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from crossengine.cli import app
+
+from .conftest import EXPERIMENTS, REPO, run_experiment
+
+VLLM_PYTHON = REPO / ".venvs" / "vllm" / "bin" / "python"
+VISION_PYTHON = REPO / ".venvs" / "vllm-vision" / "bin" / "python"
+pytestmark = pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="no vLLM environment: run scripts/setup-vllm-env.sh")
+
+LONG = " ".join(["the engines compare their numbers"] * 30)
+GENERATE = f"""\
+model: tiny-text
+reference: hf
+engines:
+  hf: {{type: hf}}
+  vllm: {{type: vllm, env: {{python: {VLLM_PYTHON}}}, options: {{max_model_len: 96}}}}
+mode: generate
+generator: vllm
+sampling: {{temperature: 1.0, max_tokens: 12, n: 2, seed: 3}}
+samples:
+  - text: "The quick brown fox jumps over the lazy dog."
+  - id: too-long
+    text: "{LONG}"
+  - text: "Reinforcement learning samples tokens with one engine."
+batch_size: 2
+"""
+
+
+@pytest.fixture(scope="module")
+def generate_run(ray_cluster, tmp_path_factory):
+    d = tmp_path_factory.mktemp("vllm")
+    path = d / "gen.yaml"
+    path.write_text(GENERATE)
+    result = CliRunner().invoke(app, ["run", str(path), "--output-dir", str(d / "results"), "--run-id", "g"])
+    return d / "results" / "g", result
+
+
+def test_hf_and_vllm_agree_on_prompts_and_completions(generate_run):
+    run_dir, _ = generate_run
+    tokens = pd.read_parquet(run_dir / "tokens")
+    teacher = tokens[tokens["variant"] == "base"]
+    assert set(teacher["segment"].astype(str)) == {"prompt", "completion"}
+    assert teacher["abs_lp_diff"].max() < 1e-4, "fp32 HF vs vLLM on tiny-text"
+    assert teacher["kl_ref_cand"].isna().all() and teacher["cos_sim"].isna().all(), "vLLM is top-k only: full-vocab columns are null"
+    assert teacher["topk_kl"].notna().all() and (teacher["topk_overlap"] > 0.5).all()
+    assert set(teacher["sample_id"].astype(str)) == {"s0#0", "s0#1", "s2#0", "s2#1"}
+
+
+def test_sampled_rows_carry_the_gen_kl_family(generate_run):
+    run_dir, _ = generate_run
+    tokens = pd.read_parquet(run_dir / "tokens")
+    sampled = tokens[tokens["variant"] == "sampled"]
+    assert len(sampled) > 0 and set(sampled["segment"].astype(str)) == {"completion"}
+    summary = pd.read_parquet(run_dir / "summary.parquet")
+    row = summary[(summary["variant"] == "sampled") & (summary["modality"] == "all") & (summary["position_bucket"] == "all")].iloc[0]
+    for name in ("gen_kl_error", "policy_kl_error", "js_divergence_error", "token_mult_prob_error", "prob_diff_max", "prob_diff_mean", "prob_diff_std", "mismatch_kl", "vllm_kl"):
+        assert pd.notna(row[name]), name
+    assert 0 <= row["gen_kl_error"] < 1e-6 and 1 <= row["token_mult_prob_error"] < 1 + 1e-4
+    buckets = set(summary.loc[summary["variant"] == "sampled", "position_bucket"].astype(str))
+    assert {"first", "rest"} <= buckets
+
+
+def test_a_prompt_too_long_for_vllm_fails_alone(generate_run):
+    run_dir, result = generate_run
+    assert result.exit_code == 1, result.output
+    assert "sample too-long" in result.output and "max_model_len 96" in result.output
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["status"] == "complete"
+    assert [e["sample_id"] for e in meta["errors"]] == ["too-long"] and meta["errors"][0]["engine"] == "vllm"
+    assert (run_dir / "tokens" / "part-vllm-00001.parquet").exists(), "the batch with the failed sample still wrote its other sample"
+
+
+@pytest.mark.parametrize(
+    "sample,words",
+    [
+        ("{token_ids: [1, 60, 9999, 62]}", ["samples[0].token_ids[2]", "9999 >= vocab size"]),
+        ("{text: 'look <start_of_image>', images: [data/gradient.png]}", ["samples[0]", "image prompts need an hf reference"]),
+    ],
+    ids=["token-out-of-vocab", "image-for-text-only"],
+)
+def test_bad_input_with_vllm_as_reference(ray_cluster, write_experiment, tmp_path, sample, words):
+    path = write_experiment(
+        f"model: tiny-text\nreference: vllm\nengines:\n  vllm: {{type: vllm, env: {{python: {VLLM_PYTHON}}}, options: {{max_model_len: 96}}}}\n"
+        f"  hf: {{type: hf}}\nsamples:\n  - {sample}\n"
+    )
+    result = CliRunner().invoke(app, ["run", str(path), "--output-dir", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    for w in words:
+        assert w in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not VISION_PYTHON.exists(), reason="no vLLM vision environment: run VLLM_VISION=1 scripts/setup-vllm-env.sh")
+def test_vision_vllm_reports_which_mask_it_matches(ray_cluster, tmp_path):
+    run_dir, _ = run_experiment(EXPERIMENTS / "vision-vllm.yaml", tmp_path / "results")
+    nearest = pd.read_parquet(run_dir / "nearest.parquet")
+    image = nearest[(nearest["candidate"] == "vllm") & (nearest["modality"] == "image")].set_index("other")
+    causal, bidirectional = image.loc["hf-causal", "max_abs_diff"], image.loc["hf-bidirectional", "max_abs_diff"]
+    assert min(causal, bidirectional) < 1e-4, "vLLM matches one of the two HF masks at image tokens"
+    assert image.loc[image["nearest"]].index[0] == ("hf-causal" if causal < bidirectional else "hf-bidirectional")
+    tokens = pd.read_parquet(run_dir / "tokens")
+    vllm_rows = tokens[tokens["cand_engine"] == "vllm"]
+    assert (vllm_rows["modality"].astype(str) == "image").sum() == 12, "vLLM expanded the images to the reference's ids"
