@@ -183,10 +183,18 @@ class HFEngine(Engine):
 
     def forward_logits(self, sample: Sample):
         """Raw logits [T, V] in float32 for one sample; the one place HF's forward is called."""
+        import time
+
         import torch
 
+        t = time.perf_counter()
         with torch.inference_mode():
-            return self.model(**self._inputs(sample)).logits[0].float()
+            logits = self.model(**self._inputs(sample)).logits[0].float()
+        self.forward_s = getattr(self, "forward_s", 0.0) + time.perf_counter() - t
+        return logits
+
+    def timings(self) -> dict[str, float]:
+        return {"forward_s": getattr(self, "forward_s", 0.0)}
 
     def score(self, samples: list[Sample], top_k: int, full_vocab: bool) -> list[TokenLogprobs | SampleError]:
         out: list[TokenLogprobs | SampleError] = []

@@ -74,6 +74,7 @@ class VLLMEngine(Engine):
         self.is_vision = getattr(self.hf_config, "vision_config", None) is not None
         self.unpack_s = 0.0  # time spent turning vLLM's output into arrays (bench reads it)
         self.generate_s = 0.0
+        self.score_s = 0.0
 
     def info(self) -> EngineInfo:
         import torch
@@ -96,7 +97,7 @@ class VLLMEngine(Engine):
         )
 
     def timings(self) -> dict[str, float]:
-        return {"unpack_s": self.unpack_s, "generate_s": self.generate_s}
+        return {"unpack_s": self.unpack_s, "generate_s": self.generate_s, "score_s": self.score_s}
 
     # ------------------------------------------------------------------ inputs
 
@@ -164,7 +165,9 @@ class VLLMEngine(Engine):
         k = min(top_k, self.vocab_size)
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, flat_logprobs=True, detokenize=False)
         out: list[TokenLogprobs | SampleError] = []
-        for s, r in zip(samples, self._run(samples, params)):
+        t0 = time.perf_counter()
+        results = self._run(samples, params)
+        for s, r in zip(samples, results):
             if isinstance(r, SampleError):
                 out.append(r)
                 continue
@@ -181,6 +184,7 @@ class VLLMEngine(Engine):
                     scored_ids=ids if s.images else None,
                 )
             )
+        self.score_s += time.perf_counter() - t0
         return out
 
     def _attention(self, s: Sample, ids: np.ndarray) -> np.ndarray:

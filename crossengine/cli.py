@@ -70,6 +70,32 @@ def report(run_dir: Path = typer.Argument(..., help="A results/<run_id> folder."
 
 
 @app.command()
+def monitor(
+    out_dir: Path = typer.Argument(..., help="A folder a KLMonitor writes to."),
+    step: Optional[int] = typer.Option(None, "--step", help="Show this step's worst tokens."),
+    follow: bool = typer.Option(False, "--follow", help="Keep watching as steps arrive (Ctrl-C stops)."),
+    interval: float = typer.Option(2.0, "--interval", help="Seconds between checks with --follow."),
+) -> None:
+    """Show an RL monitor's steps (metrics, sparklines, threshold marks) or one step's worst tokens."""
+    from . import monitor_view
+
+    if not (out_dir / "steps").exists():
+        _fail(CrossengineError(f"{out_dir}: no steps/ folder (not a KLMonitor output)"))
+    if step is not None:
+        try:
+            console.print(monitor_view.worst_view(out_dir, step))
+        except FileNotFoundError as exc:
+            _fail(CrossengineError(str(exc)))
+    elif follow:
+        try:
+            monitor_view.follow(out_dir, console, interval)
+        except KeyboardInterrupt:
+            pass
+    else:
+        console.print(monitor_view.steps_view(out_dir))
+
+
+@app.command()
 def schema() -> None:
     """Print the experiment file's JSON Schema (for editor completion and validation)."""
     from .config import json_schema
@@ -101,4 +127,8 @@ def fixtures_build(names: Optional[list[str]] = typer.Argument(None, help="Fixtu
 
 
 def main() -> None:  # pragma: no cover - console-script shim
+    app()
+
+
+if __name__ == "__main__":  # `python -m crossengine.cli` (used by bench/)
     app()

@@ -75,6 +75,9 @@ def _worker_class():
         def token_texts(self):
             return self.engine.token_texts()
 
+        def timings(self):
+            return self.engine.timings()
+
         def close(self):
             self.engine.close()
 
@@ -115,6 +118,11 @@ class EnginePool:
             except Exception as exc:  # noqa: BLE001 - any load failure becomes one line naming the engine
                 self.close()
                 raise CrossengineError(f"engine {inst.name!r} ({inst.spec.type}) failed to start: {_one_line(exc)}") from None
+
+    def engine_timings(self) -> dict[str, dict[str, float]]:
+        import ray
+
+        return {name: ray.get(actor.timings.remote()) for name, actor in self.actors.items()}
 
     def close(self) -> None:
         import ray
@@ -232,6 +240,8 @@ class Runner:
                         vocab_text = pa.array(ray.get(pool.actors[self.plan.reference.name].token_texts.remote()), pa.string())
                         self._start_meta(infos, resumed, len(samples))
                     self._run_wave(pool, wave, samples, vocab_text)
+                    for name, t_engine in pool.engine_timings().items():
+                        self.timings.update({f"{name}.{k}": v for k, v in t_engine.items()})
                 finally:
                     pool.close()
         except KeyboardInterrupt:

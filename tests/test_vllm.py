@@ -103,7 +103,7 @@ def test_bad_input_with_vllm_as_reference(ray_cluster, write_experiment, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(not VISION_PYTHON.exists(), reason="no vLLM vision environment: run VLLM_VISION=1 scripts/setup-vllm-env.sh")
+@pytest.mark.skipif(not VISION_PYTHON.exists(), reason="no vLLM vision environment: run scripts/setup-vllm-env.sh vision")
 def test_vision_vllm_reports_which_mask_it_matches(ray_cluster, tmp_path):
     run_dir, _ = run_experiment(EXPERIMENTS / "vision-vllm.yaml", tmp_path / "results")
     nearest = pd.read_parquet(run_dir / "nearest.parquet")

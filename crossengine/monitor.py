@@ -1,0 +1,227 @@
+"""Watch the rollout-vs-trainer mismatch every RL step, and find the tokens behind a spike.
+
+    from crossengine.monitor import KLMonitor
+
+    monitor = KLMonitor("results/rl-monitor", tokenizer=tok)          # once
+    metrics = monitor.step(step, gen_logprobs, train_logprobs, mask,  # every step
+                           token_ids=ids, modality=is_image)
+    monitor.close()
+
+    crossengine monitor results/rl-monitor [--follow] [--step N]
+
+Inputs are batch × tokens arrays (torch or numpy): the generator's log-prob of each sampled
+token, the trainer's log-prob of the same token, and a mask of the tokens that count. The
+metrics are exactly crossengine's (one implementation, crossengine.frameworks), so a number
+here means what it means in a run summary and in the trainer it is named after.
+
+Per step, one row goes to DIR/steps/ and the N worst tokens (by gen_kl) to DIR/worst/, as
+Parquet, written by a background thread so the trainer waits only for the arithmetic. Only
+the current step's arrays are ever held.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+
+from .frameworks import framework_metrics
+from .metrics import sampled_token_metrics
+from .results import write_json, write_table
+
+log = logging.getLogger("crossengine.monitor")
+
+# Warn above these; NeMo-RL's docs use 1.05 for token_mult_prob_error and its CI gates
+# gen_kl_error at 1e-3 … 2e-3.
+DEFAULT_THRESHOLDS: dict[str, float] = {
+    "token_mult_prob_error": 1.05,
+    "gen_kl_error": 1e-3,
+    "policy_kl_error": 1e-3,
+    "js_divergence_error": 1e-3,
+}
+MODALITY_NAMES = {0: "text", 1: "image", 2: "special"}
+WORST_SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("rank", pa.int32()),
+        ("sample_id", pa.string()),
+        ("row", pa.int32()),
+        ("position", pa.int32()),
+        ("token_id", pa.int64()),
+        ("token_text", pa.string()),
+        ("modality", pa.string()),
+        ("lp_gen", pa.float32()),
+        ("lp_train", pa.float32()),
+        ("gen_kl", pa.float32()),
+        ("abs_lp_diff", pa.float32()),
+    ]
+)
+
+
+def _numpy(x) -> np.ndarray | None:
+    if x is None:
+        return None
+    if hasattr(x, "detach"):  # torch, without importing it
+        x = x.detach().double().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()  # bf16 has no numpy dtype
+    return np.asarray(x)
+
+
+def step_metrics(g: np.ndarray, t: np.ndarray, mask: np.ndarray, modality: np.ndarray | None = None) -> dict[str, float]:
+    """All §4b metrics of one step, plus the same split by modality and by first/rest token."""
+    valid = mask.astype(bool)
+    rows = np.broadcast_to(np.arange(g.shape[0])[:, None], g.shape)
+    out: dict[str, float] = {"n_tokens": int(valid.sum())}
+    out.update(framework_metrics(g[valid], t[valid], rows[valid]))
+    first = valid & (np.cumsum(valid, axis=1) == 1)  # the first counted (generated) token of each row
+    splits: dict[str, np.ndarray] = {"first": first, "rest": valid & ~first}
+    if modality is not None:
+        for code, name in MODALITY_NAMES.items():
+            splits[name] = valid & (modality == code)
+    for name, sel in splits.items():
+        if sel.any():
+            sub = framework_metrics(g[sel], t[sel], rows[sel])
+            for key in DEFAULT_THRESHOLDS:
+                out[f"{name}/{key}"] = sub[key]
+            out[f"{name}/n_tokens"] = int(sel.sum())
+    return out
+
+
+class KLMonitor:
+    """Per-step mismatch metrics, worst tokens, threshold warnings, optional TB/W&B logging."""
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        thresholds: dict[str, float] | None = None,
+        worst_k: int = 20,
+        callback: Callable[[int, dict[str, float], list[str]], Any] | None = None,
+        tokenizer: Any = None,
+        tensorboard_dir: str | Path | None = None,
+        wandb: bool = False,
+    ):
+        self.dir = Path(out_dir)
+        self.thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+        self.worst_k = worst_k
+        self.callback = callback
+        self.tokenizer = tokenizer
+        self._tb = self._tensorboard(tensorboard_dir)
+        self._wandb = self._wandb_module() if wandb else None
+        write_json(self.dir / "monitor.json", {"thresholds": self.thresholds, "worst_k": worst_k})
+        self._queue: queue.Queue = queue.Queue(maxsize=2)  # a slow disk delays the trainer by at most a step
+        self._error: BaseException | None = None
+        self._writer = threading.Thread(target=self._write_loop, name="crossengine-monitor-writer", daemon=True)
+        self._writer.start()
+
+    # ------------------------------------------------------------------ public
+
+    def step(self, step: int, gen_logprobs, train_logprobs, mask, token_ids=None, sample_ids=None, modality=None) -> dict[str, float]:
+        """Compute, warn, hand the writes to the background thread, and return the metrics."""
+        if self._error is not None:
+            raise RuntimeError(f"monitor writer failed: {self._error}") from self._error
+        g, t = _numpy(gen_logprobs).astype(np.float64), _numpy(train_logprobs).astype(np.float64)
+        mask = _numpy(mask).astype(bool)
+        if g.ndim == 1:
+            g, t, mask = g[None], t[None], mask[None]
+        if not (g.shape == t.shape == mask.shape):
+            raise ValueError(f"gen_logprobs {g.shape}, train_logprobs {t.shape} and mask {mask.shape} must have one shape")
+        modality = _numpy(modality)
+        metrics = step_metrics(g, t, mask, modality)
+        over = [k for k, limit in self.thresholds.items() if k in metrics and metrics[k] > limit]
+        for k in over:
+            log.warning("step %d: %s = %.6g is over its threshold %.6g", step, k, metrics[k], self.thresholds[k])
+        worst = self._worst(step, g, t, mask, _numpy(token_ids), sample_ids, modality)
+        self._queue.put((step, metrics, over, worst))
+        self._log_scalars(step, metrics)
+        if self.callback is not None:
+            self.callback(step, metrics, over)
+        return metrics
+
+    def close(self) -> None:
+        """Finish pending writes (call at the end of training; also a context manager)."""
+        self._queue.put(None)
+        self._writer.join()
+        if self._tb is not None:
+            self._tb.close()
+        if self._error is not None:
+            raise RuntimeError(f"monitor writer failed: {self._error}") from self._error
+
+    def __enter__(self) -> "KLMonitor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _worst(self, step, g, t, mask, token_ids, sample_ids, modality) -> pa.Table:
+        k3 = sampled_token_metrics(lt=t, lg=g)["gen_kl"]
+        flat = np.where(mask, k3, -np.inf).ravel()
+        n = min(self.worst_k, int(mask.sum()))
+        idx = np.argpartition(-flat, n - 1)[:n] if n else np.empty(0, dtype=np.int64)
+        idx = idx[np.argsort(-flat[idx])]
+        rows, cols = np.unravel_index(idx, g.shape)
+        ids = token_ids[rows, cols].astype(np.int64) if token_ids is not None else np.full(n, -1)
+        text = [self.tokenizer.decode([int(i)]) if self.tokenizer is not None and i >= 0 else None for i in ids]
+        return pa.table(
+            {
+                "step": np.full(n, step, np.int64),
+                "rank": np.arange(1, n + 1, dtype=np.int32),
+                "sample_id": [str(sample_ids[r]) if sample_ids is not None else str(r) for r in rows],
+                "row": rows.astype(np.int32),
+                "position": cols.astype(np.int32),
+                "token_id": ids,
+                "token_text": text,
+                "modality": [MODALITY_NAMES.get(int(modality[r, c]), "text") if modality is not None else "text" for r, c in zip(rows, cols)],
+                "lp_gen": g[rows, cols].astype(np.float32),
+                "lp_train": t[rows, cols].astype(np.float32),
+                "gen_kl": k3[rows, cols].astype(np.float32),
+                "abs_lp_diff": np.abs(g - t)[rows, cols].astype(np.float32),
+            },
+            schema=WORST_SCHEMA,
+        )
+
+    def _write_loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            step, metrics, over, worst = item
+            try:
+                row = {"step": step, **metrics, "over_threshold": ",".join(over)}
+                write_table(self.dir / "steps" / f"part-{step:08d}.parquet", pa.Table.from_pylist([row]))
+                write_table(self.dir / "worst" / f"part-{step:08d}.parquet", worst)
+            except BaseException as exc:  # noqa: BLE001 - surfaced on the trainer's next call
+                self._error = exc
+
+    def _log_scalars(self, step: int, metrics: dict[str, float]) -> None:
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(f"crossengine/{k}", v, step)
+        if self._wandb is not None:
+            self._wandb.log({f"crossengine/{k}": v for k, v in metrics.items()}, step=step)
+
+    @staticmethod
+    def _tensorboard(path):
+        if path is None:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise RuntimeError("tensorboard_dir needs the tensorboard package (pip install tensorboard)") from exc
+        return SummaryWriter(str(path))
+
+    @staticmethod
+    def _wandb_module():
+        try:
+            import wandb
+        except ImportError as exc:
+            raise RuntimeError("wandb=True needs the wandb package and an active wandb.init()") from exc
+        return wandb
+
+
+def read_thresholds(out_dir: Path) -> dict[str, float]:
+    path = Path(out_dir) / "monitor.json"
+    return json.loads(path.read_text())["thresholds"] if path.exists() else dict(DEFAULT_THRESHOLDS)

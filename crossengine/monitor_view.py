@@ -1,0 +1,90 @@
+"""`crossengine monitor DIR`: the steps a KLMonitor wrote, as a table with sparklines."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from .monitor import read_thresholds
+from .summary import read_tokens
+
+SHOWN = ["gen_kl_error", "policy_kl_error", "js_divergence_error", "token_mult_prob_error", "rollout_probs_diff_max", "first/gen_kl_error"]
+_BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float]) -> str:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return ""
+    lo, hi = min(finite), max(finite)
+    scale = (hi - lo) or 1.0
+    return "".join(" " if v is None or not math.isfinite(v) else _BARS[min(7, int((v - lo) / scale * 7.999))] for v in values)
+
+
+def read_steps(out_dir: Path) -> pd.DataFrame:
+    steps = Path(out_dir) / "steps"
+    if not steps.exists() or not any(steps.glob("part-*.parquet")):
+        return pd.DataFrame()
+    return read_tokens(steps).sort_values("step").reset_index(drop=True)
+
+
+def steps_view(out_dir: Path, last: int = 30):
+    from rich.console import Group
+    from rich.table import Table
+
+    df = read_steps(out_dir)
+    thresholds = read_thresholds(out_dir)
+    cols = [c for c in SHOWN if c in df.columns]
+    table = Table(title=f"crossengine monitor: {out_dir} ({len(df)} steps)", title_justify="left")
+    table.add_column("step", justify="right")
+    for c in cols:
+        table.add_column(c, justify="right")
+    table.add_column("tokens", justify="right")
+    for _, r in df.tail(last).iterrows():
+        cells = []
+        for c in cols:
+            over = c in thresholds and r[c] > thresholds[c]
+            cells.append(f"[bold red]{r[c]:.4g} ![/]" if over else f"{r[c]:.4g}")
+        table.add_row(str(int(r["step"])), *cells, str(int(r["n_tokens"])))
+    trend = Table(show_header=True, title="trend (all steps)", title_justify="left", box=None)
+    trend.add_column("metric")
+    trend.add_column("sparkline")
+    trend.add_column("last", justify="right")
+    trend.add_column("threshold", justify="right")
+    for c in cols:
+        trend.add_row(c, sparkline(df[c].tolist()), f"{df[c].iloc[-1]:.4g}", f"{thresholds[c]:.4g}" if c in thresholds else "-")
+    return Group(table, trend)
+
+
+def worst_view(out_dir: Path, step: int):
+    from rich.table import Table
+
+    path = Path(out_dir) / "worst" / f"part-{step:08d}.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{out_dir}: no worst tokens for step {step}")
+    df = pd.read_parquet(path)
+    table = Table(title=f"step {step}: worst tokens by gen_kl", title_justify="left")
+    for c in ("rank", "sample_id", "position", "token_text", "modality", "lp_gen", "lp_train", "gen_kl"):
+        table.add_column(c, justify="right" if c not in ("token_text", "modality", "sample_id") else "left")
+    for _, r in df.iterrows():
+        table.add_row(str(r["rank"]), str(r["sample_id"]), str(r["position"]), repr(r["token_text"]) if r["token_text"] is not None else str(r["token_id"]),
+                      r["modality"], f"{r['lp_gen']:.4f}", f"{r['lp_train']:.4f}", f"{r['gen_kl']:.4g}")
+    return table
+
+
+def follow(out_dir: Path, console, interval: float, max_updates: int | None = None) -> None:
+    """Redraw as steps arrive; Ctrl-C stops (max_updates bounds it for tests)."""
+    from rich.live import Live
+
+    seen, updates = -1, 0
+    with Live(console=console, refresh_per_second=4) as live:
+        while max_updates is None or updates < max_updates:
+            n = len(list((Path(out_dir) / "steps").glob("part-*.parquet")))
+            if n != seen:
+                live.update(steps_view(out_dir))
+                seen = n
+            updates += 1
+            time.sleep(interval)
