@@ -87,6 +87,8 @@ class HFEngine(Engine):
         common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
         self.config = AutoConfig.from_pretrained(model_path, **common)
         self.is_vision = getattr(self.config, "vision_config", None) is not None
+        self.dropped_inputs = set(spec.drop_inputs)  # patches may add to it
+        self.pixels_on_device = False  # set by the pixels_on_device patch
         self.model = self._load_model(common)
         self.tokenizer, self.processor = self._load_tokenizer(common)
         from .patches import apply_patches
@@ -125,7 +127,7 @@ class HFEngine(Engine):
                 "model_type": self.config.model_type,
                 "vocab_size": int(self.vocab_size),
                 "special_ids": sorted(int(i) for i in self.tokenizer.all_special_ids),
-                "attn_implementation": getattr(self.model.config, "_attn_implementation", None),
+                "attn_implementation": getattr(getattr(self.model, "config", None), "_attn_implementation", None),
                 "patches": self.patch_report,
             },
         )
@@ -172,7 +174,10 @@ class HFEngine(Engine):
         ids = sample.input_ids if ids is None else ids
         out: dict[str, Any] = {"input_ids": torch.as_tensor(ids, device=self.device)[None]}
         for key, value in sample.model_inputs.items():
-            if key in self.spec.drop_inputs:
+            if key in self.dropped_inputs:
+                continue
+            if key == "pixel_values" and self.pixels_on_device and sample.images:
+                out[key] = self._pixels_on_device(sample)
                 continue
             t = torch.as_tensor(value, device=self.device)
             if key == "token_type_ids" and t.shape[-1] != len(ids):  # completion tokens are text
@@ -180,6 +185,19 @@ class HFEngine(Engine):
                 t = torch.cat([t, pad], dim=-1)
             out[key] = t.to(self.dtype) if t.is_floating_point() else t
         return out
+
+    def _pixels_on_device(self, sample: Sample):
+        """uint8 pixels to the device, then rescale and normalise there in the model dtype."""
+        import torch
+        from PIL import Image
+
+        ip = self.processor.image_processor
+        images = [Image.open(p).convert("RGB") for p in sample.images]
+        raw = ip(images, do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"]
+        x = torch.as_tensor(raw.round().astype("uint8"), device=self.device).to(self.dtype)
+        mean = torch.as_tensor(ip.image_mean, device=self.device, dtype=self.dtype)[:, None, None]
+        std = torch.as_tensor(ip.image_std, device=self.device, dtype=self.dtype)[:, None, None]
+        return (x * ip.rescale_factor - mean) / std
 
     def forward_logits(self, sample: Sample):
         """Raw logits [T, V] in float32 for one sample; the one place HF's forward is called."""
@@ -219,7 +237,7 @@ class HFEngine(Engine):
         topk_ids, topk_lp = topk_from_logprobs(logprobs, top_k)
         k = topk_ids.shape[1]
         pad_row = lambda a, fill: np.concatenate([np.full((1, *a.shape[1:]), fill, a.dtype), a])  # noqa: E731
-        used = {k_: v for k_, v in s.model_inputs.items() if k_ not in self.spec.drop_inputs}
+        used = {k_: v for k_, v in s.model_inputs.items() if k_ not in self.dropped_inputs}
         return TokenLogprobs(
             token_logprobs=pad_row(token_lp.astype(np.float32), np.nan),
             topk_ids=pad_row(topk_ids, -1),

@@ -113,6 +113,34 @@ def _build_tiny_text(out: Path, seed: int) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _build_tiny_olmo2(out: Path, seed: int) -> None:
+    """OLMo-2 (post-norm blocks, QK-norm): loadable by HF, vLLM and OLMo-core's converter."""
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    tokenizer = _fast_tokenizer(["<pad>", "<bos>", "<eos>"], vocab_size=508)
+    config = Olmo2Config(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    _seed(seed)
+    model = Olmo2ForCausalLM(config).eval()
+    _sharpen_attention(model)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 _GEMMA3_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
 
 
@@ -211,6 +239,7 @@ def _write_canonical_gemma3_weights(model, out: Path) -> None:
 FIXTURES: dict[str, Callable[[Path, int], None]] = {
     "tiny-text": _build_tiny_text,
     "tiny-vision": _build_tiny_vision,
+    "tiny-olmo2": _build_tiny_olmo2,
 }
 
 

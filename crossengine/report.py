@@ -52,12 +52,15 @@ def summary_table(summary: pd.DataFrame, title: str, splits: bool = True):
 def print_summary(run_dir: Path, console) -> None:
     summary = pd.read_parquet(run_dir / "summary.parquet")
     console.print(summary_table(summary, f"crossengine summary: {run_dir}"))
-    if (run_dir / "nearest.parquet").exists():
-        import json
+    import json
 
+    meta = json.loads((run_dir / "run.json").read_text())
+    reference = meta["reference"]
+    if meta["experiment"].get("variants"):
+        console.print(ablation_table(summary, reference))
+    if (run_dir / "nearest.parquet").exists():
         from .nearest import nearest_lines
 
-        reference = json.loads((run_dir / "run.json").read_text())["reference"]
         for line in nearest_lines(pd.read_parquet(run_dir / "nearest.parquet"), reference):
             console.print(line, highlight=False)
     if (run_dir / "greedy").exists():
@@ -68,3 +71,25 @@ def print_summary(run_dir: Path, console) -> None:
                 f"{r['first_divergence']}: {r['ref_token_text']!r} ({r['ref_lp']:.4f}) vs {r['cand_token_text']!r} ({r['cand_lp']:.4f})",
                 highlight=False,
             )
+
+
+ABLATION = [("top1_agreement", "top1", "{:.4f}"), ("abs_max", "abs_max", "{:.3g}"), ("abs_mean", "abs_mean", "{:.3g}"), ("cos_sim", "cos_sim", "{:.6f}"), ("kl_mean", "kl_mean", "{:.3g}")]
+
+
+def ablation_table(summary: pd.DataFrame, reference: str):
+    """One row per engine/variant vs the reference, largest KL first: which difference matters."""
+    from rich.table import Table
+
+    df = summary.copy()
+    for col in ("modality", "attention", "segment", "position_bucket", "variant", "cand_engine"):
+        df[col] = df[col].astype(str)
+    pooled = df[(df["modality"] == "all") & (df["attention"] == "all") & (df["segment"] == "all") & (df["position_bucket"] == "all")]
+    pooled = pooled.sort_values("kl_mean", ascending=False)
+    table = Table(title=f"ablation vs {reference} (largest KL first)", title_justify="left")
+    table.add_column("variant", no_wrap=True)
+    for _, header, _ in ABLATION:
+        table.add_column(header, justify="right")
+    for _, r in pooled.iterrows():
+        name = r["cand_engine"] if r["variant"] == "base" else r["variant"]
+        table.add_row(name, *[_fmt(r[c], p) for c, _, p in ABLATION])
+    return table

@@ -28,19 +28,20 @@ from .results import RunDir, TokenRows, git_sha, host_info, token_table, write_t
 from .summary import summarize
 
 
-def runtime_env(inst: EngineInstance, base: Path) -> dict[str, Any] | None:
+def runtime_env(inst: EngineInstance, base: Path) -> dict[str, Any]:
     """Ray runtime_env for an engine that names its own environment (DESIGN.md §3)."""
     env = inst.spec.env
+    # user code named as "module:function" imports from where crossengine runs, as in the driver
+    paths = [os.getcwd(), str(base.absolute()), os.environ.get("PYTHONPATH", "")]
+    out: dict[str, Any] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}}
     if env is None:
-        return None
-    out: dict[str, Any] = {}
+        return out
     if env.pip:
         out["pip"] = list(env.pip)
     if env.python:
         python = Path(env.python).expanduser()  # relative to the experiment file, like images
         out["py_executable"] = str(python if python.is_absolute() else (base / python).absolute())
-    if env.env_vars:
-        out["env_vars"] = dict(env.env_vars)
+    out["env_vars"].update(env.env_vars)
     return out
 
 
@@ -105,9 +106,7 @@ class EnginePool:
         self.actors = {}
         for inst in instances:
             options: dict[str, Any] = {"num_cpus": min(share, 1.0), "num_gpus": inst.spec.num_gpus or 0, "name": None}
-            env = runtime_env(inst, base)
-            if env:
-                options["runtime_env"] = env
+            options["runtime_env"] = runtime_env(inst, base)
             self.actors[inst.name] = worker.options(**options).remote(
                 inst.spec.type, inst.spec.model_dump(mode="json"), inst.model_path, inst.name, seed, threads
             )

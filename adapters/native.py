@@ -1,0 +1,116 @@
+"""Native engines: the model's own code instead of transformers' port of it.
+
+- OLMo-core (`ai2-olmo-core`, AI2's training code) for OLMo-2 checkpoints: the HF state
+  dict is converted with OLMo-core's own converter and loaded into its Transformer.
+- Any user code: `factory: "package.module:function"` returns a torch module (or callable)
+  taking (input_ids, **model_inputs) and returning logits; optional
+  `preprocess: "package.module:function"` turns a Sample into extra model inputs (Molmo's
+  images / image_input_idx / image_masks, say). Imported only because the experiment names it.
+
+Tokenisation, modality tags and the array conversion are the HF engine's: only how the
+model is built and called differs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .hf import HFEngine
+
+OLMO_CORE_TYPES = ("olmo2",)
+
+
+def import_ref(ref: str):
+    module, _, name = ref.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(f"cannot import {ref!r}: {exc}") from None
+
+
+class NativeEngine(HFEngine):
+    name = "native"
+
+    def _load_model(self, common: dict):
+        import torch
+
+        self.preprocess = import_ref(self.spec.preprocess) if self.spec.preprocess else None
+        if self.spec.factory:
+            self.kind = self.spec.factory
+            model = import_ref(self.spec.factory)(model_path=self.model_path, config=self.config, device=self.device, dtype=self.dtype, **self.spec.options)
+        elif self.config.model_type in OLMO_CORE_TYPES:
+            self.kind = "olmo-core"
+            model = self._olmo_core(common)
+        else:
+            raise ValueError(f"no native implementation for model_type {self.config.model_type!r}: give factory: 'module:function'")
+        if isinstance(model, torch.nn.Module):
+            model = model.to(self.device).eval()
+        return model
+
+    def _olmo_core(self, common: dict):
+        """OLMo-core's Transformer, configured from the HF config, weights via OLMo-core's converter."""
+        from olmo_core.nn.feed_forward import FeedForwardConfig
+        from olmo_core.nn.hf.convert import convert_state_from_hf
+        from olmo_core.nn.transformer import TransformerBlockType, TransformerConfig
+        from transformers import AutoModelForCausalLM
+
+        hc = self.config
+        rope = getattr(hc, "rope_parameters", None) or {"rope_theta": hc.rope_theta}
+        cfg = TransformerConfig.llama_like(
+            d_model=hc.hidden_size,
+            vocab_size=hc.vocab_size,
+            n_layers=hc.num_hidden_layers,
+            n_heads=hc.num_attention_heads,
+            n_kv_heads=hc.num_key_value_heads,
+            qk_norm=True,
+            layer_norm_eps=hc.rms_norm_eps,
+            rope_theta=int(rope["rope_theta"]),
+            block_name=TransformerBlockType.reordered_norm,
+            feed_forward=FeedForwardConfig(hidden_size=hc.intermediate_size, bias=False),
+        )
+        model = cfg.build(init_device="cpu")
+        hf = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype, **common)  # trust_remote_code from the spec
+        model.load_state_dict(convert_state_from_hf(hc, hf.state_dict(), model_type=hc.model_type))
+        del hf
+        return model.to(self.dtype)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.get_text_config().vocab_size)
+
+    def forward_logits(self, sample):
+        import time
+
+        import torch
+
+        t = time.perf_counter()
+        inputs = self._inputs(sample)
+        input_ids = inputs.pop("input_ids")
+        if self.preprocess is not None:
+            inputs.update(self.preprocess(sample, self))
+        with torch.inference_mode():
+            out = self.model(input_ids, **inputs)
+        logits = getattr(out, "logits", out)
+        logits = logits[0] if logits.dim() == 3 else logits
+        self.forward_s = getattr(self, "forward_s", 0.0) + time.perf_counter() - t
+        return logits.float()
+
+    def info(self):
+        info = super().info()
+        info.engine = self.name
+        info.extra["native"] = self.kind
+        info.extra.pop("attn_implementation", None)
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            info.versions["olmo_core"] = version("ai2-olmo-core")
+        except PackageNotFoundError:
+            pass
+        return info
+
+    def generate(self, samples, sampling: Any, top_k: int):
+        raise NotImplementedError("native engines score teacher-forced; use an hf or vllm engine as the generator")
+
+
+
