@@ -133,6 +133,14 @@ class Engine(abc.ABC):
         """Engine-side timings worth reporting (e.g. vLLM's output unpacking)."""
         return {}
 
+    def capture(self, samples: list[Sample], patterns: list[str] | None) -> list[list[tuple[str, np.ndarray]]]:
+        """Per sample, the outputs [T, H] of the modules matching `patterns`, in forward order."""
+        raise NotImplementedError(f"engine {self.name!r} does not expose its modules")
+
+    def audit(self) -> list[dict[str, Any]]:
+        """Every registered buffer checked against a fresh construction (adapters/inspect.py)."""
+        raise NotImplementedError(f"engine {self.name!r} does not expose its buffers")
+
     def close(self) -> None:
         """Release the model (and device memory) before the worker exits."""
 

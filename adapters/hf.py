@@ -134,7 +134,10 @@ class HFEngine(Engine):
 
     @property
     def vocab_size(self) -> int:
-        return self.model.get_output_embeddings().weight.shape[0]
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if head is not None:
+            return int(head.weight.shape[0])
+        return int(self.config.get_text_config().vocab_size)  # remote code without the accessor
 
     def prepare(self, raw: list[dict[str, Any]]) -> list[Sample]:
         return [self._prepare_one(r) for r in raw]
@@ -213,6 +216,16 @@ class HFEngine(Engine):
 
     def timings(self) -> dict[str, float]:
         return {"forward_s": getattr(self, "forward_s", 0.0)}
+
+    def capture(self, samples: list[Sample], patterns: list[str] | None):
+        from .inspect import capture_outputs
+
+        return [capture_outputs(self.model, lambda s=s: self.forward_logits(s), patterns) for s in samples]
+
+    def audit(self):
+        from .inspect import audit_buffers
+
+        return audit_buffers(self.model, self.model.config, self.device)
 
     def score(self, samples: list[Sample], top_k: int, full_vocab: bool) -> list[TokenLogprobs | SampleError]:
         out: list[TokenLogprobs | SampleError] = []

@@ -75,10 +75,6 @@ class NativeEngine(HFEngine):
         del hf
         return model.to(self.dtype)
 
-    @property
-    def vocab_size(self) -> int:
-        return int(self.config.get_text_config().vocab_size)
-
     def forward_logits(self, sample):
         import time
 
@@ -109,8 +105,20 @@ class NativeEngine(HFEngine):
             pass
         return info
 
+    def audit(self):
+        from .inspect import audit_buffers
+
+        return audit_buffers(self.model, self.config, self.device) if self.kind != "olmo-core" else _audit_without_fresh(self.model, self.device)
+
     def generate(self, samples, sampling: Any, top_k: int):
         raise NotImplementedError("native engines score teacher-forced; use an hf or vllm engine as the generator")
 
 
 
+
+
+def _audit_without_fresh(model, device: str):
+    """OLMo-core models are built from their own config: check values, no fresh comparison."""
+    from .inspect import audit_buffers
+
+    return audit_buffers(model, None, device)

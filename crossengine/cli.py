@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -57,6 +58,30 @@ def run(
     if runner.errors:
         err_console.print(f"{len(runner.errors)} sample(s) failed; see errors in {out}/run.json")
         raise typer.Exit(1)
+
+
+@app.command()
+def localize(
+    experiment: Path = typer.Argument(..., help="Experiment YAML file (its localize: section is used, or defaults)."),
+    run_id: Optional[str] = typer.Option(None, "--run-id"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir"),
+    address: Optional[str] = typer.Option(None, "--address"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Find the first module and token where each hf/native candidate leaves the reference; audit buffers."""
+    from .config import LocalizeSpec, load_experiment
+    from .plan import make_plan
+    from .runner import Runner
+
+    try:
+        exp = load_experiment(experiment)
+        if exp.localize is None:
+            exp = exp.model_copy(update={"localize": LocalizeSpec()})
+        plan = make_plan(exp, experiment, run_id=run_id or f"{exp.name}-localize-{time.strftime('%Y%m%d-%H%M%S')}", output_dir=output_dir)
+        out = Runner(plan, console=console, address=address, overwrite=overwrite, localize_only=True).run()
+    except CrossengineError as exc:
+        _fail(exc)
+    console.print(f"results: {out}/layers.parquet, {out}/buffers.parquet")
 
 
 @app.command()

@@ -129,6 +129,18 @@ class SamplingSpec(_Strict):
     seed: Optional[int] = None
 
 
+class LocalizeSpec(_Strict):
+    """Where do two engines part ways? Module outputs compared layer by layer (hf, native)."""
+
+    samples: int = Field(1, ge=1, description="How many samples (the first N) to trace.")
+    tolerance: float = Field(1e-4, ge=0, description="A module diverges where max |Δ output| exceeds this.")
+    modules: Optional[list[str]] = Field(None, description="Regexes of module names to capture; default: embeddings, blocks, attention, MLP, final norm, head.")
+    module_map: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="engine -> {its module name: the reference's}, for different implementations (HF<->OLMo-core is built in)."
+    )
+    audit_buffers: bool = Field(True, description="Also audit every registered buffer against a fresh construction.")
+
+
 class Experiment(_Strict):
     """An experiment: one model, a reference engine, candidates, variants and samples."""
 
@@ -155,6 +167,12 @@ class Experiment(_Strict):
     max_length: Optional[int] = Field(None, ge=2, description="Truncate prompts to this many tokens.")
     output_dir: Path = Path("results")
     run_id: Optional[str] = None
+    localize: Optional[LocalizeSpec] = Field(None, description="Also localise divergence layer by layer after the run (or: crossengine localize).")
+
+    @field_validator("localize", mode="before")
+    @classmethod
+    def _localize_flag(cls, v: Any) -> Any:
+        return {} if v is True else (None if v is False else v)
 
     @field_validator("engines", "variants")
     @classmethod

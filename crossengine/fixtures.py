@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-FIXTURE_VERSION = "1"
+FIXTURE_VERSION = "2"
 
 # A few sentences are enough to learn a few hundred merges; the text itself is ours.
 _CORPUS = """\
@@ -69,6 +69,15 @@ def _fast_tokenizer(special: list[str], vocab_size: int, **extra):
     )
 
 
+def _save_tokenizer(tokenizer, out: Path) -> None:
+    """Save so that transformers 4.x loads it too (5.x writes the 5-only class TokenizersBackend)."""
+    tokenizer.save_pretrained(out)
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
 def _seed(seed: int) -> None:
     import torch
 
@@ -110,7 +119,7 @@ def _build_tiny_text(out: Path, seed: int) -> None:
     model = LlamaForCausalLM(config).eval()
     _sharpen_attention(model)
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _save_tokenizer(tokenizer, out)
 
 
 def _build_tiny_olmo2(out: Path, seed: int) -> None:
@@ -138,7 +147,42 @@ def _build_tiny_olmo2(out: Path, seed: int) -> None:
     model = Olmo2ForCausalLM(config).eval()
     _sharpen_attention(model)
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _save_tokenizer(tokenizer, out)
+
+
+def _build_tiny_remote(out: Path, seed: int) -> None:
+    """A remote-code model (trust_remote_code) with a non-persistent rotary buffer."""
+    import shutil
+
+    code = Path(__file__).parent / "remote_code"
+    for f in ("configuration_tinyrope.py", "modeling_tinyrope.py"):
+        shutil.copy(code / f, out / f)
+    import importlib.util
+    import sys
+
+    # import the model code as a package, the way transformers' dynamic loader will
+    pkg = "crossengine_tinyrope_build"
+    spec = importlib.util.spec_from_file_location(pkg, out / "__init__.py", submodule_search_locations=[str(out)])
+    (out / "__init__.py").write_text("")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[pkg] = module
+    from importlib import import_module
+
+    cfg_mod, model_mod = import_module(f"{pkg}.configuration_tinyrope"), import_module(f"{pkg}.modeling_tinyrope")
+    (out / "__init__.py").unlink()
+    tokenizer = _fast_tokenizer(["<pad>", "<bos>", "<eos>"], vocab_size=508)
+    config = cfg_mod.TinyRopeConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        auto_map={"AutoConfig": "configuration_tinyrope.TinyRopeConfig", "AutoModelForCausalLM": "modeling_tinyrope.TinyRopeForCausalLM"},
+    )
+    _seed(seed)
+    model = model_mod.TinyRopeForCausalLM(config).eval()
+    model.save_pretrained(out)
+    config.save_pretrained(out)
+    _save_tokenizer(tokenizer, out)
+    for name in list(sys.modules):
+        if name.startswith(pkg):
+            del sys.modules[name]
 
 
 _GEMMA3_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
@@ -240,6 +284,7 @@ FIXTURES: dict[str, Callable[[Path, int], None]] = {
     "tiny-text": _build_tiny_text,
     "tiny-vision": _build_tiny_vision,
     "tiny-olmo2": _build_tiny_olmo2,
+    "tiny-remote": _build_tiny_remote,
 }
 
 

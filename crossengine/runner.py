@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 
 from . import __version__
@@ -79,10 +80,24 @@ def _worker_class():
         def timings(self):
             return self.engine.timings()
 
+        def capture(self, samples, patterns):
+            return self.engine.capture(samples, patterns)
+
+        def audit(self):
+            return self.engine.audit()
+
         def close(self):
             self.engine.close()
 
     return EngineWorker
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def _one_line(exc: BaseException) -> str:
@@ -96,8 +111,9 @@ def _one_line(exc: BaseException) -> str:
 class EnginePool:
     """The live actors of one wave, created together so their models load in parallel."""
 
-    def __init__(self, instances: list[EngineInstance], seed: int, cpus: float, base: Path):
+    def __init__(self, instances: list[EngineInstance], seed: int, cpus: float, base: Path, console=None):
         import ray
+        from ray.exceptions import RuntimeEnvSetupError
 
         worker = _worker_class()
         share = cpus / max(len(instances), 1)
@@ -111,12 +127,25 @@ class EnginePool:
                 inst.spec.type, inst.spec.model_dump(mode="json"), inst.model_path, inst.name, seed, threads
             )
         self.infos: dict[str, dict] = {}
-        for inst in instances:
+        self.start_s: dict[str, float] = {}
+        t0 = time.time()
+        # engines with their own environment first: building it is a step of its own
+        for inst in sorted(instances, key=lambda i: i.spec.env is None):
+            env = inst.spec.env
+            what = f"pip: {', '.join(env.pip)}" if env and env.pip else (f"python: {env.python}" if env else "")
+            status = console.status(f"building the environment of {inst.name} ({what}) and loading it") if env and console else _null()
             try:
-                self.infos[inst.name] = ray.get(self.actors[inst.name].info.remote())
+                with status:
+                    self.infos[inst.name] = ray.get(self.actors[inst.name].info.remote())
+            except RuntimeEnvSetupError as exc:
+                self.close()
+                raise CrossengineError(f"engine {inst.name!r}: its environment ({what}) could not be built: {_one_line(exc)}") from None
             except Exception as exc:  # noqa: BLE001 - any load failure becomes one line naming the engine
                 self.close()
                 raise CrossengineError(f"engine {inst.name!r} ({inst.spec.type}) failed to start: {_one_line(exc)}") from None
+            self.start_s[inst.name] = time.time() - t0
+            if env and console:
+                console.print(f"environment of {inst.name} ready ({what}) after {self.start_s[inst.name]:.1f}s", highlight=False)
 
     def engine_timings(self) -> dict[str, dict[str, float]]:
         import ray
@@ -185,8 +214,9 @@ def prepare_samples(plan: Plan, pool: EnginePool) -> list[Sample]:
 class Runner:
     """Drives one run; `run()` returns the run folder."""
 
-    def __init__(self, plan: Plan, console=None, address: str | None = None, overwrite: bool = False):
+    def __init__(self, plan: Plan, console=None, address: str | None = None, overwrite: bool = False, localize_only: bool = False):
         self.plan = plan
+        self.localize_only = localize_only
         self.console = console
         self.address = address
         self.overwrite = overwrite
@@ -230,15 +260,19 @@ class Runner:
                 members = [self.plan.reference, *wave]
                 if self.plan.experiment.mode == "generate" and self._generator() not in members:
                     members.append(self._generator())  # it samples every batch, whichever wave scores
-                pool = EnginePool(members, self.plan.experiment.seed, cpus, self.plan.experiment_path.parent)
+                pool = EnginePool(members, self.plan.experiment.seed, cpus, self.plan.experiment_path.parent, self.console)
                 self.timings[f"engine_start_s_wave{w}"] = time.time() - t
+                self.timings.update({f"{name}.ready_after_s": v for name, v in pool.start_s.items()})
                 infos.update(pool.infos)
                 try:
                     if samples is None:
                         samples = prepare_samples(self.plan, pool)
                         vocab_text = pa.array(ray.get(pool.actors[self.plan.reference.name].token_texts.remote()), pa.string())
                         self._start_meta(infos, resumed, len(samples))
-                    self._run_wave(pool, wave, samples, vocab_text)
+                    if not self.localize_only:
+                        self._run_wave(pool, wave, samples, vocab_text)
+                    if self.plan.experiment.localize is not None:
+                        self._localize(pool, samples)
                     for name, t_engine in pool.engine_timings().items():
                         self.timings.update({f"{name}.{k}": v for k, v in t_engine.items()})
                 finally:
@@ -246,6 +280,9 @@ class Runner:
         except KeyboardInterrupt:
             self._say(f"[yellow]interrupted; finished batches are kept. Resume with: crossengine run {self.plan.experiment_path} --run-id {self.plan.run_id}")
             raise
+        if self.localize_only:
+            self._finish_meta(infos)
+            return self.run_dir.root
         t = time.time()
         summary = summarize(self.run_dir.tokens)
         write_table(self.run_dir.summary, pa.Table.from_pandas(summary, preserve_index=False))
@@ -302,6 +339,21 @@ class Runner:
                     self._write_generated(b, batch, ref_out, gens, vocab_text)
                     pending = submit(todo[n + 1]) if n + 1 < len(todo) else None
         self.timings["scoring_s"] = self.timings.get("scoring_s", 0.0) + time.time() - t
+
+    def _localize(self, pool: EnginePool, samples: list[Sample]) -> None:
+        from .localize import localize_wave, print_localization
+
+        t = time.time()
+        layers, buffers = localize_wave(pool, self.plan, samples, self.run_dir)
+        for name, frame in (("layers", layers), ("buffers", buffers)):
+            path = self.run_dir.root / f"{name}.parquet"
+            if path.exists() and not frame.empty:  # later waves add their candidates
+                frame = pd.concat([pd.read_parquet(path), frame], ignore_index=True)
+            if not frame.empty:
+                write_table(path, pa.Table.from_pandas(frame, preserve_index=False))
+        self.timings["localize_s"] = self.timings.get("localize_s", 0.0) + time.time() - t
+        if self.console is not None:
+            print_localization(layers, buffers, self.plan.experiment.localize.tolerance, self.console)
 
     # ------------------------------------------------------------------ generation
 
