@@ -36,25 +36,29 @@ DEFINITIONS: dict[str, tuple[str, str]] = {
 
 
 def _per_sequence_mean(values: np.ndarray, seq: np.ndarray) -> float:
-    _, inverse = np.unique(seq, return_inverse=True)
-    sums = np.bincount(inverse, weights=values)
-    counts = np.bincount(inverse)
-    return float(np.mean(sums / counts))
+    if np.issubdtype(seq.dtype, np.integer) and len(seq) and seq.min() >= 0:
+        index = seq  # row numbers already: no sort needed
+    else:
+        _, index = np.unique(seq, return_inverse=True)
+    sums = np.bincount(index, weights=values)
+    counts = np.bincount(index)
+    present = counts > 0
+    return float(np.mean(sums[present] / counts[present]))
 
 
 def _std(x: np.ndarray) -> float:
     return float(np.std(x, ddof=1)) if len(x) > 1 else float("nan")
 
 
-def framework_metrics(g: np.ndarray, t: np.ndarray, seq: np.ndarray | None = None) -> dict[str, float]:
-    """Every §4b metric over valid tokens; `seq` defaults to one sequence."""
+def framework_metrics(g: np.ndarray, t: np.ndarray, seq: np.ndarray | None = None, tok: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """Every §4b metric over valid tokens; `seq` defaults to one sequence; `tok` reuses per-token values."""
     g = np.asarray(g, dtype=np.float64)
     t = np.asarray(t, dtype=np.float64)
     n = len(g)
     if n == 0:
         return {name: float("nan") for name in DEFINITIONS}
     seq = np.zeros(n, dtype=np.int64) if seq is None else np.asarray(seq)
-    tok = sampled_token_metrics(lt=t, lg=g)
+    tok = tok if tok is not None else sampled_token_metrics(lt=t, lg=g)
     r = t - g
     rho = np.exp(r)
     prob_diff = np.abs(tok["prob_diff"])

@@ -72,24 +72,36 @@ def _numpy(x) -> np.ndarray | None:
     return np.asarray(x)
 
 
-def step_metrics(g: np.ndarray, t: np.ndarray, mask: np.ndarray, modality: np.ndarray | None = None) -> dict[str, float]:
-    """All §4b metrics of one step, plus the same split by modality and by first/rest token."""
+# per-token column -> the step metric that is its token mean (the thresholded ones)
+_SPLIT_MEANS = {"gen_kl": "gen_kl_error", "policy_kl": "policy_kl_error", "js": "js_divergence_error", "mult_prob_error": "token_mult_prob_error"}
+
+
+def step_metrics(g: np.ndarray, t: np.ndarray, mask: np.ndarray, modality: np.ndarray | None = None) -> tuple[dict[str, float], np.ndarray]:
+    """All §4b metrics of one step, the thresholded ones also by modality and first/rest token.
+
+    Returns the metrics and the per-token gen_kl over the whole batch (NaN where masked).
+    """
     valid = mask.astype(bool)
-    rows = np.broadcast_to(np.arange(g.shape[0])[:, None], g.shape)
+    rows = np.broadcast_to(np.arange(g.shape[0])[:, None], g.shape)[valid]
+    gv, tv = g[valid], t[valid]
+    tok = sampled_token_metrics(lt=tv, lg=gv)
     out: dict[str, float] = {"n_tokens": int(valid.sum())}
-    out.update(framework_metrics(g[valid], t[valid], rows[valid]))
-    first = valid & (np.cumsum(valid, axis=1) == 1)  # the first counted (generated) token of each row
-    splits: dict[str, np.ndarray] = {"first": first, "rest": valid & ~first}
+    out.update(framework_metrics(gv, tv, rows, tok=tok))
+    first = (np.cumsum(valid, axis=1) == 1)[valid]  # the first counted (generated) token of each row
+    splits: dict[str, np.ndarray] = {"first": first, "rest": ~first}
     if modality is not None:
+        mod = modality[valid]
         for code, name in MODALITY_NAMES.items():
-            splits[name] = valid & (modality == code)
+            splits[name] = mod == code
     for name, sel in splits.items():
-        if sel.any():
-            sub = framework_metrics(g[sel], t[sel], rows[sel])
-            for key in DEFAULT_THRESHOLDS:
-                out[f"{name}/{key}"] = sub[key]
-            out[f"{name}/n_tokens"] = int(sel.sum())
-    return out
+        n = int(sel.sum())
+        if n:
+            out[f"{name}/n_tokens"] = n
+            for column, metric in _SPLIT_MEANS.items():
+                out[f"{name}/{metric}"] = float(tok[column][sel].mean())
+    gen_kl = np.full(g.shape, np.nan)
+    gen_kl[valid] = tok["gen_kl"]
+    return out, gen_kl
 
 
 class KLMonitor:
@@ -131,11 +143,11 @@ class KLMonitor:
         if not (g.shape == t.shape == mask.shape):
             raise ValueError(f"gen_logprobs {g.shape}, train_logprobs {t.shape} and mask {mask.shape} must have one shape")
         modality = _numpy(modality)
-        metrics = step_metrics(g, t, mask, modality)
+        metrics, gen_kl = step_metrics(g, t, mask, modality)
         over = [k for k, limit in self.thresholds.items() if k in metrics and metrics[k] > limit]
         for k in over:
             log.warning("step %d: %s = %.6g is over its threshold %.6g", step, k, metrics[k], self.thresholds[k])
-        worst = self._worst(step, g, t, mask, _numpy(token_ids), sample_ids, modality)
+        worst = self._worst(step, g, t, gen_kl, _numpy(token_ids), sample_ids, modality)
         self._queue.put((step, metrics, over, worst))
         self._log_scalars(step, metrics)
         if self.callback is not None:
@@ -159,10 +171,9 @@ class KLMonitor:
 
     # ------------------------------------------------------------------ internals
 
-    def _worst(self, step, g, t, mask, token_ids, sample_ids, modality) -> pa.Table:
-        k3 = sampled_token_metrics(lt=t, lg=g)["gen_kl"]
-        flat = np.where(mask, k3, -np.inf).ravel()
-        n = min(self.worst_k, int(mask.sum()))
+    def _worst(self, step, g, t, k3, token_ids, sample_ids, modality) -> pa.Table:
+        flat = np.where(np.isnan(k3), -np.inf, k3).ravel()
+        n = min(self.worst_k, int(np.isfinite(flat).sum()))
         idx = np.argpartition(-flat, n - 1)[:n] if n else np.empty(0, dtype=np.int64)
         idx = idx[np.argsort(-flat[idx])]
         rows, cols = np.unravel_index(idx, g.shape)
