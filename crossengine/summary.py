@@ -28,21 +28,21 @@ def read_tokens(tokens_dir: Path, columns: list[str] | None = None) -> pd.DataFr
     return ds.dataset(tokens_dir, format="parquet").to_table(columns=columns).to_pandas()
 
 
-def _position_bucket(df: pd.DataFrame) -> pd.Series:
+def _position_bucket(df: pd.DataFrame) -> pd.Categorical:
     """first: the first completion token of each sample; rest: later ones; prompt: the prompt."""
-    bucket = pd.Series("prompt", index=df.index, dtype=object)
-    comp = df["segment"].astype(str) == "completion"
+    codes = np.zeros(len(df), dtype=np.int8)  # 0 prompt
+    comp = (df["segment"] == "completion").to_numpy()
     if comp.any():
-        first_pos = df[comp].groupby(df["sample_id"].astype(str))["position"].transform("min")
-        bucket[comp] = np.where(df.loc[comp, "position"] == first_pos, "first", "rest")
-    return bucket
+        first_pos = df[comp].groupby("sample_id", observed=True)["position"].transform("min").to_numpy()
+        codes[comp] = np.where(df["position"].to_numpy()[comp] == first_pos, 1, 2)
+    return pd.Categorical.from_codes(codes, categories=["prompt", "first", "rest"])
 
 
 def summarize_group(g: pd.DataFrame) -> dict[str, float]:
     """The summary metrics of one group of token rows."""
     agree = g["top1_match"] | g["top1_tie"]
     mism = ~agree
-    first = g[mism].groupby(g["sample_id"].astype(str))["position"].min()
+    first = g[mism].groupby("sample_id", observed=True)["position"].min()
     full = g["kl_ref_cand"].notna().all()
     kl = g["kl_ref_cand"] if full else g["topk_kl"]
     abs_prob = g["prob_diff"].abs()
@@ -66,29 +66,29 @@ def summarize_group(g: pd.DataFrame) -> dict[str, float]:
         "first_divergent_position": int(first.min()) if len(first) else -1,
         "n_samples_diverged": int(len(first)),
     }
-    seq = g["sample_id"].astype(str).to_numpy()
+    seq = g["sample_id"].cat.codes.to_numpy() if hasattr(g["sample_id"], "cat") else g["sample_id"].to_numpy()
     row.update(framework_metrics(g=g["lp_cand"].to_numpy(), t=g["lp_ref"].to_numpy(), seq=seq))
     return row
 
 
 def summarize(tokens_dir: Path) -> pd.DataFrame:
-    df = read_tokens(tokens_dir, _NEEDED)
-    if df.empty:
-        return pd.DataFrame(columns=KEYS)
-    for col in ("modality", "attention", "segment", "cand_engine", "variant"):
-        df[col] = df[col].astype(str)
-    df["position_bucket"] = _position_bucket(df)
+    """Reads one candidate's rows at a time, keeping strings as categoricals."""
+    dataset = ds.dataset(tokens_dir, format="parquet")
+    pairs = dataset.to_table(columns=["cand_engine", "variant"]).to_pandas().drop_duplicates()
     rows = []
-    for (cand, variant), g in df.groupby(["cand_engine", "variant"], sort=False):
-        rows.append({"cand_engine": cand, "variant": variant, **{s: "all" for s in SPLITS}, **summarize_group(g)})
+    for cand, variant in pairs.itertuples(index=False):
+        flt = (ds.field("cand_engine") == str(cand)) & (ds.field("variant") == str(variant))
+        g = dataset.to_table(columns=_NEEDED, filter=flt).to_pandas()
+        g["position_bucket"] = _position_bucket(g)
+        keys_all = {"cand_engine": str(cand), "variant": str(variant), **{k: "all" for k in SPLITS}}
+        rows.append({**keys_all, **summarize_group(g)})
         for split in SPLITS:
-            values = g[split].unique()
-            if len(values) < 2 and split != "modality":
+            present = g[split].astype("category").cat.remove_unused_categories()
+            if len(present.cat.categories) < 2 and split != "modality":
                 continue  # one value: identical to "all"
-            for value, sub in g.groupby(split, sort=True):
-                keys = {s: "all" for s in SPLITS} | {split: value}
-                rows.append({"cand_engine": cand, "variant": variant, **keys, **summarize_group(sub)})
-    out = pd.DataFrame(rows)
-    for k in KEYS + ["kl_source"]:
+            for value, sub in g.groupby(present, observed=True, sort=True):
+                rows.append({**keys_all, split: str(value), **summarize_group(sub)})
+    out = pd.DataFrame(rows, columns=KEYS) if not rows else pd.DataFrame(rows)
+    for k in KEYS + (["kl_source"] if rows else []):
         out[k] = out[k].astype("category")
     return out
