@@ -225,20 +225,26 @@ class HFEngine(Engine):
     def audit(self):
         from .inspect import audit_buffers
 
-        return audit_buffers(self.model, self.model.config, self.device)
+        return audit_buffers(self.model, self.config, self.device)
 
     def score(self, samples: list[Sample], top_k: int, full_vocab: bool) -> list[TokenLogprobs | SampleError]:
         out: list[TokenLogprobs | SampleError] = []
         for s in samples:
-            if int(s.input_ids.max()) >= self.vocab_size:
-                out.append(SampleError(s.sample_id, f"token id {int(s.input_ids.max())} >= vocab size {self.vocab_size}"))
-                continue
-            if s.model_inputs.get("pixel_values") is not None and not self.is_vision:
-                out.append(SampleError(s.sample_id, "has images but the model is text-only"))
+            invalid = self.invalid(s)
+            if invalid is not None:
+                out.append(invalid)
                 continue
             logits = self.forward_logits(s)
             out.append(self._to_arrays(s, logits, top_k, full_vocab))
         return out
+
+    def invalid(self, s: Sample) -> SampleError | None:
+        """Why this engine cannot run a sample, or None."""
+        if int(s.input_ids.max()) >= self.vocab_size:
+            return SampleError(s.sample_id, f"token id {int(s.input_ids.max())} >= vocab size {self.vocab_size}")
+        if s.model_inputs.get("pixel_values") is not None and not self.is_vision:
+            return SampleError(s.sample_id, "has images but the model is text-only")
+        return None
 
     def _to_arrays(self, s: Sample, logits, top_k: int, full_vocab: bool) -> TokenLogprobs:
         import torch

@@ -19,8 +19,9 @@ def generate(engine, samples: list[Sample], sampling: Any, top_k: int) -> list[l
 
     out: list[list[Generation] | SampleError] = []
     for s in samples:
-        if int(s.input_ids.max()) >= engine.vocab_size:
-            out.append(SampleError(s.sample_id, f"token id {int(s.input_ids.max())} >= vocab size {engine.vocab_size}"))
+        invalid = engine.invalid(s)
+        if invalid is not None:
+            out.append(invalid)
             continue
         seed = sampling.seed if sampling.seed is not None else engine.seed
         torch.manual_seed(seed)
@@ -31,7 +32,7 @@ def generate(engine, samples: list[Sample], sampling: Any, top_k: int) -> list[l
             num_return_sequences=sampling.n,
             output_logits=True,
             return_dict_in_generate=True,
-            pad_token_id=engine.tokenizer.pad_token_id or engine.tokenizer.eos_token_id,
+            pad_token_id=engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else engine.tokenizer.eos_token_id,
         )
         if not greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k if sampling.top_k > 0 else None)

@@ -105,20 +105,9 @@ class NativeEngine(HFEngine):
             pass
         return info
 
-    def audit(self):
-        from .inspect import audit_buffers
-
-        return audit_buffers(self.model, self.config, self.device) if self.kind != "olmo-core" else _audit_without_fresh(self.model, self.device)
-
     def generate(self, samples, sampling: Any, top_k: int):
         raise NotImplementedError("native engines score teacher-forced; use an hf or vllm engine as the generator")
 
 
 
 
-
-def _audit_without_fresh(model, device: str):
-    """OLMo-core models are built from their own config: check values, no fresh comparison."""
-    from .inspect import audit_buffers
-
-    return audit_buffers(model, None, device)

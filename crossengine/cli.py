@@ -151,9 +151,5 @@ def fixtures_build(names: Optional[list[str]] = typer.Argument(None, help="Fixtu
         console.print(f"{name}: {ensure_fixture(name)}")
 
 
-def main() -> None:  # pragma: no cover - console-script shim
-    app()
-
-
 if __name__ == "__main__":  # `python -m crossengine.cli` (used by bench/)
     app()

@@ -13,7 +13,7 @@ import numpy as np
 
 from .metrics import sampled_token_metrics
 
-# name -> (framework, one-line definition); the README's table is generated from this.
+# name -> (framework, one-line definition); README.md's table states the same; keep them in step.
 DEFINITIONS: dict[str, tuple[str, str]] = {
     "token_mult_prob_error": ("NeMo-RL", "Σ exp(|g − t|) / valid tokens"),
     "gen_kl_error": ("NeMo-RL", "token mean of k3(t − g), k3(x) = eˣ − x − 1"),

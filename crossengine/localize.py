@@ -68,12 +68,12 @@ def first_divergence(layers: pd.DataFrame, tol: float) -> pd.Series | None:
     return over.sort_values("order").iloc[0] if len(over) else None
 
 
-def localize_wave(pool, plan, samples, run_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
+def localize_wave(pool, plan, samples) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Trace the reference and every torch candidate of one wave; returns (layers, buffers)."""
     import ray
 
     spec = plan.experiment.localize
-    torch_engines = [i for i in [plan.reference, *pool.instances[1:]] if i.spec.type in ("hf", "native") and i in pool.instances]
+    torch_engines = [i for i in pool.instances if i.spec.type in ("hf", "native")]  # the reference first
     traced = samples[: spec.samples]
     kind = {i.name: pool.infos[i.name]["extra"].get("native", i.spec.type) for i in torch_engines}
     futures = {i.name: pool.actors[i.name].capture.remote(traced, spec.modules) for i in torch_engines}

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
+from .adapters.base import MODALITIES
 from .frameworks import framework_metrics
 from .metrics import sampled_token_metrics
 from .results import write_json, write_table
@@ -45,7 +46,7 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "policy_kl_error": 1e-3,
     "js_divergence_error": 1e-3,
 }
-MODALITY_NAMES = {0: "text", 1: "image", 2: "special"}
+MODALITY_NAMES = dict(enumerate(MODALITIES))  # the codes of adapters.base, as run rows use them
 WORST_SCHEMA = pa.schema(
     [
         ("step", pa.int64()),

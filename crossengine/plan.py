@@ -64,7 +64,7 @@ def looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or model.count("/") > 1
 
 
-def resolve_model(model: str, seed: int, experiment_path: Path, field: str) -> str:
+def resolve_model(model: str, experiment_path: Path, field: str) -> str:
     """Fixture name -> built folder; existing path -> absolute path; else a hub id, as given."""
     if is_fixture(model):
         return str(ensure_fixture(model, seed=0))
@@ -87,7 +87,7 @@ def make_plan(exp: Experiment, experiment_path: Path, run_id: str | None = None,
     instances = []
     for name, (cand_engine, variant, spec) in exp.resolved_engines().items():
         field = f"engines.{name}.model" if variant == "base" else f"variants.{name}.model"
-        path = resolve_model(spec.model, exp.seed, experiment_path, field if spec.model != exp.model else "model")
+        path = resolve_model(spec.model, experiment_path, field if spec.model != exp.model else "model")
         instances.append(EngineInstance(name, cand_engine, variant, spec, path, name == exp.reference))
     run_id = run_id or exp.run_id or f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(output_dir or exp.output_dir)

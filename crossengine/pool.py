@@ -4,6 +4,7 @@ environment where the experiment names one, the adapter imported inside the acto
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -77,14 +78,6 @@ def _worker_class():
     return EngineWorker
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def one_line(exc: BaseException) -> str:
     """The last meaningful line of a (possibly Ray-wrapped) exception."""
     cause = getattr(exc, "cause", None) or exc
@@ -118,7 +111,7 @@ class EnginePool:
         for inst in sorted(instances, key=lambda i: i.spec.env is None):
             env = inst.spec.env
             what = f"pip: {', '.join(env.pip)}" if env and env.pip else (f"python: {env.python}" if env else "")
-            status = console.status(f"building the environment of {inst.name} ({what}) and loading it") if env and console else _null()
+            status = console.status(f"building the environment of {inst.name} ({what}) and loading it") if env and console else contextlib.nullcontext()
             try:
                 with status:
                     self.infos[inst.name] = ray.get(self.actors[inst.name].info.remote())

@@ -161,7 +161,7 @@ class Runner:
         ref = self.plan.reference
         todo = []
         for b, idx in enumerate(self.plan.batches):
-            missing = [c for c in wave if not self.run_dir.part(c.name, b).exists()]
+            missing = [c for c in wave if not self.run_dir.done(c.name, b)]
             extra = [p for p in self._extra_parts(wave, b) if not p.exists()]
             if missing or extra:  # a generated batch is redone whole: its parts share one sampling
                 todo.append((b, idx, wave if generative else missing))
@@ -199,7 +199,7 @@ class Runner:
         from .localize import localize_wave, print_localization
 
         t = time.time()
-        layers, buffers = localize_wave(pool, self.plan, samples, self.run_dir)
+        layers, buffers = localize_wave(pool, self.plan, samples)
         for name, frame in (("layers", layers), ("buffers", buffers)):
             path = self.run_dir.root / f"{name}.parquet"
             if path.exists() and not frame.empty:  # later waves add their candidates
@@ -232,7 +232,6 @@ class Runner:
         from .generation import extend_samples
 
         exp = self.plan.experiment
-        self._batch_prompts = batch
         greedy = exp.mode == "greedy"
         sampling = exp.sampling.model_copy(update={"temperature": 0.0, "n": 1}) if greedy else exp.sampling
         generator = self.plan.reference if greedy else self._generator()
@@ -245,7 +244,7 @@ class Runner:
         extended, gens, errors = extend_samples(batch, outs[generator.name], special)
         for err in errors:
             self._error(generator.name, err)
-        return extended, {"generator": generator.name, "gens": gens, "raw": outs, "cands": cands}
+        return extended, {"generator": generator.name, "gens": gens, "raw": outs, "cands": cands, "prompts": batch}
 
     def _write_generated(self, b: int, batch: list[Sample], ref_out: list, gens: dict, vocab_text: pa.Array) -> None:
         from .generation import GREEDY_SCHEMA, greedy_divergence, sampled_scores
@@ -259,7 +258,7 @@ class Runner:
         texts = vocab_text.to_pylist()
         ref_gens = {g.sample_id: g for g in gens["gens"]}
         extended = {s.sample_id: s for s in batch}
-        prompt_ids = [s.sample_id for s in self._batch_prompts]
+        prompt_ids = [s.sample_id for s in gens["prompts"]]
         for inst in gens["cands"]:
             rows = []
             for sid, out in zip(prompt_ids, gens["raw"][inst.name]):
@@ -276,8 +275,7 @@ class Runner:
         exp = self.plan.experiment
         rows: list[TokenRows] = []
         for sample, r, c in zip(batch, ref_out, cand_out):
-            failed = [x for x in (r, c) if isinstance(x, SampleError)]
-            if failed:
+            if isinstance(r, SampleError) or isinstance(c, SampleError):
                 for x, who in ((r, self.plan.reference.name), (c, name)):
                     if isinstance(x, SampleError):
                         self._error(who, x)
