@@ -20,3 +20,17 @@ def engine_class(kind: str):
     """Import and return the engine class registered under `kind`."""
     module, _, cls = ENGINES[kind].partition(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def import_ref(ref: str):
+    """The object a user's "package.module:function" names; ImportError with one clear line if it does not import.
+
+    The one place user code is imported: only ever a reference the experiment spells out.
+    """
+    module, sep, name = ref.partition(":")
+    if not sep or not module or not name:
+        raise ImportError(f"{ref!r} is not of the form 'package.module:function'")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(f"cannot import {ref!r}: {exc}") from None

@@ -89,13 +89,23 @@ class EngineInfo:
 class SampleError(ValueError):
     """A problem with one sample that the run reports and skips, e.g. a prompt too long."""
 
-    def __init__(self, sample_id: str, message: str):
+    def __init__(self, sample_id: str, message: str, detail: str | None = None):
         super().__init__(f"sample {sample_id}: {message}")
         self.sample_id = sample_id
         self.message = message
+        self.detail = detail  # a traceback, for the run's log file; never printed whole
 
     def __reduce__(self):  # crosses Ray's process boundary intact
-        return (SampleError, (self.sample_id, self.message))
+        return (SampleError, (self.sample_id, self.message, self.detail))
+
+    @classmethod
+    def from_exception(cls, sample_id: str, engine: str, exc: BaseException) -> "SampleError":
+        """An unexpected exception while running one sample: one line, traceback kept aside."""
+        import traceback
+
+        lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+        msg = f"engine {engine!r} raised {type(exc).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
+        return cls(sample_id, msg, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
 
 class Engine(abc.ABC):
@@ -117,8 +127,8 @@ class Engine(abc.ABC):
     def info(self) -> EngineInfo:
         """Library versions, device and dtype as this worker sees them (go into run.json)."""
 
-    def prepare(self, raw: list[dict[str, Any]]) -> list[Sample]:
-        """Tokenise and expand prompts; only the reference engine is asked to."""
+    def prepare(self, raw: list[dict[str, Any]]) -> list[Sample | SampleError]:
+        """Tokenise and expand prompts, one batch at a time; only the reference engine is asked to."""
         raise NotImplementedError(f"engine {self.name!r} cannot be the reference that tokenises samples")
 
     @abc.abstractmethod

@@ -41,7 +41,7 @@ def torch_dtype(name: str):
 
 
 def mask_kinds(model_type: str, input_ids: np.ndarray, model_inputs: dict[str, Any]) -> np.ndarray:
-    """Which positions the model's own mask lets attend bidirectionally (DESIGN.md §6).
+    """Which positions the model's own mask lets attend bidirectionally: HF Gemma3 bidirectional image spans, PaliGemma a bidirectional prefix.
 
     Gemma3 makes each image span bidirectional only when token_type_ids reaches the model;
     PaliGemma makes the whole prefix (token_type_ids == 0) bidirectional.
@@ -102,7 +102,8 @@ class HFEngine(Engine):
         kwargs = dict(common, dtype=self.dtype, **self.spec.options)
         if self.spec.attn_implementation:
             kwargs["attn_implementation"] = self.spec.attn_implementation
-        model = cls.from_pretrained(self.model_path, **kwargs)
+        model, info = cls.from_pretrained(self.model_path, output_loading_info=True, **kwargs)
+        self.missing_keys = sorted(info.get("missing_keys", []))  # the audit names them
         return model.to(self.device).eval()
 
     def _load_tokenizer(self, common: dict):
@@ -139,8 +140,16 @@ class HFEngine(Engine):
             return int(head.weight.shape[0])
         return int(self.config.get_text_config().vocab_size)  # remote code without the accessor
 
-    def prepare(self, raw: list[dict[str, Any]]) -> list[Sample]:
-        return [self._prepare_one(r) for r in raw]
+    def prepare(self, raw: list[dict[str, Any]]) -> list[Sample | SampleError]:
+        out: list[Sample | SampleError] = []
+        for r in raw:
+            try:
+                out.append(self._prepare_one(r))
+            except SampleError as e:
+                out.append(e)
+            except Exception as exc:  # noqa: BLE001 - a processor error on one sample: report it, go on
+                out.append(SampleError.from_exception(r["id"], self.instance, exc))
+        return out
 
     def _prepare_one(self, r: dict[str, Any]) -> Sample:
         sid = r["id"]
@@ -217,15 +226,15 @@ class HFEngine(Engine):
     def timings(self) -> dict[str, float]:
         return {"forward_s": getattr(self, "forward_s", 0.0)}
 
-    def capture(self, samples: list[Sample], patterns: list[str] | None):
+    def capture(self, samples: list[Sample], patterns: list[str] | None, max_positions: int = 512):
         from .inspect import capture_outputs
 
-        return [capture_outputs(self.model, lambda s=s: self.forward_logits(s), patterns) for s in samples]
+        return [capture_outputs(self.model, lambda s=s: self.forward_logits(s), patterns, max_positions) for s in samples]
 
     def audit(self):
-        from .inspect import audit_buffers
+        from .inspect import audit_buffers, audit_weights
 
-        return audit_buffers(self.model, self.config, self.device)
+        return audit_weights(self.model, getattr(self, "missing_keys", [])) + audit_buffers(self.model, self.config, self.device)
 
     def score(self, samples: list[Sample], top_k: int, full_vocab: bool) -> list[TokenLogprobs | SampleError]:
         out: list[TokenLogprobs | SampleError] = []
@@ -234,16 +243,29 @@ class HFEngine(Engine):
             if invalid is not None:
                 out.append(invalid)
                 continue
-            logits = self.forward_logits(s)
-            out.append(self._to_arrays(s, logits, top_k, full_vocab))
+            try:
+                logits = self.forward_logits(s)
+                out.append(self._to_arrays(s, logits, top_k, full_vocab))
+            except Exception as exc:  # noqa: BLE001 - one line naming engine and sample; traceback to the run log
+                out.append(SampleError.from_exception(s.sample_id, self.instance, exc))
         return out
 
-    def invalid(self, s: Sample) -> SampleError | None:
-        """Why this engine cannot run a sample, or None."""
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model was built for (its position table / RoPE range)."""
+        text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        value = getattr(text, "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) and value > 0 else None
+
+    def invalid(self, s: Sample, extra_tokens: int = 0) -> SampleError | None:
+        """Why this engine cannot run a sample (plus `extra_tokens` to generate), or None."""
         if int(s.input_ids.max()) >= self.vocab_size:
-            return SampleError(s.sample_id, f"token id {int(s.input_ids.max())} >= vocab size {self.vocab_size}")
+            return SampleError(s.sample_id, f"token id {int(s.input_ids.max())} >= vocab size {self.vocab_size} of engine {self.instance!r}")
+        limit = self.max_positions
+        if limit is not None and len(s) + extra_tokens > limit:
+            return SampleError(s.sample_id, f"{len(s) + extra_tokens} tokens exceed max_position_embeddings {limit} of engine {self.instance!r}")
         if s.model_inputs.get("pixel_values") is not None and not self.is_vision:
-            return SampleError(s.sample_id, "has images but the model is text-only")
+            return SampleError(s.sample_id, f"has images but engine {self.instance!r} runs a text-only model")
         return None
 
     def _to_arrays(self, s: Sample, logits, top_k: int, full_vocab: bool) -> TokenLogprobs:

@@ -19,7 +19,7 @@ def generate(engine, samples: list[Sample], sampling: Any, top_k: int) -> list[l
 
     out: list[list[Generation] | SampleError] = []
     for s in samples:
-        invalid = engine.invalid(s)
+        invalid = engine.invalid(s, extra_tokens=sampling.max_tokens)
         if invalid is not None:
             out.append(invalid)
             continue

@@ -11,42 +11,83 @@ from typing import Any
 
 import numpy as np
 
-# Module names worth capturing by default: embeddings, each block, its attention and MLP,
-# the final norm and the output head, in HF and OLMo-core spellings.
-DEFAULT_MODULES = [
-    r"(.*\.)?embed_tokens$", r"^embeddings$",
-    r"(.*\.)?layers\.\d+$", r"(.*\.)?layers\.\d+\.(self_attn|mlp)$",
-    r"^blocks\.\d+$", r"^blocks\.\d+\.(attention|feed_forward)$",
-    r"(.*\.)?norm$", r"^lm_head(\.norm)?$",
-]
-
-
-def capture_outputs(model, run_forward, patterns: list[str] | None = None) -> list[tuple[str, np.ndarray]]:
-    """Outputs [T, H] of the matching modules, in the order their forward finished."""
+def _first_tensor(value):
+    """The tensor a module hands on: itself, the first of a tuple/list, or a ModelOutput's first field."""
     import torch
 
-    regexes = [re.compile(p) for p in (patterns or DEFAULT_MODULES)]
-    captured: list[tuple[str, np.ndarray]] = []
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value:
+        return _first_tensor(value[0])
+    if hasattr(value, "to_tuple"):  # transformers ModelOutput
+        fields = value.to_tuple()
+        return _first_tensor(fields[0]) if fields else None
+    return None
+
+
+def _as_rows(x, max_positions: int) -> np.ndarray:
+    """[B, T, ...] or [T, ...] -> float32 [min(T, max_positions), features] of the first sequence."""
+    x = x[0] if x.dim() >= 3 else x
+    x = x[:max_positions]
+    return x.detach().float().reshape(x.shape[0], -1).cpu().numpy()
+
+
+def capture_outputs(model, run_forward, patterns: list[str] | None = None, max_positions: int = 512) -> list[dict[str, Any]]:
+    """Every matching module's output (and the input it got), in the order their forward finished.
+
+    With no `patterns`, every module is captured whose forward returns a tensor (or a
+    tuple/ModelOutput led by one): the whole tree, leaves and containers alike, whatever the
+    model calls them. Memory is bounded by keeping the first `max_positions` positions.
+    A module called more than once (a shared rotary embedding) is kept at its first call.
+    """
+    regexes = [re.compile(p) for p in patterns] if patterns else None
+    captured: list[dict[str, Any]] = []
+    seen: set[str] = set()
     handles = []
 
-    def hook(name):
-        def fn(_module, _inputs, output):
-            out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
-            if isinstance(out, torch.Tensor) and out.dim() >= 2:
-                x = out[0] if out.dim() == 3 else out
-                captured.append((name, x.detach().float().cpu().numpy()))
+    def hook(name: str, leaf: bool):
+        def fn(_module, args, kwargs, output):
+            out = _first_tensor(output)
+            if name in seen or out is None or out.dim() < 2 or not out.is_floating_point():
+                return
+            seen.add(name)
+            inp = _first_tensor(args) if args else _first_tensor(next(iter(kwargs.values()), None)) if kwargs else None
+            usable = inp is not None and inp.dim() >= 2 and inp.is_floating_point()
+            captured.append({"name": name, "leaf": leaf, "output": _as_rows(out, max_positions), "input": _as_rows(inp, max_positions) if usable else None})
 
         return fn
 
     for name, module in model.named_modules():
-        if name and any(r.match(name) for r in regexes):
-            handles.append(module.register_forward_hook(hook(name)))
+        if name and (regexes is None or any(r.match(name) for r in regexes)):
+            leaf = next(module.children(), None) is None
+            handles.append(module.register_forward_hook(hook(name, leaf), with_kwargs=True))
     try:
         run_forward()
     finally:
         for h in handles:
             h.remove()
     return captured
+
+
+def audit_weights(model, missing_keys: list[str]) -> list[dict[str, Any]]:
+    """Parameters and buffers the checkpoint did not fill: still on the meta device, or
+    missing from the checkpoint and so left at whatever the model's init gave them."""
+    rows = []
+    named = dict(model.named_parameters())
+    named.update(dict(model.named_buffers()))
+    flagged = {}
+    for name in missing_keys:
+        flagged.setdefault(name, []).append("missing from the checkpoint: left at its init value")
+    for name, t in named.items():
+        if t.is_meta:
+            flagged.setdefault(name, []).append("still on the meta device (never loaded)")
+    for name, issues in flagged.items():
+        t = named.get(name)
+        rows.append({
+            "buffer": name, "kind": "parameter" if name in dict(model.named_parameters()) else "buffer", "module": name.rpartition(".")[0],
+            "persistent": True, "shape": list(t.shape) if t is not None else [], "max_abs_diff_vs_fresh": None, "issues": issues, "ok": False,
+        })
+    return rows
 
 
 def audit_buffers(model, config, device: str) -> list[dict[str, Any]]:
@@ -62,7 +103,7 @@ def audit_buffers(model, config, device: str) -> list[dict[str, Any]]:
     fresh_buffers = _fresh_buffers(model, config, device)
     findings = []
     for name, buf in model.named_buffers():
-        if not buf.is_floating_point():
+        if not buf.is_floating_point() or buf.is_meta:  # meta ones are audit_weights' finding
             continue
         x = buf.detach().float().cpu()
         issues = []
@@ -85,6 +126,7 @@ def audit_buffers(model, config, device: str) -> list[dict[str, Any]]:
         findings.append(
             {
                 "buffer": name,
+                "kind": "buffer",
                 "module": name.rpartition(".")[0],
                 "persistent": name in persistent,
                 "shape": list(x.shape),

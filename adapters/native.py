@@ -13,20 +13,12 @@ model is built and called differs.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
+from . import import_ref
 from .hf import HFEngine
 
 OLMO_CORE_TYPES = ("olmo2",)
-
-
-def import_ref(ref: str):
-    module, _, name = ref.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ImportError(f"cannot import {ref!r}: {exc}") from None
 
 
 class NativeEngine(HFEngine):

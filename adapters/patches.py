@@ -13,7 +13,6 @@ patches compose and no transformers code is monkey-patched.
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 PatchFn = Callable[[object], str]
@@ -30,12 +29,13 @@ def register(name: str):
 
 
 def resolve(ref: str) -> PatchFn:
+    from . import import_ref
+
     if ref in BUILTIN:
         return BUILTIN[ref]
     if ":" not in ref:
         raise ValueError(f"unknown patch {ref!r}; built-in patches: {sorted(BUILTIN)}, or give 'module:function'")
-    module, _, fn = ref.partition(":")
-    return getattr(importlib.import_module(module), fn)
+    return import_ref(ref)
 
 
 def apply_patches(engine, refs: list[str]) -> dict[str, str]:

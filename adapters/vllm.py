@@ -101,14 +101,15 @@ class VLLMEngine(Engine):
 
     # ------------------------------------------------------------------ inputs
 
-    def prepare(self, raw: list[dict[str, Any]]) -> list[Sample]:
+    def prepare(self, raw: list[dict[str, Any]]) -> list[Sample | SampleError]:
         """Text and raw ids only: image prompts are expanded by an HF processor as the reference."""
         from .hf import text_modality
 
-        out = []
+        out: list[Sample | SampleError] = []
         for r in raw:
             if r.get("images"):
-                raise SampleError(r["id"], "image prompts need an hf reference to expand them (vLLM expands them itself as a candidate)")
+                out.append(SampleError(r["id"], "image prompts need an hf reference to expand them (vLLM expands them itself as a candidate)"))
+                continue
             ids = np.asarray(r["token_ids"] if r.get("token_ids") is not None else self.tokenizer(r["text"]).input_ids, dtype=np.int64)
             ids = ids[: r["max_length"]] if r.get("max_length") else ids
             out.append(Sample(r["id"], ids, text_modality(ids, self.tokenizer.all_special_ids, None), text=r.get("text")))

@@ -1,6 +1,6 @@
-"""Peak driver memory (RSS) of a run with 100 vs 1,000 samples: streaming must keep it flat.
+"""Peak driver memory (RSS) of a run with 100 vs 10,000 samples: streaming must keep it flat.
 
-    python bench/memory.py
+    python bench/memory.py [N]     # 100 vs N samples (default 10,000)
 
 Each run is a fresh `crossengine run` process (tiny-text, HF vs HF, 64-token samples). Peak
 RSS (getrusage) counts pages of Ray's shared-memory object store that the driver mapped
@@ -33,9 +33,10 @@ def peak_rss_mb(n: int) -> float:
 
 
 def main() -> None:
-    (peak_s, anon_s, shm_s), (peak_l, anon_l, shm_l) = peak_rss_mb(100), peak_rss_mb(1000)
+    small, large = 100, int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
+    (peak_s, anon_s, shm_s), (peak_l, anon_l, shm_l) = peak_rss_mb(small), peak_rss_mb(large)
     grow = lambda a, b: 100 * (b / a - 1)  # noqa: E731
-    print(f"driver peak RSS:      100 samples {peak_s:.0f} MB, 1000 samples {peak_l:.0f} MB, growth {grow(peak_s, peak_l):+.1f}%")
+    print(f"driver peak RSS:      {small} samples {peak_s:.0f} MB, {large} samples {peak_l:.0f} MB, growth {grow(peak_s, peak_l):+.1f}%")
     print(f"  private (RssAnon):  {anon_s:.0f} MB -> {anon_l:.0f} MB, growth {grow(anon_s, anon_l):+.1f}%  (goal < 10%)")
     print(f"  shared (RssShmem):  {shm_s:.0f} MB -> {shm_l:.0f} MB (Ray object-store pages mapped by the driver)")
 

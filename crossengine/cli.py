@@ -31,6 +31,41 @@ def _fail(exc: Exception, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _plan(experiment: Path, run_id: Optional[str], output_dir: Optional[Path], localize: bool = False):
+    """Load, resolve and preflight an experiment: every check that needs no Ray and no weights."""
+    from .config import LocalizeSpec, load_experiment
+    from .plan import make_plan
+    from .preflight import preflight
+
+    exp = load_experiment(experiment)
+    if localize:
+        if exp.localize is None:
+            exp = exp.model_copy(update={"localize": LocalizeSpec()})
+        run_id = run_id or f"{exp.name}-localize-{time.strftime('%Y%m%d-%H%M%S')}"
+    plan = make_plan(exp, experiment, run_id=run_id, output_dir=output_dir)
+    for note in preflight(plan):
+        console.print(f"note: {note}", highlight=False)
+    return plan
+
+
+def _execute(runner) -> Path:
+    """Run; one line and exit 2 on any crossengine error, 130 on Ctrl-C, 143 on SIGTERM."""
+    from .runner import Terminated
+
+    try:
+        return runner.run()
+    except CrossengineError as exc:
+        _fail(exc)
+    except KeyboardInterrupt as exc:
+        raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
+    except Exception as exc:  # noqa: BLE001 - a bug of ours: still one line, the traceback in the run's log
+        log = runner.run_dir.log_exception("internal error", exc)
+        _fail(CrossengineError(f"internal error ({type(exc).__name__}: {exc}); traceback: {log}. Please report it; resume with: {runner.resume_command}"))
+
+
+_NUM_GPUS = typer.Option(None, "--num-gpus", help="GPUs a local Ray cluster may use (default: all it finds); ignored with --address.")
+
+
 @app.command()
 def run(
     experiment: Path = typer.Argument(..., help="Experiment YAML file."),
@@ -38,21 +73,19 @@ def run(
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Where results/<run_id> goes (default: the experiment's output_dir)."),
     address: Optional[str] = typer.Option(None, "--address", help="Join an existing Ray cluster (default: start a local one)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run of the same id."),
+    num_gpus: Optional[float] = _NUM_GPUS,
 ) -> None:
     """Run an experiment: every engine scores the samples; per-token Parquet and a summary come out."""
-    from .config import load_experiment
-    from .plan import make_plan
     from .report import print_summary
     from .runner import Runner
 
     try:
-        exp = load_experiment(experiment)
-        plan = make_plan(exp, experiment, run_id=run_id, output_dir=output_dir)
-        console.print(f"run [bold]{plan.run_id}[/bold]: reference {plan.reference.name}, candidates {', '.join(c.name for c in plan.candidates)}; {len(exp.samples)} samples")
-        runner = Runner(plan, console=console, address=address, overwrite=overwrite)
-        out = runner.run()
+        plan = _plan(experiment, run_id, output_dir)
     except CrossengineError as exc:
         _fail(exc)
+    console.print(f"run [bold]{plan.run_id}[/bold]: reference {plan.reference.name}, candidates {', '.join(c.name for c in plan.candidates)}; {len(plan.experiment.samples)} samples")
+    runner = Runner(plan, console=console, address=address, overwrite=overwrite, num_gpus=num_gpus)
+    out = _execute(runner)
     print_summary(out, console)
     console.print(f"results: {out}  (pandas: pd.read_parquet('{out}/tokens'))")
     if runner.errors:
@@ -67,31 +100,66 @@ def localize(
     output_dir: Optional[Path] = typer.Option(None, "--output-dir"),
     address: Optional[str] = typer.Option(None, "--address"),
     overwrite: bool = typer.Option(False, "--overwrite"),
+    num_gpus: Optional[float] = _NUM_GPUS,
 ) -> None:
     """Find the first module and token where each hf/native candidate leaves the reference; audit buffers."""
-    from .config import LocalizeSpec, load_experiment
-    from .plan import make_plan
     from .runner import Runner
 
     try:
-        exp = load_experiment(experiment)
-        if exp.localize is None:
-            exp = exp.model_copy(update={"localize": LocalizeSpec()})
-        plan = make_plan(exp, experiment, run_id=run_id or f"{exp.name}-localize-{time.strftime('%Y%m%d-%H%M%S')}", output_dir=output_dir)
-        out = Runner(plan, console=console, address=address, overwrite=overwrite, localize_only=True).run()
+        plan = _plan(experiment, run_id, output_dir, localize=True)
     except CrossengineError as exc:
         _fail(exc)
-    console.print(f"results: {out}/layers.parquet, {out}/buffers.parquet")
+    out = _execute(Runner(plan, console=console, address=address, overwrite=overwrite, localize_only=True, num_gpus=num_gpus))
+    written = [str(out / f) for f in ("layers.parquet", "buffers.parquet") if (out / f).exists()]
+    console.print(f"results: {', '.join(written) or f'{out} (no module table: see the messages above)'}", soft_wrap=True)
+
+
+# Typer has no option with an optional value, so `--html [PATH]` is `--html [--out PATH]`.
+_HTML = typer.Option(False, "--html", help="Write the self-contained HTML page (default: inside the folder; --out elsewhere).")
+_OUT = typer.Option(None, "--out", help="With --html: where the page goes.")
+
+
+def _html_path(html: bool, out: Optional[Path], default: Path) -> Optional[Path]:
+    if not html and out is None:
+        return None
+    return out or default
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A results/<run_id> folder.")) -> None:
-    """Print the summary table of a finished run."""
+def report(run_dir: Path = typer.Argument(..., help="A results/<run_id> folder."), html: bool = _HTML, out: Optional[Path] = _OUT) -> None:
+    """Print the summary table of a finished run; --html writes its report page (RUN/report.html, or --out PATH)."""
     from .report import print_summary
 
     if not (run_dir / "summary.parquet").exists():
         _fail(CrossengineError(f"{run_dir}: no summary.parquet (not a finished run)"))
     print_summary(run_dir, console)
+    page = _html_path(html, out, run_dir / "report.html")
+    if page is not None:
+        from .html_report import run_report
+
+        console.print(f"report: {run_report(run_dir, page)}")
+
+
+@app.command()
+def compare(
+    run_a: Path = typer.Argument(..., help="The run before a change."),
+    run_b: Path = typer.Argument(..., help="The same experiment after it."),
+    html: Optional[str] = typer.Option(None, "--html", help="Also write the comparison as an HTML page at this path."),
+) -> None:
+    """Two runs of the same samples side by side: every metric per candidate/variant and split, with the change."""
+    from .html_report import compare_report, compare_runs
+    from .report import compare_view
+
+    for d in (run_a, run_b):
+        if not (d / "summary.parquet").exists():
+            _fail(CrossengineError(f"{d}: no summary.parquet (not a finished run)"))
+    try:
+        table = compare_runs(run_a, run_b)
+    except CrossengineError as exc:
+        _fail(exc)
+    console.print(compare_view(table, run_a, run_b))
+    if html:
+        console.print(f"report: {compare_report(run_a, run_b, table, Path(html))}")
 
 
 @app.command()
@@ -100,12 +168,20 @@ def monitor(
     step: Optional[int] = typer.Option(None, "--step", help="Show this step's worst tokens."),
     follow: bool = typer.Option(False, "--follow", help="Keep watching as steps arrive (Ctrl-C stops)."),
     interval: float = typer.Option(2.0, "--interval", help="Seconds between checks with --follow."),
+    html: bool = _HTML,
+    out: Optional[Path] = _OUT,
 ) -> None:
     """Show an RL monitor's steps (metrics, sparklines, threshold marks) or one step's worst tokens."""
     from . import monitor_view
 
     if not (out_dir / "steps").exists():
         _fail(CrossengineError(f"{out_dir}: no steps/ folder (not a KLMonitor output)"))
+    page = _html_path(html, out, out_dir / "monitor.html")
+    if page is not None:
+        from .html_report import monitor_report
+
+        console.print(f"report: {monitor_report(out_dir, page)}")
+        return
     if step is not None:
         try:
             console.print(monitor_view.worst_view(out_dir, step))
@@ -130,11 +206,9 @@ def schema() -> None:
 
 @app.command()
 def validate(experiment: Path = typer.Argument(..., help="Experiment YAML file.")) -> None:
-    """Check an experiment file without running it."""
-    from .config import load_experiment
-
+    """Check an experiment as `run` would before starting anything: schema, files, user code, token ids, images."""
     try:
-        exp = load_experiment(experiment)
+        exp = _plan(experiment, None, None).experiment
     except CrossengineError as exc:
         _fail(exc)
     console.print(f"{experiment}: ok ({len(exp.engines)} engines, {len(exp.variants)} variants, {len(exp.samples)} samples)")

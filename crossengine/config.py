@@ -21,7 +21,8 @@ from .errors import ExperimentError
 Dtype = Literal["float32", "bfloat16", "float16"]
 EngineType = Literal["hf", "vllm", "native"]
 _CALLABLE_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+RESERVED_NAMES = ("base", "sampled")
 
 
 class _Strict(BaseModel):
@@ -72,6 +73,16 @@ class EngineSpec(_Strict):
     def _callable_ref(cls, v: Optional[str]) -> Optional[str]:
         if v is not None and not _CALLABLE_REF.match(v):
             raise ValueError(f"{v!r} is not of the form 'package.module:function'")
+        return v
+
+    @field_validator("patches")
+    @classmethod
+    def _patch_names(cls, v: list[str]) -> list[str]:
+        from .adapters.patches import BUILTIN
+
+        for ref in v:
+            if ref not in BUILTIN and not _CALLABLE_REF.match(ref):
+                raise ValueError(f"unknown patch {ref!r}; built-in patches: {', '.join(sorted(BUILTIN))}, or 'package.module:function'")
         return v
 
     @model_validator(mode="after")
@@ -134,11 +145,25 @@ class LocalizeSpec(_Strict):
 
     samples: int = Field(1, ge=1, description="How many samples (the first N) to trace.")
     tolerance: float = Field(1e-4, ge=0, description="A module diverges where max |Δ output| exceeds this.")
-    modules: Optional[list[str]] = Field(None, description="Regexes of module names to capture; default: embeddings, blocks, attention, MLP, final norm, head.")
+    modules: Optional[list[str]] = Field(None, description="Regexes of module names to capture; default: every module whose forward returns a tensor.")
+    max_positions: int = Field(512, ge=1, description="Positions kept per module output (memory bound); the output says when a sample was longer.")
     module_map: dict[str, dict[str, str]] = Field(
-        default_factory=dict, description="engine -> {its module name: the reference's}, for different implementations (HF<->OLMo-core is built in)."
+        default_factory=dict, description="engine -> {its module name: the reference's}; overrides the automatic alignment (forward order, shape, values; HF<->OLMo-core names built in)."
     )
     audit_buffers: bool = Field(True, description="Also audit every registered buffer against a fresh construction.")
+
+
+class PlacementSpec(_Strict):
+    """How engines are put on GPUs; decided before any engine loads (crossengine/placement.py)."""
+
+    gpu_memory_gb: Optional[float] = Field(
+        None, gt=0, description="Memory of one GPU, where Ray cannot tell (it never can for advertised GPUs); default: nvidia-smi on a cluster node, else unknown."
+    )
+    headroom_gb: float = Field(2.0, ge=0, description="Per-engine room beyond the weights: CUDA context, activations, logits.")
+    vllm_kv_cache_gb: float = Field(4.0, ge=0, description="Extra room a vLLM engine gets for its KV cache.")
+    timeout_s: float = Field(120.0, gt=0, description="How long an engine may wait for the cluster to place it before the run stops with an error.")
+    env_timeout_s: float = Field(1800.0, gt=0, description="The same for an engine whose own environment is built first (pip/python).")
+    load_timeout_s: float = Field(3600.0, gt=0, description="How long an engine may take to load its model once placed.")
 
 
 class Experiment(_Strict):
@@ -168,6 +193,7 @@ class Experiment(_Strict):
     output_dir: Path = Path("results")
     run_id: Optional[str] = None
     localize: Optional[LocalizeSpec] = Field(None, description="Also localise divergence layer by layer after the run (or: crossengine localize).")
+    placement: PlacementSpec = Field(default_factory=PlacementSpec, description="GPU memory, headroom and timeouts for putting engines on the cluster.")
 
     @field_validator("localize", mode="before")
     @classmethod
@@ -178,15 +204,18 @@ class Experiment(_Strict):
     @classmethod
     def _names(cls, v: dict) -> dict:
         for name in v:
-            if not _NAME.match(name):
-                raise ValueError(f"name {name!r} must match {_NAME.pattern}")
+            if not NAME.match(name):
+                raise ValueError(f"name {name!r} must match {NAME.pattern}")
+            if name in RESERVED_NAMES:  # the token table's `variant` column uses them for engines themselves
+                raise ValueError(f"name {name!r} is reserved ({', '.join(RESERVED_NAMES)}); choose another")
         return v
 
-    @field_validator("run_id")
+    @field_validator("run_id", "name")
     @classmethod
-    def _run_id(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and not _NAME.match(v):
-            raise ValueError(f"run_id {v!r} must match {_NAME.pattern}")
+    def _folder_name(cls, v: Optional[str], info) -> Optional[str]:
+        # both become a folder name under output_dir: nothing may climb out of it
+        if v is not None and not NAME.match(v):
+            raise ValueError(f"{info.field_name} {v!r} must match {NAME.pattern} (it names the results folder)")
         return v
 
     def resolved_engines(self) -> dict[str, tuple[str, str, EngineSpec]]:
@@ -281,11 +310,14 @@ def _check_references(exp: Experiment, path: Path, root: yaml.Node | None) -> No
                 section = "engines" if name in exp.engines else "variants"
                 hint = " (build it with scripts/setup-vllm-env.sh)" if spec[2].type == "vllm" else ""
                 fail((section, name, "env", "python"), f"no such interpreter: {python}{hint}")
-    from .plan import looks_like_path
-
     for loc, model in [(("model",), exp.model)] + [(("engines", n, "model"), e.model) for n, e in exp.engines.items() if e.model]:
         if looks_like_path(model) and not any((b / Path(model).expanduser()).exists() for b in (Path.cwd(), path.parent)):
             fail(loc, f"no such model directory: {model}")
+
+
+def looks_like_path(model: str) -> bool:
+    """Hub ids are 'org/name'; anything else with a separator or a dot prefix is a path."""
+    return model.startswith((".", "/", "~")) or model.count("/") > 1
 
 
 def _duplicate_key(node: yaml.Node | None, loc: tuple = ()) -> tuple[tuple, int] | None:
@@ -326,11 +358,27 @@ def _check_paths(exp: Experiment, path: Path, root: yaml.Node | None) -> Experim
                 raise ExperimentError(str(path), _line_of(root, loc), _field_path(loc), f"no such image file: {p}")
             images.append(p.resolve())
         samples.append(s.model_copy(update={"images": images}))
-    ids = [s.id for s in samples if s.id is not None]
-    dup = {x for x in ids if ids.count(x) > 1}
-    if dup:
-        raise ExperimentError(str(path), _line_of(root, ("samples",)), "samples", f"duplicate sample id {sorted(dup)[0]!r}")
-    return exp.model_copy(update={"samples": samples})
+    return exp.model_copy(update={"samples": _with_ids(samples, path, root)})
+
+
+def _with_ids(samples: list[SampleSpec], path: Path, root: yaml.Node | None) -> list[SampleSpec]:
+    """Every sample gets an id: explicit ones must be unique; `s<index>` for the rest never
+    takes an explicit id (two samples under one id would merge their rows silently)."""
+    explicit: set[str] = set()
+    for s in samples:
+        if s.id is not None:
+            if s.id in explicit:
+                raise ExperimentError(str(path), _line_of(root, ("samples",)), "samples", f"duplicate sample id {s.id!r}")
+            explicit.add(s.id)
+    out = []
+    for i, s in enumerate(samples):
+        if s.id is None:
+            auto, n = f"s{i}", 1
+            while auto in explicit:
+                auto, n = f"s{i}-{n}", n + 1
+            s = s.model_copy(update={"id": auto})
+        out.append(s)
+    return out
 
 
 def _read_jsonl(f: Path, index: int) -> list[SampleSpec]:
@@ -378,7 +426,7 @@ def load_experiment(path: str | Path) -> Experiment:
         raise ExperimentError(str(path), line, "<yaml>", f"YAML error: {problem}") from None
     if not isinstance(data, dict):
         raise ExperimentError(str(path), 1, "<top>", "an experiment is a YAML mapping of fields")
-    data.setdefault("name", path.stem)
+    data.setdefault("name", re.sub(r"[^A-Za-z0-9._-]", "-", path.stem).lstrip("._-") or "experiment")
     try:
         exp = Experiment.model_validate(data)
     except ValidationError as e:

@@ -12,13 +12,3 @@ class ExperimentError(CrossengineError):
         self.file, self.line, self.field, self.message = file, line, field, message
         where = f"{file}:{line}" if line else file
         super().__init__(f"{where}: {field}: {message}")
-
-
-class AlignmentError(CrossengineError):
-    """Two engines were asked to score different token ids for one sample."""
-
-    def __init__(self, sample_id: str, engine: str, position: int, expected: int, got: int):
-        super().__init__(
-            f"sample {sample_id}: engine {engine!r} has token {got} at position {position}, "
-            f"the reference has {expected} (first difference)"
-        )

@@ -11,7 +11,6 @@ the folder this module writes; a hub id or local path goes through the same engi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -243,7 +242,7 @@ def _build_tiny_vision(out: Path, seed: int) -> None:
 
 
 def _write_canonical_gemma3_weights(model, out: Path) -> None:
-    """Rewrite weights in the hub's Gemma3 layout, which vLLM's loader expects (DESIGN.md §7)."""
+    """Rewrite weights in the hub's Gemma3 layout, which vLLM's loader expects: transformers 5 saves the vision tower as vision_tower.embeddings..., vLLM reads vision_tower.vision_model...."""
     from safetensors.torch import save_file
 
     renamed = {}
@@ -301,12 +300,3 @@ def ensure_fixture(name: str, seed: int = 0) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def folder_fingerprint(path: Path) -> str:
-    """Hash of a fixture's files, to check that builds are deterministic."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]

@@ -1,4 +1,4 @@
-"""The rollout-vs-trainer gap under each RL framework's own name (DESIGN.md §4b).
+"""The rollout-vs-trainer gap under each RL framework's own name (README, "RL metrics").
 
 Trainers average differently (global token mean, per-sequence mean first, pooled std), so
 a threshold learnt in one does not transfer to another. Each number here is computed

@@ -1,10 +1,13 @@
 """Localisation: the first module, and the first token, where a candidate leaves the reference.
 
-Each torch engine (hf, native) runs the chosen samples with forward hooks; module outputs
-are matched across engines by name (same architecture), by the built-in HF <-> OLMo-core
-mapping, or by the experiment's `localize.module_map`. Writes layers.parquet (one row per
-candidate and module: max/mean |Δ|, cosine, first position over tolerance) and
-buffers.parquet (the buffer audit of every engine).
+Each torch engine (hf, native) runs the chosen samples with forward hooks on every module
+(or those `localize.modules` names); module outputs are aligned across engines by forward
+order, output shape and values, with names as anchors (`align`), so two implementations
+with their own module names need no hand-written map (`localize.module_map` still
+overrides). Writes layers.parquet (one row per candidate and aligned module pair: max/mean
+|Δ|, cosine, first position over tolerance, how much its inputs already differed) and
+buffers.parquet (the audit of every engine's buffers and unloaded weights). When nothing
+matches, the run says why, naming both sides' modules: never an empty table in silence.
 """
 
 from __future__ import annotations
@@ -36,62 +39,153 @@ def canonical(name: str, engine_kind: str, extra: dict[str, str]) -> str:
     return name
 
 
-def compare(ref: list[tuple[str, np.ndarray]], cand: list[tuple[str, np.ndarray]], tol: float) -> pd.DataFrame:
-    """Row per module both engines produced, in the reference's forward order."""
-    cand_by_name = {}
-    for name, x in cand:
-        cand_by_name.setdefault(name, x)  # a module called twice: its first call
-    rows, seen = [], set()
-    for order, (name, r) in enumerate(ref):
-        if name in seen or name not in cand_by_name:
-            continue
-        seen.add(name)
-        c = cand_by_name[name]
-        if r.shape != c.shape:
-            rows.append({"order": order, "module": name, "shape_mismatch": f"{r.shape} vs {c.shape}"})
-            continue
-        r64, c64 = r.astype(np.float64).reshape(r.shape[0], -1), c.astype(np.float64).reshape(c.shape[0], -1)
-        diff = np.abs(r64 - c64)
-        per_pos = diff.max(axis=1)
-        over = np.flatnonzero(per_pos > tol)
-        norms = np.linalg.norm(r64, axis=1) * np.linalg.norm(c64, axis=1)
-        cos = np.where(norms > 0, (r64 * c64).sum(1) / np.where(norms > 0, norms, 1), 1.0)
-        rows.append({
-            "order": order, "module": name, "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-            "cos_sim": float(cos.mean()), "first_position": int(over[0]) if len(over) else -1, "shape_mismatch": None,
-        })
+def _signature(x: np.ndarray, n: int = 64) -> np.ndarray:
+    """A module output's fingerprint: its first n positions projected on two fixed random
+    directions (seeded by the feature size), so equal outputs give equal fingerprints."""
+    k = min(n, x.shape[0])
+    directions = np.random.default_rng(x.shape[1]).standard_normal((x.shape[1], 2)) / np.sqrt(x.shape[1])
+    sig = np.zeros((n, 2))
+    sig[:k] = x[:k].astype(np.float64) @ directions
+    return sig.reshape(-1)
+
+
+def _layer_index(name: str) -> tuple[str, ...]:
+    return tuple(re.findall(r"\d+", name))
+
+
+def align(ref: list[dict], cand: list[dict]) -> list[tuple[int, int]]:
+    """Pairs (i, j) of reference and candidate modules that compute the same thing.
+
+    Modules are matched in forward order (a monotone alignment, solved by dynamic
+    programming) among those with the same output shape, scored mostly by how alike their
+    outputs are (a fixed random projection: equal outputs score highest), with equal names
+    (after `canonical`) as strong anchors and the same leaf/container kind, layer numbers
+    and last name part as tiebreaks. Identical trees align by name;
+    two implementations with their own names (HF vs OLMo-core, two ports of one model) align
+    without a hand-written map.
+    """
+    n, m = len(ref), len(cand)
+    if not n or not m:
+        return []
+    shape_r = [r["output"].shape for r in ref]
+    shape_c = [c["output"].shape for c in cand]
+    sig_r = np.stack([_signature(r["output"]) for r in ref])
+    sig_c = np.stack([_signature(c["output"]) for c in cand])
+    scale = np.maximum(np.linalg.norm(sig_r, axis=1)[:, None], np.linalg.norm(sig_c, axis=1)[None, :]) + 1e-12
+    distance = np.linalg.norm(sig_r[:, None, :] - sig_c[None, :, :], axis=-1) / scale  # relative, 0 when equal
+    alike = 1.0 / (1.0 + 100.0 * distance)  # 1 for equal outputs, ~0 for unrelated ones
+    score = np.zeros((n, m))
+    for i, r in enumerate(ref):
+        last_r, idx_r = r["key"].rpartition(".")[2], _layer_index(r["key"])
+        for j, c in enumerate(cand):
+            if shape_r[i] != shape_c[j]:
+                continue
+            s = 0.1 + 4.0 * alike[i, j] + 0.5 * (r["leaf"] == c["leaf"])  # a pair that merely fits scores little
+            if r["key"] == c["key"]:
+                s += 6.0
+            else:
+                s += 0.25 * (last_r == c["key"].rpartition(".")[2]) + 0.5 * (idx_r == _layer_index(c["key"]))
+            score[i, j] = s
+    best = np.zeros((n + 1, m + 1))
+    for i in range(1, n + 1):
+        diag = np.where(score[i - 1] > 0, best[i - 1, :-1] + score[i - 1], -np.inf)
+        row = np.maximum(best[i - 1, 1:], diag)
+        best[i, 1:] = np.maximum.accumulate(row)
+    pairs = []
+    i, j = n, m
+    while i > 0 and j > 0:
+        if best[i, j] == best[i - 1, j]:
+            i -= 1
+        elif best[i, j] == best[i, j - 1]:
+            j -= 1
+        else:
+            pairs.append((i - 1, j - 1))
+            i, j = i - 1, j - 1
+    return pairs[::-1]
+
+
+def _diff(r: np.ndarray, c: np.ndarray, tol: float) -> dict:
+    r64, c64 = r.astype(np.float64), c.astype(np.float64)
+    diff = np.abs(r64 - c64)
+    per_pos = diff.max(axis=1)
+    over = np.flatnonzero(per_pos > tol)
+    norms = np.linalg.norm(r64, axis=1) * np.linalg.norm(c64, axis=1)
+    cos = np.where(norms > 0, (r64 * c64).sum(1) / np.where(norms > 0, norms, 1), 1.0)
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "cos_sim": float(cos.mean()), "first_position": int(over[0]) if len(over) else -1}
+
+
+def compare(ref: list[dict], cand: list[dict], tol: float) -> pd.DataFrame:
+    """Row per aligned module pair, in the reference's forward order.
+
+    Each record is a capture (name, key, leaf, output, input). `input_max_abs_diff` compares
+    what the two modules were given: over tolerance at the first divergent module means the
+    difference came from outside it (an uncaptured function, a buffer), not from inside.
+    """
+    rows = []
+    for i, j in align(ref, cand):
+        r, c = ref[i], cand[j]
+        row = {"order": i, "module": r["name"], "cand_module": c["name"], "leaf": r["leaf"], **_diff(r["output"], c["output"], tol), "input_max_abs_diff": None}
+        if r["input"] is not None and c["input"] is not None and r["input"].shape == c["input"].shape:
+            row["input_max_abs_diff"] = float(np.abs(r["input"].astype(np.float64) - c["input"].astype(np.float64)).max())
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
 def first_divergence(layers: pd.DataFrame, tol: float) -> pd.Series | None:
+    """The earliest module over tolerance; `origin` says whether its inputs already differed."""
     over = layers[layers["max_abs_diff"] > tol]
-    return over.sort_values("order").iloc[0] if len(over) else None
+    if not len(over):
+        return None
+    first = over.sort_values(["order", "sample_id"] if "sample_id" in over else ["order"]).iloc[0].copy()
+    inp = first.get("input_max_abs_diff")
+    first["origin"] = "inputs" if inp is not None and not pd.isna(inp) and inp > tol else "inside"
+    return first
 
 
-def localize_wave(pool, plan, samples) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Trace the reference and every torch candidate of one wave; returns (layers, buffers)."""
+def _unmatched(ref_name: str, cand_name: str, ref: list[dict], cand: list[dict]) -> str:
+    few = lambda caps: ", ".join(c["name"] for c in caps[:5]) + (", ..." if len(caps) > 5 else "")  # noqa: E731
+    return (f"{cand_name}: no module matches the reference's (different shapes or nothing captured): "
+            f"{ref_name} has [{few(ref) or 'none'}], {cand_name} has [{few(cand) or 'none'}]; "
+            "set localize.modules to what both compute, or localize.module_map")
+
+
+def localize_wave(pool, plan, samples) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Trace the reference and every torch candidate of one wave; returns (layers, buffers, messages)."""
     import ray
 
     spec = plan.experiment.localize
     torch_engines = [i for i in pool.instances if i.spec.type in ("hf", "native")]  # the reference first
     traced = samples[: spec.samples]
     kind = {i.name: pool.infos[i.name]["extra"].get("native", i.spec.type) for i in torch_engines}
-    futures = {i.name: pool.actors[i.name].capture.remote(traced, spec.modules) for i in torch_engines}
+    futures = {i.name: pool.call(i.name, "capture", traced, spec.modules, spec.max_positions) for i in torch_engines}
     captures = {name: ray.get(f) for name, f in futures.items()}
     ref_name = plan.reference.name
+    messages = []
     if ref_name not in captures:
-        return pd.DataFrame(), pd.DataFrame()
+        messages.append(f"localisation skipped: the reference {ref_name!r} is a {plan.reference.spec.type} engine; it needs an hf or native reference")
+        return pd.DataFrame(), pd.DataFrame(), messages
+    long = [s.sample_id for s in traced if len(s) > spec.max_positions]
+    if long:
+        messages.append(f"localisation kept the first {spec.max_positions} positions of samples {', '.join(long)} (localize.max_positions)")
 
-    def named(engine: str, sample_captures):
+    def keyed(engine: str, caps: list[dict]) -> list[dict]:
         extra = spec.module_map.get(engine, {})
-        return [(canonical(n, kind[engine], extra), x) for n, x in sample_captures]
+        return [{**c, "key": canonical(c["name"], kind[engine], extra)} for c in caps]
 
     layer_rows = []
     for inst in torch_engines:
         if inst.is_reference:
             continue
         for s, ref_cap, cand_cap in zip(traced, captures[ref_name], captures[inst.name]):
-            table = compare(named(ref_name, ref_cap), named(inst.name, cand_cap), spec.tolerance)
+            ref_k, cand_k = keyed(ref_name, ref_cap), keyed(inst.name, cand_cap)
+            table = compare(ref_k, cand_k, spec.tolerance)
+            if table.empty:
+                messages.append(_unmatched(ref_name, inst.name, ref_cap, cand_cap))
+                continue
+            renamed = int((table["module"] != table["cand_module"]).sum())
+            if renamed:
+                pairs = ", ".join(f"{a} ↔ {b}" for a, b in table.loc[table["module"] != table["cand_module"], ["module", "cand_module"]].head(4).itertuples(index=False))
+                messages.append(f"{inst.name}: {len(table)} modules aligned by forward order, shape and values ({renamed} with other names: {pairs}, ...; all in layers.parquet's cand_module)")
             table.insert(0, "sample_id", s.sample_id)
             table.insert(0, "variant", inst.variant)
             table.insert(0, "cand_engine", inst.cand_engine)
@@ -99,16 +193,18 @@ def localize_wave(pool, plan, samples) -> tuple[pd.DataFrame, pd.DataFrame]:
     layers = pd.concat(layer_rows, ignore_index=True) if layer_rows else pd.DataFrame()
     buffers = pd.DataFrame()
     if spec.audit_buffers:
-        audits = {i.name: ray.get(pool.actors[i.name].audit.remote()) for i in torch_engines}
+        audits = {i.name: ray.get(pool.call(i.name, "audit")) for i in torch_engines}
         buffers = pd.DataFrame([{"engine": name, **row} for name, rows in audits.items() for row in rows])
         if not buffers.empty:
             buffers["issues"] = buffers["issues"].map(lambda xs: "; ".join(xs))
-    return layers, buffers
+    return layers, buffers, messages
 
 
-def print_localization(layers: pd.DataFrame, buffers: pd.DataFrame, tol: float, console) -> None:
+def print_localization(layers: pd.DataFrame, buffers: pd.DataFrame, tol: float, console, messages: list[str] = ()) -> None:
     from rich.table import Table
 
+    for m in messages:
+        console.print(m, highlight=False, soft_wrap=True, markup=False)
     if not layers.empty:
         for (cand, variant), g in layers.groupby(["cand_engine", "variant"], sort=False):
             name = cand if variant == "base" else variant
@@ -116,8 +212,10 @@ def print_localization(layers: pd.DataFrame, buffers: pd.DataFrame, tol: float, 
             if first is None:
                 console.print(f"{name}: no module differs by more than {tol:g} from the reference", highlight=False)
             else:
-                console.print(f"{name}: first divergence at module [bold]{first['module']}[/bold], token position {first['first_position']} "
-                              f"(sample {first['sample_id']}, max |Δ| {first['max_abs_diff']:.3g})")
+                where = "already present in its inputs (it came from outside the module)" if first["origin"] == "inputs" else "appearing inside it (its inputs agree)"
+                other = f" (candidate's {first['cand_module']})" if first["cand_module"] != first["module"] else ""
+                console.print(f"{name}: first divergence at module [bold]{first['module']}[/bold]{other}, token position {first['first_position']} "
+                              f"(sample {first['sample_id']}, max |Δ| {first['max_abs_diff']:.3g}), {where}", soft_wrap=True)
             table = Table(title=f"layers: {name} vs reference", title_justify="left")
             for col in ("module", "max |Δ|", "mean |Δ|", "cos", "first pos"):
                 table.add_column(col, justify="left" if col == "module" else "right")

@@ -1,4 +1,4 @@
-"""Per-token metrics, candidate vs reference (DESIGN.md §4), vectorised over a whole batch.
+"""Per-token metrics, candidate vs reference, vectorised over a whole batch (definitions: README, "Token columns").
 
 All formulas live here once; summaries (summary.py) and the RL monitor (monitor.py) reduce
 the columns this module produces. Full-vocabulary work runs in torch, in row chunks, so
@@ -87,7 +87,26 @@ def token_metrics(ref: TokenLogprobs, cand: TokenLogprobs, token_ids: np.ndarray
     out["top1_tie"] = ~out["top1_match"] & (gap < tie_eps)
     out["topk_kl"] = topk_kl(ref.topk_ids[rows], ref.topk_logprobs[rows], cand.topk_ids[rows], cand.topk_logprobs[rows])
     out["topk_overlap"] = topk_overlap(ref.topk_ids[rows], cand.topk_ids[rows])
+    out["nonfinite"] = _mask_nonfinite(out, lr, lc)
     return out
+
+
+def _mask_nonfinite(out: dict[str, np.ndarray], lr: np.ndarray, lc: np.ndarray) -> np.ndarray:
+    """Code per position: 0 finite, 1 the reference, 2 the candidate, 3 both gave NaN/inf.
+
+    A NaN or +inf anywhere in a row of logits makes that side's log-sum-exp, and so the
+    scored token's log-prob, non-finite; a -inf log-prob of the scored token counts too.
+    Every metric at a flagged position becomes null (False for the booleans): a broken
+    number must never reach a mean as if it were a measurement.
+    """
+    code = (~np.isfinite(lr)).astype(np.int8) + 2 * (~np.isfinite(lc)).astype(np.int8)
+    bad = code > 0
+    if bad.any():
+        for name, typ in METRIC_COLUMNS.items():
+            col = np.array(out[name], dtype=np.float64 if typ == "float32" else out[name].dtype, copy=True)
+            col[bad] = np.nan if typ == "float32" else (-1 if typ == "int32" else False)
+            out[name] = col
+    return code
 
 
 def _full_vocab_metrics(ref_logits: np.ndarray, cand_logits: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:

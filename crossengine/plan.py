@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import EngineSpec, Experiment
-from .errors import ExperimentError
+from .config import NAME, EngineSpec, Experiment, looks_like_path
+from .errors import CrossengineError, ExperimentError
 from .fixtures import ensure_fixture, is_fixture
 
 
@@ -42,27 +42,6 @@ class Plan:
     def instances(self) -> list[EngineInstance]:
         return [self.reference, *self.candidates]
 
-    def waves(self, gpus_available: float) -> list[list[EngineInstance]]:
-        """Candidates grouped so that each wave, with the reference, fits the cluster's GPUs."""
-        need = lambda i: i.spec.num_gpus or 0  # noqa: E731
-        if sum(need(i) for i in self.instances) <= gpus_available or not any(need(i) for i in self.candidates):
-            return [self.candidates]
-        room = max(gpus_available - need(self.reference), 0)
-        waves: list[list[EngineInstance]] = [[]]
-        used = 0.0
-        for c in self.candidates:
-            if waves[-1] and used + need(c) > room:
-                waves.append([])
-                used = 0.0
-            waves[-1].append(c)
-            used += need(c)
-        return waves
-
-
-def looks_like_path(model: str) -> bool:
-    """Hub ids are 'org/name'; anything else with a separator or a dot prefix is a path."""
-    return model.startswith((".", "/", "~")) or model.count("/") > 1
-
 
 def resolve_model(model: str, experiment_path: Path, field: str) -> str:
     """Fixture name -> built folder; existing path -> absolute path; else a hub id, as given."""
@@ -89,6 +68,8 @@ def make_plan(exp: Experiment, experiment_path: Path, run_id: str | None = None,
         field = f"engines.{name}.model" if variant == "base" else f"variants.{name}.model"
         path = resolve_model(spec.model, experiment_path, field if spec.model != exp.model else "model")
         instances.append(EngineInstance(name, cand_engine, variant, spec, path, name == exp.reference))
+    if run_id is not None and not NAME.match(run_id):
+        raise CrossengineError(f"--run-id {run_id!r}: must match {NAME.pattern} (it names a folder under the output folder)")
     run_id = run_id or exp.run_id or f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(output_dir or exp.output_dir)
     n = len(exp.samples)

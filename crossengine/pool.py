@@ -16,7 +16,7 @@ from .plan import EngineInstance
 
 
 def runtime_env(inst: EngineInstance, base: Path) -> dict[str, Any]:
-    """Ray runtime_env for an engine that names its own environment (DESIGN.md §3)."""
+    """Ray runtime_env: the driver's import path always; pip or another interpreter where the engine names one."""
     env = inst.spec.env
     # user code named as "module:function" imports from where crossengine runs, as in the driver
     paths = [os.getcwd(), str(base.absolute()), os.environ.get("PYTHONPATH", "")]
@@ -37,43 +37,37 @@ def _worker_class():
 
     @ray.remote
     class EngineWorker:
-        """Hosts one engine; the adapter is imported here, in the worker's own environment."""
+        """Hosts one engine; the adapter is imported here, in the worker's own environment.
 
-        def __init__(self, kind: str, spec: dict, model_path: str, instance: str, seed: int, threads: int):
+        Created empty, so that "placed by Ray" (ping answers) and "model loaded" are two
+        steps with their own timeouts: a pending actor is a placement problem, a slow load
+        is not. Engine methods are forwarded by name through `call`, so a new engine method
+        needs no edit here.
+        """
+
+        def ping(self) -> int:
+            return os.getpid()
+
+        def load(self, kind: str, spec: dict, model_path: str, instance: str, seed: int, threads: int, gpu_share: float | None) -> dict:
             import torch
 
             torch.set_num_threads(threads)
             from crossengine.adapters import engine_class
             from crossengine.config import EngineSpec
 
-            self.engine = engine_class(kind)(EngineSpec.model_validate(spec), model_path, instance, seed)
+            spec = EngineSpec.model_validate(spec)
+            if gpu_share is not None and torch.cuda.is_available():  # vLLM sharing a real GPU: its memory share
+                spec = spec.model_copy(update={"options": {"gpu_memory_utilization": gpu_share, **spec.options}})
+            self.engine = engine_class(kind)(spec, model_path, instance, seed)
+            return self.info()
 
         def info(self) -> dict:
-            return dataclasses.asdict(self.engine.info())
+            info = dataclasses.asdict(self.engine.info())
+            info["extra"]["gpu_ids"] = [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+            return info
 
-        def prepare(self, raw):
-            return self.engine.prepare(raw)
-
-        def score(self, samples, top_k, full_vocab):
-            return self.engine.score(samples, top_k, full_vocab)
-
-        def generate(self, samples, sampling, top_k):
-            return self.engine.generate(samples, sampling, top_k)
-
-        def token_texts(self):
-            return self.engine.token_texts()
-
-        def timings(self):
-            return self.engine.timings()
-
-        def capture(self, samples, patterns):
-            return self.engine.capture(samples, patterns)
-
-        def audit(self):
-            return self.engine.audit()
-
-        def close(self):
-            self.engine.close()
+        def call(self, method: str, *args):
+            return getattr(self.engine, method)(*args)
 
     return EngineWorker
 
@@ -87,66 +81,112 @@ def one_line(exc: BaseException) -> str:
 
 
 class EnginePool:
-    """The live actors of one wave, created together so their models load in parallel."""
+    """The live actors of one wave, created together so their models load in parallel.
 
-    def __init__(self, instances: list[EngineInstance], seed: int, cpus: float, base: Path, console=None):
-        import ray
-        from ray.exceptions import RuntimeEnvSetupError
+    Every wait has a limit: placement (`placement.timeout_s`, or `env_timeout_s` for an
+    engine whose environment is built first) and loading (`load_timeout_s`); each failure
+    is one line naming the engine.
+    """
 
+    def __init__(self, instances: list[EngineInstance], placement, seed: int, cpus: float, base: Path, timeouts, console=None):
         worker = _worker_class()
         share = cpus / max(len(instances), 1)
         threads = max(1, int(share))
         self.instances = instances
-        self.actors = {}
-        for inst in instances:
-            options: dict[str, Any] = {"num_cpus": min(share, 1.0), "num_gpus": inst.spec.num_gpus or 0, "name": None}
-            options["runtime_env"] = runtime_env(inst, base)
-            self.actors[inst.name] = worker.options(**options).remote(
-                inst.spec.type, inst.spec.model_dump(mode="json"), inst.model_path, inst.name, seed, threads
-            )
+        self.actors: dict[str, Any] = {}
         self.infos: dict[str, dict] = {}
         self.start_s: dict[str, float] = {}
+        self.console = console
+        slots = placement.slots
         t0 = time.time()
-        # engines with their own environment first: building it is a step of its own
-        for inst in sorted(instances, key=lambda i: i.spec.env is None):
-            env = inst.spec.env
-            what = f"pip: {', '.join(env.pip)}" if env and env.pip else (f"python: {env.python}" if env else "")
-            status = console.status(f"building the environment of {inst.name} ({what}) and loading it") if env and console else contextlib.nullcontext()
-            try:
-                with status:
-                    self.infos[inst.name] = ray.get(self.actors[inst.name].info.remote())
-            except RuntimeEnvSetupError as exc:
-                self.close()
-                raise CrossengineError(f"engine {inst.name!r}: its environment ({what}) could not be built: {one_line(exc)}") from None
-            except Exception as exc:  # noqa: BLE001 - any load failure becomes one line naming the engine
-                self.close()
-                raise CrossengineError(f"engine {inst.name!r} ({inst.spec.type}) failed to start: {one_line(exc)}") from None
-            self.start_s[inst.name] = time.time() - t0
-            if env and console:
-                console.print(f"environment of {inst.name} ready ({what}) after {self.start_s[inst.name]:.1f}s", highlight=False)
+        try:
+            for inst in instances:
+                options: dict[str, Any] = {"num_cpus": min(share, 1.0), "num_gpus": slots[inst.name].gpus, "runtime_env": runtime_env(inst, base)}
+                self.actors[inst.name] = worker.options(**options).remote()
+            for inst in instances:
+                self._await_placement(inst, placement, timeouts, t0)
+            # vLLM takes its GPU memory up front: where engines share a GPU it loads first
+            first = [i for i in instances if placement.shares_gpus and i.spec.type == "vllm"]
+            for group in (first, [i for i in instances if i not in first]):
+                loads = {
+                    i.name: self.actors[i.name].load.remote(
+                        i.spec.type, i.spec.model_dump(mode="json"), i.model_path, i.name, seed, threads, slots[i.name].gpu_memory_utilization
+                    )
+                    for i in group
+                }
+                for inst in group:
+                    self.infos[inst.name] = self._get(inst, loads[inst.name], timeouts.load_timeout_s, "failed to load")
+                    self.start_s[inst.name] = time.time() - t0
+        except BaseException:
+            self.close()
+            raise
+
+    def _await_placement(self, inst: EngineInstance, placement, timeouts, t0: float) -> None:
+        import ray
+        from ray.exceptions import GetTimeoutError, RuntimeEnvSetupError
+
+        env = inst.spec.env
+        what = f"pip: {', '.join(env.pip)}" if env and env.pip else (f"python: {env.python}" if env else "")
+        limit = timeouts.env_timeout_s if env else timeouts.timeout_s
+        status = self.console.status(f"building the environment of {inst.name} ({what})") if env and self.console else contextlib.nullcontext()
+        try:
+            with status:
+                ray.get(self.actors[inst.name].ping.remote(), timeout=max(1.0, limit - (time.time() - t0)))
+        except GetTimeoutError:
+            free = ray.available_resources()
+            slot = placement.slots[inst.name]
+            building = f" (building its environment, {what}, took too long: raise placement.env_timeout_s)" if env else ""
+            raise CrossengineError(
+                f"engine {inst.name!r} was not placed within {limit:g}s{building}: it needs {slot.gpus:g} GPU; the cluster has "
+                f"{free.get('GPU', 0):g} of {placement.cluster.gpus:g} GPUs and {free.get('CPU', 0):g} of {placement.cluster.cpus:g} CPUs free "
+                "(a busy cluster? free it, lower num_gpus, or raise placement.timeout_s)"
+            ) from None
+        except RuntimeEnvSetupError as exc:
+            raise CrossengineError(f"engine {inst.name!r}: its environment ({what}) could not be built: {one_line(exc)}") from None
+        except Exception as exc:  # noqa: BLE001
+            raise CrossengineError(f"engine {inst.name!r} ({inst.spec.type}) failed to start: {one_line(exc)}") from None
+        if env and self.console:
+            self.console.print(f"environment of {inst.name} ready ({what}) after {time.time() - t0:.1f}s", highlight=False)
+
+    def _get(self, inst: EngineInstance, ref, timeout: float, doing: str):
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        try:
+            return ray.get(ref, timeout=timeout)
+        except GetTimeoutError:
+            raise CrossengineError(f"engine {inst.name!r} ({inst.spec.type}) did not finish loading within {timeout:g}s (placement.load_timeout_s)") from None
+        except Exception as exc:  # noqa: BLE001 - any load failure becomes one line naming the engine
+            raise CrossengineError(f"engine {inst.name!r} ({inst.spec.type}) {doing}: {one_line(exc)}") from None
+
+    def call(self, name: str, method: str, *args):
+        """An ObjectRef for `engine.method(*args)` in engine `name`'s worker."""
+        return self.actors[name].call.remote(method, *args)
 
     def engine_timings(self) -> dict[str, dict[str, float]]:
         import ray
 
-        return {name: ray.get(actor.timings.remote()) for name, actor in self.actors.items()}
+        return {name: ray.get(self.call(name, "timings"), timeout=60) for name in self.actors}
 
     def close(self) -> None:
         import ray
 
-        for actor in self.actors.values():
-            try:
-                ray.get(actor.close.remote(), timeout=60)
-            except Exception:  # noqa: BLE001 - best effort; the actor is killed next
-                pass
+        for name, actor in self.actors.items():
+            if name in self.infos:
+                try:
+                    ray.get(actor.call.remote("close"), timeout=60)
+                except Exception:  # noqa: BLE001 - best effort; the actor is killed next
+                    pass
             ray.kill(actor)
         self.actors = {}
 
 
-def ensure_ray(address: str | None) -> float:
-    """Join a cluster or start a local one; returns the GPUs it has."""
+def ensure_ray(address: str | None, num_gpus: float | None = None) -> None:
+    """Join a cluster, or start a local one (with `num_gpus` GPUs advertised, if given)."""
     import ray
 
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": os.cpu_count()}
+        if num_gpus is not None and not address:
+            kwargs["num_gpus"] = num_gpus
         ray.init(log_to_driver=False, configure_logging=False, include_dashboard=False, **kwargs)
-    return float(ray.cluster_resources().get("GPU", 0))

@@ -56,6 +56,12 @@ def print_summary(run_dir: Path, console) -> None:
 
     meta = json.loads((run_dir / "run.json").read_text())
     reference = meta["reference"]
+    if "n_nonfinite" in summary:
+        pooled = summary[(summary["modality"] == "all") & (summary["n_nonfinite"] > 0)]
+        for _, r in pooled.iterrows():
+            name = r["cand_engine"] if r["variant"] == "base" else r["variant"]
+            console.print(f"[red]non-finite[/red] log-probs at {int(r['n_nonfinite'])} token(s) of {str(name)!r} vs {reference!r}: "
+                          "see the `nonfinite` column (ref/cand/both); their metrics are null and left out of the summary", highlight=False)
     if meta["experiment"].get("variants"):
         console.print(ablation_table(summary, reference))
     if (run_dir / "nearest.parquet").exists():
@@ -93,3 +99,20 @@ def ablation_table(summary: pd.DataFrame, reference: str):
         name = r["cand_engine"] if r["variant"] == "base" else r["variant"]
         table.add_row(name, *[_fmt(r[c], p) for c, _, p in ABLATION])
     return table
+
+
+def compare_view(table: pd.DataFrame, run_a: Path, run_b: Path):
+    """Terminal view of `crossengine compare`: the pooled rows, A -> B and the change."""
+    from rich.table import Table
+
+    t = Table(title=f"compare: A {run_a}  ->  B {run_b}", title_justify="left")
+    for col in ("candidate", "split", "status", "top1 A", "top1 B", "KL A", "KL B", "KL change", "abs_max A", "abs_max B"):
+        t.add_column(col, justify="left" if col in ("candidate", "split", "status") else "right")
+    changed = 0
+    for _, r in table.iterrows():
+        diff = r["kl_mean_change"]
+        changed += int(r["status"] != "both" or (pd.notna(diff) and diff != 0))
+        t.add_row(r["candidate"], r["split"], r["status"], _fmt(r["top1_agreement_a"], "{:.4f}"), _fmt(r["top1_agreement_b"], "{:.4f}"),
+                  _fmt(r["kl_mean_a"], "{:.3g}"), _fmt(r["kl_mean_b"], "{:.3g}"), _fmt(diff, "{:+.3g}"), _fmt(r["abs_max_a"], "{:.3g}"), _fmt(r["abs_max_b"], "{:.3g}"))
+    t.caption = f"{changed} of {len(table)} rows changed" if changed else "no changes"
+    return t

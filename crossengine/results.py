@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 from .adapters.base import ATTENTIONS, MODALITIES
 from .metrics import METRIC_COLUMNS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: + nonfinite
 _DICT = pa.dictionary(pa.int32(), pa.string())
 KEY_COLUMNS: dict[str, pa.DataType] = {
     "run_id": _DICT,
@@ -42,13 +43,22 @@ KEY_COLUMNS: dict[str, pa.DataType] = {
     "ref_engine": _DICT,
     "cand_engine": _DICT,
     "variant": _DICT,
+    "nonfinite": _DICT,
 }
 TOKEN_SCHEMA = pa.schema(
     [pa.field(k, t) for k, t in KEY_COLUMNS.items()]
     + [pa.field(k, pa.type_for_alias(t)) for k, t in METRIC_COLUMNS.items()],
     metadata={"crossengine.schema_version": str(SCHEMA_VERSION)},
 )
+WORST_SCHEMA = pa.schema([
+    ("sample_id", pa.string()), ("position", pa.int32()), ("cand_engine", pa.string()), ("variant", pa.string()), ("kl", pa.float32()),
+    ("top5_ref_ids", pa.list_(pa.int32())), ("top5_ref_lp", pa.list_(pa.float32())),
+    ("top5_cand_ids", pa.list_(pa.int32())), ("top5_cand_lp", pa.list_(pa.float32())),
+])
 SEGMENTS = ("prompt", "completion")
+NONFINITE = ("ref", "cand", "both")  # which side's numbers were NaN/inf at a position; null: neither
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: files are created like any other tool's, 0666 & ~umask
 
 
 def _atomic(path: Path, write) -> None:
@@ -57,6 +67,7 @@ def _atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -67,12 +78,22 @@ def write_json(path: Path, obj: Any) -> None:
     _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str)))
 
 
+def write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def write_table(path: Path, table: pa.Table) -> None:
     _atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 def _codes(codes: np.ndarray, names: tuple[str, ...]) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), pa.array(list(names)))
+
+
+def _nullable_codes(codes: np.ndarray, names: tuple[str, ...]) -> pa.DictionaryArray:
+    """Codes 1..len(names) name a value; 0 is null."""
+    codes = codes.astype(np.int32)
+    return pa.DictionaryArray.from_arrays(pa.array(codes - 1, mask=codes == 0), pa.array(list(names)))
 
 
 def _constant(value: str, n: int) -> pa.DictionaryArray:
@@ -91,6 +112,7 @@ class TokenRows:
     attention_cand: np.ndarray
     segment: np.ndarray
     metrics: dict[str, np.ndarray]
+    nonfinite: np.ndarray  # int8: 0 finite, 1 ref, 2 cand, 3 both
 
 
 def token_table(rows: list[TokenRows], run_id: str, ref: str, cand: str, variant: str, vocab_text: pa.Array) -> pa.Table:
@@ -113,6 +135,7 @@ def token_table(rows: list[TokenRows], run_id: str, ref: str, cand: str, variant
         "ref_engine": _constant(ref, n),
         "cand_engine": _constant(cand, n),
         "variant": _constant(variant, n),
+        "nonfinite": _nullable_codes(cat("nonfinite"), NONFINITE),
     }
     for name, typ in METRIC_COLUMNS.items():
         values = np.concatenate([r.metrics[name] for r in rows]) if rows else np.empty(0)
@@ -126,16 +149,118 @@ def token_table(rows: list[TokenRows], run_id: str, ref: str, cand: str, variant
 
 
 class RunDir:
-    """A run's folder: parts, summary and run.json, and what a resumed run may skip."""
+    """A run's folder: parts, summary and run.json, and what a resumed run may skip.
+
+    A run holds an exclusive lock on its folder (`flock` on `.lock`, which the kernel frees
+    when the process dies, so a killed run never leaves a lock that blocks its resume).
+    """
+
+    LOCK = ".lock"
+    LOG = "crossengine.log"
 
     def __init__(self, root: Path):
         self.root = root
         self.tokens = root / "tokens"
         self.run_json = root / "run.json"
         self.summary = root / "summary.parquet"
+        self.log = root / self.LOG
+        self._lock_fd: int | None = None
+        self._created: list[Path] = []
+        self.took_over: str | None = None  # the previous holder, when its lock was stale
+
+    def acquire(self) -> None:
+        """Create the folder and lock it; one-line errors for an unwritable place or a live holder."""
+        from .errors import CrossengineError
+
+        missing = []
+        p = self.root
+        while not p.exists() and p != p.parent:
+            missing.append(p)
+            p = p.parent
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._created = missing  # deepest first
+        except OSError as exc:
+            raise CrossengineError(f"cannot write results to {self.root}: {exc.strerror or exc}") from None
+        for _ in range(5):  # a holder that just finished unlinks the file: lock the one on disk
+            fd = self._try_lock()
+            if fd is not None:
+                break
+        else:
+            raise CrossengineError(f"{self.root}: could not lock {self.LOCK}")
+        previous = os.read(fd, 4096).decode(errors="replace").strip()
+        if previous:
+            self.took_over = previous
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}".encode())
+        self._lock_fd = fd
+
+    def _try_lock(self) -> int | None:
+        import fcntl
+
+        from .errors import CrossengineError
+
+        path = self.root / self.LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        except OSError as exc:
+            raise CrossengineError(f"cannot write results to {self.root}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise CrossengineError(f"{self.root} is in use by a running crossengine ({holder}); wait for it to finish or choose another --run-id") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            return None
+        return fd
+
+    def release(self) -> None:
+        """Unlock; a folder this run created and left with nothing in it is removed again."""
+        if self._lock_fd is None:
+            return
+        (self.root / self.LOCK).unlink(missing_ok=True)  # while still holding it
+        os.close(self._lock_fd)
+        self._lock_fd = None
+        if self._created and not any(self.root.iterdir()):
+            for d in self._created:  # deepest first; stops at the first one something else uses
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+
+    def clear(self) -> None:
+        """--overwrite: remove everything but the lock this run holds."""
+        import shutil
+
+        for child in self.root.iterdir():
+            if child.name == self.LOCK:
+                continue
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+    def log_exception(self, headline: str, exc: BaseException) -> Path:
+        """Append the full traceback (remote ones included) to the run's log; returns its path."""
+        import traceback
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "a") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {headline}\n")
+            f.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+            f.write("\n")
+        return self.log
 
     def part(self, instance: str, batch: int) -> Path:
         return self.tokens / f"part-{instance}-{batch:05d}.parquet"
+
+    def worst_part(self, instance: str, batch: int) -> Path:
+        """The batch's highest-KL positions with both engines' top-5 (for the report's worst tokens)."""
+        return self.root / "worst" / f"part-{instance}-{batch:05d}.parquet"
 
     def greedy_part(self, instance: str, batch: int) -> Path:
         return self.root / "greedy" / f"part-{instance}-{batch:05d}.parquet"

@@ -1,13 +1,21 @@
 """Runs a plan: one Ray actor per engine instance, batches streamed through, parts on disk.
 
-For each batch every engine scores the same samples concurrently; while they work on
-batch n+1 the driver turns batch n into metric rows and writes one Parquet part per
-candidate. Logits never outlive their batch. A batch whose parts all exist is skipped,
-which is all a resumed run needs.
+The run folder is locked first (before Ray: an unwritable or busy folder fails in a second),
+then engines are placed (crossengine/placement.py) and started wave by wave. For each batch
+the reference prepares the samples (tokenises, expands images), every engine scores them
+concurrently, and while they work on batch n+1 the driver turns batch n into metric rows and
+writes one Parquet part per candidate. Logits never outlive their batch; the driver never
+holds more than a batch or two of samples. A batch whose parts all exist is skipped, which
+is all a resumed run needs. Summary, nearest table and report are reduced from the Parquet in
+a Ray worker. Every stop (Ctrl-C, SIGTERM, a dead worker) keeps the finished batches and
+prints the exact command that resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +27,6 @@ import pyarrow as pa
 from . import __version__
 from .adapters.base import Sample, SampleError, TokenLogprobs
 from .align import check_scores
-from .config import experiment_error
 from .errors import CrossengineError
 from .metrics import token_metrics
 from .plan import EngineInstance, Plan
@@ -29,59 +36,89 @@ from .results import RunDir, TokenRows, git_sha, host_info, token_table, write_t
 from .summary import summarize
 
 
-def raw_samples(plan: Plan) -> list[dict[str, Any]]:
+def raw_sample(plan: Plan, i: int) -> dict[str, Any]:
+    """What the reference engine needs to prepare sample i (ids are assigned by config)."""
     exp = plan.experiment
-    return [
-        {
-            "id": s.id or f"s{i}",
-            "text": s.text,
-            "images": [str(p) for p in s.images],
-            "token_ids": s.token_ids,
-            "max_length": exp.max_length,
-        }
-        for i, s in enumerate(exp.samples)
-    ]
+    s = exp.samples[i]
+    return {"id": s.id, "text": s.text, "images": [str(p) for p in s.images], "token_ids": s.token_ids, "max_length": exp.max_length}
 
 
-def prepare_samples(plan: Plan, pool: EnginePool) -> list[Sample]:
-    """Tokenise once, on the reference; a sample that cannot be prepared is an input error."""
-    import ray
+SAMPLES_IN_RUN_JSON = 1000
 
-    raw = raw_samples(plan)
-    ref = pool.actors[plan.reference.name]
+
+def samples_fingerprint(exp) -> str:
+    """Hash of every sample (ids, texts, images, token ids): two runs of the same samples share it."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for s in exp.samples:
+        h.update(json.dumps(s.model_dump(mode="json", exclude={"images"}), sort_keys=True).encode())
+        for img in s.images:  # by content: the same experiment copied elsewhere has the same samples
+            h.update(hashlib.sha256(Path(img).read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers send before killing a job), handled exactly like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Install after ray.init, which sets its own SIGTERM handler (sys.exit) in the driver."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
-        samples = ray.get(ref.prepare.remote(raw))
-    except Exception as exc:  # noqa: BLE001
-        cause = getattr(exc, "cause", exc)
-        if isinstance(cause, SampleError):
-            idx = next(i for i, r in enumerate(raw) if r["id"] == cause.sample_id)
-            raise experiment_error(plan.experiment_path, ("samples", idx), cause.message) from None
-        raise CrossengineError(f"reference {plan.reference.name!r} could not prepare samples: {one_line(exc)}") from None
-    vocab = pool.infos[plan.reference.name]["extra"].get("vocab_size")
-    for i, s in enumerate(samples):
-        if vocab is not None and int(s.input_ids.max()) >= vocab:
-            j = int(np.argmax(s.input_ids >= vocab))
-            msg = f"token id {int(s.input_ids[j])} >= vocab size {vocab} of {plan.reference.name}"
-            raise experiment_error(plan.experiment_path, ("samples", i, "token_ids", j), msg)
-    return samples
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class EngineFailure(CrossengineError):
+    """An engine's worker died or raised mid-run: one line; the traceback is in the run's log."""
 
 
 class Runner:
-    """Drives one run; `run()` returns the run folder."""
+    """Drives one run; `run()` returns the run folder.
 
-    def __init__(self, plan: Plan, console=None, address: str | None = None, overwrite: bool = False, localize_only: bool = False):
+    `address`/`num_gpus` are how the CLI reached Ray; they are part of the resume command
+    printed when a run stops early, so that following it continues this very run.
+    """
+
+    def __init__(self, plan: Plan, console=None, address: str | None = None, overwrite: bool = False, localize_only: bool = False, num_gpus: float | None = None):
         self.plan = plan
         self.localize_only = localize_only
         self.console = console
         self.address = address
+        self.num_gpus = num_gpus
         self.overwrite = overwrite
         self.run_dir = RunDir(plan.run_dir)
         self.errors: list[dict[str, str]] = []
         self.timings: dict[str, float] = {}
+        self.placement = None
+        self._ref_digests: dict[int, str] = {}  # batch -> digest of the first wave's reference scores
 
     def _say(self, msg: str) -> None:
         if self.console is not None:
-            self.console.print(msg)
+            self.console.print(msg, soft_wrap=True)  # never wrapped: lines hold commands to copy
+
+    @property
+    def resume_command(self) -> str:
+        import shlex
+
+        cmd = ["crossengine", "localize" if self.localize_only else "run", str(self.plan.experiment_path), "--run-id", self.plan.run_id,
+               "--output-dir", str(self.plan.run_dir.parent)]
+        if self.address:
+            cmd += ["--address", self.address]
+        if self.num_gpus is not None:
+            cmd += ["--num-gpus", f"{self.num_gpus:g}"]
+        return shlex.join(cmd)
 
     def _check_existing(self) -> dict | None:
         meta = self.run_dir.read_meta()
@@ -92,68 +129,129 @@ class Runner:
         if meta.get("fingerprint") != self.plan.fingerprint and not self.overwrite:
             raise CrossengineError(f"{self.run_dir.root}: the experiment changed since this run started; pass --overwrite or choose another --run-id")
         if self.overwrite:
-            import shutil
-
-            shutil.rmtree(self.run_dir.root)
+            self.run_dir.clear()
             return None
         return meta
 
     def run(self) -> Path:
-        import ray
+        """Lock the run folder (before Ray: an unwritable or busy folder fails in a second), run, unlock."""
+        self.run_dir.acquire()
+        if self.run_dir.took_over:
+            self._say(f"taking over the run folder from a run that no longer holds it ({self.run_dir.took_over})")
+        try:
+            return self._run()
+        except KeyboardInterrupt:
+            self._say(f"[yellow]interrupted; finished batches are kept. Resume with: {self.resume_command}")
+            raise
+        finally:
+            self.run_dir.release()
 
+    def _run(self) -> Path:
         t0 = time.time()
         resumed = self._check_existing()
-        gpus = ensure_ray(self.address)
-        cpus = float(ray.cluster_resources().get("CPU", 1))
+        ensure_ray(self.address, self.num_gpus)
         self.timings["ray_init_s"] = time.time() - t0
-        waves = self.plan.waves(gpus)
+        with sigterm_as_interrupt():
+            return self._run_engines(t0, resumed)
+
+    def _run_engines(self, t0: float, resumed: dict | None) -> Path:
+        from .placement import make_placement
+
+        exp = self.plan.experiment
+        always = [self.plan.reference] + ([self._generator()] if exp.mode == "generate" and self._generator() is not self.plan.reference else [])
+        self.placement = make_placement(always, [c for c in self.plan.candidates if c not in always], exp.placement)
+        if self.console is not None and (self.placement.cluster.gpus or self.placement.notes):
+            self.console.print(self.placement.table())
+            for note in self.placement.notes:
+                self._say(note)
+        waves = [[c for c in self.plan.candidates if c in always] + wave for wave in self.placement.waves]
+        cpus = self.placement.cluster.cpus or 1.0
         infos: dict[str, dict] = {}
-        samples: list[Sample] | None = None
-        try:
-            for w, wave in enumerate(waves):
-                t = time.time()
-                members = [self.plan.reference, *wave]
-                if self.plan.experiment.mode == "generate" and self._generator() not in members:
-                    members.append(self._generator())  # it samples every batch, whichever wave scores
-                pool = EnginePool(members, self.plan.experiment.seed, cpus, self.plan.experiment_path.parent, self.console)
-                self.timings[f"engine_start_s_wave{w}"] = time.time() - t
-                self.timings.update({f"{name}.ready_after_s": v for name, v in pool.start_s.items()})
-                infos.update(pool.infos)
-                try:
-                    if samples is None:
-                        samples = prepare_samples(self.plan, pool)
-                        vocab_text = pa.array(ray.get(pool.actors[self.plan.reference.name].token_texts.remote()), pa.string())
-                        self._start_meta(infos, resumed, len(samples))
-                    if not self.localize_only:
-                        self._run_wave(pool, wave, samples, vocab_text)
-                    if self.plan.experiment.localize is not None:
-                        self._localize(pool, samples)
-                    for name, t_engine in pool.engine_timings().items():
-                        self.timings.update({f"{name}.{k}": v for k, v in t_engine.items()})
-                finally:
-                    pool.close()
-        except KeyboardInterrupt:
-            self._say(f"[yellow]interrupted; finished batches are kept. Resume with: crossengine run {self.plan.experiment_path} --run-id {self.plan.run_id}")
-            raise
+        started = False
+        for w, wave in enumerate(waves):
+            t = time.time()
+            members = [self.plan.reference, *[m for m in always if m is not self.plan.reference and m not in wave], *wave]
+            pool = EnginePool(members, self.placement, exp.seed, cpus, self.plan.experiment_path.parent, exp.placement, self.console)
+            self.timings[f"engine_start_s_wave{w}"] = time.time() - t
+            self.timings.update({f"{name}.ready_after_s": v for name, v in pool.start_s.items()})
+            infos.update(pool.infos)
+            try:
+                if not started:
+                    vocab_text = pa.array(self._get(self.plan.reference.name, pool.call(self.plan.reference.name, "token_texts"), "listing its vocabulary"), pa.string())
+                    self._start_meta(infos, resumed)
+                    started = True
+                if not self.localize_only:
+                    self._run_wave(pool, wave, vocab_text, w)
+                if exp.localize is not None:
+                    self._localize(pool)
+                for name, t_engine in pool.engine_timings().items():
+                    self.timings.update({f"{name}.{k}": v for k, v in t_engine.items()})
+            finally:
+                pool.close()
         if self.localize_only:
             self._finish_meta(infos)
             return self.run_dir.root
         t = time.time()
-        summary = summarize(self.run_dir.tokens)
+        summary, nearest = self._reduce()
         write_table(self.run_dir.summary, pa.Table.from_pandas(summary, preserve_index=False))
-        if len(self.plan.candidates) > 1:
-            from .nearest import nearest_table
-
-            nearest = nearest_table(self.run_dir.tokens, self.plan.reference.name)
+        if nearest is not None:
             write_table(self.run_dir.root / "nearest.parquet", pa.Table.from_pandas(nearest, preserve_index=False))
         self.timings["summary_s"] = time.time() - t
         self.timings["total_s"] = time.time() - t0
         self._finish_meta(infos)
+        self._write_report()
         return self.run_dir.root
+
+    def _write_report(self) -> None:
+        """report.html, built in a Ray worker like the summary; a failure is a note, never a failed run."""
+        import ray
+
+        from .html_report import run_report
+
+        try:
+            path = ray.get(ray.remote(num_cpus=0)(run_report).remote(self.run_dir.root), timeout=600)
+            self._say(f"report: {path}")
+        except Exception as exc:  # noqa: BLE001
+            self._say(f"[yellow]note[/yellow]: report.html was not written ({one_line(exc)}); try crossengine report {self.run_dir.root} --html")
+
+    def _reduce(self):
+        """Summary and nearest-engine tables, computed in a Ray worker from the token Parquet:
+        the driver never holds a run's token rows, only these small tables."""
+        import ray
+
+        task = ray.remote(num_cpus=0)(_reduce_tokens)
+        return self._get("summary", task.remote(str(self.run_dir.tokens), self.plan.reference.name, len(self.plan.candidates) > 1), "summarising the run")
+
+    # ---------------------------------------------------------------- engine calls
+
+    def _get(self, engine: str, ref, doing: str):
+        """ray.get of one engine's work; a dead or raising worker becomes one line with the resume command."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        try:
+            return ray.get(ref)
+        except (RayActorError, RayTaskError) as exc:
+            died = isinstance(exc, RayActorError)
+            head = f"engine {engine!r} {'died' if died else 'failed'} while {doing}: {one_line(exc)}"
+            log = self.run_dir.log_exception(head, exc)
+            raise EngineFailure(f"{head}; finished batches are kept (traceback: {log}). Resume with: {self.resume_command}") from None
+
+    def _prepare(self, pool: EnginePool, indices: list[int], doing: str) -> list[Sample]:
+        """Tokenise and expand one batch on the reference; a sample it cannot prepare is reported and skipped."""
+        ref = self.plan.reference.name
+        out = []
+        for item in self._get(ref, pool.call(ref, "prepare", [raw_sample(self.plan, i) for i in indices]), doing):
+            if isinstance(item, SampleError):
+                self._error(ref, item)
+            else:
+                out.append(item)
+        return out
 
     # --------------------------------------------------------------------- batches
 
-    def _run_wave(self, pool: EnginePool, wave: list[EngineInstance], samples: list[Sample], vocab_text: pa.Array) -> None:
+    def _run_wave(self, pool: EnginePool, wave: list[EngineInstance], vocab_text: pa.Array, w: int) -> None:
+        """Stream the batches through one wave: prepare, score (next batch while this one is written), write."""
         import ray
 
         exp = self.plan.experiment
@@ -165,16 +263,18 @@ class Runner:
             extra = [p for p in self._extra_parts(wave, b) if not p.exists()]
             if missing or extra:  # a generated batch is redone whole: its parts share one sampling
                 todo.append((b, idx, wave if generative else missing))
-        progress = engine_progress(self.console, [ref, *wave], len(samples), self.plan, self.run_dir)
+        progress = engine_progress(self.console, [ref, *wave], len(exp.samples), self.plan, self.run_dir)
 
         def submit(item):
             b, idx, cands = item
-            batch = [samples[i] for i in idx]
+            batch = self._prepare(pool, idx, f"preparing batch {b}")
             gens = {}
-            if generative:
-                batch, gens = self._generate(pool, batch, cands)
-            batch_ref = ray.put(batch)
-            futures = {inst.name: pool.actors[inst.name].score.remote(batch_ref, exp.top_k, exp.full_vocab) for inst in [ref, *cands]}
+            if generative and batch:
+                batch, gens = self._generate(pool, batch, cands, b)
+            futures = {}
+            if batch:
+                batch_ref = ray.put(batch)
+                futures = {inst.name: pool.call(inst.name, "score", batch_ref, exp.top_k, exp.full_vocab) for inst in [ref, *cands]}
             return b, idx, batch, cands, futures, gens
 
         t = time.time()
@@ -184,22 +284,46 @@ class Runner:
                 b, idx, batch, cands, futures, gens = pending
                 if not generative:  # engines start on the next batch while this one is written
                     pending = submit(todo[n + 1]) if n + 1 < len(todo) else None
-                ref_out = ray.get(futures[ref.name])
+                doing = f"scoring batch {b} (samples {', '.join(self.plan.experiment.samples[i].id for i in idx[:3])}{', ...' if len(idx) > 3 else ''})"
+                ref_out = self._get(ref.name, futures[ref.name], doing) if batch else []
+                self._check_reference(b, w, ref_out)
                 progress.advance(ref.name, len(idx))
                 for inst in cands:
-                    cand_out = ray.get(futures[inst.name])
+                    cand_out = self._get(inst.name, futures[inst.name], doing) if batch else []
                     self._write_part(b, inst.name, inst.cand_engine, inst.variant, batch, ref_out, cand_out, vocab_text)
                     progress.advance(inst.name, len(idx))
                 if generative:
-                    self._write_generated(b, batch, ref_out, gens, vocab_text)
+                    self._write_generated(b, batch, ref_out, gens, vocab_text, cands)
                     pending = submit(todo[n + 1]) if n + 1 < len(todo) else None
         self.timings["scoring_s"] = self.timings.get("scoring_s", 0.0) + time.time() - t
 
-    def _localize(self, pool: EnginePool, samples: list[Sample]) -> None:
+    def _check_reference(self, b: int, w: int, ref_out: list) -> None:
+        """Every wave re-runs the reference: its scores must be bitwise those of the first wave."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for r in ref_out:
+            if isinstance(r, SampleError):
+                h.update(r.message.encode())
+                continue
+            for a in (r.token_logprobs, r.topk_ids, r.topk_logprobs):
+                h.update(np.ascontiguousarray(a).tobytes())
+        digest = h.hexdigest()
+        first = self._ref_digests.setdefault(b, digest)
+        if first != digest:
+            raise CrossengineError(
+                f"the reference {self.plan.reference.name!r} scored batch {b} differently in wave {w} than in the first wave "
+                "(not bitwise identical): its engine is not deterministic, so candidates of different waves are not comparable; "
+                "run them in one wave (more GPUs, or placement.gpu_memory_gb) or make the reference deterministic"
+            )
+
+    def _localize(self, pool: EnginePool) -> None:
         from .localize import localize_wave, print_localization
 
         t = time.time()
-        layers, buffers = localize_wave(pool, self.plan, samples)
+        n = min(self.plan.experiment.localize.samples, len(self.plan.experiment.samples))
+        samples = self._prepare(pool, list(range(n)), "preparing samples to localise")
+        layers, buffers, messages = localize_wave(pool, self.plan, samples)
         for name, frame in (("layers", layers), ("buffers", buffers)):
             path = self.run_dir.root / f"{name}.parquet"
             if path.exists() and not frame.empty:  # later waves add their candidates
@@ -208,7 +332,7 @@ class Runner:
                 write_table(path, pa.Table.from_pandas(frame, preserve_index=False))
         self.timings["localize_s"] = self.timings.get("localize_s", 0.0) + time.time() - t
         if self.console is not None:
-            print_localization(layers, buffers, self.plan.experiment.localize.tolerance, self.console)
+            print_localization(layers, buffers, self.plan.experiment.localize.tolerance, self.console, messages)
 
     # ------------------------------------------------------------------ generation
 
@@ -225,10 +349,8 @@ class Runner:
             return [self.run_dir.greedy_part(c.name, b) for c in wave]
         return []
 
-    def _generate(self, pool: EnginePool, batch: list[Sample], cands: list[EngineInstance]):
+    def _generate(self, pool: EnginePool, batch: list[Sample], cands: list[EngineInstance], b: int):
         """Sample (or decode greedily) with the generator; in greedy mode every engine decodes."""
-        import ray
-
         from .generation import extend_samples
 
         exp = self.plan.experiment
@@ -237,8 +359,8 @@ class Runner:
         generator = self.plan.reference if greedy else self._generator()
         deciders = [generator, *cands] if greedy else [generator]
         t = time.time()
-        futures = {i.name: pool.actors[i.name].generate.remote(batch, sampling, exp.top_k) for i in deciders}
-        outs = {name: ray.get(f) for name, f in futures.items()}
+        futures = {i.name: pool.call(i.name, "generate", batch, sampling, exp.top_k) for i in deciders}
+        outs = {name: self._get(name, f, f"generating batch {b}") for name, f in futures.items()}
         self.timings["generate_s"] = self.timings.get("generate_s", 0.0) + time.time() - t
         special = set(pool.infos[self.plan.reference.name]["extra"].get("special_ids", []))
         extended, gens, errors = extend_samples(batch, outs[generator.name], special)
@@ -246,9 +368,13 @@ class Runner:
             self._error(generator.name, err)
         return extended, {"generator": generator.name, "gens": gens, "raw": outs, "cands": cands, "prompts": batch}
 
-    def _write_generated(self, b: int, batch: list[Sample], ref_out: list, gens: dict, vocab_text: pa.Array) -> None:
+    def _write_generated(self, b: int, batch: list[Sample], ref_out: list, gens: dict, vocab_text: pa.Array, cands: list[EngineInstance]) -> None:
         from .generation import GREEDY_SCHEMA, greedy_divergence, sampled_scores
 
+        if not gens:  # every sample of the batch failed to prepare: empty parts mark it done
+            for path in self._extra_parts(cands, b):
+                write_table(path, token_table([], self.plan.run_id, "", "", "", vocab_text) if path.parent == self.run_dir.tokens else pa.Table.from_pylist([], schema=GREEDY_SCHEMA))
+            return
         if self.plan.experiment.mode == "generate":
             name = gens["generator"]
             inst = next(i for i in self.plan.instances if i.name == name)
@@ -274,6 +400,7 @@ class Runner:
     ) -> None:
         exp = self.plan.experiment
         rows: list[TokenRows] = []
+        scored: list[tuple[TokenLogprobs, TokenLogprobs]] = []
         for sample, r, c in zip(batch, ref_out, cand_out):
             if isinstance(r, SampleError) or isinstance(c, SampleError):
                 for x, who in ((r, self.plan.reference.name), (c, name)):
@@ -285,6 +412,8 @@ class Runner:
                 self._error(name, misaligned)
                 continue
             rows.append(_rows(sample, r, c, exp.tie_eps, completion_only))
+            scored.append((r, c))
+        write_table(self.run_dir.worst_part(name, b), worst_table(rows, scored, cand_engine, variant))  # before the part that marks the batch done
         table = token_table(rows, self.plan.run_id, self.plan.reference.name, cand_engine, variant, vocab_text)
         write_table(self.run_dir.part(name, b), table)
 
@@ -292,32 +421,48 @@ class Runner:
         entry = {"sample_id": err.sample_id, "engine": engine, "error": err.message}
         if entry not in self.errors:
             self.errors.append(entry)
-            self._say(f"[red]error[/red] engine {engine!r}: {err} (sample skipped)")
+            where = ""
+            if err.detail:  # an unexpected exception: its traceback goes to the run's log
+                with open(self.run_dir.log, "a") as f:
+                    f.write(f"--- engine {engine!r}, sample {err.sample_id}: {err.message}\n{err.detail}\n")
+                where = f"; traceback: {self.run_dir.log}"
+            self._say(f"[red]error[/red] engine {engine!r}: {err} (sample skipped{where})")
 
     # ---------------------------------------------------------------------- run.json
 
-    def _start_meta(self, infos: dict, resumed: dict | None, n_samples: int) -> None:
+    def _start_meta(self, infos: dict, resumed: dict | None) -> None:
         meta = resumed or {
             "run_id": self.plan.run_id,
             "schema_version": 1,
             "crossengine_version": __version__,
             "git_sha": git_sha(),
             "experiment_file": str(self.plan.experiment_path),
-            "experiment": self.plan.experiment.model_dump(mode="json"),
+            "experiment": self._experiment_json(),
+            "samples_fingerprint": samples_fingerprint(self.plan.experiment),
             "fingerprint": self.plan.fingerprint,
             "reference": self.plan.reference.name,
             "candidates": {c.name: {"cand_engine": c.cand_engine, "variant": c.variant} for c in self.plan.candidates},
             "model_paths": {i.name: i.model_path for i in self.plan.instances},
             "host": host_info(),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "n_samples": n_samples,
+            "n_samples": len(self.plan.experiment.samples),
             "n_batches": len(self.plan.batches),
         }
         if resumed:
             meta.setdefault("resumed_at", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             self._say(f"resuming run {self.plan.run_id}: finished batches are skipped")
-        meta.update(status="running", engines=infos)
+        meta.update(status="running", engines=infos, placement=self.placement.to_json())
         self.run_dir.write_meta(meta)
+
+    def _experiment_json(self) -> dict:
+        """The experiment as resolved; the sample list only up to SAMPLES_IN_RUN_JSON (a 100k-sample
+        run would make run.json hundreds of MB): beyond, its count and fingerprint stand for it."""
+        exp = self.plan.experiment
+        if len(exp.samples) <= SAMPLES_IN_RUN_JSON:
+            return exp.model_dump(mode="json")
+        out = exp.model_dump(mode="json", exclude={"samples"})
+        out["samples"] = {"omitted": len(exp.samples), "fingerprint": samples_fingerprint(exp)}
+        return out
 
     def _finish_meta(self, infos: dict) -> None:
         meta = self.run_dir.read_meta() or {}
@@ -331,6 +476,43 @@ class Runner:
         self.run_dir.write_meta(meta)
 
 
+def _reduce_tokens(tokens_dir: str, reference: str, several: bool):
+    """Runs in a Ray worker (see Runner._reduce)."""
+    summary = summarize(Path(tokens_dir))
+    if not several:
+        return summary, None
+    from .nearest import nearest_table
+
+    return summary, nearest_table(Path(tokens_dir), reference)
+
+
+WORST_PER_PART = 20
+
+
+def worst_table(rows: list[TokenRows], scored: list[tuple[TokenLogprobs, TokenLogprobs]], cand_engine: str, variant: str) -> pa.Table:
+    """The part's WORST_PER_PART positions by KL (full where known, else top-k), with both sides' top-5.
+
+    The token table keeps top-1 only (top-k for every row would multiply its size); the
+    report's worst-token table needs more, and only for a few rows, so each part keeps those.
+    """
+    from .results import WORST_SCHEMA
+
+    cands = []
+    for i, tr in enumerate(rows):
+        kl = np.where(np.isnan(tr.metrics["kl_ref_cand"]), tr.metrics["topk_kl"], tr.metrics["kl_ref_cand"])
+        for j in np.flatnonzero(np.isfinite(kl)):
+            cands.append((float(kl[j]), i, int(tr.positions[j])))
+    out = []
+    for kl, i, pos in sorted(cands, reverse=True)[:WORST_PER_PART]:
+        r, c = scored[i]
+        out.append({
+            "sample_id": rows[i].sample_id, "position": pos, "cand_engine": cand_engine, "variant": variant, "kl": kl,
+            "top5_ref_ids": r.topk_ids[pos, :5].tolist(), "top5_ref_lp": r.topk_logprobs[pos, :5].tolist(),
+            "top5_cand_ids": c.topk_ids[pos, :5].tolist(), "top5_cand_lp": c.topk_logprobs[pos, :5].tolist(),
+        })
+    return pa.Table.from_pylist(out, schema=WORST_SCHEMA)
+
+
 def _rows(sample: Sample, ref: TokenLogprobs, cand: TokenLogprobs, tie_eps: float, completion_only: bool = False) -> TokenRows:
     positions = np.arange(1, len(sample), dtype=np.int32)
     segment = np.zeros(len(positions), dtype=np.int8)
@@ -338,6 +520,7 @@ def _rows(sample: Sample, ref: TokenLogprobs, cand: TokenLogprobs, tie_eps: floa
         segment[positions >= sample.prompt_len] = 1
     keep = segment == 1 if completion_only else slice(None)
     metrics = token_metrics(ref, cand, sample.input_ids, tie_eps)
+    nonfinite = metrics.pop("nonfinite")
     return TokenRows(
         sample_id=sample.sample_id,
         positions=positions[keep],
@@ -347,4 +530,5 @@ def _rows(sample: Sample, ref: TokenLogprobs, cand: TokenLogprobs, tie_eps: floa
         attention_cand=cand.attention[1:][keep],
         segment=segment[keep],
         metrics={k: v[keep] for k, v in metrics.items()},
+        nonfinite=nonfinite[keep],
     )

@@ -20,7 +20,7 @@ KEYS = ["cand_engine", "variant", *SPLITS]
 _NEEDED = [
     "sample_id", "position", "modality", "attention", "segment", "cand_engine", "variant",
     "lp_ref", "lp_cand", "lp_diff", "prob_diff", "kl_ref_cand", "cos_sim", "topk_kl", "topk_overlap",
-    "top1_match", "top1_tie",
+    "top1_match", "top1_tie", "nonfinite",
 ]
 
 
@@ -39,7 +39,11 @@ def _position_bucket(df: pd.DataFrame) -> pd.Categorical:
 
 
 def summarize_group(g: pd.DataFrame) -> dict[str, float]:
-    """The summary metrics of one group of token rows."""
+    """The summary metrics of one group of token rows; non-finite positions are counted, not pooled."""
+    finite = g["nonfinite"].isna() if "nonfinite" in g else pd.Series(True, index=g.index)
+    n_nonfinite = int((~finite).sum())
+    n_all, samples_all = len(g), g["sample_id"].nunique()
+    g = g[finite]
     agree = g["top1_match"] | g["top1_tie"]
     mism = ~agree
     first = g[mism].groupby("sample_id", observed=True)["position"].min()
@@ -47,12 +51,13 @@ def summarize_group(g: pd.DataFrame) -> dict[str, float]:
     kl = g["kl_ref_cand"] if full else g["topk_kl"]
     abs_prob = g["prob_diff"].abs()
     row = {
-        "n_tokens": len(g),
-        "n_samples": g["sample_id"].nunique(),
+        "n_tokens": n_all,
+        "n_samples": samples_all,
+        "n_nonfinite": n_nonfinite,
         "top1_agreement": float(agree.mean()),
         "top1_mismatches": int(mism.sum()),
         "top1_ties": int(g["top1_tie"].sum()),
-        "abs_max": float(g["lp_diff"].abs().max()),
+        "abs_max": float(g["lp_diff"].abs().max()) if len(g) else np.nan,
         "abs_mean": float(g["lp_diff"].abs().mean()),
         "cos_sim": float(g["cos_sim"].mean()) if full else np.nan,
         "kl_source": "full" if full else "topk",

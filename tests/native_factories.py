@@ -22,3 +22,107 @@ def scale_logits(engine) -> str:
     head = engine.model.get_output_embeddings()
     head.weight.data.mul_(1.01)
     return "output embedding scaled by 1.01"
+
+
+def _hf_logits(model_path, dtype, device):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    return lambda input_ids, **inputs: model(input_ids=input_ids, **inputs).logits
+
+
+def slow(model_path, config, device, dtype, seconds: float = 0.4):
+    """The HF model, `seconds` slower per sample: runs long enough to be interrupted mid-way."""
+    import time
+
+    forward = _hf_logits(model_path, dtype, device)
+
+    def run(input_ids, **inputs):
+        time.sleep(seconds)
+        return forward(input_ids, **inputs)
+
+    return run
+
+
+def die_on_length(model_path, config, device, dtype, length: int = 6):
+    """The HF model, whose worker process dies (os._exit) on a sample of exactly `length` tokens."""
+    import os
+
+    forward = _hf_logits(model_path, dtype, device)
+
+    def run(input_ids, **inputs):
+        if input_ids.shape[-1] == length:
+            os._exit(3)
+        return forward(input_ids, **inputs)
+
+    return run
+
+
+def nonfinite_at(model_path, config, device, dtype, position: int = 3, value: str = "nan"):
+    """The HF model with a NaN (or +inf) in the logits that score token `position`."""
+    forward = _hf_logits(model_path, dtype, device)
+
+    def run(input_ids, **inputs):
+        logits = forward(input_ids, **inputs).clone()
+        if value == "nan":
+            logits[..., position - 1, :] = float("nan")
+        else:
+            logits[..., position - 1, 7] = float("inf")
+        return logits
+
+    return run
+
+
+def custom_tree(model_path, config, device, dtype, nudge: str | None = None):
+    """A model of our own, named nothing like HF (emb, trunk.N.mix.q, trunk.N.ff.up, fin, out),
+    deterministic from seed 0; `nudge` adds 1e-3 to one named weight."""
+    import torch
+    from torch import nn
+
+    class Mix(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+
+        def forward(self, x):
+            t = x.shape[1]
+            scores = self.q(x) @ self.k(x).transpose(1, 2) / x.shape[-1] ** 0.5
+            scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+            return self.o(scores.softmax(-1) @ self.v(x))
+
+    class FF(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.up, self.act, self.down = nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d)
+
+        def forward(self, x):
+            return self.down(self.act(self.up(x)))
+
+    class Stage(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.pre, self.mix, self.post, self.ff = nn.LayerNorm(d), Mix(d), nn.LayerNorm(d), FF(d)
+
+        def forward(self, x):
+            x = x + self.mix(self.pre(x))
+            return x + self.ff(self.post(x))
+
+    class Net(nn.Module):
+        def __init__(self, vocab, d=64):
+            super().__init__()
+            self.emb = nn.Embedding(vocab, d)
+            self.trunk = nn.ModuleList(Stage(d) for _ in range(2))
+            self.fin, self.out = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+
+        def forward(self, input_ids, **inputs):
+            x = self.emb(input_ids)
+            for stage in self.trunk:
+                x = stage(x)
+            return self.out(self.fin(x))
+
+    torch.manual_seed(0)
+    net = Net(config.vocab_size)
+    if nudge:
+        with torch.no_grad():
+            dict(net.named_parameters())[nudge].add_(1e-3)
+    return net.to(dtype)

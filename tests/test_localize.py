@@ -45,13 +45,97 @@ def test_a_nudged_layer_is_localised_to_exactly_that_layer(ray_cluster, nudged_m
     layers = pd.read_parquet(tmp_path / "out" / "l" / "layers.parquet")
     nudged = layers[layers["cand_engine"] == "nudged"].sort_values("order")
     over = nudged[nudged["max_abs_diff"] > 1e-6]
-    assert over.iloc[0]["module"] == "layers.1.mlp", over[["module", "max_abs_diff"]]
+    assert over.iloc[0]["module"] == NUDGED.removesuffix(".weight"), over[["module", "max_abs_diff"]]  # the leaf whose weight moved
     before = nudged[nudged["order"] < over.iloc[0]["order"]]
     assert len(before) >= 4 and (before["max_abs_diff"] == 0).all(), "embeddings, layer 0 and layer 1's attention are untouched"
     same = layers[layers["cand_engine"] == "same"]
     assert len(same) == len(nudged) and (same["max_abs_diff"] == 0).all() and (same["first_position"] == -1).all()
-    assert "first divergence at module layers.1.mlp" in result.output
+    assert f"first divergence at module {NUDGED.removesuffix('.weight')}" in result.output
     assert not (tmp_path / "out" / "l" / "tokens").exists(), "localize alone scores nothing"
+
+
+def test_a_model_with_its_own_names_is_localised_with_no_modules_and_no_map(ray_cluster, tmp_path):
+    """Default capture is the whole tree: a nudged leaf of a non-HF-named model is found exactly."""
+    path = tmp_path / "custom.yaml"
+    factory = "tests.native_factories:custom_tree"
+    path.write_text(
+        f"model: tiny-text\nreference: mine\nengines:\n  mine: {{type: native, factory: '{factory}'}}\n"
+        f"  again: {{type: native, factory: '{factory}'}}\n"
+        f"  nudged: {{type: native, factory: '{factory}', options: {{nudge: trunk.1.ff.down.weight}}}}\n"
+        "samples:\n  - text: 'The quick brown fox jumps over the lazy dog.'\nlocalize: {tolerance: 1.0e-6}\n"
+    )
+    result = CliRunner().invoke(app, ["localize", str(path), "--output-dir", str(tmp_path / "out"), "--run-id", "c"])
+    assert result.exit_code == 0, result.output
+    layers = pd.read_parquet(tmp_path / "out" / "c" / "layers.parquet")
+    nudged = layers[layers["cand_engine"] == "nudged"].sort_values("order")
+    assert {"emb", "trunk.0.mix.q", "trunk.1.ff", "fin", "out"} <= set(nudged["module"]), "every module, whatever its name"
+    first = nudged[nudged["max_abs_diff"] > 1e-6].iloc[0]
+    assert first["module"] == "trunk.1.ff.down" and first["leaf"] and first["input_max_abs_diff"] == 0
+    assert (nudged[nudged["order"] < first["order"]]["max_abs_diff"] == 0).all()
+    assert "first divergence at module trunk.1.ff.down" in result.output and "appearing inside it" in result.output
+    assert (layers.loc[layers["cand_engine"] == "again", "max_abs_diff"] == 0).all()
+
+
+def test_a_capture_that_matches_nothing_says_why(ray_cluster, tmp_path):
+    """HF names its embedding model.embed_tokens; `^emb$` captures nothing there: a message, no empty table."""
+    path = tmp_path / "none.yaml"
+    path.write_text(
+        "model: tiny-text\nreference: mine\nengines:\n  mine: {type: native, factory: 'tests.native_factories:custom_tree'}\n"
+        "  hf: {type: hf}\nsamples:\n  - text: 'The quick brown fox'\nlocalize: {modules: ['^emb$'], audit_buffers: false}\n"
+    )
+    result = CliRunner().invoke(app, ["localize", str(path), "--output-dir", str(tmp_path / "out"), "--run-id", "n"])
+    assert result.exit_code == 0, result.output
+    assert "hf: no module matches the reference's" in result.output and "mine has [emb], hf has [none]" in result.output
+    assert not (tmp_path / "out" / "n" / "layers.parquet").exists()
+
+
+def _engine_captures(kind: str, fixture: str):
+    from crossengine.adapters import engine_class
+    from crossengine.config import EngineSpec
+
+    engine = engine_class(kind)(EngineSpec(type=kind, dtype="float32", device="cpu"), str(ensure_fixture(fixture)), kind)
+    sample = engine.prepare([{"id": "s", "text": "The quick brown fox jumps over the lazy dog.", "images": [], "token_ids": None, "max_length": None}])[0]
+    return engine.capture([sample], None)[0]
+
+
+def test_hf_and_olmo_core_align_without_the_built_in_map():
+    """Two implementations, two naming schemes: forward order, shape and values pair them as the map does."""
+    pytest.importorskip("olmo_core", reason="OLMo-core (ai2-olmo-core) is not installed")
+    from crossengine.localize import canonical, compare
+
+    hf, olmo = _engine_captures("hf", "tiny-olmo2"), _engine_captures("native", "tiny-olmo2")
+    key = lambda caps, kind: [{**c, "key": canonical(c["name"], kind, {})} for c in caps]  # noqa: E731
+    with_map = compare(key(hf, "hf"), key(olmo, "olmo-core"), 1e-5)
+    without = compare(key(hf, "hf"), key(olmo, "no-map"), 1e-5)
+    anchored = with_map[[canonical(c, "olmo-core", {}) == canonical(m, "hf", {}) for m, c in zip(with_map["module"], with_map["cand_module"])]]
+    assert len(anchored) >= 8, "embeddings, 2 blocks x (block, attention, MLP), final norm"
+    pairs_without = set(zip(without["module"], without["cand_module"]))
+    assert set(zip(anchored["module"], anchored["cand_module"])) <= pairs_without
+    assert (without["module"] != without["cand_module"]).sum() > len(anchored) / 2, "names really differ"
+    pd.testing.assert_frame_equal(
+        anchored.drop(columns=["order"]).reset_index(drop=True),
+        without[without["module"].isin(anchored["module"])].drop(columns=["order"]).reset_index(drop=True),
+    )
+
+
+def test_a_key_missing_from_the_checkpoint_is_flagged_by_name(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from crossengine.adapters.hf import HFEngine
+    from crossengine.config import EngineSpec
+
+    src = ensure_fixture("tiny-text")
+    shutil.copytree(src, tmp_path / "m")
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    del weights[NUDGED]
+    save_file(weights, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    engine = HFEngine(EngineSpec(type="hf", dtype="float32", device="cpu"), str(tmp_path / "m"), "holey")
+    flagged = {r["buffer"]: r for r in engine.audit() if not r["ok"]}
+    assert NUDGED in flagged and flagged[NUDGED]["kind"] == "parameter"
+    assert "missing from the checkpoint" in flagged[NUDGED]["issues"][0]
+    assert len([r for r in flagged.values() if r["kind"] == "parameter"]) == 1
 
 
 def test_audit_flags_an_uninitialised_non_persistent_buffer_under_transformers_5():

@@ -94,7 +94,8 @@ def test_every_metric_column_matches_numpy(full):
     ids = rng.integers(0, V, T)
     ref, cand = _scores(ref_logits, ids, full), _scores(cand_logits, ids, full)
     got = token_metrics(ref, cand, ids, tie_eps=1e-3)
-    assert set(got) == set(METRIC_COLUMNS)
+    assert set(got) == set(METRIC_COLUMNS) | {"nonfinite"}
+    assert not got["nonfinite"].any(), "finite logits are never flagged"
     for t in range(1, T):
         want = _reference_row(ref_logits[t], cand_logits[t], ids[t], ref, cand, t, full, 1e-3)
         for col, value in want.items():

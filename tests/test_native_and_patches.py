@@ -63,10 +63,11 @@ def test_drop_token_type_ids_patch_makes_gemma3_causal():
     assert "token_type_ids" in sample[0].model_inputs and not out.attention.any(), "no position is bidirectional without token_type_ids"
 
 
-def test_unknown_patch_fails_to_start(ray_cluster, write_experiment, tmp_path):
+def test_unknown_patch_is_rejected_before_anything_starts(write_experiment, tmp_path):
     path = write_experiment("model: tiny-text\nreference: a\nengines:\n  a: {type: hf}\n  b: {type: hf, patches: [no_such_patch]}\nsamples:\n  - text: hi there\n")
     result = CliRunner().invoke(app, ["run", str(path), "--output-dir", str(tmp_path / "out")])
-    assert result.exit_code == 2 and "engine 'b' (hf) failed to start" in result.stderr and "unknown patch 'no_such_patch'" in result.stderr
+    assert result.exit_code == 2 and "exp.yaml:5: engines.b.patches: unknown patch 'no_such_patch'" in result.stderr
+    assert "sdpa_is_causal_prefill" in result.stderr, "the message lists the built-in patches"
     assert not (tmp_path / "out").exists()
 
 

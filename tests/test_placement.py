@@ -1,0 +1,203 @@
+"""Placement on GPU clusters, tested on a CPU machine with clusters that advertise GPUs
+(`--num-gpus N` starts a local Ray cluster with N GPUs that torch cannot see): the plan
+never asks torch.cuda, so it is the same plan a real GPU node gets."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from crossengine.cli import app
+from crossengine.config import PlacementSpec, load_experiment
+from crossengine.placement import Cluster, PlacementError, plan_placement, safetensors_parameters
+from crossengine.plan import make_plan
+
+from .conftest import REPO, run_experiment
+
+FOUR = """\
+model: tiny-text
+reference: ref
+engines:
+  ref:   {type: hf, num_gpus: 1}
+  eager: {type: hf, num_gpus: 1, attn_implementation: eager}
+  bf16:  {type: hf, num_gpus: 1, dtype: bfloat16}
+  same:  {type: hf, num_gpus: 1}
+samples:
+  - text: "The quick brown fox jumps over the lazy dog."
+  - {id: raw, token_ids: [1, 60, 61, 62, 63, 64, 65]}
+  - text: "Numbers are computed, never typed in."
+batch_size: 2
+"""
+
+
+def _plan(write_experiment, text):
+    path = write_experiment(text)
+    return make_plan(load_experiment(path), path, run_id="p")
+
+
+def test_one_gpu_three_engines_share_it_equally_when_memory_is_unknown(write_experiment):
+    plan = _plan(write_experiment, FOUR.replace("  same:  {type: hf, num_gpus: 1}\n", ""))
+    p = plan_placement([plan.reference], plan.candidates, Cluster(gpus=1, cpus=2), PlacementSpec(), {})
+    assert [len(w) for w in p.waves] == [2]
+    assert {s.gpus for s in p.slots.values()} == {0.33}
+    assert "memory unknown" in p.notes[0]
+
+
+def test_engines_that_do_not_fit_together_run_in_waves(write_experiment):
+    plan = _plan(write_experiment, FOUR)
+    params = {i.name: safetensors_parameters(i.model_path) for i in plan.instances}
+    spec = PlacementSpec(gpu_memory_gb=3.0)  # ~2 GiB each with headroom: one engine per GPU
+    p = plan_placement([plan.reference], plan.candidates, Cluster(gpus=2, cpus=2, gpu_memory_gb=3.0, memory_source="option"), spec, params)
+    assert [[c.name for c in w] for w in p.waves] == [["eager"], ["bf16"], ["same"]]
+    assert p.slots["ref"].wave == -1 and p.slots["bf16"].wave == 1
+    roomy = plan_placement([plan.reference], plan.candidates, Cluster(2, 2, 9.0, "option"), PlacementSpec(gpu_memory_gb=9.0), params)
+    assert [len(w) for w in roomy.waves] == [3], "four ~2 GiB engines fit on two 9 GiB GPUs at once"
+    assert sum(s.gpus for s in roomy.slots.values()) <= 2
+
+
+def test_enough_gpus_means_one_whole_gpu_each(write_experiment):
+    plan = _plan(write_experiment, FOUR)
+    p = plan_placement([plan.reference], plan.candidates, Cluster(gpus=8, cpus=16), PlacementSpec(), {})
+    assert [len(w) for w in p.waves] == [3] and {s.gpus for s in p.slots.values()} == {1.0} and not p.notes
+
+
+def test_the_default_reserves_gpus_on_a_gpu_cluster_and_none_on_cpus(write_experiment):
+    plan = _plan(write_experiment, FOUR.replace(", num_gpus: 1", "").replace("num_gpus: 1, ", ""))
+    assert all(i.spec.num_gpus is None for i in plan.instances)
+    on_gpus = plan_placement([plan.reference], plan.candidates, Cluster(gpus=4, cpus=8), PlacementSpec(), {})
+    assert {s.gpus for s in on_gpus.slots.values()} == {1.0}, "documented default: 1 on a GPU cluster"
+    on_cpus = plan_placement([plan.reference], plan.candidates, Cluster(gpus=0, cpus=8), PlacementSpec(), {})
+    assert {s.gpus for s in on_cpus.slots.values()} == {0.0}
+
+
+def test_asking_for_gpus_on_a_cpu_cluster_is_an_error_not_a_hang(write_experiment):
+    plan = _plan(write_experiment, FOUR)
+    with pytest.raises(PlacementError, match="asks for num_gpus 1 but the cluster has no GPUs"):
+        plan_placement([plan.reference], plan.candidates, Cluster(gpus=0, cpus=2), PlacementSpec(), {})
+
+
+def test_footprint_is_read_from_safetensors_headers():
+    from transformers import AutoModelForCausalLM
+
+    from crossengine.fixtures import ensure_fixture
+
+    path = ensure_fixture("tiny-text")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    stored = {n for n, _ in model.named_parameters()}
+    assert safetensors_parameters(str(path)) == sum(p.numel() for n, p in model.named_parameters() if n in stored) > 0
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _cli(args, timeout):
+    return subprocess.run([sys.executable, "-m", "crossengine.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def no_gpu_tokens(ray_cluster, tmp_path_factory):
+    """The same experiment on the session's cluster, which has no GPUs: what placement must not change."""
+    d = tmp_path_factory.mktemp("nogpu")
+    path = d / "four.yaml"
+    path.write_text(FOUR.replace(", num_gpus: 1", "").replace("num_gpus: 1, ", ""))
+    run_dir, _ = run_experiment(path, d / "out")
+    return _tokens(run_dir)
+
+
+def _tokens(run_dir):
+    df = pd.read_parquet(run_dir / "tokens").drop(columns=["run_id"])
+    return df.sort_values(["cand_engine", "sample_id", "position"]).reset_index(drop=True)
+
+
+def test_one_advertised_gpu_three_engines_with_num_gpus_1_completes(write_experiment, tmp_path, no_gpu_tokens):
+    """The reported hang: three engines asking for a GPU each on a one-GPU cluster."""
+    path = write_experiment(FOUR.replace("  same:  {type: hf, num_gpus: 1}\n", ""))
+    out = tmp_path / "out"
+    result = _cli(["run", str(path), "--num-gpus", "1", "--output-dir", str(out), "--run-id", "g1"], timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "placement: 1 GPUs" in result.stdout
+    meta = json.loads((out / "g1" / "run.json").read_text())
+    engines = {e["engine"]: e for e in meta["placement"]["engines"]}
+    assert {e["gpus"] for e in engines.values()} == {0.33}
+    assert all(meta["engines"][n]["extra"]["gpu_ids"] == ["0"] for n in engines), "Ray assigned the (advertised) GPU"
+    assert all(meta["engines"][n]["device"] == "cpu" for n in engines), "device auto: torch sees no CUDA here"
+    expected = no_gpu_tokens[no_gpu_tokens["cand_engine"] != "same"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(_tokens(out / "g1"), expected, check_categorical=False)
+
+
+def test_two_gpus_four_engines_run_in_waves_with_identical_results(write_experiment, tmp_path, no_gpu_tokens):
+    path = write_experiment(FOUR + "placement: {gpu_memory_gb: 3}\n")
+    out = tmp_path / "out"
+    result = _cli(["run", str(path), "--num-gpus", "2", "--output-dir", str(out), "--run-id", "g2"], timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 waves" in result.stdout
+    meta = json.loads((out / "g2" / "run.json").read_text())
+    waves = {e["engine"]: e["wave"] for e in meta["placement"]["engines"]}
+    assert waves == {"ref": -1, "eager": 0, "bf16": 1, "same": 2}
+    assert meta["placement"]["cluster"]["gpu_memory_gb"] == 3
+    pd.testing.assert_frame_equal(_tokens(out / "g2"), no_gpu_tokens, check_categorical=False)
+
+
+def test_an_engine_too_big_for_every_gpu_fails_in_one_line_within_seconds(write_experiment, tmp_path):
+    path = write_experiment(FOUR + "placement: {gpu_memory_gb: 1}\n")
+    t = time.time()
+    result = _cli(["run", str(path), "--num-gpus", "2", "--output-dir", str(tmp_path / "out")], timeout=90)
+    assert result.returncode == 2, result.stdout + result.stderr
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1, line
+    assert "engine 'ref' (hf) needs 1 GPU" in line and "each of the cluster's 2 GPUs has 1 GiB" in line
+    assert time.time() - t < 60
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_engine_the_busy_cluster_cannot_place_is_an_error_after_the_timeout(ray_cluster, write_experiment, tmp_path):
+    """A shared cluster whose CPUs are all taken: the engine stays pending; the run stops in one line."""
+    import ray
+
+    @ray.remote(num_cpus=2)
+    class Hog:
+        def ping(self):
+            return 1
+
+    hog = Hog.remote()
+    ray.get(hog.ping.remote())
+    try:
+        path = write_experiment(yaml.safe_dump({**yaml.safe_load(FOUR.replace(", num_gpus: 1", "").replace("num_gpus: 1, ", "")), "placement": {"timeout_s": 3}}))
+        t = time.time()
+        result = CliRunner().invoke(app, ["run", str(path), "--output-dir", str(tmp_path / "out")])
+        assert result.exit_code == 2, result.output
+        line = result.stderr.strip()
+        assert len(line.splitlines()) == 1 and "was not placed within 3s" in line and "0 of 2 CPUs free" in line, line
+        assert time.time() - t < 60
+    finally:
+        ray.kill(hog)
+
+
+def test_every_placement_error_is_one_readable_line(write_experiment):
+    """Each error branch runs here, without Ray: what it needs, what the cluster has, what to change."""
+    plan = _plan(write_experiment, FOUR)
+    params = {i.name: safetensors_parameters(i.model_path) for i in plan.instances}
+    one = Cluster(gpus=1, cpus=2, gpu_memory_gb=3.0, memory_source="option")
+    spec = PlacementSpec(gpu_memory_gb=3.0)
+    with pytest.raises(PlacementError) as beside:
+        plan_placement([plan.reference], plan.candidates, one, spec, params)
+    share = math.ceil((params["eager"] * 4 / 1024**3 + spec.headroom_gb) / 3.0 * 100) / 100  # footprint / GPU memory, on the 0.01 grid
+    assert f"engine 'eager' (hf) needs {share:g} GPU, ~2 GiB" in str(beside.value) and "does not fit beside the reference" in str(beside.value)
+    with pytest.raises(PlacementError) as alone:
+        plan_placement([plan.reference, plan.candidates[0]], plan.candidates[1:], one, spec, params)
+    assert "the reference and generator alone do not fit" in str(alone.value) and "1 GPUs of 3 GiB" in str(alone.value)
+    with pytest.raises(PlacementError, match="asks for num_gpus 4 but the cluster has 2 GPUs"):
+        big = _plan(write_experiment, FOUR.replace("ref:   {type: hf, num_gpus: 1}", "ref:   {type: hf, num_gpus: 4}"))
+        plan_placement([big.reference], big.candidates, Cluster(gpus=2, cpus=2), PlacementSpec(), {})
+    for err in (beside.value, alone.value):
+        assert len(str(err).splitlines()) == 1

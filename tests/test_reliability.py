@@ -1,0 +1,315 @@
+"""Bad inputs and faults, tried as a new user would: one line, nothing outside the run folder,
+nothing half-written, nothing silently merged or overwritten, and a resume that continues."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from crossengine.cli import app
+from crossengine.config import load_experiment
+from crossengine.results import RunDir
+
+from .conftest import REPO, run_experiment
+
+from .test_config_errors import GOOD as BASE  # noqa: E402 - one valid experiment, edited per test
+
+
+def _one_line(result) -> str:
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    return message
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+# ------------------------------------------------------------------ 1. paths stay inside
+
+
+def test_run_id_cannot_escape_the_output_folder(write_experiment, tmp_path):
+    path = write_experiment(BASE)
+    before = _tree(tmp_path)
+    result = CliRunner().invoke(app, ["run", str(path), "--run-id", "../../escape", "--output-dir", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "--run-id '../../escape'" in _one_line(result)
+    assert _tree(tmp_path) == before, "nothing written anywhere"
+
+
+def test_experiment_name_cannot_escape_the_output_folder(write_experiment, tmp_path):
+    path = write_experiment('name: "../evil"\n' + BASE)
+    before = _tree(tmp_path)
+    result = CliRunner().invoke(app, ["run", str(path), "--output-dir", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    line = _one_line(result)
+    assert f"{path}:1: name" in line and "results folder" in line
+    assert _tree(tmp_path) == before
+
+
+def test_engine_and_variant_names_cannot_be_reserved_words(write_experiment):
+    path = write_experiment(BASE + "variants:\n  sampled: {engine: b}\n")
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2 and "'sampled' is reserved" in _one_line(result)
+
+
+# ------------------------------------------------------------------ 2. one run per folder
+
+
+def test_a_running_run_holds_its_folder(write_experiment, tmp_path):
+    path = write_experiment(BASE)
+    holder = RunDir(tmp_path / "out" / "busy")
+    holder.acquire()
+    try:
+        result = CliRunner().invoke(app, ["run", str(path), "--run-id", "busy", "--output-dir", str(tmp_path / "out")])
+        assert result.exit_code == 2
+        line = _one_line(result)
+        assert f"pid {os.getpid()}" in line and "in use by a running crossengine" in line
+    finally:
+        holder.release()
+    assert not (tmp_path / "out").exists(), "the holder created the folder and left it empty: removed"
+
+
+def test_a_stale_lock_is_taken_over(tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / RunDir.LOCK).write_text("pid 999999 on elsewhere, since yesterday")  # a run killed with -9
+    run_dir = RunDir(root)
+    run_dir.acquire()
+    assert run_dir.took_over == "pid 999999 on elsewhere, since yesterday"
+    assert f"pid {os.getpid()}" in (root / RunDir.LOCK).read_text()
+    run_dir.release()
+    assert not (root / RunDir.LOCK).exists() and root.exists(), "a folder it did not create stays"
+
+
+# ------------------------------------------------------------------ 3. sample ids
+
+
+def test_auto_ids_never_take_an_explicit_id(write_experiment):
+    path = write_experiment(BASE.replace("  - text: hello there\n", '  - text: "a"\n  - {id: s0, text: "b"}\n  - text: "c"\n'))
+    ids = [s.id for s in load_experiment(path).samples]
+    assert len(set(ids)) == 3 and ids[1] == "s0" and ids[0] != "s0" and ids[2] == "s2"
+
+
+def test_duplicate_explicit_ids_are_an_error(write_experiment):
+    path = write_experiment(BASE.replace("  - text: hello there\n", '  - {id: x, text: "a"}\n  - {id: x, text: "b"}\n'))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2 and "duplicate sample id 'x'" in _one_line(result)
+
+
+# ------------------------------------------------------------------ 4 + 8. per-sample errors, non-finite numbers
+
+FAULTY = """\
+model: tiny-text
+reference: a
+engines:
+  a: {type: hf}
+  nan: {type: native, factory: "tests.native_factories:nonfinite_at", options: {position: 3}}
+  inf: {type: native, factory: "tests.native_factories:nonfinite_at", options: {position: 4, value: inf}}
+samples:
+  - {id: ok, token_ids: [1, 60, 61, 62, 63, 64, 65]}
+  - {id: long, token_ids: LONG}
+"""
+
+
+@pytest.fixture(scope="module")
+def faulty_run(ray_cluster, tmp_path_factory):
+    from crossengine.fixtures import ensure_fixture
+    from transformers import AutoConfig
+
+    limit = AutoConfig.from_pretrained(ensure_fixture("tiny-text")).max_position_embeddings
+    d = tmp_path_factory.mktemp("faulty")
+    path = d / "faulty.yaml"
+    path.write_text(FAULTY.replace("LONG", json.dumps([1] + [60] * limit)))
+    result = CliRunner().invoke(app, ["run", str(path), "--output-dir", str(d / "out"), "--run-id", "f"])
+    return result, d / "out" / "f", limit
+
+
+def test_a_prompt_longer_than_the_model_is_a_per_sample_error(faulty_run):
+    result, run_dir, limit = faulty_run
+    assert result.exit_code == 1, result.output
+    errors = json.loads((run_dir / "run.json").read_text())["errors"]
+    long_errors = [e for e in errors if e["sample_id"] == "long"]
+    assert {e["engine"] for e in long_errors} == {"a", "nan", "inf"}, errors
+    assert all(f"{limit + 1} tokens exceed max_position_embeddings {limit}" in e["error"] for e in long_errors)
+    tokens = pd.read_parquet(run_dir / "tokens")
+    assert set(tokens["sample_id"].astype(str)) == {"ok"}, "the long sample is skipped, the other scored"
+
+
+def test_nonfinite_logits_are_flagged_never_turned_into_numbers(faulty_run):
+    result, run_dir, _ = faulty_run
+    tokens = pd.read_parquet(run_dir / "tokens")
+    for cand, pos in (("nan", 3), ("inf", 4)):
+        rows = tokens[tokens["cand_engine"] == cand].set_index("position")
+        assert rows.loc[pos, "nonfinite"] == "cand"
+        assert rows.drop(index=pos)["nonfinite"].isna().all()
+        for col in ("lp_cand", "lp_diff", "kl_ref_cand", "kl_cand_ref", "gen_kl", "cos_sim", "topk_kl"):
+            assert pd.isna(rows.loc[pos, col]), (cand, col)
+        assert rows.drop(index=pos)["kl_ref_cand"].notna().all()
+    summary = pd.read_parquet(run_dir / "summary.parquet")
+    pooled = summary[(summary["modality"] == "all")].set_index("cand_engine")
+    assert pooled.loc["nan", "n_nonfinite"] == 1 and pooled.loc["inf", "n_nonfinite"] == 1
+    assert np.isfinite(pooled.loc["nan", "kl_mean"]) and np.isfinite(pooled.loc["nan", "abs_max"])
+    assert "non-finite" in result.output and "'nan'" in result.output
+
+
+# ------------------------------------------------------------------ 5. faults are one line
+
+
+def test_an_output_folder_that_is_a_file_fails_before_anything_starts(write_experiment, tmp_path):
+    path = write_experiment(BASE)
+    blocker = tmp_path / "out"
+    blocker.write_text("a file where the output folder should be")
+    t = time.time()
+    result = CliRunner().invoke(app, ["run", str(path), "--output-dir", str(blocker)])
+    assert result.exit_code == 2
+    line = _one_line(result)
+    assert f"cannot write results to {blocker}/" in line and "Not a directory" in line
+    assert time.time() - t < 15 and "placement" not in result.output
+
+
+DYING = """\
+model: tiny-text
+reference: a
+engines:
+  a: {type: hf}
+  dying: {type: native, factory: "tests.native_factories:die_on_length", options: {length: 6}}
+samples:
+  - {id: four, token_ids: [1, 60, 61, 62]}
+  - {id: five, token_ids: [1, 60, 61, 62, 63]}
+  - {id: six, token_ids: [1, 60, 61, 62, 63, 64]}
+batch_size: 1
+"""
+
+
+def test_a_worker_that_dies_is_one_line_naming_engine_batch_and_resume(ray_cluster, write_experiment, tmp_path):
+    path = write_experiment(DYING)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(path), "--output-dir", str(out), "--run-id", "d"])
+    assert result.exit_code == 2, result.output
+    line = _one_line(result)
+    assert "engine 'dying' died while scoring batch 2 (samples six)" in line, line
+    assert f"Resume with: crossengine run {path} --run-id d --output-dir {out}" in line
+    log = out / "d" / "crossengine.log"
+    assert f"traceback: {log}" in line and "Traceback" in log.read_text()
+    parts = sorted(p.name for p in (out / "d" / "tokens").iterdir())
+    assert parts == ["part-dying-00000.parquet", "part-dying-00001.parquet"], "finished batches are kept"
+    assert json.loads((out / "d" / "run.json").read_text())["status"] == "running"
+    assert not (out / "d" / RunDir.LOCK).exists()
+
+
+SLOW = """\
+model: tiny-text
+reference: a
+engines:
+  a: {type: hf}
+  slow: {type: native, factory: "tests.native_factories:slow", options: {seconds: 0.4}}
+samples:
+SAMPLES
+batch_size: 1
+"""
+
+
+@pytest.fixture(scope="module")
+def slow_experiment(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slow")
+    samples = "".join(f"  - {{id: p{i}, token_ids: {[1] + list(range(60, 64 + i))}}}\n" for i in range(12))
+    path = d / "slow.yaml"
+    path.write_text(SLOW.replace("SAMPLES\n", samples))
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, slow_experiment, tmp_path_factory):
+    run_dir, _ = run_experiment(slow_experiment, tmp_path_factory.mktemp("whole"), run_id="whole")
+    return _tokens(run_dir)
+
+
+def _tokens(run_dir: Path) -> pd.DataFrame:
+    df = pd.read_parquet(run_dir / "tokens").drop(columns=["run_id"])
+    return df.sort_values(["sample_id", "position"]).reset_index(drop=True)
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGKILL"])
+def test_interrupt_then_resume_is_bitwise_an_uninterrupted_run(sig, slow_experiment, uninterrupted, tmp_path):
+    """What a scheduler or a user does to a running job; the resume command continues it."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crossengine.cli", "run", str(slow_experiment), "--run-id", "i", "--output-dir", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
+    )
+    try:
+        deadline = time.time() + 120
+        while not list((out / "i" / "tokens").glob("part-slow-*.parquet")):
+            assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before its first batch"
+            time.sleep(0.2)
+        os.kill(proc.pid, getattr(signal, sig))
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None or sig == "SIGKILL":
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # a killed job's local Ray cluster goes with it
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
+    done = list((out / "i" / "tokens").glob("part-slow-*.parquet"))
+    assert 0 < len(done) < 12, "stopped mid-run"
+    if sig != "SIGKILL":
+        assert proc.returncode == (130 if sig == "SIGINT" else 143), output
+        assert f"Resume with: crossengine run {slow_experiment} --run-id i --output-dir {out}" in output, output
+        assert "Traceback" not in output
+    resumed, _ = run_experiment(slow_experiment, out, run_id="i")
+    pd.testing.assert_frame_equal(_tokens(resumed), uninterrupted)
+
+
+# ------------------------------------------------------------------ 7. validate checks what run would
+
+
+@pytest.mark.parametrize(
+    "name,edit,words",
+    [
+        ("token id beyond vocab", ("- text: hello there", "- token_ids: [1, 60, 600]"), ["samples[0].token_ids[2]", "token id 600 >= vocab size 512"]),
+        ("not an image", ("- text: hello there", "- {text: 'look <start_of_image>', images: [data/fake.png]}"), ["samples[0].images[0]", "fake.png is not an image"]),
+        ("two placeholders one image", ("- text: hello there", "- {text: 'a <start_of_image> b <start_of_image>', images: [data/gradient.png]}"),
+         ["samples[0].text", "2 <start_of_image> placeholder(s) for 1 image(s)"]),
+        ("unknown patch", ("{type: hf, attn_implementation: eager}", "{type: hf, patches: [rope_on_cpu]}"), ["engines.b.patches", "unknown patch 'rope_on_cpu'"]),
+        ("factory that does not import", ("{type: hf, attn_implementation: eager}", "{type: native, factory: 'tests.no_such_module:f'}"),
+         ["engines.b.factory", "cannot import 'tests.no_such_module:f'"]),
+    ],
+    ids=lambda x: x if isinstance(x, str) else None,
+)
+def test_validate_rejects_what_run_would_reject(name, edit, words, write_experiment, tmp_path):
+    (tmp_path / "data" / "fake.png").write_text("not a png")
+    text = BASE.replace(*edit)
+    if "images" in edit[1]:
+        text = text.replace("model: tiny-text", "model: tiny-vision")
+    path = write_experiment(text)
+    t = time.time()
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    line = _one_line(result)
+    for w in words:
+        assert w in line, (w, line)
+    assert time.time() - t < 20, "no engines are started to validate"
+
+
+# ------------------------------------------------------------------ 9. file modes
+
+
+def test_result_files_follow_the_umask(tmp_path):
+    """mkstemp makes 0600; a result file is created like any other tool's, 0666 & ~umask."""
+    code = "import os, sys; os.umask(0o022); from crossengine.results import write_json; write_json(__import__('pathlib').Path(sys.argv[1]), {})"
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.json")], check=True, cwd=REPO)
+    assert stat.S_IMODE(os.stat(tmp_path / "x.json").st_mode) == 0o644
