@@ -175,3 +175,21 @@ def tokenizer_fingerprint(tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items())
     blob = json.dumps([vocab, sorted(tokenizer.all_special_tokens)], ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def lora_info(path: str, merged: bool = False) -> dict[str, Any]:
+    """What run.json records of a LoRA adapter: where, rank, alpha, targets, a content hash."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    folder = Path(path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("adapter_*")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return {
+        "path": str(folder), "rank": config.get("r"), "alpha": config.get("lora_alpha"), "target_modules": config.get("target_modules"),
+        "sha256": h.hexdigest()[:16], "merged": merged,
+    }

@@ -20,6 +20,7 @@ from .base import (
     Sample,
     SampleError,
     TokenLogprobs,
+    lora_info,
     tokenizer_fingerprint,
     topk_from_logprobs,
 )
@@ -104,7 +105,16 @@ class HFEngine(Engine):
             kwargs["attn_implementation"] = self.spec.attn_implementation
         model, info = cls.from_pretrained(self.model_path, output_loading_info=True, **kwargs)
         self.missing_keys = sorted(info.get("missing_keys", []))  # the audit names them
-        return model.to(self.device).eval()
+        return self._with_adapter(model.to(self.device)).eval()
+
+    def _with_adapter(self, model):
+        """The spec's LoRA adapter on `model` with PEFT, as a trainer runs it (unmerged) or merged."""
+        if not self.spec.lora:
+            return model
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, self.spec.lora)
+        return model.merge_and_unload() if self.spec.lora_merge else model
 
     def _load_tokenizer(self, common: dict):
         from transformers import AutoProcessor, AutoTokenizer
@@ -130,6 +140,7 @@ class HFEngine(Engine):
                 "special_ids": sorted(int(i) for i in self.tokenizer.all_special_ids),
                 "attn_implementation": getattr(getattr(self.model, "config", None), "_attn_implementation", None),
                 "patches": self.patch_report,
+                **({"lora": lora_info(self.spec.lora, self.spec.lora_merge)} if self.spec.lora else {}),
             },
         )
 

@@ -30,7 +30,10 @@ class NativeEngine(HFEngine):
         self.preprocess = import_ref(self.spec.preprocess) if self.spec.preprocess else None
         if self.spec.factory:
             self.kind = self.spec.factory
-            model = import_ref(self.spec.factory)(model_path=self.model_path, config=self.config, device=self.device, dtype=self.dtype, **self.spec.options)
+            lora = {"lora": self.spec.lora} if self.spec.lora else {}  # the factory applies it its own way
+            model = import_ref(self.spec.factory)(model_path=self.model_path, config=self.config, device=self.device, dtype=self.dtype, **lora, **self.spec.options)
+        elif self.spec.lora:
+            raise ValueError("a LoRA adapter on a native engine goes to its factory (factory: 'module:function', called with lora=PATH)")
         elif self.config.model_type in OLMO_CORE_TYPES:
             self.kind = "olmo-core"
             model = self._olmo_core(common)

