@@ -58,6 +58,7 @@ class TokenLogprobs:
     attention: np.ndarray  # int8 [T], index into ATTENTIONS: the mask this engine applied
     logits: np.ndarray | None = None  # float32 [T, V], raw logits where the engine gives them cheaply
     scored_ids: np.ndarray | None = None  # ids the engine actually scored, when it expanded them itself
+    logits_are_logprobs: bool = False  # `logits` holds log-probs (vLLM's full distribution), not raw logits
 
     @property
     def full_vocab(self) -> bool:

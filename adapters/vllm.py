@@ -5,7 +5,10 @@ TokensPrompt); a multimodal sample goes in as text + images and vLLM's own expan
 checked against the reference's ids. Output is requested as `FlatLogprobs`, whose parallel
 lists become numpy arrays with one reshape: no per-token Python objects.
 
-vLLM gives top-k only, so its pairs have null full-vocabulary columns.
+vLLM gives top-k, so its pairs have null full-vocabulary columns, unless the engine sets
+`full_vocab: true`: then it returns the whole distribution (prompt_logprobs=-1), placed in
+vocabulary order as `logits` (log-probs, which KL and rank do not tell from logits; the cosine
+of raw logits is then null).
 """
 
 from __future__ import annotations
@@ -185,7 +188,8 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
 
         k = min(top_k, self.vocab_size)
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, flat_logprobs=True, detokenize=False)
+        whole = self.spec.full_vocab and full_vocab  # the whole distribution: exact KL and rank
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=-1 if whole else k, flat_logprobs=True, detokenize=False)
         out: list[TokenLogprobs | SampleError] = []
         t0 = time.perf_counter()
         results = self._run(samples, params)
@@ -195,7 +199,14 @@ class VLLMEngine(Engine):
                 continue
             t = time.perf_counter()
             ids = np.asarray(r.prompt_token_ids, dtype=np.int64)
-            token_lp, topk_ids, topk_lp = flat_to_arrays(r.prompt_logprobs, len(ids), k, first_scored=1)
+            logprobs = None
+            if whole:
+                token_lp, all_ids, all_lp = flat_to_arrays(r.prompt_logprobs, len(ids), self.vocab_size, first_scored=1)
+                logprobs = np.full((len(ids), self.vocab_size), np.nan, np.float32)
+                logprobs[np.arange(1, len(ids))[:, None], all_ids[1:]] = all_lp[1:]  # rank order -> vocabulary order
+                topk_ids, topk_lp = all_ids[:, :k], all_lp[:, :k]
+            else:
+                token_lp, topk_ids, topk_lp = flat_to_arrays(r.prompt_logprobs, len(ids), k, first_scored=1)
             self.unpack_s += time.perf_counter() - t
             out.append(
                 TokenLogprobs(
@@ -204,6 +215,8 @@ class VLLMEngine(Engine):
                     topk_logprobs=topk_lp,
                     attention=self._attention(s, ids),
                     scored_ids=ids if s.images else None,
+                    logits=logprobs,
+                    logits_are_logprobs=whole,
                 )
             )
         self.score_s += time.perf_counter() - t0

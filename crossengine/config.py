@@ -65,6 +65,10 @@ class EngineSpec(_Strict):
         "LoRARequest per request; native passes it to the factory as lora=PATH."
     )
     lora_merge: bool = Field(False, description="hf: merge the adapter into the weights before scoring (PEFT merge_and_unload).")
+    full_vocab: bool = Field(
+        False, description="vllm: return the whole distribution at every position (prompt_logprobs=-1): exact full-vocabulary KL and rank "
+        "instead of top-k, at the cost of V log-probs per position through vLLM's output. hf and native always give full logits."
+    )
 
     @field_validator("device")
     @classmethod
@@ -98,6 +102,8 @@ class EngineSpec(_Strict):
             raise ValueError("attn_implementation is an hf option; vLLM picks its backend via options")
         if self.lora_merge and not self.lora:
             raise ValueError("lora_merge needs a lora adapter")
+        if self.full_vocab and self.type != "vllm":
+            raise ValueError(f"full_vocab is a vllm option: {self.type} engines always give full logits (the experiment's full_vocab decides their use)")
         if self.lora_merge and self.type != "hf":
             raise ValueError(f"lora_merge is an hf option (PEFT's merge); a {self.type} engine gets the adapter as it is")
         return self

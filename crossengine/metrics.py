@@ -73,8 +73,11 @@ def token_metrics(ref: TokenLogprobs, cand: TokenLogprobs, token_ids: np.ndarray
     ids = token_ids[rows]
     full = ref.full_vocab and cand.full_vocab
     if full:
-        fv = _full_vocab_metrics(ref.logits[rows], cand.logits[rows], ids)
+        shifted = ref.logits_are_logprobs != cand.logits_are_logprobs  # raw logits vs log-probs: rows differ by log Z
+        fv = _full_vocab_metrics(ref.logits[rows], cand.logits[rows], ids, centre=shifted)
         lr, lc = fv.pop("lp_ref"), fv.pop("lp_cand")
+        if ref.logits_are_logprobs or cand.logits_are_logprobs:  # KL and rank are shift-invariant; a cosine is not
+            fv["cos_sim"] = np.full(len(ids), np.nan)
     else:
         lr = ref.token_logprobs[rows].astype(np.float64)
         lc = cand.token_logprobs[rows].astype(np.float64)
@@ -109,7 +112,7 @@ def _mask_nonfinite(out: dict[str, np.ndarray], lr: np.ndarray, lc: np.ndarray) 
     return code
 
 
-def _full_vocab_metrics(ref_logits: np.ndarray, cand_logits: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
+def _full_vocab_metrics(ref_logits: np.ndarray, cand_logits: np.ndarray, ids: np.ndarray, centre: bool = False) -> dict[str, np.ndarray]:
     """KL both ways, cosine of logits, argmaxes and exact rank, from raw logits.
 
     The work is float32 (it is memory-bound at T×V). KL is written in δ = r − c, which float32
@@ -117,7 +120,9 @@ def _full_vocab_metrics(ref_logits: np.ndarray, cand_logits: np.ndarray, ids: np
     second-order correction, so nothing cancels:
         KL(r‖c) = Σ pr·k3(−δ) + (log1p(S) − S),   S = Σ pr·expm1(−δ),   k3(x) = eˣ − x − 1
     Identical logits give exactly 0; tiny KLs keep float32's relative precision instead of
-    drowning in the rounding of two log-sum-exps.
+    drowning in the rounding of two log-sum-exps. With `centre` (one side gives log-probs, the
+    other raw logits) δ carries each row's log Z; it is removed in float64 (δ − (lse_r − lse_c))
+    so that k3 sees the small differences, not the offset.
     """
     import torch
 
@@ -132,6 +137,8 @@ def _full_vocab_metrics(ref_logits: np.ndarray, cand_logits: np.ndarray, ids: np
         pr, lse_r, top1_ref = _softmax_lse(r)
         pc, lse_c, top1_cand = _softmax_lse(c)
         delta = r - c
+        if centre:
+            delta = delta.double() - (lse_r - lse_c)[:, None]
         cand_at_ref_top1 = c.gather(-1, top1_ref[:, None])
         chunk = {
             "lp_ref": r.gather(-1, tok)[:, 0].to(f64) - lse_r,

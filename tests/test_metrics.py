@@ -177,3 +177,21 @@ def test_framework_metrics_identical_logprobs():
     got = framework_metrics(t, t)
     assert got["gen_kl_error"] == 0 and got["policy_kl_error"] == 0 and got["js_divergence_error"] == 0
     assert got["token_mult_prob_error"] == 1 and got["sampling_importance_ratio"] == 1
+
+
+def test_a_side_that_gives_log_probs_gets_the_same_kl_and_rank():
+    """vLLM's full_vocab returns log-probs, not raw logits: KL and rank must match the raw-logit
+    numbers (checked against the slow numpy reference); the cosine of logits becomes null."""
+    rng = np.random.default_rng(3)
+    ref_logits = rng.normal(0, 3, (T, V)).astype(np.float32)
+    cand_logits = (ref_logits + rng.normal(0, 1e-3, (T, V))).astype(np.float32)  # close: tiny KLs, where the offset hurts most
+    ids = rng.integers(0, V, T)
+    ref, cand = _scores(ref_logits, ids, True), _scores(cand_logits, ids, True)
+    cand_lp = np.stack([_log_softmax(row) for row in cand_logits.astype(np.float64)]).astype(np.float32)
+    cand.logits, cand.logits_are_logprobs = cand_lp, True
+    got = token_metrics(ref, cand, ids, tie_eps=1e-3)
+    for t in range(1, T):
+        want = _reference_row(ref_logits[t], cand_logits[t], ids[t], ref, cand, t, True, 1e-3)
+        for col in ("kl_ref_cand", "kl_cand_ref", "rank_in_cand", "top1_cand", "lp_cand"):
+            assert got[col][t - 1] == pytest.approx(want[col], abs=1e-9, rel=1e-4), (col, t)
+    assert np.isnan(got["cos_sim"]).all()

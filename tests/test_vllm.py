@@ -130,3 +130,23 @@ def test_lora_experiment_vllm_agrees_with_hf_peft(ray_cluster, tmp_path):
     assert pooled.loc["hf-base", "abs_max"] > 0.1, "the adapter matters: without it the model differs"
     meta = json.loads((run_dir / "run.json").read_text())
     assert meta["engines"]["vllm-lora"]["extra"]["lora"]["rank"] == 8
+
+
+def test_vllm_full_vocab_gives_exact_kl_and_rank(ray_cluster, tmp_path):
+    """full_vocab: true on a vLLM engine: the whole distribution, so KL both ways and rank are exact, not top-k."""
+    path = tmp_path / "full.yaml"
+    path.write_text(
+        f"model: tiny-text\nreference: hf\nengines:\n  hf: {{type: hf}}\n"
+        f"  vllm-full: {{type: vllm, full_vocab: true, env: {{python: {VLLM_PYTHON}}}, options: {{max_model_len: 128}}}}\n"
+        "samples:\n  - text: 'The quick brown fox jumps over the lazy dog while the engines compare their numbers.'\n"
+        "  - {id: raw, token_ids: [1, 60, 61, 62, 63, 64, 65, 66]}\ntop_k: 5\n"
+    )
+    run_dir, runner = run_experiment(path, tmp_path / "out")
+    assert not runner.errors
+    tokens = pd.read_parquet(run_dir / "tokens")
+    assert len(tokens) > 0 and tokens["kl_ref_cand"].notna().all() and tokens["kl_cand_ref"].notna().all()
+    assert tokens["kl_ref_cand"].max() < 1e-5 and tokens["kl_cand_ref"].max() < 1e-5, "fp32 HF and vLLM: the same distribution"
+    assert tokens["rank_in_cand"].notna().all(), "exact rank: never null beyond k with the whole vocabulary"
+    assert tokens["cos_sim"].isna().all(), "log-probs, not raw logits: no cosine"
+    summary = pd.read_parquet(run_dir / "summary.parquet")
+    assert set(summary["kl_source"].astype(str)) == {"full"}
