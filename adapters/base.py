@@ -162,6 +162,12 @@ class Engine(abc.ABC):
         return [tok.decode([i]) for i in range(n)]
 
 
+def vocab_error(sample: Sample, vocab_size: int, engine: str) -> SampleError | None:
+    """The one check that a sample's ids fit an engine's vocabulary (hf, native and vllm use it)."""
+    top = int(sample.input_ids.max())
+    return SampleError(sample.sample_id, f"token id {top} >= vocab size {vocab_size} of engine {engine!r}") if top >= vocab_size else None
+
+
 def topk_from_logprobs(logprobs, k: int):
     """Top-k of a [T, V] torch tensor of log-probs, as numpy (shared by torch engines)."""
     values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)

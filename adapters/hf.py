@@ -22,6 +22,7 @@ from .base import (
     TokenLogprobs,
     lora_info,
     tokenizer_fingerprint,
+    vocab_error,
     topk_from_logprobs,
 )
 
@@ -270,8 +271,9 @@ class HFEngine(Engine):
 
     def invalid(self, s: Sample, extra_tokens: int = 0) -> SampleError | None:
         """Why this engine cannot run a sample (plus `extra_tokens` to generate), or None."""
-        if int(s.input_ids.max()) >= self.vocab_size:
-            return SampleError(s.sample_id, f"token id {int(s.input_ids.max())} >= vocab size {self.vocab_size} of engine {self.instance!r}")
+        too_big = vocab_error(s, self.vocab_size, self.instance)
+        if too_big is not None:
+            return too_big
         limit = self.max_positions
         if limit is not None and len(s) + extra_tokens > limit:
             return SampleError(s.sample_id, f"{len(s) + extra_tokens} tokens exceed max_position_embeddings {limit} of engine {self.instance!r}")

@@ -64,7 +64,6 @@ def crossengine_sdpa(module, query, key, value, attention_mask, dropout=0.0, sca
         attention_mask, use_is_causal = None, True  # SDPA's own causal path, no materialised mask
     else:
         use_is_causal = bool(causal and attention_mask is None and q_len > 1)
-    module._crossengine_calls = getattr(module, "_crossengine_calls", 0) + 1
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=use_is_causal, **sdpa_kwargs
     )
@@ -132,7 +131,6 @@ def rope_on_device(engine) -> str:
 
         def forward(x, position_ids, *args, _module=module, _original=original, **kwargs):
             _module.inv_freq = _inv_freq_on(_module, x.device)
-            _module._crossengine_rope_recomputed = getattr(_module, "_crossengine_rope_recomputed", 0) + 1
             return _original(x, position_ids, *args, **kwargs)
 
         module.forward = forward

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Engine, EngineInfo, Generation, Sample, SampleError, TokenLogprobs, lora_info, tokenizer_fingerprint
+from .base import Engine, EngineInfo, Generation, Sample, SampleError, TokenLogprobs, lora_info, tokenizer_fingerprint, vocab_error
 from .hf import mask_kinds
 
 _CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2"}  # GiB; vLLM-CPU refuses to start without room
@@ -133,8 +133,9 @@ class VLLMEngine(Engine):
     def _check(self, s: Sample, extra_tokens: int = 0) -> SampleError | None:
         if len(s) + extra_tokens > self.max_model_len:
             return SampleError(s.sample_id, f"{len(s) + extra_tokens} tokens exceed max_model_len {self.max_model_len} of engine {self.instance!r}")
-        if int(s.input_ids.max()) >= self.vocab_size:
-            return SampleError(s.sample_id, f"token id {int(s.input_ids.max())} >= vocab size {self.vocab_size} of engine {self.instance!r}")
+        too_big = vocab_error(s, self.vocab_size, self.instance)
+        if too_big is not None:
+            return too_big
         if s.images and not self.is_vision:
             return SampleError(s.sample_id, f"has images but engine {self.instance!r} runs a text-only model")
         return None

@@ -17,12 +17,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from .errors import ExperimentError
+from .identity import BASE
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 EngineType = Literal["hf", "vllm", "native"]
 _CALLABLE_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-RESERVED_NAMES = ("base", "sampled")
+from .identity import RESERVED as RESERVED_NAMES  # noqa: E402 - the token table's variant values
 
 
 class _Strict(BaseModel):
@@ -102,6 +103,12 @@ class EngineSpec(_Strict):
             raise ValueError("attn_implementation is an hf option; vLLM picks its backend via options")
         if self.lora_merge and not self.lora:
             raise ValueError("lora_merge needs a lora adapter")
+        if self.type == "native":
+            from .adapters.patches import BUILTIN
+
+            builtin = [p for p in self.patches if p in BUILTIN]
+            if builtin:
+                raise ValueError(f"built-in patches ({', '.join(builtin)}) change a transformers model; a native engine takes 'module:function' patches")
         if self.full_vocab and self.type != "vllm":
             raise ValueError(f"full_vocab is a vllm option: {self.type} engines always give full logits (the experiment's full_vocab decides their use)")
         if self.lora_merge and self.type != "hf":
@@ -237,7 +244,7 @@ class Experiment(_Strict):
         """name -> (cand_engine, variant, full spec); variants are their base engine with overrides."""
         out: dict[str, tuple[str, str, EngineSpec]] = {}
         for name, spec in self.engines.items():
-            out[name] = (name, "base", self._fill(spec))
+            out[name] = (name, BASE, self._fill(spec))
         for name, var in self.variants.items():
             base = self.engines[var.engine].model_dump(exclude_unset=True)
             base.update(var.model_dump(exclude_unset=True, exclude={"engine"}))

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .identity import SAMPLED, display_name
+
 MAX_SAMPLES = 20
 MAX_POINTS = 2048
 CONTEXT = 8
@@ -98,8 +100,7 @@ def _table(df: pd.DataFrame, cls: str = "", row_class=None) -> str:
     return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
-def _name(cand: str, variant: str) -> str:
-    return {"base": cand, "sampled": f"{cand}:sampled"}.get(variant, variant)
+_name = display_name
 
 
 def _pooled(summary: pd.DataFrame) -> pd.DataFrame:
@@ -352,13 +353,13 @@ def _worst_section(tokens: pd.DataFrame, meta: dict, worst_dir: Path, n: int = 2
     tok = _vocab(meta)
     text = (lambda i: tok.decode([int(i)]) if tok is not None and pd.notna(i) and int(i) >= 0 else str(i))  # noqa: E731
     top5 = (lambda ids, lps: ", ".join(f"{text(i)!r} {lp:.2f}" for i, lp in zip(ids, lps) if i >= 0))  # noqa: E731
-    scored = tokens[tokens["variant"].astype(str) != "sampled"]
+    scored = tokens[tokens["variant"].astype(str) != SAMPLED]
     extra = {}
     if worst_dir.exists() and any(worst_dir.glob("*.parquet")):
         from .summary import read_tokens
 
         w = read_tokens(worst_dir)
-        w = w[w["variant"].astype(str) != "sampled"]
+        w = w[w["variant"].astype(str) != SAMPLED]
         extra = {(str(r.sample_id), int(r.position), _name(str(r.cand_engine), str(r.variant))): r for r in w.itertuples(index=False)}
     worst = scored.nlargest(n, "kl")
     rows = []

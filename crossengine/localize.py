@@ -17,6 +17,8 @@ import re
 import numpy as np
 import pandas as pd
 
+from .identity import display_name
+
 # OLMo-core module names -> HF's (after HF's "model." prefix is stripped)
 OLMO_CORE_TO_HF = [
     (r"^blocks\.(\d+)$", r"layers.\1"),
@@ -207,7 +209,7 @@ def print_localization(layers: pd.DataFrame, buffers: pd.DataFrame, tol: float, 
         console.print(m, highlight=False, soft_wrap=True, markup=False)
     if not layers.empty:
         for (cand, variant), g in layers.groupby(["cand_engine", "variant"], sort=False):
-            name = cand if variant == "base" else variant
+            name = display_name(cand, variant)
             first = first_divergence(g, tol)
             if first is None:
                 console.print(f"{name}: no module differs by more than {tol:g} from the reference", highlight=False)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .identity import SAMPLED, display_name
+
 from .summary import read_tokens
 
 
@@ -19,8 +21,8 @@ def nearest_table(tokens_dir: Path, reference: str) -> pd.DataFrame:
     df = read_tokens(tokens_dir, cols)
     if df.empty:
         return pd.DataFrame()
-    df = df[df["variant"].astype(str) != "sampled"].copy()
-    df["instance"] = df["cand_engine"].astype(str).where(df["variant"].astype(str) == "base", df["variant"].astype(str))
+    df = df[df["variant"].astype(str) != SAMPLED].copy()
+    df["instance"] = [display_name(c, v) for c, v in zip(df["cand_engine"], df["variant"])]
     key = ["sample_id", "position", "modality"]
     wide = df.pivot_table(index=key, columns="instance", values="lp_cand", aggfunc="first", observed=True)
     wide[reference] = df.drop_duplicates(key).set_index(key)["lp_ref"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import NAME, EngineSpec, Experiment, looks_like_path
 from .errors import CrossengineError, ExperimentError
+from .identity import BASE, Role, display_name
 from .fixtures import ensure_fixture, is_fixture
 
 
@@ -21,10 +22,18 @@ from .fixtures import ensure_fixture, is_fixture
 class EngineInstance:
     name: str  # the experiment's key: an engine or a variant
     cand_engine: str  # the engine it is (a variant's base)
-    variant: str  # "base" for an engine itself
+    variant: str  # identity.BASE for an engine itself
     spec: EngineSpec
     model_path: str
     is_reference: bool
+
+    @property
+    def role(self) -> Role:
+        return Role.REFERENCE if self.is_reference else Role.CANDIDATE
+
+    @property
+    def display(self) -> str:
+        return display_name(self.cand_engine, self.variant)
 
 
 @dataclass
@@ -80,7 +89,7 @@ def fingerprint(exp: Experiment) -> str:
 def make_plan(exp: Experiment, experiment_path: Path, run_id: str | None = None, output_dir: Path | None = None) -> Plan:
     instances = []
     for name, (cand_engine, variant, spec) in exp.resolved_engines().items():
-        section = "engines" if variant == "base" else "variants"
+        section = "engines" if variant == BASE else "variants"
         field = f"{section}.{name}.model"
         path = resolve_model(spec.model, experiment_path, field if spec.model != exp.model else "model")
         if spec.lora:

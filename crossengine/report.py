@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .identity import display_name
+
 COLUMNS = [
     ("n_tokens", "n", "{:d}"),
     ("top1_agreement", "top1", "{:.4f}"),
@@ -44,7 +46,7 @@ def summary_table(summary: pd.DataFrame, title: str, splits: bool = True):
     for _, r in rows.iterrows():
         split = ", ".join(f"{k}={r[k]}" for k in ("modality", "attention", "segment", "position_bucket") if str(r[k]) != "all") or "all"
         variant = str(r["variant"])
-        name = {"base": str(r["cand_engine"]), "sampled": f"{r['cand_engine']}:sampled"}.get(variant, variant)
+        name = display_name(r["cand_engine"], variant)
         table.add_row(name, split, *[_fmt(r[c], p) for c, _, p in COLUMNS])
     return table
 
@@ -59,7 +61,7 @@ def print_summary(run_dir: Path, console) -> None:
     if "n_nonfinite" in summary:
         pooled = summary[(summary["modality"] == "all") & (summary["n_nonfinite"] > 0)]
         for _, r in pooled.iterrows():
-            name = r["cand_engine"] if r["variant"] == "base" else r["variant"]
+            name = display_name(r["cand_engine"], r["variant"])
             console.print(f"[red]non-finite[/red] log-probs at {int(r['n_nonfinite'])} token(s) of {str(name)!r} vs {reference!r}: "
                           "see the `nonfinite` column (ref/cand/both); their metrics are null and left out of the summary", highlight=False)
     if meta["experiment"].get("variants"):
@@ -96,7 +98,7 @@ def ablation_table(summary: pd.DataFrame, reference: str):
     for _, header, _ in ABLATION:
         table.add_column(header, justify="right")
     for _, r in pooled.iterrows():
-        name = r["cand_engine"] if r["variant"] == "base" else r["variant"]
+        name = display_name(r["cand_engine"], r["variant"])
         table.add_row(name, *[_fmt(r[c], p) for c, _, p in ABLATION])
     return table
 

@@ -28,6 +28,7 @@ from . import __version__
 from .adapters.base import Sample, SampleError, TokenLogprobs
 from .align import check_scores
 from .errors import CrossengineError
+from .identity import SAMPLED
 from .metrics import token_metrics
 from .plan import EngineInstance, Plan
 from .pool import EnginePool, ensure_ray, one_line
@@ -344,7 +345,7 @@ class Runner:
         """Files a batch writes besides the candidates' token parts."""
         mode = self.plan.experiment.mode
         if mode == "generate":
-            return [self.run_dir.part(f"{self._generator().name}.sampled", b)]
+            return [self.run_dir.part(f"{self._generator().name}.{SAMPLED}", b)]
         if mode == "greedy":
             return [self.run_dir.greedy_part(c.name, b) for c in wave]
         return []
@@ -379,7 +380,7 @@ class Runner:
             name = gens["generator"]
             inst = next(i for i in self.plan.instances if i.name == name)
             sampled = [sampled_scores(s, g) for s, g in zip(batch, gens["gens"])]
-            self._write_part(b, f"{name}.sampled", inst.cand_engine, "sampled", batch, ref_out, sampled, vocab_text, completion_only=True)
+            self._write_part(b, f"{name}.{SAMPLED}", inst.cand_engine, SAMPLED, batch, ref_out, sampled, vocab_text, completion_only=True)
             return
         texts = vocab_text.to_pylist()
         ref_gens = {g.sample_id: g for g in gens["gens"]}

@@ -126,3 +126,19 @@ def custom_tree(model_path, config, device, dtype, nudge: str | None = None):
         with torch.no_grad():
             dict(net.named_parameters())[nudge].add_(1e-3)
     return net.to(dtype)
+
+
+PREFERRED = 77
+
+
+def prefer_token(engine) -> str:
+    """A user patch that plants a difference: token PREFERRED gets +1e4 on every logit row,
+    so a greedy decode emits it at every step."""
+
+    def hook(_module, _inputs, output):
+        output = output.clone()
+        output[..., PREFERRED] += 1e4
+        return output
+
+    engine.model.get_output_embeddings().register_forward_hook(hook)
+    return f"lm_head output +1e4 at token {PREFERRED}"

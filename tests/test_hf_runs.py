@@ -178,15 +178,19 @@ def test_generate_mode_identical_engines_give_exact_zero_gen_kl(ray_cluster, tmp
 
 
 def test_greedy_mode_reports_first_divergence(ray_cluster, tmp_path):
+    """A planted difference: 'forced' always prefers one token, so its own decode leaves the
+    reference's at completion index 0 of every sample; 'same' never leaves it."""
+    from .native_factories import PREFERRED
+
     path = tmp_path / "greedy.yaml"
-    path.write_text(GENERATE_IDENTICAL.replace("MODE", "greedy").replace("max_tokens: 10", "max_tokens: 40"))
+    text = GENERATE_IDENTICAL.replace("MODE", "greedy").replace("max_tokens: 10", "max_tokens: 12")
+    path.write_text(text.replace("  bf16: {type: hf, dtype: bfloat16}", "  forced: {type: hf, patches: ['tests.native_factories:prefer_token']}"))
     result = CliRunner().invoke(app, ["run", str(path), "--output-dir", str(tmp_path / "results"), "--run-id", "g"])
     assert result.exit_code == 0, result.output
     greedy = pd.read_parquet(tmp_path / "results" / "g" / "greedy").set_index(["cand_engine", "sample_id"])
-    assert (greedy.loc["same", "first_divergence"] == -1).all(), "identical engines decode identically"
     assert len(greedy) == 4 and greedy["ref_len"].min() > 0
-    diverged = greedy[greedy["first_divergence"] >= 0]
-    for _, r in diverged.iterrows():
-        assert r["ref_token"] != r["cand_token"] or r["ref_len"] != r["cand_len"]
-    if len(diverged):
-        assert "leaves trainer" in result.output
+    assert (greedy.loc["same", "first_divergence"] == -1).all(), "identical engines decode identically"
+    forced = greedy.loc["forced"]
+    assert (forced["ref_token"] != PREFERRED).all(), "the reference never picks the planted token"
+    assert (forced["first_divergence"] == 0).all() and (forced["cand_token"] == PREFERRED).all()
+    assert "leaves trainer" in result.output

@@ -1,0 +1,29 @@
+"""Who a token row belongs to, in one place.
+
+A row's `cand_engine` is an engine of the experiment; `variant` is BASE for that engine
+itself, the variant's name for a variant of it, or SAMPLED for the generator's own
+sampling-time log-probs (generation mode). Config rejects engines and variants named like
+the two reserved values, so the three can never be confused in the Parquet.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+BASE = "base"
+SAMPLED = "sampled"
+RESERVED = (BASE, SAMPLED)
+
+
+class Role(str, Enum):
+    REFERENCE = "reference"
+    CANDIDATE = "candidate"
+    SAMPLED = "sampled"
+
+
+def display_name(cand_engine: str, variant: str) -> str:
+    """How tables and reports name a row's source: the engine, the variant, or ENGINE:sampled."""
+    cand_engine, variant = str(cand_engine), str(variant)
+    if variant == BASE:
+        return cand_engine
+    return f"{cand_engine}:{SAMPLED}" if variant == SAMPLED else variant
