@@ -133,8 +133,12 @@ class Engine(abc.ABC):
         raise NotImplementedError(f"engine {self.name!r} cannot be the reference that tokenises samples")
 
     @abc.abstractmethod
-    def score(self, samples: list[Sample], top_k: int, full_vocab: bool) -> list[TokenLogprobs | SampleError]:
-        """Teacher-forced log-probs of every position; a failing sample yields a SampleError."""
+    def score(self, samples: list[Sample | SampleError], top_k: int, full_vocab: bool) -> list[TokenLogprobs | SampleError]:
+        """Teacher-forced log-probs of every position; a failing sample yields a SampleError.
+
+        `samples` is what the reference's `prepare` returned, SampleErrors included (they go
+        straight from its worker to every engine's, never through the driver): return each
+        SampleError in its place."""
 
     def generate(self, samples: list[Sample], sampling: Any, top_k: int) -> list[list[Generation] | SampleError]:
         """`sampling.n` completions per sample, each with the engine's raw log-prob of every token."""

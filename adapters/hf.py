@@ -251,6 +251,9 @@ class HFEngine(Engine):
     def score(self, samples: list[Sample], top_k: int, full_vocab: bool) -> list[TokenLogprobs | SampleError]:
         out: list[TokenLogprobs | SampleError] = []
         for s in samples:
+            if isinstance(s, SampleError):  # the reference could not prepare it: passed through, in place
+                out.append(s)
+                continue
             invalid = self.invalid(s)
             if invalid is not None:
                 out.append(invalid)

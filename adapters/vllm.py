@@ -153,7 +153,7 @@ class VLLMEngine(Engine):
 
     def _run(self, samples: list[Sample], params, extra_tokens: int = 0) -> list[Any]:
         """One vLLM call for all valid samples; a failing batch is retried one by one to isolate it."""
-        results: list[Any] = [self._check(s, extra_tokens) for s in samples]
+        results: list[Any] = [s if isinstance(s, SampleError) else self._check(s, extra_tokens) for s in samples]
         todo = [i for i, r in enumerate(results) if r is None]
         prompts = {}
         for i in todo:

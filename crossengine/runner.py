@@ -267,15 +267,18 @@ class Runner:
         progress = engine_progress(self.console, [ref, *wave], len(exp.samples), self.plan, self.run_dir)
 
         def submit(item):
+            """Start a batch without waiting: the reference's prepared samples go to every engine
+            as an ObjectRef (worker to worker), so engines score batch n+1 while batch n is written."""
             b, idx, cands = item
-            batch = self._prepare(pool, idx, f"preparing batch {b}")
             gens = {}
-            if generative and batch:
-                batch, gens = self._generate(pool, batch, cands, b)
-            futures = {}
-            if batch:
-                batch_ref = ray.put(batch)
-                futures = {inst.name: pool.call(inst.name, "score", batch_ref, exp.top_k, exp.full_vocab) for inst in [ref, *cands]}
+            if generative:  # the generator must sample before anyone scores: this path waits
+                prepared = self._prepare(pool, idx, f"preparing batch {b}")
+                if prepared:
+                    prepared, gens = self._generate(pool, prepared, cands, b)
+                batch = ray.put(prepared)
+            else:
+                batch = pool.call(ref.name, "prepare", [raw_sample(self.plan, i) for i in idx])
+            futures = {inst.name: pool.call(inst.name, "score", batch, exp.top_k, exp.full_vocab) for inst in [ref, *cands]}
             return b, idx, batch, cands, futures, gens
 
         t = time.time()
@@ -286,11 +289,15 @@ class Runner:
                 if not generative:  # engines start on the next batch while this one is written
                     pending = submit(todo[n + 1]) if n + 1 < len(todo) else None
                 doing = f"scoring batch {b} (samples {', '.join(self.plan.experiment.samples[i].id for i in idx[:3])}{', ...' if len(idx) > 3 else ''})"
-                ref_out = self._get(ref.name, futures[ref.name], doing) if batch else []
+                batch = self._get(ref.name, batch, f"preparing batch {b}")
+                for item in batch:
+                    if isinstance(item, SampleError):
+                        self._error(ref.name, item)
+                ref_out = self._get(ref.name, futures[ref.name], doing)
                 self._check_reference(b, w, ref_out)
                 progress.advance(ref.name, len(idx))
                 for inst in cands:
-                    cand_out = self._get(inst.name, futures[inst.name], doing) if batch else []
+                    cand_out = self._get(inst.name, futures[inst.name], doing)
                     self._write_part(b, inst.name, inst.cand_engine, inst.variant, batch, ref_out, cand_out, vocab_text)
                     progress.advance(inst.name, len(idx))
                 if generative:
@@ -403,6 +410,8 @@ class Runner:
         rows: list[TokenRows] = []
         scored: list[tuple[TokenLogprobs, TokenLogprobs]] = []
         for sample, r, c in zip(batch, ref_out, cand_out):
+            if isinstance(sample, SampleError):  # not prepared: already reported under the reference
+                continue
             if isinstance(r, SampleError) or isinstance(c, SampleError):
                 for x, who in ((r, self.plan.reference.name), (c, name)):
                     if isinstance(x, SampleError):
