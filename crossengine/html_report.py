@@ -100,9 +100,6 @@ def _table(df: pd.DataFrame, cls: str = "", row_class=None) -> str:
     return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
-_name = display_name
-
-
 def _pooled(summary: pd.DataFrame) -> pd.DataFrame:
     df = summary.copy()
     for c in ("cand_engine", "variant", *SPLITS):
@@ -148,7 +145,7 @@ def _read_tokens(tokens_dir: Path) -> pd.DataFrame:
             "lp_ref", "lp_cand", "abs_lp_diff", "kl_ref_cand", "topk_kl", "top1_ref", "top1_cand", "top1_match", "top1_tie", "nonfinite"]
     df = read_tokens(tokens_dir, cols)
     df["kl"] = df["kl_ref_cand"].fillna(df["topk_kl"])
-    df["instance"] = [_name(c, v) for c, v in zip(df["cand_engine"].astype(str), df["variant"].astype(str))]
+    df["instance"] = [display_name(c, v) for c, v in zip(df["cand_engine"].astype(str), df["variant"].astype(str))]
     return df
 
 
@@ -174,7 +171,7 @@ def _run_section(meta: dict) -> str:
 
 def _summary_section(summary: pd.DataFrame) -> str:
     df = summary.copy()
-    df.insert(0, "candidate", [_name(c, v) for c, v in zip(df["cand_engine"].astype(str), df["variant"].astype(str))])
+    df.insert(0, "candidate", [display_name(c, v) for c, v in zip(df["cand_engine"].astype(str), df["variant"].astype(str))])
     df.insert(1, "split", [", ".join(f"{k}={r[k]}" for k in SPLITS if str(r[k]) != "all") or "all" for _, r in df.iterrows()])
     cols = ["candidate", "split"] + [c for c in SUMMARY_COLUMNS if c in df.columns]
     return "<p class='note'>click a column to sort; RL metrics under their frameworks' names (README)</p>" + _table(df[cols], "summary")
@@ -263,7 +260,7 @@ def _breakdown_section(summary: pd.DataFrame) -> str:
     df = summary.copy()
     for c in ("cand_engine", "variant", *SPLITS):
         df[c] = df[c].astype(str)
-    df["candidate"] = [_name(c, v) for c, v in zip(df["cand_engine"], df["variant"])]
+    df["candidate"] = [display_name(c, v) for c, v in zip(df["cand_engine"], df["variant"])]
     present = [k for k in SPLITS if (df[k] != "all").any()]
     if not present:
         return "<p class='note'>no splits</p>"
@@ -282,7 +279,7 @@ def _ablation_section(summary: pd.DataFrame, reference: str) -> str:
     import plotly.graph_objects as go
 
     pooled = _pooled(summary).sort_values("kl_mean")
-    names = [_name(c, v) for c, v in zip(pooled["cand_engine"], pooled["variant"])]
+    names = [display_name(c, v) for c, v in zip(pooled["cand_engine"], pooled["variant"])]
     fig = go.Figure(go.Bar(x=pooled["kl_mean"], y=names, orientation="h", text=[f"top-1 {a:.3f}" for a in pooled["top1_agreement"]]))
     fig.update_layout(title=f"KL mean vs {reference}: which difference matters", height=120 + 30 * len(names), xaxis_type="log")
     return _fig(fig, "ablation")
@@ -319,7 +316,7 @@ def _localisation_section(run_dir: Path, meta: dict) -> str:
         firsts = []
         for (cand, variant), g in layers.groupby(["cand_engine", "variant"], sort=False):
             per = g.groupby(["order", "module"], sort=True)["max_abs_diff"].max().reset_index()
-            name = _name(str(cand), str(variant))
+            name = display_name(str(cand), str(variant))
             fig.add_trace(go.Scatter(x=per["order"], y=per["max_abs_diff"].clip(lower=1e-12), mode="lines+markers", name=name, text=per["module"],
                                      hovertemplate="%{text}: %{y:.3g}<extra>" + html.escape(name) + "</extra>"))
             first = first_divergence(g, tol)
@@ -360,7 +357,7 @@ def _worst_section(tokens: pd.DataFrame, meta: dict, worst_dir: Path, n: int = 2
 
         w = read_tokens(worst_dir)
         w = w[w["variant"].astype(str) != SAMPLED]
-        extra = {(str(r.sample_id), int(r.position), _name(str(r.cand_engine), str(r.variant))): r for r in w.itertuples(index=False)}
+        extra = {(str(r.sample_id), int(r.position), display_name(str(r.cand_engine), str(r.variant))): r for r in w.itertuples(index=False)}
     worst = scored.nlargest(n, "kl")
     rows = []
     for _, r in worst.iterrows():
@@ -402,7 +399,7 @@ def compare_runs(a: Path, b: Path) -> pd.DataFrame:
     merged["status"] = merged["_merge"].map({"both": "both", "left_only": "removed", "right_only": "new"}).astype(str)
     for m in COMPARED:
         merged[f"{m}_change"] = merged[f"{m}_b"] - merged[f"{m}_a"]
-    merged.insert(0, "candidate", [_name(c, v) for c, v in zip(merged["cand_engine"], merged["variant"])])
+    merged.insert(0, "candidate", [display_name(c, v) for c, v in zip(merged["cand_engine"], merged["variant"])])
     merged.insert(1, "split", [", ".join(f"{k}={r[k]}" for k in SPLITS if r[k] != "all") or "all" for _, r in merged.iterrows()])
     cols = ["candidate", "split", "status"] + [f"{m}_{s}" for m in COMPARED for s in ("a", "b", "change")]
     return merged[cols].sort_values(["status", "candidate", "split"]).reset_index(drop=True)

@@ -248,11 +248,13 @@ class RunDir:
         """Append the full traceback (remote ones included) to the run's log; returns its path."""
         import traceback
 
+        return self.append_log(headline, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+
+    def append_log(self, headline: str, text: str) -> Path:
+        """The run's log: what the one-line errors leave out (tracebacks), under a dated headline."""
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.log, "a") as f:
-            f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {headline}\n")
-            f.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-            f.write("\n")
+            f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {headline}\n{text}\n")
         return self.log
 
     def part(self, instance: str, batch: int) -> Path:

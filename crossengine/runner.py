@@ -33,7 +33,7 @@ from .metrics import token_metrics
 from .plan import EngineInstance, Plan
 from .pool import EnginePool, ensure_ray, one_line
 from .progress import engine_progress
-from .results import RunDir, TokenRows, git_sha, host_info, token_table, write_table
+from .results import SCHEMA_VERSION, WORST_SCHEMA, RunDir, TokenRows, git_sha, host_info, token_table, write_table
 from .summary import summarize
 
 
@@ -241,13 +241,15 @@ class Runner:
     def _prepare(self, pool: EnginePool, indices: list[int], doing: str) -> list[Sample]:
         """Tokenise and expand one batch on the reference; a sample it cannot prepare is reported and skipped."""
         ref = self.plan.reference.name
-        out = []
-        for item in self._get(ref, pool.call(ref, "prepare", [raw_sample(self.plan, i) for i in indices]), doing):
+        prepared = self._report_unprepared(self._get(ref, pool.call(ref, "prepare", [raw_sample(self.plan, i) for i in indices]), doing))
+        return [s for s in prepared if not isinstance(s, SampleError)]
+
+    def _report_unprepared(self, prepared: list) -> list:
+        """Record, under the reference, each sample it could not prepare; the list is returned as it is."""
+        for item in prepared:
             if isinstance(item, SampleError):
-                self._error(ref, item)
-            else:
-                out.append(item)
-        return out
+                self._error(self.plan.reference.name, item)
+        return prepared
 
     # --------------------------------------------------------------------- batches
 
@@ -289,10 +291,7 @@ class Runner:
                 if not generative:  # engines start on the next batch while this one is written
                     pending = submit(todo[n + 1]) if n + 1 < len(todo) else None
                 doing = f"scoring batch {b} (samples {', '.join(self.plan.experiment.samples[i].id for i in idx[:3])}{', ...' if len(idx) > 3 else ''})"
-                batch = self._get(ref.name, batch, f"preparing batch {b}")
-                for item in batch:
-                    if isinstance(item, SampleError):
-                        self._error(ref.name, item)
+                batch = self._report_unprepared(self._get(ref.name, batch, f"preparing batch {b}"))
                 ref_out = self._get(ref.name, futures[ref.name], doing)
                 self._check_reference(b, w, ref_out)
                 progress.advance(ref.name, len(idx))
@@ -433,22 +432,22 @@ class Runner:
             self.errors.append(entry)
             where = ""
             if err.detail:  # an unexpected exception: its traceback goes to the run's log
-                with open(self.run_dir.log, "a") as f:
-                    f.write(f"--- engine {engine!r}, sample {err.sample_id}: {err.message}\n{err.detail}\n")
-                where = f"; traceback: {self.run_dir.log}"
+                log = self.run_dir.append_log(f"engine {engine!r}, sample {err.sample_id}: {err.message}", err.detail)
+                where = f"; traceback: {log}"
             self._say(f"[red]error[/red] engine {engine!r}: {err} (sample skipped{where})")
 
     # ---------------------------------------------------------------------- run.json
 
     def _start_meta(self, infos: dict, resumed: dict | None) -> None:
+        fingerprint_of_samples = samples_fingerprint(self.plan.experiment) if resumed is None else None
         meta = resumed or {
             "run_id": self.plan.run_id,
-            "schema_version": 1,
+            "schema_version": SCHEMA_VERSION,
             "crossengine_version": __version__,
             "git_sha": git_sha(),
             "experiment_file": str(self.plan.experiment_path),
-            "experiment": self._experiment_json(),
-            "samples_fingerprint": samples_fingerprint(self.plan.experiment),
+            "experiment": self._experiment_json(fingerprint_of_samples),
+            "samples_fingerprint": fingerprint_of_samples,
             "fingerprint": self.plan.fingerprint,
             "reference": self.plan.reference.name,
             "candidates": {c.name: {"cand_engine": c.cand_engine, "variant": c.variant} for c in self.plan.candidates},
@@ -464,14 +463,14 @@ class Runner:
         meta.update(status="running", engines=infos, placement=self.placement.to_json())
         self.run_dir.write_meta(meta)
 
-    def _experiment_json(self) -> dict:
+    def _experiment_json(self, fingerprint_of_samples: str) -> dict:
         """The experiment as resolved; the sample list only up to SAMPLES_IN_RUN_JSON (a 100k-sample
         run would make run.json hundreds of MB): beyond, its count and fingerprint stand for it."""
         exp = self.plan.experiment
         if len(exp.samples) <= SAMPLES_IN_RUN_JSON:
             return exp.model_dump(mode="json")
         out = exp.model_dump(mode="json", exclude={"samples"})
-        out["samples"] = {"omitted": len(exp.samples), "fingerprint": samples_fingerprint(exp)}
+        out["samples"] = {"omitted": len(exp.samples), "fingerprint": fingerprint_of_samples}
         return out
 
     def _finish_meta(self, infos: dict) -> None:
@@ -505,18 +504,18 @@ def worst_table(rows: list[TokenRows], scored: list[tuple[TokenLogprobs, TokenLo
     The token table keeps top-1 only (top-k for every row would multiply its size); the
     report's worst-token table needs more, and only for a few rows, so each part keeps those.
     """
-    from .results import WORST_SCHEMA
-
-    cands = []
-    for i, tr in enumerate(rows):
-        kl = np.where(np.isnan(tr.metrics["kl_ref_cand"]), tr.metrics["topk_kl"], tr.metrics["kl_ref_cand"])
-        for j in np.flatnonzero(np.isfinite(kl)):
-            cands.append((float(kl[j]), i, int(tr.positions[j])))
+    if not rows:
+        return WORST_SCHEMA.empty_table()
+    kl = np.concatenate([np.where(np.isnan(tr.metrics["kl_ref_cand"]), tr.metrics["topk_kl"], tr.metrics["kl_ref_cand"]) for tr in rows])
+    which = np.repeat(np.arange(len(rows)), [len(tr.positions) for tr in rows])
+    positions = np.concatenate([tr.positions for tr in rows])
+    finite = np.flatnonzero(np.isfinite(kl))
+    top = finite[np.argsort(-kl[finite], kind="stable")[:WORST_PER_PART]]
     out = []
-    for kl, i, pos in sorted(cands, reverse=True)[:WORST_PER_PART]:
+    for value, i, pos in zip(kl[top].tolist(), which[top].tolist(), positions[top].tolist()):
         r, c = scored[i]
         out.append({
-            "sample_id": rows[i].sample_id, "position": pos, "cand_engine": cand_engine, "variant": variant, "kl": kl,
+            "sample_id": rows[i].sample_id, "position": pos, "cand_engine": cand_engine, "variant": variant, "kl": value,
             "top5_ref_ids": r.topk_ids[pos, :5].tolist(), "top5_ref_lp": r.topk_logprobs[pos, :5].tolist(),
             "top5_cand_ids": c.topk_ids[pos, :5].tolist(), "top5_cand_lp": c.topk_logprobs[pos, :5].tolist(),
         })
