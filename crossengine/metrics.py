@@ -1,9 +1,10 @@
 """Per-token metrics, candidate vs reference, vectorised over a whole batch (definitions: README, "Token columns").
 
 All formulas live here once; summaries (summary.py) and the RL monitor (monitor.py) reduce
-the columns this module produces. Full-vocabulary work runs in torch, in row chunks, so
-memory stays bounded at T×V of any size; sums accumulate in float64 and the numbers match
-a float64 numpy reference to 1e-6 (tests/test_metrics.py).
+the columns this module produces. Full-vocabulary work is one fused torch kernel over row
+blocks (`_fused_rows`, compiled by inductor), run in the candidate's worker next to its
+logits; sums accumulate in float64 and the numbers match a float64 numpy reference to 1e-6
+(tests/test_metrics.py).
 
 Conventions: `lr`, `lc` are the reference's and the candidate's log-prob of the scored token.
 Outside generation mode the reference plays the trainer `t` and the candidate the generator
@@ -39,7 +40,7 @@ METRIC_COLUMNS: dict[str, str] = {
     "rank_in_cand": "int32",
 }
 
-_CHUNK_ELEMENTS = 1 << 22  # rows × vocab per chunk: 16 MiB of float32 per array
+_CHUNK_ELEMENTS = 1 << 24  # rows × vocab per block: 64 MiB of float32 per side (fused: no T×V temporaries)
 
 
 def k3(x: np.ndarray) -> np.ndarray:
@@ -113,65 +114,137 @@ def _mask_nonfinite(out: dict[str, np.ndarray], lr: np.ndarray, lc: np.ndarray) 
 
 
 def _full_vocab_metrics(ref_logits: np.ndarray, cand_logits: np.ndarray, ids: np.ndarray, centre: bool = False) -> dict[str, np.ndarray]:
-    """KL both ways, cosine of logits, argmaxes and exact rank, from raw logits.
+    """KL both ways, cosine of logits, argmaxes and exact rank, from raw logits, in row chunks.
 
-    The work is float32 (it is memory-bound at T×V). KL is written in δ = r − c, which float32
-    subtracts exactly when logits are close, as a sum of non-negative terms plus a
-    second-order correction, so nothing cancels:
-        KL(r‖c) = Σ pr·k3(−δ) + (log1p(S) − S),   S = Σ pr·expm1(−δ),   k3(x) = eˣ − x − 1
-    Identical logits give exactly 0; tiny KLs keep float32's relative precision instead of
-    drowning in the rounding of two log-sum-exps. With `centre` (one side gives log-probs, the
-    other raw logits) δ carries each row's log Z; it is removed in float64 (δ − (lse_r − lse_c))
-    so that k3 sees the small differences, not the offset.
+    Runs where it is called: in a candidate's Ray worker (crossengine/compare.py), on that
+    worker's GPU when it has one. With `centre` (one side gives log-probs, the other raw
+    logits) the rows differ by log Z, which is removed first (see `_fused_rows`).
     """
     import torch
 
     n, vocab = ref_logits.shape
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
-    f64 = torch.float64
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("lp_ref", "lp_cand", "kl_ref_cand", "kl_cand_ref", "cos_sim", "top1_ref", "top1_cand", "rank_in_cand")}
+    cols: dict[str, list[np.ndarray]] = {}
     for start in range(0, n, step):
-        r = torch.from_numpy(np.array(ref_logits[start : start + step], dtype=np.float32))
-        c = torch.from_numpy(np.array(cand_logits[start : start + step], dtype=np.float32))
-        tok = torch.from_numpy(np.array(ids[start : start + step], dtype=np.int64))[:, None]
-        pr, lse_r, top1_ref = _softmax_lse(r)
-        pc, lse_c, top1_cand = _softmax_lse(c)
-        delta = r - c
-        if centre:
-            delta = delta.double() - (lse_r - lse_c)[:, None]
-        cand_at_ref_top1 = c.gather(-1, top1_ref[:, None])
-        chunk = {
-            "lp_ref": r.gather(-1, tok)[:, 0].to(f64) - lse_r,
-            "lp_cand": c.gather(-1, tok)[:, 0].to(f64) - lse_c,
-            "kl_ref_cand": _kl_from_delta(pr, -delta),
-            "kl_cand_ref": _kl_from_delta(pc, delta),
-            "cos_sim": (r * c).sum(-1).to(f64) / ((r * r).sum(-1).to(f64) * (c * c).sum(-1).to(f64)).sqrt(),
-            "top1_ref": top1_ref,
-            "top1_cand": top1_cand,
-            "rank_in_cand": 1 + (c > cand_at_ref_top1).sum(-1),
-        }
-        for k, v in chunk.items():
-            cols[k].append(v.numpy())
-    return {k: np.concatenate(v) if v else np.empty(0) for k, v in cols.items()}
+        r = torch.as_tensor(np.asarray(ref_logits[start : start + step], dtype=np.float32), device=device)
+        c = torch.as_tensor(np.asarray(cand_logits[start : start + step], dtype=np.float32), device=device)
+        tok = torch.as_tensor(np.asarray(ids[start : start + step], dtype=np.int64), device=device)[:, None]
+        shift = torch.logsumexp(r.double(), -1) - torch.logsumexp(c.double(), -1) if centre else None
+        for k, v in fused_kernel(r.numel())(r, c, tok, shift).items():
+            cols.setdefault(k, []).append(v.cpu().numpy())
+    return {k: np.concatenate(v) for k, v in cols.items()} if cols else {k: np.empty(0) for k in _FUSED_COLUMNS}
 
 
-def _softmax_lse(x):
-    """Probabilities (float32), log-sum-exp (float64) and argmax of each row."""
+_FUSED_COLUMNS = ("lp_ref", "lp_cand", "kl_ref_cand", "kl_cand_ref", "cos_sim", "top1_ref", "top1_cand", "rank_in_cand")
+_COMPILE_FROM_ELEMENTS = 1 << 20  # below ~4 MiB per side, compiling costs more than it saves
+_compiled = None  # the torch.compile'd _fused_rows, once per process; False where compiling failed
+
+
+def fused_kernel(elements: int, compiled: bool | None = None):
+    """`_fused_rows`, compiled by torch.compile (inductor: C++/OpenMP on CPU, Triton on CUDA) for
+    blocks of at least `_COMPILE_FROM_ELEMENTS`, else run eagerly; both compute the same numbers.
+
+    Compiling takes seconds the first time on a machine (inductor caches the result on disk).
+    Where it fails (no C++ compiler, an unsupported torch) the eager function is used instead.
+    """
+    global _compiled
+    if compiled is None:
+        compiled = elements >= _COMPILE_FROM_ELEMENTS
+    if not compiled or _compiled is False:
+        return _fused_rows
+    if _compiled is None:
+        import torch
+
+        _compiled = torch.compile(_fused_rows, dynamic=True)
+    return _run_or_fall_back
+
+
+WARM_UP_FROM_VOCAB = 8192  # real vocabularies; the tiny test fixtures (V = 512) stay eager
+
+
+def warm_up(vocab: int) -> float:
+    """Compile the kernel on a small block of this vocabulary (seconds, once per worker); its time."""
+    import time
+
     import torch
 
-    m, argmax = x.max(-1, keepdim=True)
-    e = torch.exp(x - m)
-    z = e.sum(-1, keepdim=True)
-    return e.div_(z), m[:, 0].double() + torch.log(z[:, 0].double()), argmax[:, 0]
+    t = time.perf_counter()
+    r, c = torch.zeros(8, vocab), torch.ones(8, vocab)  # two tensors: the same one twice would compile for aliasing
+    fused_kernel(r.numel(), compiled=True)(r, c, torch.zeros(8, 1, dtype=torch.int64), None)
+    return time.perf_counter() - t
 
 
-def _kl_from_delta(p, x):
-    """KL(p‖q) where log q = log p + x + const per row: Σ p·k3(x) + log1p(S) − S, S = Σ p·expm1(x)."""
+def _run_or_fall_back(*args):
+    global _compiled
+    try:
+        return _compiled(*args)
+    except Exception as exc:  # noqa: BLE001 - a compiler problem must not lose the run: same numbers, eagerly
+        import warnings
+
+        warnings.warn(f"crossengine: torch.compile of the metric kernel failed ({type(exc).__name__}: {exc}); metrics run eagerly", stacklevel=2)
+        _compiled = False
+        return _fused_rows(*args)
+
+
+def _fused_rows(r, c, tok, shift):
+    """Every full-vocabulary column of a block of rows, in one pass over the vocabulary after the maxes.
+
+    The sums accumulate in float64. KL is written in x = c − r (+ shift = lse_r − lse_c where
+    one side gives log-probs), which float32 subtracts exactly when logits are close, as a sum of non-negative terms plus a second-order correction, so nothing
+    cancels:
+        KL(r‖c) = Σ pr·k3(x) + (log1p(S) − S),     S  = Σ pr·expm1(x),   k3(x) = eˣ − x − 1
+        KL(c‖r) = Σ pc·k3(−x) + (log1p(S') − S'),  S' = Σ pc·expm1(−x)
+    Identical logits give exactly 0, and tiny KLs keep float32's relative precision: k3 is a
+    Taylor polynomial for |x| < 1/4 (eˣ − 1 − x would cancel there; inductor's vectorised
+    expm1 is exp − 1, which cancels too). Three exponentials per element: both softmaxes, eˣ.
+    A −inf logit on both sides adds nothing; on one side only, the KL toward the side without
+    mass there is +inf (it is), never NaN.
+    """
     import torch
 
-    e = torch.expm1(x)
-    s = (p * e).sum(-1).double()
-    return (p * (e - x)).sum(-1).double() + torch.log1p(s) - s
+    f64 = torch.float64
+    mr, top1_ref = r.max(-1, keepdim=True)
+    mc, top1_cand = c.max(-1, keepdim=True)
+    er, ec = torch.exp(r - mr), torch.exp(c - mc)
+    x = c - r if shift is None else (c.to(f64) - r.to(f64) + shift[:, None]).to(r.dtype)  # float64: the offset is large
+    x = torch.where(torch.isnan(x), 0.0, x)  # −inf on both sides: no mass, no term
+    ex = torch.exp(x)
+    small = x.abs() < 0.25
+    t_pos, t_neg = _k3_taylor(x)
+    k3_pos = torch.where(small, t_pos, ex - 1 - x)  # no cancellation where |x| ≥ 1/4
+    k3_neg = torch.where(small, t_neg, 1 / ex - 1 + x)
+    em_pos = torch.where(small, t_pos + x, ex - 1)  # expm1(x)
+    em_neg = torch.where(small, t_neg - x, 1 / ex - 1)  # expm1(−x)
+    zr, zc = er.sum(-1, dtype=f64), ec.sum(-1, dtype=f64)
+    mass_r, mass_c = er > 0, ec > 0  # 0·∞ where one side is −inf: no mass, no term
+    s_pos = torch.where(mass_r, er * em_pos, 0.0).sum(-1, dtype=f64) / zr
+    s_neg = torch.where(mass_c, ec * em_neg, 0.0).sum(-1, dtype=f64) / zc
+    kl_pos = torch.where(mass_r, er * k3_pos, 0.0).sum(-1, dtype=f64) / zr
+    kl_neg = torch.where(mass_c, ec * k3_neg, 0.0).sum(-1, dtype=f64) / zc
+    lse_r, lse_c = mr[:, 0].to(f64) + zr.log(), mc[:, 0].to(f64) + zc.log()
+    return {
+        "lp_ref": r.gather(-1, tok)[:, 0].to(f64) - lse_r,
+        "lp_cand": c.gather(-1, tok)[:, 0].to(f64) - lse_c,
+        "kl_ref_cand": kl_pos + torch.log1p(s_pos) - s_pos,
+        "kl_cand_ref": kl_neg + torch.log1p(s_neg) - s_neg,
+        "cos_sim": (r * c).sum(-1, dtype=f64) / ((r * r).sum(-1, dtype=f64) * (c * c).sum(-1, dtype=f64)).sqrt(),
+        "top1_ref": top1_ref[:, 0],
+        "top1_cand": top1_cand[:, 0],
+        "rank_in_cand": 1 + (c > c.gather(-1, top1_ref)).sum(-1),
+    }
+
+
+def _k3_taylor(x):
+    """(eˣ − 1 − x, e⁻ˣ − 1 + x) for |x| < 1/4 to float32 precision (next term < 1e-9 relative).
+
+    Even and odd parts are shared by both signs; constants are multiplied, never divided
+    (inductor would emit a division per element).
+    """
+    x2 = x * x
+    even = 0.5 + x2 * (1 / 24 + x2 * (1 / 720 + x2 * (1 / 40320)))
+    odd = x * (1 / 6 + x2 * (1 / 120 + x2 * (1 / 5040)))
+    return x2 * (even + odd), x2 * (even - odd)
 
 
 def _topk_rank_and_top1(ref: TokenLogprobs, cand: TokenLogprobs, rows: slice) -> dict[str, np.ndarray]:

@@ -69,6 +69,30 @@ def _worker_class():
         def call(self, method: str, *args):
             return getattr(self.engine, method)(*args)
 
+        @ray.method(num_returns=2)
+        def score_reference(self, batch, top_k: int, full_vocab: bool):
+            """The reference's scores (an ObjectRef the candidates read) and the little the driver needs of them."""
+            from crossengine.compare import reference_check
+
+            out = self.engine.score(batch, top_k, full_vocab)
+            return out, reference_check(out)
+
+        def score_and_compare(self, batch, ref_out: list, top_k: int, full_vocab: bool, options):
+            """Score, then compare with the reference's scores right here, next to this engine's logits.
+
+            `ref_out` is `[ObjectRef]`: nested, so that Ray does not wait for the reference
+            before this engine starts scoring; it is fetched (worker to worker) only after."""
+            from crossengine.compare import compare_batch
+
+            mine = self.engine.score(batch, top_k, full_vocab)
+            return compare_batch(batch, ray.get(ref_out[0]), mine, options)
+
+        def warm_metrics(self, vocab: int) -> float:
+            """Compile the full-vocabulary metric kernel before the first batch (seconds, once per worker)."""
+            from crossengine.metrics import warm_up
+
+            return warm_up(vocab)
+
     return EngineWorker
 
 
@@ -162,6 +186,19 @@ class EnginePool:
     def call(self, name: str, method: str, *args):
         """An ObjectRef for `engine.method(*args)` in engine `name`'s worker."""
         return self.actors[name].call.remote(method, *args)
+
+    def score_reference(self, name: str, batch, top_k: int, full_vocab: bool):
+        """(ObjectRef of the reference's scores, ObjectRef of its ReferenceCheck); nothing is fetched."""
+        return self.actors[name].score_reference.remote(batch, top_k, full_vocab)
+
+    def score_and_compare(self, name: str, batch, ref_out, top_k: int, full_vocab: bool, options):
+        """ObjectRef of the candidate's `compare.Part` for one batch; `ref_out` goes worker to worker."""
+        return self.actors[name].score_and_compare.remote(batch, [ref_out], top_k, full_vocab, options)
+
+    def warm_metrics(self, names: list[str], vocab: int) -> None:
+        """Start compiling the metric kernel in these workers; their first batch queues behind it."""
+        for name in names:
+            self.actors[name].warm_metrics.remote(vocab)
 
     def engine_timings(self) -> dict[str, dict[str, float]]:
         import ray

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .adapters.base import ATTENTIONS, MODALITIES
+from .compare import TokenRows
 from .metrics import METRIC_COLUMNS
 
 SCHEMA_VERSION = 2  # 2: + nonfinite
@@ -98,21 +98,6 @@ def _nullable_codes(codes: np.ndarray, names: tuple[str, ...]) -> pa.DictionaryA
 
 def _constant(value: str, n: int) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array([value]))
-
-
-@dataclass
-class TokenRows:
-    """Rows of one sample for one candidate, before they become Arrow columns."""
-
-    sample_id: str
-    positions: np.ndarray
-    token_ids: np.ndarray
-    modality: np.ndarray
-    attention: np.ndarray
-    attention_cand: np.ndarray
-    segment: np.ndarray
-    metrics: dict[str, np.ndarray]
-    nonfinite: np.ndarray  # int8: 0 finite, 1 ref, 2 cand, 3 both
 
 
 def token_table(rows: list[TokenRows], run_id: str, ref: str, cand: str, variant: str, vocab_text: pa.Array) -> pa.Table:

@@ -3,9 +3,11 @@
 The run folder is locked first (before Ray: an unwritable or busy folder fails in a second),
 then engines are placed (crossengine/placement.py) and started wave by wave. For each batch
 the reference prepares the samples (tokenises, expands images), every engine scores them
-concurrently, and while they work on batch n+1 the driver turns batch n into metric rows and
-writes one Parquet part per candidate. Logits never outlive their batch; the driver never
-holds more than a batch or two of samples. A batch whose parts all exist is skipped, which
+concurrently, and each candidate compares its scores with the reference's in its own worker
+(crossengine/compare.py: the reference's logits go worker to worker, never to the driver).
+While the engines work on batch n+1 the driver writes batch n's token rows, one Parquet part
+per candidate. Logits never outlive their batch and never reach the driver (in score mode
+nor do the samples). A batch whose parts all exist is skipped, which
 is all a resumed run needs. Summary, nearest table and report are reduced from the Parquet in
 a Ray worker. Every stop (Ctrl-C, SIGTERM, a dead worker) keeps the finished batches and
 prints the exact command that resumes.
@@ -17,23 +19,23 @@ import contextlib
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from . import __version__
-from .adapters.base import Sample, SampleError, TokenLogprobs
-from .align import check_scores
+from .adapters.base import Sample, SampleError
+from .compare import CompareOptions, Part, compare_batch, payload_bytes
 from .errors import CrossengineError
+from .metrics import WARM_UP_FROM_VOCAB
 from .identity import SAMPLED
-from .metrics import token_metrics
 from .plan import EngineInstance, Plan
 from .pool import EnginePool, ensure_ray, one_line
 from .progress import engine_progress
-from .results import SCHEMA_VERSION, WORST_SCHEMA, RunDir, TokenRows, git_sha, host_info, token_table, write_table
+from .results import SCHEMA_VERSION, WORST_SCHEMA, RunDir, git_sha, host_info, token_table, write_table
 from .summary import summarize
 
 
@@ -182,6 +184,8 @@ class Runner:
                     self._start_meta(infos, resumed)
                     started = True
                 if not self.localize_only:
+                    if exp.full_vocab and len(vocab_text) >= WARM_UP_FROM_VOCAB:
+                        pool.warm_metrics([c.name for c in wave], len(vocab_text))
                     self._run_wave(pool, wave, vocab_text, w)
                 if exp.localize is not None:
                     self._localize(pool)
@@ -269,8 +273,9 @@ class Runner:
         progress = engine_progress(self.console, [ref, *wave], len(exp.samples), self.plan, self.run_dir)
 
         def submit(item):
-            """Start a batch without waiting: the reference's prepared samples go to every engine
-            as an ObjectRef (worker to worker), so engines score batch n+1 while batch n is written."""
+            """Start a batch without waiting. The reference's prepared samples and its scores go to
+            every candidate as ObjectRefs (worker to worker); each candidate compares next to its
+            own logits and sends back token rows, so engines score batch n+1 while batch n is written."""
             b, idx, cands = item
             gens = {}
             if generative:  # the generator must sample before anyone scores: this path waits
@@ -280,42 +285,33 @@ class Runner:
                 batch = ray.put(prepared)
             else:
                 batch = pool.call(ref.name, "prepare", [raw_sample(self.plan, i) for i in idx])
-            futures = {inst.name: pool.call(inst.name, "score", batch, exp.top_k, exp.full_vocab) for inst in [ref, *cands]}
-            return b, idx, batch, cands, futures, gens
+            ref_out, ref_check = pool.score_reference(ref.name, batch, exp.top_k, exp.full_vocab)
+            parts = {c.name: pool.score_and_compare(c.name, batch, ref_out, exp.top_k, exp.full_vocab, self._options(c)) for c in cands}
+            return b, idx, batch, ref_out, ref_check, cands, parts, gens
 
         t = time.time()
         with progress:
             pending = submit(todo[0]) if todo else None
             for n in range(len(todo)):
-                b, idx, batch, cands, futures, gens = pending
+                b, idx, batch, ref_out, ref_check, cands, parts, gens = pending
                 if not generative:  # engines start on the next batch while this one is written
                     pending = submit(todo[n + 1]) if n + 1 < len(todo) else None
-                doing = f"scoring batch {b} (samples {', '.join(self.plan.experiment.samples[i].id for i in idx[:3])}{', ...' if len(idx) > 3 else ''})"
-                batch = self._report_unprepared(self._get(ref.name, batch, f"preparing batch {b}"))
-                ref_out = self._get(ref.name, futures[ref.name], doing)
-                self._check_reference(b, w, ref_out)
+                what = f"batch {b} (samples {', '.join(self.plan.experiment.samples[i].id for i in idx[:3])}{', ...' if len(idx) > 3 else ''})"
+                check = self._get(ref.name, ref_check, f"{'scoring' if generative else 'preparing and scoring'} {what}")
+                for err in check.errors:
+                    self._error(ref.name, err)
+                self._check_reference(b, w, check.digest)
                 progress.advance(ref.name, len(idx))
                 for inst in cands:
-                    cand_out = self._get(inst.name, futures[inst.name], doing)
-                    self._write_part(b, inst.name, inst.cand_engine, inst.variant, batch, ref_out, cand_out, vocab_text)
+                    self._write_part(b, self._options(inst), self._get(inst.name, parts[inst.name], f"scoring {what}"), vocab_text)
                     progress.advance(inst.name, len(idx))
                 if generative:
                     self._write_generated(b, batch, ref_out, gens, vocab_text, cands)
                     pending = submit(todo[n + 1]) if n + 1 < len(todo) else None
         self.timings["scoring_s"] = self.timings.get("scoring_s", 0.0) + time.time() - t
 
-    def _check_reference(self, b: int, w: int, ref_out: list) -> None:
+    def _check_reference(self, b: int, w: int, digest: str) -> None:
         """Every wave re-runs the reference: its scores must be bitwise those of the first wave."""
-        import hashlib
-
-        h = hashlib.sha256()
-        for r in ref_out:
-            if isinstance(r, SampleError):
-                h.update(r.message.encode())
-                continue
-            for a in (r.token_logprobs, r.topk_ids, r.topk_logprobs):
-                h.update(np.ascontiguousarray(a).tobytes())
-        digest = h.hexdigest()
         first = self._ref_digests.setdefault(b, digest)
         if first != digest:
             raise CrossengineError(
@@ -323,6 +319,9 @@ class Runner:
                 "(not bitwise identical): its engine is not deterministic, so candidates of different waves are not comparable; "
                 "run them in one wave (more GPUs, or placement.gpu_memory_gb) or make the reference deterministic"
             )
+
+    def _options(self, inst: EngineInstance, completion_only: bool = False) -> CompareOptions:
+        return CompareOptions(self.plan.reference.name, inst.name, inst.cand_engine, inst.variant, self.plan.experiment.tie_eps, completion_only)
 
     def _localize(self, pool: EnginePool) -> None:
         from .localize import localize_wave, print_localization
@@ -373,9 +372,9 @@ class Runner:
         extended, gens, errors = extend_samples(batch, outs[generator.name], special)
         for err in errors:
             self._error(generator.name, err)
-        return extended, {"generator": generator.name, "gens": gens, "raw": outs, "cands": cands, "prompts": batch}
+        return extended, {"generator": generator.name, "gens": gens, "raw": outs, "cands": cands, "prompts": batch, "extended": extended}
 
-    def _write_generated(self, b: int, batch: list[Sample], ref_out: list, gens: dict, vocab_text: pa.Array, cands: list[EngineInstance]) -> None:
+    def _write_generated(self, b: int, batch, ref_out, gens: dict, vocab_text: pa.Array, cands: list[EngineInstance]) -> None:
         from .generation import GREEDY_SCHEMA, greedy_divergence, sampled_scores
 
         if not gens:  # every sample of the batch failed to prepare: empty parts mark it done
@@ -383,14 +382,17 @@ class Runner:
                 write_table(path, token_table([], self.plan.run_id, "", "", "", vocab_text) if path.parent == self.run_dir.tokens else pa.Table.from_pylist([], schema=GREEDY_SCHEMA))
             return
         if self.plan.experiment.mode == "generate":
-            name = gens["generator"]
-            inst = next(i for i in self.plan.instances if i.name == name)
-            sampled = [sampled_scores(s, g) for s, g in zip(batch, gens["gens"])]
-            self._write_part(b, f"{name}.{SAMPLED}", inst.cand_engine, SAMPLED, batch, ref_out, sampled, vocab_text, completion_only=True)
+            import ray
+
+            inst = next(i for i in self.plan.instances if i.name == gens["generator"])
+            sampled = [sampled_scores(s, g) for s, g in zip(gens["extended"], gens["gens"])]
+            options = replace(self._options(inst, completion_only=True), candidate=f"{inst.name}.{SAMPLED}", variant=SAMPLED)
+            part = ray.remote(num_cpus=0)(compare_batch).remote(batch, ref_out, sampled, options)  # the reference's logits stay off the driver
+            self._write_part(b, options, self._get(inst.name, part, f"comparing batch {b}'s sampled tokens"), vocab_text)
             return
         texts = vocab_text.to_pylist()
         ref_gens = {g.sample_id: g for g in gens["gens"]}
-        extended = {s.sample_id: s for s in batch}
+        extended = {s.sample_id: s for s in gens["extended"]}
         prompt_ids = [s.sample_id for s in gens["prompts"]]
         for inst in gens["cands"]:
             rows = []
@@ -401,30 +403,15 @@ class Runner:
                     rows.append(greedy_divergence(sid, extended[sid].prompt_len, ref_gens[sid], out[0], self.plan.reference.name, inst.cand_engine, inst.variant, texts))
             write_table(self.run_dir.greedy_part(inst.name, b), pa.Table.from_pylist(rows, schema=GREEDY_SCHEMA))
 
-    def _write_part(
-        self, b: int, name: str, cand_engine: str, variant: str, batch: list[Sample], ref_out: list, cand_out: list,
-        vocab_text: pa.Array, completion_only: bool = False,
-    ) -> None:
-        exp = self.plan.experiment
-        rows: list[TokenRows] = []
-        scored: list[tuple[TokenLogprobs, TokenLogprobs]] = []
-        for sample, r, c in zip(batch, ref_out, cand_out):
-            if isinstance(sample, SampleError):  # not prepared: already reported under the reference
-                continue
-            if isinstance(r, SampleError) or isinstance(c, SampleError):
-                for x, who in ((r, self.plan.reference.name), (c, name)):
-                    if isinstance(x, SampleError):
-                        self._error(who, x)
-                continue
-            misaligned = check_scores(sample, name, r, c)
-            if misaligned is not None:
-                self._error(name, misaligned)
-                continue
-            rows.append(_rows(sample, r, c, exp.tie_eps, completion_only))
-            scored.append((r, c))
-        write_table(self.run_dir.worst_part(name, b), worst_table(rows, scored, cand_engine, variant))  # before the part that marks the batch done
-        table = token_table(rows, self.plan.run_id, self.plan.reference.name, cand_engine, variant, vocab_text)
-        write_table(self.run_dir.part(name, b), table)
+    def _write_part(self, b: int, options: CompareOptions, part: Part, vocab_text: pa.Array) -> None:
+        """One candidate's batch to disk: the worst rows first, then the token part that marks the batch done."""
+        name = options.candidate
+        for err in part.errors:
+            self._error(name, err)
+        self.timings[f"{name}.metrics_s"] = self.timings.get(f"{name}.metrics_s", 0.0) + part.metrics_s
+        self.timings["bytes_to_driver"] = self.timings.get("bytes_to_driver", 0) + payload_bytes(part)
+        write_table(self.run_dir.worst_part(name, b), pa.Table.from_pylist(part.worst, schema=WORST_SCHEMA))
+        write_table(self.run_dir.part(name, b), token_table(part.rows, self.plan.run_id, self.plan.reference.name, options.cand_engine, options.variant, vocab_text))
 
     def _error(self, engine: str, err: SampleError) -> None:
         entry = {"sample_id": err.sample_id, "engine": engine, "error": err.message}
@@ -493,51 +480,3 @@ def _reduce_tokens(tokens_dir: str, reference: str, several: bool):
     from .nearest import nearest_table
 
     return summary, nearest_table(Path(tokens_dir), reference)
-
-
-WORST_PER_PART = 20
-
-
-def worst_table(rows: list[TokenRows], scored: list[tuple[TokenLogprobs, TokenLogprobs]], cand_engine: str, variant: str) -> pa.Table:
-    """The part's WORST_PER_PART positions by KL (full where known, else top-k), with both sides' top-5.
-
-    The token table keeps top-1 only (top-k for every row would multiply its size); the
-    report's worst-token table needs more, and only for a few rows, so each part keeps those.
-    """
-    if not rows:
-        return WORST_SCHEMA.empty_table()
-    kl = np.concatenate([np.where(np.isnan(tr.metrics["kl_ref_cand"]), tr.metrics["topk_kl"], tr.metrics["kl_ref_cand"]) for tr in rows])
-    which = np.repeat(np.arange(len(rows)), [len(tr.positions) for tr in rows])
-    positions = np.concatenate([tr.positions for tr in rows])
-    finite = np.flatnonzero(np.isfinite(kl))
-    top = finite[np.argsort(-kl[finite], kind="stable")[:WORST_PER_PART]]
-    out = []
-    for value, i, pos in zip(kl[top].tolist(), which[top].tolist(), positions[top].tolist()):
-        r, c = scored[i]
-        out.append({
-            "sample_id": rows[i].sample_id, "position": pos, "cand_engine": cand_engine, "variant": variant, "kl": value,
-            "top5_ref_ids": r.topk_ids[pos, :5].tolist(), "top5_ref_lp": r.topk_logprobs[pos, :5].tolist(),
-            "top5_cand_ids": c.topk_ids[pos, :5].tolist(), "top5_cand_lp": c.topk_logprobs[pos, :5].tolist(),
-        })
-    return pa.Table.from_pylist(out, schema=WORST_SCHEMA)
-
-
-def _rows(sample: Sample, ref: TokenLogprobs, cand: TokenLogprobs, tie_eps: float, completion_only: bool = False) -> TokenRows:
-    positions = np.arange(1, len(sample), dtype=np.int32)
-    segment = np.zeros(len(positions), dtype=np.int8)
-    if sample.prompt_len is not None:
-        segment[positions >= sample.prompt_len] = 1
-    keep = segment == 1 if completion_only else slice(None)
-    metrics = token_metrics(ref, cand, sample.input_ids, tie_eps)
-    nonfinite = metrics.pop("nonfinite")
-    return TokenRows(
-        sample_id=sample.sample_id,
-        positions=positions[keep],
-        token_ids=sample.input_ids[1:][keep],
-        modality=sample.modality[1:][keep],
-        attention=ref.attention[1:][keep],
-        attention_cand=cand.attention[1:][keep],
-        segment=segment[keep],
-        metrics={k: v[keep] for k, v in metrics.items()},
-        nonfinite=nonfinite[keep],
-    )

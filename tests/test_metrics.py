@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from crossengine import metrics
 from crossengine.adapters.base import TokenLogprobs
 from crossengine.frameworks import framework_metrics
 from crossengine.metrics import METRIC_COLUMNS, token_metrics
@@ -82,8 +83,18 @@ def _topk_kl_slow(ref_ids, ref_p, cand_ids, cand_p) -> float:
     return sum(a * (math.log(a + 1e-300) - math.log(b + 1e-300)) for a, b in zip(pr, pc))
 
 
+@pytest.fixture(params=["eager", "compiled"])
+def kernel(request, monkeypatch):
+    """The full-vocabulary kernel as torch.compile runs it (big blocks) and eagerly (small ones);
+    after the test, the compiled one must really have been used (no silent eager fallback)."""
+    monkeypatch.setattr(metrics, "_COMPILE_FROM_ELEMENTS", 0 if request.param == "compiled" else 1 << 62)
+    yield request.param
+    if request.param == "compiled":
+        assert metrics._compiled not in (None, False), "torch.compile of the metric kernel failed or was not used"
+
+
 @pytest.mark.parametrize("full", [True, False], ids=["full-vocab", "top-k-only"])
-def test_every_metric_column_matches_numpy(full):
+def test_every_metric_column_matches_numpy(full, kernel):
     rng = np.random.default_rng(0)
     ref_logits = rng.normal(0, 3, (T, V)).astype(np.float32)
     cand_logits = (ref_logits + rng.normal(0, 0.3, (T, V))).astype(np.float32)
@@ -107,7 +118,7 @@ def test_every_metric_column_matches_numpy(full):
     assert got["top1_tie"][6] and not got["top1_match"][6], "the near-tie at position 7 is a tie, not a mismatch"
 
 
-def test_identical_scores_give_exact_zeros():
+def test_identical_scores_give_exact_zeros(kernel):
     rng = np.random.default_rng(1)
     logits = rng.normal(0, 2, (T, V)).astype(np.float32)
     ids = rng.integers(0, V, T)
@@ -188,7 +199,7 @@ def test_framework_metrics_identical_logprobs():
     assert got["token_mult_prob_error"] == 1 and got["sampling_importance_ratio"] == 1
 
 
-def test_a_side_that_gives_log_probs_gets_the_same_kl_and_rank():
+def test_a_side_that_gives_log_probs_gets_the_same_kl_and_rank(kernel):
     """vLLM's full_vocab returns log-probs, not raw logits: KL and rank must match the raw-logit
     numbers (checked against the slow numpy reference); the cosine of logits becomes null."""
     rng = np.random.default_rng(3)
@@ -204,3 +215,39 @@ def test_a_side_that_gives_log_probs_gets_the_same_kl_and_rank():
         for col in ("kl_ref_cand", "kl_cand_ref", "rank_in_cand", "top1_cand", "lp_cand"):
             assert got[col][t - 1] == pytest.approx(want[col], abs=1e-9, rel=1e-4), (col, t)
     assert np.isnan(got["cos_sim"]).all()
+
+
+@pytest.mark.parametrize("sd", [1e-3, 1e-5])
+def test_tiny_kls_keep_their_relative_precision(kernel, sd):
+    """Logits a hair apart: KL ~ sd²·Var/2. Written as log-softmax differences, or with
+    eˣ − 1 − x from exp (inductor's vectorised expm1), float32 would lose it entirely
+    (relative error ~0.5 at sd = 1e-5); the kernel's Taylor branch keeps it."""
+    rng = np.random.default_rng(7)
+    ref_logits = rng.normal(0, 3, (T, V)).astype(np.float32)
+    cand_logits = (ref_logits + rng.normal(0, sd, (T, V))).astype(np.float32)
+    ids = rng.integers(0, V, T)
+    got = token_metrics(_scores(ref_logits, ids, True), _scores(cand_logits, ids, True), ids, tie_eps=0.0)
+    r, c = ref_logits[1:].astype(np.float64), cand_logits[1:].astype(np.float64)
+    lr = np.stack([_log_softmax(row) for row in r])
+    lc = np.stack([_log_softmax(row) for row in c])
+    for col, want in (("kl_ref_cand", (np.exp(lr) * (lr - lc)).sum(1)), ("kl_cand_ref", (np.exp(lc) * (lc - lr)).sum(1))):
+        rel = np.abs(got[col] / want - 1)
+        assert rel.max() < 1e-3, (col, rel.max())
+
+
+def test_minus_infinity_logits(kernel):
+    """−inf on both sides adds nothing; on one side, the KL toward the side without mass is +inf, never NaN."""
+    rng = np.random.default_rng(8)
+    ref_logits = rng.normal(0, 3, (T, V)).astype(np.float32)
+    cand_logits = (ref_logits + rng.normal(0, 0.1, (T, V))).astype(np.float32)
+    ids = rng.integers(10, V, T)
+    ref_logits[:, :5] = cand_logits[:, :5] = -np.inf  # masked on both sides
+    cand_logits[3, 7] = -np.inf  # the candidate alone gives token 7 no mass at position 3
+    got = token_metrics(_scores(ref_logits, ids, True), _scores(cand_logits, ids, True), ids, tie_eps=0.0)
+    assert got["kl_ref_cand"][2] == np.inf and np.isfinite(got["kl_cand_ref"][2])
+    rows = [t for t in range(1, T) if t != 3]
+    kept_r, kept_c = ref_logits[rows, 5:].astype(np.float64), cand_logits[rows, 5:].astype(np.float64)
+    lr = np.stack([_log_softmax(row) for row in kept_r])
+    lc = np.stack([_log_softmax(row) for row in kept_c])
+    want = (np.exp(lr) * (lr - lc)).sum(1)
+    np.testing.assert_allclose(got["kl_ref_cand"][[t - 1 for t in rows]], want, rtol=1e-5)
