@@ -19,31 +19,21 @@ import contextlib
 import signal
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 
 from . import __version__
 from .adapters.base import Sample, SampleError
-from .compare import CompareOptions, Part, compare_batch, payload_bytes
 from .errors import CrossengineError
 from .metrics import WARM_UP_FROM_VOCAB
-from .identity import SAMPLED
+from .modes import MODES, raw_sample
 from .plan import EngineInstance, Plan
 from .pool import EnginePool, ensure_ray, one_line
 from .progress import engine_progress
-from .results import SCHEMA_VERSION, WORST_SCHEMA, RunDir, git_sha, host_info, token_table, write_table
+from .results import SCHEMA_VERSION, RunDir, git_sha, host_info, write_table
 from .summary import summarize
-
-
-def raw_sample(plan: Plan, i: int) -> dict[str, Any]:
-    """What the reference engine needs to prepare sample i (ids are assigned by config)."""
-    exp = plan.experiment
-    s = exp.samples[i]
-    return {"id": s.id, "text": s.text, "images": [str(p) for p in s.images], "token_ids": s.token_ids, "max_length": exp.max_length}
 
 
 SAMPLES_IN_RUN_JSON = 1000
@@ -106,6 +96,8 @@ class Runner:
         self.timings: dict[str, float] = {}
         self.placement = None
         self._ref_digests: dict[int, str] = {}  # batch -> digest of the first wave's reference scores
+        self.mode = MODES[plan.experiment.mode](self)
+        self.vocab_text: pa.Array | None = None  # every token's text, from the reference (token_text column)
 
     def _say(self, msg: str) -> None:
         if self.console is not None:
@@ -161,7 +153,7 @@ class Runner:
         from .placement import make_placement
 
         exp = self.plan.experiment
-        always = [self.plan.reference] + ([self._generator()] if exp.mode == "generate" and self._generator() is not self.plan.reference else [])
+        always = self.mode.always_loaded()
         self.placement = make_placement(always, [c for c in self.plan.candidates if c not in always], exp.placement)
         if self.console is not None and (self.placement.cluster.gpus or self.placement.notes):
             self.console.print(self.placement.table())
@@ -180,13 +172,13 @@ class Runner:
             infos.update(pool.infos)
             try:
                 if not started:
-                    vocab_text = pa.array(self._get(self.plan.reference.name, pool.call(self.plan.reference.name, "token_texts"), "listing its vocabulary"), pa.string())
+                    self.vocab_text = pa.array(self.fetch(self.plan.reference.name, pool.call(self.plan.reference.name, "token_texts"), "listing its vocabulary"), pa.string())
                     self._start_meta(infos, resumed)
                     started = True
                 if not self.localize_only:
-                    if exp.full_vocab and len(vocab_text) >= WARM_UP_FROM_VOCAB:
-                        pool.warm_metrics([c.name for c in wave], len(vocab_text))
-                    self._run_wave(pool, wave, vocab_text, w)
+                    if exp.full_vocab and len(self.vocab_text) >= WARM_UP_FROM_VOCAB:
+                        pool.warm_metrics([c.name for c in wave], len(self.vocab_text))
+                    self._run_wave(pool, wave, w)
                 if exp.localize is not None:
                     self._localize(pool)
                 for name, t_engine in pool.engine_timings().items():
@@ -225,11 +217,11 @@ class Runner:
         import ray
 
         task = ray.remote(num_cpus=0)(_reduce_tokens)
-        return self._get("summary", task.remote(str(self.run_dir.tokens), self.plan.reference.name, len(self.plan.candidates) > 1), "summarising the run")
+        return self.fetch("summary", task.remote(str(self.run_dir.tokens), self.plan.reference.name, len(self.plan.candidates) > 1), "summarising the run")
 
     # ---------------------------------------------------------------- engine calls
 
-    def _get(self, engine: str, ref, doing: str):
+    def fetch(self, engine: str, ref, doing: str):
         """ray.get of one engine's work; a dead or raising worker becomes one line with the resume command."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
@@ -242,75 +234,35 @@ class Runner:
             log = self.run_dir.log_exception(head, exc)
             raise EngineFailure(f"{head}; finished batches are kept (traceback: {log}). Resume with: {self.resume_command}") from None
 
-    def _prepare(self, pool: EnginePool, indices: list[int], doing: str) -> list[Sample]:
-        """Tokenise and expand one batch on the reference; a sample it cannot prepare is reported and skipped."""
+    def prepare(self, pool: EnginePool, indices: list[int], doing: str) -> list[Sample]:
+        """Tokenise and expand samples on the reference, waiting; a sample it cannot prepare is reported and skipped."""
         ref = self.plan.reference.name
-        prepared = self._report_unprepared(self._get(ref, pool.call(ref, "prepare", [raw_sample(self.plan, i) for i in indices]), doing))
-        return [s for s in prepared if not isinstance(s, SampleError)]
-
-    def _report_unprepared(self, prepared: list) -> list:
-        """Record, under the reference, each sample it could not prepare; the list is returned as it is."""
+        prepared = self.fetch(ref, pool.call(ref, "prepare", [raw_sample(self.plan, i) for i in indices]), doing)
         for item in prepared:
             if isinstance(item, SampleError):
-                self._error(self.plan.reference.name, item)
-        return prepared
+                self.record_error(ref, item)
+        return [s for s in prepared if not isinstance(s, SampleError)]
 
     # --------------------------------------------------------------------- batches
 
-    def _run_wave(self, pool: EnginePool, wave: list[EngineInstance], vocab_text: pa.Array, w: int) -> None:
-        """Stream the batches through one wave: prepare, score (next batch while this one is written), write."""
-        import ray
-
-        exp = self.plan.experiment
-        generative = exp.mode != "score"
-        ref = self.plan.reference
-        todo = []
-        for b, idx in enumerate(self.plan.batches):
-            missing = [c for c in wave if not self.run_dir.done(c.name, b)]
-            extra = [p for p in self._extra_parts(wave, b) if not p.exists()]
-            if missing or extra:  # a generated batch is redone whole: its parts share one sampling
-                todo.append((b, idx, wave if generative else missing))
-        progress = engine_progress(self.console, [ref, *wave], len(exp.samples), self.plan, self.run_dir)
-
-        def submit(item):
-            """Start a batch without waiting. The reference's prepared samples and its scores go to
-            every candidate as ObjectRefs (worker to worker); each candidate compares next to its
-            own logits and sends back token rows, so engines score batch n+1 while batch n is written."""
-            b, idx, cands = item
-            gens = {}
-            if generative:  # the generator must sample before anyone scores: this path waits
-                prepared = self._prepare(pool, idx, f"preparing batch {b}")
-                if prepared:
-                    prepared, gens = self._generate(pool, prepared, cands, b)
-                batch = ray.put(prepared)
-            else:
-                batch = pool.call(ref.name, "prepare", [raw_sample(self.plan, i) for i in idx])
-            ref_out, ref_check = pool.score_reference(ref.name, batch, exp.top_k, exp.full_vocab)
-            parts = {c.name: pool.score_and_compare(c.name, batch, ref_out, exp.top_k, exp.full_vocab, self._options(c)) for c in cands}
-            return b, idx, batch, ref_out, ref_check, cands, parts, gens
-
+    def _run_wave(self, pool: EnginePool, wave: list[EngineInstance], w: int) -> None:
+        """Stream the batches through one wave; a pipelined mode submits batch n+1 before writing batch n."""
+        mode, exp = self.mode, self.plan.experiment
+        todo = [(b, idx, owed) for b, idx in enumerate(self.plan.batches) if (owed := mode.owed(wave, b))]
+        progress = engine_progress(self.console, [self.plan.reference, *wave], len(exp.samples), self.plan, self.run_dir)
         t = time.time()
         with progress:
-            pending = submit(todo[0]) if todo else None
+            pending = mode.submit(pool, *todo[0]) if todo else None
             for n in range(len(todo)):
-                b, idx, batch, ref_out, ref_check, cands, parts, gens = pending
-                if not generative:  # engines start on the next batch while this one is written
-                    pending = submit(todo[n + 1]) if n + 1 < len(todo) else None
-                what = f"batch {b} (samples {', '.join(self.plan.experiment.samples[i].id for i in idx[:3])}{', ...' if len(idx) > 3 else ''})"
-                check = self._get(ref.name, ref_check, f"{'scoring' if generative else 'preparing and scoring'} {what}")
-                for err in check.errors:
-                    self._error(ref.name, err)
-                self._check_reference(b, w, check.digest)
-                progress.advance(ref.name, len(idx))
-                for inst in cands:
-                    self._write_part(b, self._options(inst), self._get(inst.name, parts[inst.name], f"scoring {what}"), vocab_text)
-                    progress.advance(inst.name, len(idx))
-                if generative:
-                    self._write_generated(b, batch, ref_out, gens, vocab_text, cands)
-                    pending = submit(todo[n + 1]) if n + 1 < len(todo) else None
+                current = pending
+                if mode.pipelined:  # engines start on the next batch while this one is written
+                    pending = mode.submit(pool, *todo[n + 1]) if n + 1 < len(todo) else None
+                mode.write(current, w, progress)
+                if not mode.pipelined:
+                    pending = mode.submit(pool, *todo[n + 1]) if n + 1 < len(todo) else None
         self.timings["scoring_s"] = self.timings.get("scoring_s", 0.0) + time.time() - t
 
-    def _check_reference(self, b: int, w: int, digest: str) -> None:
+    def check_reference(self, b: int, w: int, digest: str) -> None:
         """Every wave re-runs the reference: its scores must be bitwise those of the first wave."""
         first = self._ref_digests.setdefault(b, digest)
         if first != digest:
@@ -320,15 +272,12 @@ class Runner:
                 "run them in one wave (more GPUs, or placement.gpu_memory_gb) or make the reference deterministic"
             )
 
-    def _options(self, inst: EngineInstance, completion_only: bool = False) -> CompareOptions:
-        return CompareOptions(self.plan.reference.name, inst.name, inst.cand_engine, inst.variant, self.plan.experiment.tie_eps, completion_only)
-
     def _localize(self, pool: EnginePool) -> None:
         from .localize import localize_wave, print_localization
 
         t = time.time()
         n = min(self.plan.experiment.localize.samples, len(self.plan.experiment.samples))
-        samples = self._prepare(pool, list(range(n)), "preparing samples to localise")
+        samples = self.prepare(pool, list(range(n)), "preparing samples to localise")
         layers, buffers, messages = localize_wave(pool, self.plan, samples)
         for name, frame in (("layers", layers), ("buffers", buffers)):
             path = self.run_dir.root / f"{name}.parquet"
@@ -340,80 +289,7 @@ class Runner:
         if self.console is not None:
             print_localization(layers, buffers, self.plan.experiment.localize.tolerance, self.console, messages)
 
-    # ------------------------------------------------------------------ generation
-
-    def _generator(self) -> EngineInstance:
-        name = self.plan.experiment.generator or self.plan.reference.name
-        return next(i for i in self.plan.instances if i.name == name)
-
-    def _extra_parts(self, wave: list[EngineInstance], b: int) -> list[Path]:
-        """Files a batch writes besides the candidates' token parts."""
-        mode = self.plan.experiment.mode
-        if mode == "generate":
-            return [self.run_dir.part(f"{self._generator().name}.{SAMPLED}", b)]
-        if mode == "greedy":
-            return [self.run_dir.greedy_part(c.name, b) for c in wave]
-        return []
-
-    def _generate(self, pool: EnginePool, batch: list[Sample], cands: list[EngineInstance], b: int):
-        """Sample (or decode greedily) with the generator; in greedy mode every engine decodes."""
-        from .generation import extend_samples
-
-        exp = self.plan.experiment
-        greedy = exp.mode == "greedy"
-        sampling = exp.sampling.model_copy(update={"temperature": 0.0, "n": 1}) if greedy else exp.sampling
-        generator = self.plan.reference if greedy else self._generator()
-        deciders = [generator, *cands] if greedy else [generator]
-        t = time.time()
-        futures = {i.name: pool.call(i.name, "generate", batch, sampling, exp.top_k) for i in deciders}
-        outs = {name: self._get(name, f, f"generating batch {b}") for name, f in futures.items()}
-        self.timings["generate_s"] = self.timings.get("generate_s", 0.0) + time.time() - t
-        special = set(pool.infos[self.plan.reference.name]["extra"].get("special_ids", []))
-        extended, gens, errors = extend_samples(batch, outs[generator.name], special)
-        for err in errors:
-            self._error(generator.name, err)
-        return extended, {"generator": generator.name, "gens": gens, "raw": outs, "cands": cands, "prompts": batch, "extended": extended}
-
-    def _write_generated(self, b: int, batch, ref_out, gens: dict, vocab_text: pa.Array, cands: list[EngineInstance]) -> None:
-        from .generation import GREEDY_SCHEMA, greedy_divergence, sampled_scores
-
-        if not gens:  # every sample of the batch failed to prepare: empty parts mark it done
-            for path in self._extra_parts(cands, b):
-                write_table(path, token_table([], self.plan.run_id, "", "", "", vocab_text) if path.parent == self.run_dir.tokens else pa.Table.from_pylist([], schema=GREEDY_SCHEMA))
-            return
-        if self.plan.experiment.mode == "generate":
-            import ray
-
-            inst = next(i for i in self.plan.instances if i.name == gens["generator"])
-            sampled = [sampled_scores(s, g) for s, g in zip(gens["extended"], gens["gens"])]
-            options = replace(self._options(inst, completion_only=True), candidate=f"{inst.name}.{SAMPLED}", variant=SAMPLED)
-            part = ray.remote(num_cpus=0)(compare_batch).remote(batch, ref_out, sampled, options)  # the reference's logits stay off the driver
-            self._write_part(b, options, self._get(inst.name, part, f"comparing batch {b}'s sampled tokens"), vocab_text)
-            return
-        texts = vocab_text.to_pylist()
-        ref_gens = {g.sample_id: g for g in gens["gens"]}
-        extended = {s.sample_id: s for s in gens["extended"]}
-        prompt_ids = [s.sample_id for s in gens["prompts"]]
-        for inst in gens["cands"]:
-            rows = []
-            for sid, out in zip(prompt_ids, gens["raw"][inst.name]):
-                if isinstance(out, SampleError):
-                    self._error(inst.name, out)
-                elif sid in ref_gens:
-                    rows.append(greedy_divergence(sid, extended[sid].prompt_len, ref_gens[sid], out[0], self.plan.reference.name, inst.cand_engine, inst.variant, texts))
-            write_table(self.run_dir.greedy_part(inst.name, b), pa.Table.from_pylist(rows, schema=GREEDY_SCHEMA))
-
-    def _write_part(self, b: int, options: CompareOptions, part: Part, vocab_text: pa.Array) -> None:
-        """One candidate's batch to disk: the worst rows first, then the token part that marks the batch done."""
-        name = options.candidate
-        for err in part.errors:
-            self._error(name, err)
-        self.timings[f"{name}.metrics_s"] = self.timings.get(f"{name}.metrics_s", 0.0) + part.metrics_s
-        self.timings["bytes_to_driver"] = self.timings.get("bytes_to_driver", 0) + payload_bytes(part)
-        write_table(self.run_dir.worst_part(name, b), pa.Table.from_pylist(part.worst, schema=WORST_SCHEMA))
-        write_table(self.run_dir.part(name, b), token_table(part.rows, self.plan.run_id, self.plan.reference.name, options.cand_engine, options.variant, vocab_text))
-
-    def _error(self, engine: str, err: SampleError) -> None:
+    def record_error(self, engine: str, err: SampleError) -> None:
         entry = {"sample_id": err.sample_id, "engine": engine, "error": err.message}
         if entry not in self.errors:
             self.errors.append(entry)

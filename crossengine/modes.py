@@ -1,0 +1,229 @@
+"""The run modes (score, generate, greedy) as small classes with one contract.
+
+For each batch of a wave the Runner (which keeps resume, waves and pools) asks a mode three
+things, and nothing else:
+
+    owed(wave, b)                -> the candidates batch b still has to produce (empty: done)
+    submit(pool, b, idx, cands)  -> a `Pending` batch: the engines' work started, as ObjectRefs
+    write(pending, wave_no)      -> wait for that work and write the batch's files
+
+`pipelined` modes let the runner submit batch n+1 before writing batch n (scoring); the
+generative modes must sample before anyone scores, so their batches go one after another.
+Every mode scores the same way: the reference scores, each candidate compares in its own
+worker (crossengine/compare.py), the driver writes token rows. Generate and greedy first
+decode, then add what they sampled or decoded (`write_extra`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from .adapters.base import Generation, Sample, SampleError
+from .compare import CompareOptions, Part, compare_batch, payload_bytes
+from .identity import SAMPLED
+from .plan import EngineInstance
+from .results import WORST_SCHEMA, token_table, write_table
+
+if TYPE_CHECKING:  # the runner imports this module; this is for type names only
+    from .pool import EnginePool
+    from .runner import Runner
+
+
+def raw_sample(plan, i: int) -> dict[str, Any]:
+    """What the reference engine needs to prepare sample i (ids are assigned by config)."""
+    exp = plan.experiment
+    s = exp.samples[i]
+    return {"id": s.id, "text": s.text, "images": [str(p) for p in s.images], "token_ids": s.token_ids, "max_length": exp.max_length}
+
+
+@dataclass
+class Decoded:
+    """What a generative mode decoded for a batch, before anyone scores it."""
+
+    generator: EngineInstance
+    prompts: list[Sample]
+    extended: list[Sample]  # prompt + completion: what every engine scores
+    generations: list[Generation]  # the generator's, one per extended sample
+    outputs: dict[str, list] = field(default_factory=dict)  # each decoding engine's raw outputs, per prompt
+
+
+@dataclass
+class Pending:
+    """A submitted batch: ObjectRefs of the engines' work, nothing fetched yet."""
+
+    b: int
+    idx: list[int]
+    cands: list[EngineInstance]
+    batch: Any  # the prepared (or extended) samples
+    ref_out: Any  # the reference's scores (they go to the candidates, never here)
+    ref_check: Any  # compare.ReferenceCheck
+    parts: dict[str, Any]  # candidate name -> compare.Part
+    decoded: Decoded | None = None
+
+
+class Mode:
+    """Scoring: the reference's samples, scored by every engine, compared per candidate."""
+
+    pipelined = True
+
+    def __init__(self, run: Runner):
+        self.run = run
+        self.plan = run.plan
+        self.exp = run.plan.experiment
+
+    def always_loaded(self) -> list[EngineInstance]:
+        """Engines every wave needs (placed beside the reference)."""
+        return [self.plan.reference]
+
+    def owed(self, wave: list[EngineInstance], b: int) -> list[EngineInstance]:
+        return [c for c in wave if not self.run.run_dir.done(c.name, b)]
+
+    def submit(self, pool: EnginePool, b: int, idx: list[int], cands: list[EngineInstance]) -> Pending:
+        """Nothing waits: the reference's prepared samples go to every engine as an ObjectRef."""
+        ref = self.plan.reference.name
+        return self._score(pool, b, idx, cands, pool.call(ref, "prepare", [raw_sample(self.plan, i) for i in idx]))
+
+    def _score(self, pool: EnginePool, b: int, idx: list[int], cands: list[EngineInstance], batch, decoded: Decoded | None = None) -> Pending:
+        ref = self.plan.reference.name
+        ref_out, ref_check = pool.score_reference(ref, batch, self.exp.top_k, self.exp.full_vocab)
+        parts = {c.name: pool.score_and_compare(c.name, batch, ref_out, self.exp.top_k, self.exp.full_vocab, self.options(c)) for c in cands}
+        return Pending(b, idx, cands, batch, ref_out, ref_check, parts, decoded)
+
+    def write(self, p: Pending, w: int, progress) -> None:
+        run, ref = self.run, self.plan.reference.name
+        what = f"batch {p.b} (samples {', '.join(self.exp.samples[i].id for i in p.idx[:3])}{', ...' if len(p.idx) > 3 else ''})"
+        check = run.fetch(ref, p.ref_check, f"{'preparing and ' if self.pipelined else ''}scoring {what}")
+        for err in check.errors:
+            run.record_error(ref, err)
+        run.check_reference(p.b, w, check.digest)
+        progress.advance(ref, len(p.idx))
+        for inst in p.cands:
+            self.write_part(p.b, self.options(inst), run.fetch(inst.name, p.parts[inst.name], f"scoring {what}"))
+            progress.advance(inst.name, len(p.idx))
+        self.write_extra(p)
+
+    def write_extra(self, p: Pending) -> None:
+        """Files a batch writes besides the candidates' token parts (none when scoring)."""
+
+    def options(self, inst: EngineInstance, completion_only: bool = False) -> CompareOptions:
+        return CompareOptions(self.plan.reference.name, inst.name, inst.cand_engine, inst.variant, self.exp.tie_eps, completion_only)
+
+    def write_part(self, b: int, options: CompareOptions, part: Part) -> None:
+        """One candidate's batch: the worst rows first, then the token part that marks the batch done."""
+        run, name = self.run, options.candidate
+        for err in part.errors:
+            run.record_error(name, err)
+        run.timings[f"{name}.metrics_s"] = run.timings.get(f"{name}.metrics_s", 0.0) + part.metrics_s
+        run.timings["bytes_to_driver"] = run.timings.get("bytes_to_driver", 0) + payload_bytes(part)
+        write_table(run.run_dir.worst_part(name, b), pa.Table.from_pylist(part.worst, schema=WORST_SCHEMA))
+        write_table(run.run_dir.part(name, b), token_table(part.rows, self.plan.run_id, self.plan.reference.name, options.cand_engine, options.variant, run.vocab_text))
+
+
+class _Decoding(Mode):
+    """Generate and greedy: decode first (this waits), then score prompt + completion."""
+
+    pipelined = False
+
+    def extra_parts(self, wave: list[EngineInstance], b: int) -> list[Path]:
+        raise NotImplementedError
+
+    def owed(self, wave: list[EngineInstance], b: int) -> list[EngineInstance]:
+        """A decoded batch is redone whole: its parts share one sampling."""
+        missing = super().owed(wave, b) or [p for p in self.extra_parts(wave, b) if not p.exists()]
+        return list(wave) if missing else []
+
+    def deciders(self, cands: list[EngineInstance]) -> tuple[EngineInstance, list[EngineInstance], Any]:
+        """(generator, every engine that decodes, sampling parameters)."""
+        raise NotImplementedError
+
+    def submit(self, pool: EnginePool, b: int, idx: list[int], cands: list[EngineInstance]) -> Pending:
+        import ray
+
+        prompts = self.run.prepare(pool, idx, f"preparing batch {b}")
+        decoded = self._decode(pool, prompts, cands, b) if prompts else None
+        return self._score(pool, b, idx, cands, ray.put(decoded.extended if decoded else []), decoded)
+
+    def _decode(self, pool: EnginePool, prompts: list[Sample], cands: list[EngineInstance], b: int) -> Decoded:
+        import time
+
+        from .generation import extend_samples
+
+        run = self.run
+        generator, deciders, sampling = self.deciders(cands)
+        t = time.time()
+        futures = {i.name: pool.call(i.name, "generate", prompts, sampling, self.exp.top_k) for i in deciders}
+        outputs = {name: run.fetch(name, f, f"generating batch {b}") for name, f in futures.items()}
+        run.timings["generate_s"] = run.timings.get("generate_s", 0.0) + time.time() - t
+        special = set(pool.infos[self.plan.reference.name]["extra"].get("special_ids", []))
+        extended, generations, errors = extend_samples(prompts, outputs[generator.name], special)
+        for err in errors:
+            run.record_error(generator.name, err)
+        return Decoded(generator, prompts, extended, generations, outputs)
+
+
+class GenerateMode(_Decoding):
+    """The generator samples; everyone rescores; its own sampling-time log-probs are a candidate too."""
+
+    def generator(self) -> EngineInstance:
+        name = self.exp.generator or self.plan.reference.name
+        return next(i for i in self.plan.instances if i.name == name)
+
+    def always_loaded(self) -> list[EngineInstance]:
+        gen = self.generator()
+        return [self.plan.reference] + ([gen] if gen is not self.plan.reference else [])
+
+    def extra_parts(self, wave: list[EngineInstance], b: int) -> list[Path]:
+        return [self.run.run_dir.part(f"{self.generator().name}.{SAMPLED}", b)]
+
+    def deciders(self, cands):
+        gen = self.generator()
+        return gen, [gen], self.exp.sampling
+
+    def write_extra(self, p: Pending) -> None:
+        """The generator's sampling-time log-probs vs the reference, on the completion only."""
+        import ray
+
+        from .generation import sampled_scores
+
+        gen = self.generator()
+        options = replace(self.options(gen, completion_only=True), candidate=f"{gen.name}.{SAMPLED}", variant=SAMPLED)
+        if p.decoded is None:  # every sample failed to prepare: an empty part marks the batch done
+            self.write_part(p.b, options, Part())
+            return
+        sampled = [sampled_scores(s, g) for s, g in zip(p.decoded.extended, p.decoded.generations)]
+        part = ray.remote(num_cpus=0)(compare_batch).remote(p.batch, p.ref_out, sampled, options)  # the reference's logits stay off the driver
+        self.write_part(p.b, options, self.run.fetch(gen.name, part, f"comparing batch {p.b}'s sampled tokens"))
+
+
+class GreedyMode(_Decoding):
+    """Every engine decodes greedily; the reference's decode is rescored; where each decode leaves it."""
+
+    def extra_parts(self, wave: list[EngineInstance], b: int) -> list[Path]:
+        return [self.run.run_dir.greedy_part(c.name, b) for c in wave]
+
+    def deciders(self, cands):
+        ref = self.plan.reference
+        return ref, [ref, *cands], self.exp.sampling.model_copy(update={"temperature": 0.0, "n": 1})
+
+    def write_extra(self, p: Pending) -> None:
+        from .generation import GREEDY_SCHEMA, greedy_divergence
+
+        texts = self.run.vocab_text.to_pylist() if p.decoded else []
+        ref_gens = {g.sample_id: g for g in p.decoded.generations} if p.decoded else {}
+        extended = {s.sample_id: s for s in p.decoded.extended} if p.decoded else {}
+        for inst in p.cands:
+            rows = []
+            for prompt, out in zip(p.decoded.prompts, p.decoded.outputs[inst.name]) if p.decoded else ():
+                sid = prompt.sample_id
+                if isinstance(out, SampleError):
+                    self.run.record_error(inst.name, out)
+                elif sid in ref_gens:
+                    rows.append(greedy_divergence(sid, extended[sid].prompt_len, ref_gens[sid], out[0], self.plan.reference.name, inst.cand_engine, inst.variant, texts))
+            write_table(self.run.run_dir.greedy_part(inst.name, p.b), pa.Table.from_pylist(rows, schema=GREEDY_SCHEMA))
+
+
+MODES: dict[str, type[Mode]] = {"score": Mode, "generate": GenerateMode, "greedy": GreedyMode}
