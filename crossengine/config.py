@@ -323,23 +323,6 @@ def _check_references(exp: Experiment, path: Path, root: yaml.Node | None) -> No
         fail(("generator",), f"{exp.generator!r} is not one of the engines {engines}")
     if len(exp.engines) + len(exp.variants) < 2:
         fail(("engines",), "need a reference and at least one candidate engine or variant")
-    for name, spec in exp.resolved_engines().items():
-        env = spec[2].env
-        if env is not None and env.python:
-            python = Path(env.python).expanduser()
-            python = python if python.is_absolute() else path.parent / python
-            if not python.exists():
-                section = "engines" if name in exp.engines else "variants"
-                hint = " (build it with scripts/setup-vllm-env.sh)" if spec[2].type == "vllm" else ""
-                fail((section, name, "env", "python"), f"no such interpreter: {python}{hint}")
-    for loc, model in [(("model",), exp.model)] + [(("engines", n, "model"), e.model) for n, e in exp.engines.items() if e.model]:
-        if looks_like_path(model) and not any((b / Path(model).expanduser()).exists() for b in (Path.cwd(), path.parent)):
-            fail(loc, f"no such model directory: {model}")
-
-
-def looks_like_path(model: str) -> bool:
-    """Hub ids are 'org/name'; anything else with a separator or a dot prefix is a path."""
-    return model.startswith((".", "/", "~")) or model.count("/") > 1
 
 
 def _duplicate_key(node: yaml.Node | None, loc: tuple = ()) -> tuple[tuple, int] | None:

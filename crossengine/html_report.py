@@ -12,7 +12,6 @@ and the page says so; tables and breakdowns always cover every token.
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .identity import SAMPLED, display_name
+from .run_meta import RunMeta
 
 MAX_SAMPLES = 20
 MAX_POINTS = 2048
@@ -115,7 +115,7 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
     from .results import write_text
 
     run_dir = Path(run_dir)
-    meta = json.loads((run_dir / "run.json").read_text())
+    meta = RunMeta.read(run_dir)
     summary = pd.read_parquet(run_dir / "summary.parquet")
     sections = [("Run", _run_section(meta)), ("Summary", _summary_section(summary))]
     tokens_dir = run_dir / "tokens"
@@ -123,8 +123,8 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
     if not tokens.empty:
         sections.append(("Along the sequence", _per_sample_section(tokens)))
     sections.append(("Breakdown", _breakdown_section(summary)))
-    if meta.get("experiment", {}).get("variants"):
-        sections.append(("Ablation", _ablation_section(summary, meta["reference"])))
+    if meta.variants:
+        sections.append(("Ablation", _ablation_section(summary, meta.reference)))
     if (run_dir / "nearest.parquet").exists():
         sections.append(("Nearest engine", _nearest_section(pd.read_parquet(run_dir / "nearest.parquet"))))
     if (run_dir / "layers.parquet").exists() or (run_dir / "buffers.parquet").exists():
@@ -134,7 +134,7 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
     if not tokens.empty:
         sections.append(("Worst tokens", _worst_section(tokens, meta, run_dir / "worst")))
     out = Path(out) if out else run_dir / "report.html"
-    write_text(out, _page(f"crossengine: {meta['run_id']}", sections))
+    write_text(out, _page(f"crossengine: {meta.run_id}", sections))
     return out
 
 
@@ -149,22 +149,22 @@ def _read_tokens(tokens_dir: Path) -> pd.DataFrame:
     return df
 
 
-def _run_section(meta: dict) -> str:
-    exp = meta.get("experiment", {})
+def _run_section(meta: RunMeta) -> str:
+    exp = meta.experiment
     rows = []
-    for name, info in meta.get("engines", {}).items():
+    for name, info in meta.engines.items():
         spec = {**exp.get("engines", {}), **exp.get("variants", {})}.get(name, {})
         env = spec.get("env") or {}
         rows.append({
-            "engine": name, "role": "reference" if name == meta["reference"] else "candidate", "type": info.get("engine"),
+            "engine": name, "role": "reference" if name == meta.reference else "candidate", "type": info.get("engine"),
             "versions": ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items()), "device": info.get("device"),
             "dtype": info.get("dtype"), "environment": ", ".join(env.get("pip") or []) or env.get("python") or "this one",
             "gpus": ",".join(info.get("extra", {}).get("gpu_ids", [])) or "-",
         })
-    head = (f"<p>model <b>{html.escape(str(exp.get('model')))}</b>, reference <b>{html.escape(meta['reference'])}</b>, "
-            f"{meta.get('n_samples')} samples, mode {html.escape(str(exp.get('mode', 'score')))}, status {html.escape(str(meta.get('status')))}, "
-            f"crossengine {html.escape(str(meta.get('crossengine_version')))} ({html.escape(str(meta.get('git_sha') or '')[:10])})</p>")
-    errors = pd.DataFrame(meta.get("errors", []))
+    head = (f"<p>model <b>{html.escape(str(exp.get('model')))}</b>, reference <b>{html.escape(meta.reference)}</b>, "
+            f"{meta.n_samples} samples, mode {html.escape(str(exp.get('mode', 'score')))}, status {html.escape(meta.status)}, "
+            f"crossengine {html.escape(meta.crossengine_version)} ({html.escape((meta.git_sha or '')[:10])})</p>")
+    errors = pd.DataFrame(meta.errors)
     err = f"<h3>Errors and skipped samples ({len(errors)})</h3>" + _table(errors) if len(errors) else "<p class='note'>no errors, no skipped samples</p>"
     return head + _table(pd.DataFrame(rows)) + err
 
@@ -303,13 +303,13 @@ def _nearest_section(nearest: pd.DataFrame) -> str:
     return _fig(fig, "nearest") + _table(nearest)
 
 
-def _localisation_section(run_dir: Path, meta: dict) -> str:
+def _localisation_section(run_dir: Path, meta: RunMeta) -> str:
     import plotly.graph_objects as go
 
     from .localize import first_divergence
 
     parts = []
-    tol = (meta.get("experiment", {}).get("localize") or {}).get("tolerance", 1e-4)
+    tol = (meta.experiment.get("localize") or {}).get("tolerance", 1e-4)
     if (run_dir / "layers.parquet").exists():
         layers = pd.read_parquet(run_dir / "layers.parquet")
         fig = go.Figure()
@@ -335,18 +335,18 @@ def _localisation_section(run_dir: Path, meta: dict) -> str:
     return "".join(parts)
 
 
-def _vocab(meta: dict):
+def _vocab(meta: RunMeta):
     """The reference's tokenizer, to show top-1 ids as text; None where it does not load here."""
     try:
         from transformers import AutoTokenizer
 
-        path = meta.get("model_paths", {}).get(meta["reference"])
+        path = meta.model_paths.get(meta.reference)
         return AutoTokenizer.from_pretrained(path) if path else None
     except Exception:  # noqa: BLE001 - a report without token texts for top-1 ids is still a report
         return None
 
 
-def _worst_section(tokens: pd.DataFrame, meta: dict, worst_dir: Path, n: int = 20) -> str:
+def _worst_section(tokens: pd.DataFrame, meta: RunMeta, worst_dir: Path, n: int = 20) -> str:
     tok = _vocab(meta)
     text = (lambda i: tok.decode([int(i)]) if tok is not None and pd.notna(i) and int(i) >= 0 else str(i))  # noqa: E731
     top5 = (lambda ids, lps: ", ".join(f"{text(i)!r} {lp:.2f}" for i, lp in zip(ids, lps) if i >= 0))  # noqa: E731
@@ -384,10 +384,10 @@ def compare_runs(a: Path, b: Path) -> pd.DataFrame:
     """Both runs' summary metrics per candidate/variant and split, with the change; refuses other samples."""
     from .errors import CrossengineError
 
-    meta = [json.loads((Path(d) / "run.json").read_text()) for d in (a, b)]
-    prints = [m.get("samples_fingerprint") for m in meta]
+    meta = [RunMeta.read(Path(d)) for d in (a, b)]
+    prints = [m.samples_fingerprint for m in meta]
     if prints[0] is None or prints[0] != prints[1]:
-        n = [m.get("n_samples") for m in meta]
+        n = [m.n_samples for m in meta]
         why = f"{n[0]} vs {n[1]} samples" if n[0] != n[1] else "the same number of samples, but their ids or contents differ"
         raise CrossengineError(f"cannot compare {a} and {b}: their samples differ ({why}); compare two runs of the same samples")
     keys = ["cand_engine", "variant", *SPLITS]

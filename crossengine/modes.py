@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from .adapters.base import Generation, Sample, SampleError
+from .adapters.base import Generation, RawSample, Sample, SampleError
 from .compare import CompareOptions, Part, compare_batch, payload_bytes
 from .identity import SAMPLED
 from .plan import EngineInstance
@@ -33,11 +33,11 @@ if TYPE_CHECKING:  # the runner imports this module; this is for type names only
     from .runner import Runner
 
 
-def raw_sample(plan, i: int) -> dict[str, Any]:
+def raw_sample(plan, i: int) -> RawSample:
     """What the reference engine needs to prepare sample i (ids are assigned by config)."""
     exp = plan.experiment
     s = exp.samples[i]
-    return {"id": s.id, "text": s.text, "images": [str(p) for p in s.images], "token_ids": s.token_ids, "max_length": exp.max_length}
+    return RawSample(s.id, s.text, [str(p) for p in s.images], s.token_ids, exp.max_length)
 
 
 @dataclass

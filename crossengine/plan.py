@@ -1,7 +1,9 @@
 """From a validated experiment to what will run: engine instances, model paths, batches, waves.
 
 Everything here is decided before any engine starts, so a wrong model path is reported
-in one line and no results folder is made.
+in one line and no results folder is made. config.py is the schema (types, names, YAML
+line numbers); every resolution against the file system (model folders, fixtures, LoRA
+adapters, another environment's python) happens here, once, with the field's file:line.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import NAME, EngineSpec, Experiment, looks_like_path
-from .errors import CrossengineError, ExperimentError
+from .config import NAME, EngineSpec, Experiment, experiment_error
+from .errors import CrossengineError
 from .identity import BASE, Role, display_name
 from .fixtures import ensure_fixture, is_fixture
 
@@ -52,7 +54,12 @@ class Plan:
         return [self.reference, *self.candidates]
 
 
-def resolve_model(model: str, experiment_path: Path, field: str) -> str:
+def looks_like_path(model: str) -> bool:
+    """Hub ids are 'org/name'; anything else with a separator or a dot prefix is a path."""
+    return model.startswith((".", "/", "~")) or model.count("/") > 1
+
+
+def resolve_model(model: str, experiment_path: Path, loc: tuple) -> str:
     """Fixture name -> built folder; existing path -> absolute path; else a hub id, as given."""
     if is_fixture(model):
         return str(ensure_fixture(model, seed=0))
@@ -61,14 +68,22 @@ def resolve_model(model: str, experiment_path: Path, field: str) -> str:
         if candidate.exists():
             return str(candidate)
     if looks_like_path(model):
-        raise ExperimentError(str(experiment_path), None, field, f"no such model directory: {model}")
+        raise experiment_error(experiment_path, loc, f"no such model directory: {model}")
     return model
+
+
+def resolve_python(spec: EngineSpec, experiment_path: Path, loc: tuple) -> EngineSpec:
+    """An engine's `env.python`, relative to the experiment file, made absolute (the worker starts it from anywhere)."""
+    python = Path(spec.env.python).expanduser()
+    python = python if python.is_absolute() else (experiment_path.parent / python).absolute()
+    if not python.exists():
+        hint = " (build it with scripts/setup-vllm-env.sh)" if spec.type == "vllm" else ""
+        raise experiment_error(experiment_path, loc, f"no such interpreter: {python}{hint}")
+    return spec.model_copy(update={"env": spec.env.model_copy(update={"python": str(python)})})
 
 
 def resolve_adapter(lora: str, experiment_path: Path, loc: tuple) -> str:
     """Fixture name -> built folder; else a local folder with adapter_config.json (relative to cwd or the experiment)."""
-    from .config import experiment_error
-
     if is_fixture(lora):
         return str(ensure_fixture(lora, seed=0))
     for base in (Path.cwd(), experiment_path.parent):
@@ -90,8 +105,15 @@ def make_plan(exp: Experiment, experiment_path: Path, run_id: str | None = None,
     instances = []
     for name, (cand_engine, variant, spec) in exp.resolved_engines().items():
         section = "engines" if variant == BASE else "variants"
-        field = f"{section}.{name}.model"
-        path = resolve_model(spec.model, experiment_path, field if spec.model != exp.model else "model")
+        if spec.model == exp.model:
+            loc: tuple = ("model",)
+        elif variant != BASE and spec.model == exp.engines[cand_engine].model:
+            loc = ("engines", cand_engine, "model")
+        else:
+            loc = (section, name, "model")
+        path = resolve_model(spec.model, experiment_path, loc)
+        if spec.env is not None and spec.env.python:
+            spec = resolve_python(spec, experiment_path, (section, name, "env", "python"))
         if spec.lora:
             spec = spec.model_copy(update={"lora": resolve_adapter(spec.lora, experiment_path, (section, name, "lora"))})
         instances.append(EngineInstance(name, cand_engine, variant, spec, path, name == exp.reference))

@@ -26,8 +26,7 @@ def runtime_env(inst: EngineInstance, base: Path) -> dict[str, Any]:
     if env.pip:
         out["pip"] = list(env.pip)
     if env.python:
-        python = Path(env.python).expanduser()  # relative to the experiment file, like images
-        out["py_executable"] = str(python if python.is_absolute() else (base / python).absolute())
+        out["py_executable"] = env.python  # made absolute by plan.resolve_python
     out["env_vars"].update(env.env_vars)
     return out
 

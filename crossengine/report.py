@@ -54,17 +54,17 @@ def summary_table(summary: pd.DataFrame, title: str, splits: bool = True):
 def print_summary(run_dir: Path, console) -> None:
     summary = pd.read_parquet(run_dir / "summary.parquet")
     console.print(summary_table(summary, f"crossengine summary: {run_dir}"))
-    import json
+    from .run_meta import RunMeta
 
-    meta = json.loads((run_dir / "run.json").read_text())
-    reference = meta["reference"]
+    meta = RunMeta.read(run_dir)
+    reference = meta.reference
     if "n_nonfinite" in summary:
         pooled = summary[(summary["modality"] == "all") & (summary["n_nonfinite"] > 0)]
         for _, r in pooled.iterrows():
             name = display_name(r["cand_engine"], r["variant"])
             console.print(f"[red]non-finite[/red] log-probs at {int(r['n_nonfinite'])} token(s) of {str(name)!r} vs {reference!r}: "
                           "see the `nonfinite` column (ref/cand/both); their metrics are null and left out of the summary", highlight=False)
-    if meta["experiment"].get("variants"):
+    if meta.variants:
         console.print(ablation_table(summary, reference))
     if (run_dir / "nearest.parquet").exists():
         from .nearest import nearest_lines

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from .adapters.base import ATTENTIONS, MODALITIES
 from .compare import TokenRows
+from .run_meta import RunMeta
 from .metrics import METRIC_COLUMNS
 
 SCHEMA_VERSION = 2  # 2: + nonfinite
@@ -255,11 +256,11 @@ class RunDir:
     def done(self, instance: str, batch: int) -> bool:
         return self.part(instance, batch).exists()
 
-    def read_meta(self) -> dict[str, Any] | None:
-        return json.loads(self.run_json.read_text()) if self.run_json.exists() else None
+    def read_meta(self) -> RunMeta | None:
+        return RunMeta.read(self.root) if self.run_json.exists() else None
 
-    def write_meta(self, meta: dict[str, Any]) -> None:
-        write_json(self.run_json, meta)
+    def write_meta(self, meta: RunMeta) -> None:
+        write_json(self.run_json, meta.model_dump(mode="json"))
 
 
 def host_info() -> dict[str, Any]:

@@ -33,6 +33,7 @@ from .plan import EngineInstance, Plan
 from .pool import EnginePool, ensure_ray, one_line
 from .progress import engine_progress
 from .results import SCHEMA_VERSION, RunDir, git_sha, host_info, write_table
+from .run_meta import RunMeta
 from .summary import summarize
 
 
@@ -115,13 +116,13 @@ class Runner:
             cmd += ["--num-gpus", f"{self.num_gpus:g}"]
         return shlex.join(cmd)
 
-    def _check_existing(self) -> dict | None:
+    def _check_existing(self) -> RunMeta | None:
         meta = self.run_dir.read_meta()
         if meta is None:
             return None
-        if meta.get("status") == "complete" and not self.overwrite:
+        if meta.status == "complete" and not self.overwrite:
             raise CrossengineError(f"{self.run_dir.root}: run {self.plan.run_id!r} is complete; pass --overwrite or choose another --run-id")
-        if meta.get("fingerprint") != self.plan.fingerprint and not self.overwrite:
+        if meta.fingerprint != self.plan.fingerprint and not self.overwrite:
             raise CrossengineError(f"{self.run_dir.root}: the experiment changed since this run started; pass --overwrite or choose another --run-id")
         if self.overwrite:
             self.run_dir.clear()
@@ -149,7 +150,7 @@ class Runner:
         with sigterm_as_interrupt():
             return self._run_engines(t0, resumed)
 
-    def _run_engines(self, t0: float, resumed: dict | None) -> Path:
+    def _run_engines(self, t0: float, resumed: RunMeta | None) -> Path:
         from .placement import make_placement
 
         exp = self.plan.experiment
@@ -301,29 +302,23 @@ class Runner:
 
     # ---------------------------------------------------------------------- run.json
 
-    def _start_meta(self, infos: dict, resumed: dict | None) -> None:
-        fingerprint_of_samples = samples_fingerprint(self.plan.experiment) if resumed is None else None
-        meta = resumed or {
-            "run_id": self.plan.run_id,
-            "schema_version": SCHEMA_VERSION,
-            "crossengine_version": __version__,
-            "git_sha": git_sha(),
-            "experiment_file": str(self.plan.experiment_path),
-            "experiment": self._experiment_json(fingerprint_of_samples),
-            "samples_fingerprint": fingerprint_of_samples,
-            "fingerprint": self.plan.fingerprint,
-            "reference": self.plan.reference.name,
-            "candidates": {c.name: {"cand_engine": c.cand_engine, "variant": c.variant} for c in self.plan.candidates},
-            "model_paths": {i.name: i.model_path for i in self.plan.instances},
-            "host": host_info(),
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "n_samples": len(self.plan.experiment.samples),
-            "n_batches": len(self.plan.batches),
-        }
-        if resumed:
-            meta.setdefault("resumed_at", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    def _start_meta(self, infos: dict, resumed: RunMeta | None) -> None:
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if resumed is None:
+            fingerprint_of_samples = samples_fingerprint(self.plan.experiment)
+            meta = RunMeta(
+                run_id=self.plan.run_id, schema_version=SCHEMA_VERSION, crossengine_version=__version__, git_sha=git_sha(),
+                experiment_file=str(self.plan.experiment_path), experiment=self._experiment_json(fingerprint_of_samples),
+                samples_fingerprint=fingerprint_of_samples, fingerprint=self.plan.fingerprint, reference=self.plan.reference.name,
+                candidates={c.name: {"cand_engine": c.cand_engine, "variant": c.variant} for c in self.plan.candidates},
+                model_paths={i.name: i.model_path for i in self.plan.instances}, host=host_info(), started_at=now,
+                n_samples=len(self.plan.experiment.samples), n_batches=len(self.plan.batches),
+            )
+        else:
+            meta = resumed
+            meta.resumed_at.append(now)
             self._say(f"resuming run {self.plan.run_id}: finished batches are skipped")
-        meta.update(status="running", engines=infos, placement=self.placement.to_json())
+        meta.status, meta.engines, meta.placement = "running", infos, self.placement.to_json()
         self.run_dir.write_meta(meta)
 
     def _experiment_json(self, fingerprint_of_samples: str) -> dict:
@@ -337,14 +332,11 @@ class Runner:
         return out
 
     def _finish_meta(self, infos: dict) -> None:
-        meta = self.run_dir.read_meta() or {}
-        meta.update(
-            status="complete",
-            engines=infos,
-            finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            timings=self.timings,
-            errors=meta.get("errors", []) + self.errors,
-        )
+        meta = self.run_dir.read_meta()
+        assert meta is not None, "run.json is written when the engines start"
+        meta.status, meta.engines, meta.timings = "complete", infos, self.timings
+        meta.finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        meta.errors = meta.errors + self.errors
         self.run_dir.write_meta(meta)
 
 

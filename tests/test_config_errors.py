@@ -85,13 +85,14 @@ def test_json_schema_command():
 
 def test_every_shipped_experiment_validates():
     from crossengine.errors import ExperimentError
+    from crossengine.plan import make_plan
 
     from .conftest import EXPERIMENTS
 
     missing_env = []
     for path in sorted(EXPERIMENTS.glob("*.yaml")):
         try:
-            load_experiment(path)
+            make_plan(load_experiment(path), path)  # the plan resolves paths: models, adapters, interpreters
         except ExperimentError as exc:
             # the one acceptable failure: a vLLM environment not built yet on this machine
             if not (exc.field.endswith("env.python") and "setup-vllm-env.sh" in exc.message):

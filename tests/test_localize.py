@@ -9,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from crossengine.adapters.base import RawSample
 from crossengine.adapters.inspect import audit_buffers
 from crossengine.cli import app
 from crossengine.fixtures import ensure_fixture
@@ -94,7 +95,7 @@ def _engine_captures(kind: str, fixture: str):
     from crossengine.config import EngineSpec
 
     engine = engine_class(kind)(EngineSpec(type=kind, dtype="float32", device="cpu"), str(ensure_fixture(fixture)), kind)
-    sample = engine.prepare([{"id": "s", "text": "The quick brown fox jumps over the lazy dog.", "images": [], "token_ids": None, "max_length": None}])[0]
+    sample = engine.prepare([RawSample("s", "The quick brown fox jumps over the lazy dog.")])[0]
     return engine.capture([sample], None)[0]
 
 

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from crossengine.adapters.base import RawSample
 from crossengine.cli import app
 from crossengine.fixtures import ensure_fixture
 
@@ -88,7 +89,7 @@ def test_the_vision_adapter_covers_the_vision_tower():
     assert any("vision_tower" in m for m in modules) and any("language_model" in m for m in modules)
     from .conftest import EXPERIMENTS
 
-    raw = [{"id": "img", "text": "Look <start_of_image> here", "images": [str(EXPERIMENTS / "data" / "gradient.png")], "token_ids": None, "max_length": None}]
+    raw = [RawSample("img", "Look <start_of_image> here", [str(EXPERIMENTS / "data" / "gradient.png")])]
     spec = EngineSpec(type="hf", dtype="float32", device="cpu")
     base = HFEngine(spec, str(ensure_fixture("tiny-vision")), "base")
     tuned = HFEngine(spec.model_copy(update={"lora": str(adapter)}), str(ensure_fixture("tiny-vision")), "tuned")

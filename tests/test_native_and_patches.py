@@ -8,6 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from crossengine.adapters.base import RawSample
 from crossengine.adapters.hf import HFEngine
 from crossengine.cli import app
 from crossengine.config import EngineSpec
@@ -15,7 +16,7 @@ from crossengine.fixtures import ensure_fixture
 
 from .conftest import EXPERIMENTS, REPO, run_experiment
 
-SAMPLE = [{"id": "a", "text": "The quick brown fox jumps over the lazy dog."}]
+SAMPLE = [RawSample("a", "The quick brown fox jumps over the lazy dog.")]
 
 
 def _sdpa_calls(engine) -> list[dict]:
@@ -70,7 +71,7 @@ def test_rope_patch_repairs_frequencies_left_unset():
 
 def test_drop_token_type_ids_patch_makes_gemma3_causal():
     engine = _engine(["drop_token_type_ids"], model="tiny-vision")
-    sample = engine.prepare([{"id": "v", "text": "Look <start_of_image> here", "images": [str(EXPERIMENTS / "data" / "gradient.png")]}])
+    sample = engine.prepare([RawSample("v", "Look <start_of_image> here", [str(EXPERIMENTS / "data" / "gradient.png")])])
     out = engine.score(sample, 5, False)[0]
     assert "token_type_ids" in sample[0].model_inputs and not out.attention.any(), "no position is bidirectional without token_type_ids"
 

@@ -1,0 +1,49 @@
+"""run.json as a type: the runner writes a `RunMeta`, reports and `compare` read one.
+
+One model for writer and readers, so a field is renamed in one place and a reader cannot ask
+for a key the writer never wrote. Unknown keys are kept (a run.json written by a newer
+crossengine still reads); fields added since schema version 1 have defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RunMeta(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    run_id: str
+    schema_version: int
+    crossengine_version: str
+    git_sha: str | None = None
+    experiment_file: str
+    experiment: dict[str, Any] = Field(description="the experiment as resolved; `samples` is {omitted, fingerprint} beyond 1,000 samples")
+    samples_fingerprint: str | None = None
+    fingerprint: str = Field(description="hash of the experiment: a resumed run must match it")
+    reference: str
+    candidates: dict[str, dict[str, str]] = Field(description="instance -> {cand_engine, variant}")
+    model_paths: dict[str, str] = {}
+    host: dict[str, Any] = {}
+    started_at: str
+    resumed_at: list[str] = []
+    finished_at: str | None = None
+    n_samples: int
+    n_batches: int
+    status: Literal["running", "complete"] = "running"
+    engines: dict[str, dict[str, Any]] = Field(default_factory=dict, description="instance -> EngineInfo as its worker saw it")
+    placement: dict[str, Any] | None = None
+    timings: dict[str, float] = {}
+    errors: list[dict[str, str]] = Field(default_factory=list, description="{sample_id, engine, error} per failed sample")
+
+    @property
+    def variants(self) -> bool:
+        return bool(self.experiment.get("variants"))
+
+    @classmethod
+    def read(cls, run_dir: Path) -> RunMeta:
+        return cls.model_validate(json.loads((Path(run_dir) / "run.json").read_text()))
