@@ -7,8 +7,9 @@
   `preprocess: "package.module:function"` turns a Sample into extra model inputs (Molmo's
   images / image_input_idx / image_masks, say). Imported only because the experiment names it.
 
-Tokenisation, modality tags and the array conversion are the HF engine's: only how the
-model is built and called differs.
+Tokenisation, modality tags and the array conversion are shared with the HF engine
+(torch_engine.py); only how the model is built and called differs. HF-only behaviour
+(transformers' loading, PEFT, generation) is not inherited.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from __future__ import annotations
 from typing import Any
 
 from . import import_ref
-from .hf import HFEngine
+from .torch_engine import TorchEngine
 
 OLMO_CORE_TYPES = ("olmo2",)
 
 
-class NativeEngine(HFEngine):
+class NativeEngine(TorchEngine):
     name = "native"
 
     def _load_model(self, common: dict):
@@ -89,9 +90,7 @@ class NativeEngine(HFEngine):
 
     def info(self):
         info = super().info()
-        info.engine = self.name
         info.extra["native"] = self.kind
-        info.extra.pop("attn_implementation", None)
         from importlib.metadata import PackageNotFoundError, version
 
         try:

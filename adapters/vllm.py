@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .base import Engine, EngineInfo, Generation, RawSample, Sample, SampleError, TokenLogprobs, lora_info, tokenizer_fingerprint, vocab_error
-from .hf import mask_kinds
+from .torch_engine import mask_kinds
 
 _CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2"}  # GiB; vLLM-CPU refuses to start without room
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
@@ -118,7 +118,7 @@ class VLLMEngine(Engine):
 
     def prepare(self, raw: list[RawSample]) -> list[Sample | SampleError]:
         """Text and raw ids only: image prompts are expanded by an HF processor as the reference."""
-        from .hf import text_modality
+        from .torch_engine import text_modality
 
         out: list[Sample | SampleError] = []
         for r in raw:

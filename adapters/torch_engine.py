@@ -1,0 +1,294 @@
+"""What the hf and native engines share: a PyTorch model that returns logits for one sample.
+
+Tokenisation and image processing (HF tokenizer/processor from the checkpoint folder),
+modality tags, the model inputs, validity checks, the conversion of logits to arrays,
+module capture and the buffer audit. A subclass says only how its model is built
+(`_load_model`) and called (`forward_logits`); neither engine inherits the other, so HF-only
+behaviour (transformers' loading, PEFT, generation) stays in hf.py; the built-in patches
+change transformers models and config.py rejects them on native engines (user
+`module:function` patches apply to both).
+
+Every sample runs as its own forward pass, unpadded: padding changes the numerics of some
+attention backends, and a parity tool must not add differences of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .base import (
+    ATTENTIONS,
+    MODALITIES,
+    Engine,
+    EngineInfo,
+    RawSample,
+    Sample,
+    SampleError,
+    TokenLogprobs,
+    tokenizer_fingerprint,
+    vocab_error,
+    topk_from_logprobs,
+)
+
+
+def resolve_device(device: str | None) -> str:
+    """auto -> cuda when torch sees one, else cpu (as nanoGPT does)."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def mask_kinds(model_type: str, input_ids: np.ndarray, model_inputs: dict[str, Any]) -> np.ndarray:
+    """Which positions the model's own mask lets attend bidirectionally: HF Gemma3 bidirectional image spans, PaliGemma a bidirectional prefix.
+
+    Gemma3 makes each image span bidirectional only when token_type_ids reaches the model;
+    PaliGemma makes the whole prefix (token_type_ids == 0) bidirectional.
+    """
+    kinds = np.zeros(len(input_ids), dtype=np.int8)
+    tti = model_inputs.get("token_type_ids")
+    if tti is not None:
+        tti = np.asarray(tti).reshape(-1)[: len(input_ids)]
+        if model_type in ("gemma3", "gemma3n", "gemma4"):
+            kinds[tti == 1] = ATTENTIONS.index("bidirectional")
+        elif model_type == "paligemma":
+            kinds[tti == 0] = ATTENTIONS.index("bidirectional")
+    return kinds
+
+
+def text_modality(ids: np.ndarray, special_ids, image_token_id: int | None) -> np.ndarray:
+    """text | image | special per position, from the reference tokenizer's special ids."""
+    out = np.zeros(len(ids), dtype=np.int8)
+    out[np.isin(ids, np.asarray(sorted(set(special_ids)), dtype=np.int64))] = MODALITIES.index("special")
+    if image_token_id is not None:
+        out[ids == image_token_id] = MODALITIES.index("image")
+    return out
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+class TorchEngine(Engine):
+    """A torch model scoring one unpadded sample per forward; see the module docstring."""
+
+    def __init__(self, spec, model_path: str, instance: str, seed: int = 0):
+        super().__init__(spec, model_path, instance, seed)
+        import torch
+        from transformers import AutoConfig
+
+        torch.manual_seed(seed)
+        self.device = resolve_device(spec.device)
+        self.dtype = torch_dtype(spec.dtype)
+        common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        self.config = AutoConfig.from_pretrained(model_path, **common)
+        self.is_vision = getattr(self.config, "vision_config", None) is not None
+        self.dropped_inputs = set(spec.drop_inputs)  # patches may add to it
+        self.pixels_on_device = False  # set by the pixels_on_device patch
+        self.model = self._load_model(common)
+        self.tokenizer, self.processor = self._load_tokenizer(common)
+        from .patches import apply_patches  # built-in ones are HF-only: config rejects them on native engines
+
+        self.patch_report = apply_patches(self, spec.patches)
+
+    def _load_model(self, common: dict):
+        """Build the model (on self.device, in self.dtype, eval mode)."""
+        raise NotImplementedError
+
+    def _load_tokenizer(self, common: dict):
+        from transformers import AutoProcessor, AutoTokenizer
+
+        if self.is_vision:
+            processor = AutoProcessor.from_pretrained(self.model_path, **common)
+            return processor.tokenizer, processor
+        return AutoTokenizer.from_pretrained(self.model_path, **common), None
+
+    # ------------------------------------------------------------------ interface
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            name=self.instance,
+            engine=self.name,
+            versions=versions(),
+            device=self.device,
+            dtype=str(self.spec.dtype),
+            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
+            extra={
+                "model_type": self.config.model_type,
+                "vocab_size": int(self.vocab_size),
+                "special_ids": sorted(int(i) for i in self.tokenizer.all_special_ids),
+                "patches": self.patch_report,
+            },
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if head is not None:
+            return int(head.weight.shape[0])
+        return int(self.config.get_text_config().vocab_size)  # remote code without the accessor
+
+    def prepare(self, raw: list[RawSample]) -> list[Sample | SampleError]:
+        out: list[Sample | SampleError] = []
+        for r in raw:
+            try:
+                out.append(self._prepare_one(r))
+            except SampleError as e:
+                out.append(e)
+            except Exception as exc:  # noqa: BLE001 - a processor error on one sample: report it, go on
+                out.append(SampleError.from_exception(r.id, self.instance, exc))
+        return out
+
+    def _prepare_one(self, r: RawSample) -> Sample:
+        sid = r.id
+        inputs: dict[str, np.ndarray] = {}
+        if r.token_ids is not None:
+            ids = np.asarray(r.token_ids, dtype=np.int64)
+        elif r.images:
+            if self.processor is None:
+                raise SampleError(sid, f"has images but model {self.model_path} is text-only")
+            from PIL import Image
+
+            images = [Image.open(p).convert("RGB") for p in r.images]
+            enc = self.processor(text=[r.text], images=[images], return_tensors="np")
+            ids = enc.pop("input_ids")[0].astype(np.int64)
+            enc.pop("attention_mask", None)
+            inputs = {k: np.asarray(v) for k, v in enc.items()}
+        else:
+            ids = np.asarray(self.tokenizer(r.text).input_ids, dtype=np.int64)
+        if r.max_length and len(ids) > r.max_length:
+            ids = ids[: r.max_length]
+            if "token_type_ids" in inputs:
+                inputs["token_type_ids"] = inputs["token_type_ids"][:, : r.max_length]
+        if len(ids) < 2:
+            raise SampleError(sid, "has fewer than 2 tokens; nothing to score")
+        return Sample(sid, ids, self._modality(ids), text=r.text, images=[str(p) for p in r.images], model_inputs=inputs)
+
+    def _modality(self, ids: np.ndarray) -> np.ndarray:
+        image_id = getattr(self.config, "image_token_id", None) or getattr(self.config, "image_token_index", None)
+        return text_modality(ids, self.tokenizer.all_special_ids, image_id)
+
+    def _inputs(self, sample: Sample, ids: np.ndarray | None = None) -> dict[str, Any]:
+        import torch
+
+        ids = sample.input_ids if ids is None else ids
+        out: dict[str, Any] = {"input_ids": torch.as_tensor(ids, device=self.device)[None]}
+        for key, value in sample.model_inputs.items():
+            if key in self.dropped_inputs:
+                continue
+            if key == "pixel_values" and self.pixels_on_device and sample.images:
+                out[key] = self._pixels_on_device(sample)
+                continue
+            t = torch.as_tensor(value, device=self.device)
+            if key == "token_type_ids" and t.shape[-1] != len(ids):  # completion tokens are text
+                pad = torch.zeros((*t.shape[:-1], len(ids) - t.shape[-1]), dtype=t.dtype, device=self.device)
+                t = torch.cat([t, pad], dim=-1)
+            out[key] = t.to(self.dtype) if t.is_floating_point() else t
+        return out
+
+    def _pixels_on_device(self, sample: Sample):
+        """uint8 pixels to the device, then rescale and normalise there in the model dtype."""
+        import torch
+        from PIL import Image
+
+        ip = self.processor.image_processor
+        images = [Image.open(p).convert("RGB") for p in sample.images]
+        raw = ip(images, do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"]
+        x = torch.as_tensor(raw.round().astype("uint8"), device=self.device).to(self.dtype)
+        mean = torch.as_tensor(ip.image_mean, device=self.device, dtype=self.dtype)[:, None, None]
+        std = torch.as_tensor(ip.image_std, device=self.device, dtype=self.dtype)[:, None, None]
+        return (x * ip.rescale_factor - mean) / std
+
+    def forward_logits(self, sample: Sample):
+        """Raw logits [T, V] in float32 for one sample."""
+        raise NotImplementedError
+
+    def timings(self) -> dict[str, float]:
+        return {"forward_s": getattr(self, "forward_s", 0.0)}
+
+    def capture(self, samples: list[Sample], patterns: list[str] | None, max_positions: int = 512):
+        from .inspect import capture_outputs
+
+        return [capture_outputs(self.model, lambda s=s: self.forward_logits(s), patterns, max_positions) for s in samples]
+
+    def audit(self):
+        from .inspect import audit_buffers, audit_weights
+
+        return audit_weights(self.model, getattr(self, "missing_keys", [])) + audit_buffers(self.model, self.config, self.device)
+
+    def score(self, samples: list[Sample], top_k: int, full_vocab: bool) -> list[TokenLogprobs | SampleError]:
+        out: list[TokenLogprobs | SampleError] = []
+        for s in samples:
+            if isinstance(s, SampleError):  # the reference could not prepare it: passed through, in place
+                out.append(s)
+                continue
+            invalid = self.invalid(s)
+            if invalid is not None:
+                out.append(invalid)
+                continue
+            try:
+                logits = self.forward_logits(s)
+                out.append(self._to_arrays(s, logits, top_k, full_vocab))
+            except Exception as exc:  # noqa: BLE001 - one line naming engine and sample; traceback to the run log
+                out.append(SampleError.from_exception(s.sample_id, self.instance, exc))
+        return out
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model was built for (its position table / RoPE range)."""
+        text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        value = getattr(text, "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) and value > 0 else None
+
+    def invalid(self, s: Sample, extra_tokens: int = 0) -> SampleError | None:
+        """Why this engine cannot run a sample (plus `extra_tokens` to generate), or None."""
+        too_big = vocab_error(s, self.vocab_size, self.instance)
+        if too_big is not None:
+            return too_big
+        limit = self.max_positions
+        if limit is not None and len(s) + extra_tokens > limit:
+            return SampleError(s.sample_id, f"{len(s) + extra_tokens} tokens exceed max_position_embeddings {limit} of engine {self.instance!r}")
+        if s.model_inputs.get("pixel_values") is not None and not self.is_vision:
+            return SampleError(s.sample_id, f"has images but engine {self.instance!r} runs a text-only model")
+        return None
+
+    def _to_arrays(self, s: Sample, logits, top_k: int, full_vocab: bool) -> TokenLogprobs:
+        import torch
+
+        ids = torch.as_tensor(s.input_ids, device=logits.device)
+        pred = logits[:-1]  # row t-1 predicts token t
+        logprobs = pred.log_softmax(-1)
+        token_lp = logprobs.gather(-1, ids[1:, None])[:, 0].cpu().numpy()
+        topk_ids, topk_lp = topk_from_logprobs(logprobs, top_k)
+        k = topk_ids.shape[1]
+        pad_row = lambda a, fill: np.concatenate([np.full((1, *a.shape[1:]), fill, a.dtype), a])  # noqa: E731
+        used = {k_: v for k_, v in s.model_inputs.items() if k_ not in self.dropped_inputs}
+        return TokenLogprobs(
+            token_logprobs=pad_row(token_lp.astype(np.float32), np.nan),
+            topk_ids=pad_row(topk_ids, -1),
+            topk_logprobs=pad_row(topk_lp.astype(np.float32).reshape(-1, k), np.nan),
+            attention=mask_kinds(self.config.model_type, s.input_ids, used),
+            logits=pad_row(pred.cpu().numpy().astype(np.float32), np.nan) if full_vocab else None,
+        )
+
+    def close(self) -> None:
+        import gc
+
+        import torch
+
+        del self.model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
