@@ -43,6 +43,15 @@ def write_experiment(tmp_path):
     return write
 
 
+def run_text(tmp_path_factory, name: str, text: str, **kwargs):
+    """Write an experiment's YAML text into a fresh folder and run it there; (path, run folder, runner)."""
+    d = tmp_path_factory.mktemp(name)
+    path = d / f"{name}.yaml"
+    path.write_text(text)
+    run_dir, runner = run_experiment(path, d / "results", **kwargs)
+    return path, run_dir, runner
+
+
 def run_experiment(path: Path, output_dir: Path, run_id: str = "t", **kwargs):
     """Run an experiment in-process on the session's Ray cluster; returns the run folder."""
     from crossengine.config import load_experiment

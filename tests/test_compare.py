@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from .conftest import run_experiment
+from .conftest import run_text
 
 EXPERIMENT = """\
 model: tiny-text
@@ -27,11 +27,7 @@ top_k: 5
 
 @pytest.fixture(scope="module")
 def worker_run(ray_cluster, tmp_path_factory):
-    d = tmp_path_factory.mktemp("compare")
-    path = d / "exp.yaml"
-    path.write_text(EXPERIMENT)
-    run_dir, runner = run_experiment(path, d / "results")
-    return path, run_dir, runner
+    return run_text(tmp_path_factory, "compare", EXPERIMENT)
 
 
 def _in_process_tokens(path, run_dir) -> pd.DataFrame:

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from crossengine.cli import app
 from crossengine.results import TOKEN_SCHEMA
 
-from .conftest import EXPERIMENTS, run_experiment
+from .conftest import EXPERIMENTS, run_experiment, run_text
 
 IDENTICAL = """\
 model: tiny-text
@@ -32,10 +32,7 @@ batch_size: 2
 
 @pytest.fixture(scope="module")
 def identical_run(ray_cluster, tmp_path_factory):
-    d = tmp_path_factory.mktemp("identical")
-    path = d / "identical.yaml"
-    path.write_text(IDENTICAL)
-    run_dir, runner = run_experiment(path, d / "results")
+    _, run_dir, runner = run_text(tmp_path_factory, "identical", IDENTICAL)
     return run_dir, runner
 
 
