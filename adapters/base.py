@@ -39,6 +39,7 @@ class RawSample:
     images: list[str] = field(default_factory=list)
     token_ids: list[int] | None = None
     max_length: int | None = None
+    messages: list[dict[str, Any]] | None = None  # chat turns: {role, content: str | [{type: text, text} | {type: image, path}]}
 
 
 @dataclass
@@ -176,6 +177,34 @@ class Engine(abc.ABC):
         tok = self.tokenizer  # type: ignore[attr-defined]
         n = max(len(tok), self.vocab_size)  # type: ignore[attr-defined]
         return [tok.decode([i]) for i in range(n)]
+
+
+def render_chat(renderer, sample: RawSample, template_path: str | None, engine: str) -> tuple[str, list[str]]:
+    """Chat turns as the prompt text this engine's template makes, and the image files in order.
+
+    `renderer` is a tokenizer or processor with `apply_chat_template`; `template_path` (the
+    engine's `chat_template`) replaces the model's own. Image parts become `{"type": "image"}`,
+    where the template writes its placeholder."""
+    from pathlib import Path
+
+    images: list[str] = []
+    turns = []
+    for m in sample.messages or []:
+        content = m["content"]
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part["type"] == "image":
+                    images.append(part["path"])
+                    parts.append({"type": "image"})
+                else:
+                    parts.append({"type": "text", "text": part["text"]})
+            content = parts
+        turns.append({"role": m["role"], "content": content})
+    template = Path(template_path).read_text() if template_path else None
+    if template is None and not getattr(renderer, "chat_template", None):
+        raise SampleError(sample.id, f"the model of engine {engine!r} has no chat template; give the engine chat_template: PATH (a Jinja file)")
+    return renderer.apply_chat_template(turns, tokenize=False, add_generation_prompt=False, chat_template=template), images
 
 
 def vocab_error(sample: Sample, vocab_size: int, engine: str) -> SampleError | None:

@@ -27,6 +27,7 @@ from .base import (
     Sample,
     SampleError,
     TokenLogprobs,
+    render_chat,
     tokenizer_fingerprint,
     vocab_error,
     topk_from_logprobs,
@@ -154,27 +155,31 @@ class TorchEngine(Engine):
     def _prepare_one(self, r: RawSample) -> Sample:
         sid = r.id
         inputs: dict[str, np.ndarray] = {}
+        text, image_paths, specials = r.text, r.images, {}
+        if r.messages is not None:  # the chat template writes BOS and turn markers itself
+            text, image_paths = render_chat(self.processor or self.tokenizer, r, self.spec.chat_template, self.instance)
+            specials = {"add_special_tokens": False}
         if r.token_ids is not None:
             ids = np.asarray(r.token_ids, dtype=np.int64)
-        elif r.images:
+        elif image_paths:
             if self.processor is None:
                 raise SampleError(sid, f"has images but model {self.model_path} is text-only")
             from PIL import Image
 
-            images = [Image.open(p).convert("RGB") for p in r.images]
-            enc = self.processor(text=[r.text], images=[images], return_tensors="np")
+            images = [Image.open(p).convert("RGB") for p in image_paths]
+            enc = self.processor(text=[text], images=[images], return_tensors="np", **specials)
             ids = enc.pop("input_ids")[0].astype(np.int64)
             enc.pop("attention_mask", None)
             inputs = {k: np.asarray(v) for k, v in enc.items()}
         else:
-            ids = np.asarray(self.tokenizer(r.text).input_ids, dtype=np.int64)
+            ids = np.asarray(self.tokenizer(text, **specials).input_ids, dtype=np.int64)
         if r.max_length and len(ids) > r.max_length:
             ids = ids[: r.max_length]
             if "token_type_ids" in inputs:
                 inputs["token_type_ids"] = inputs["token_type_ids"][:, : r.max_length]
         if len(ids) < 2:
             raise SampleError(sid, "has fewer than 2 tokens; nothing to score")
-        return Sample(sid, ids, self._modality(ids), text=r.text, images=[str(p) for p in r.images], model_inputs=inputs)
+        return Sample(sid, ids, self._modality(ids), text=text, images=[str(p) for p in image_paths], model_inputs=inputs)
 
     def _modality(self, ids: np.ndarray) -> np.ndarray:
         image_id = getattr(self.config, "image_token_id", None) or getattr(self.config, "image_token_index", None)

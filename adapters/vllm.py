@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Engine, EngineInfo, Generation, RawSample, Sample, SampleError, TokenLogprobs, lora_info, tokenizer_fingerprint, vocab_error
+from .base import Engine, EngineInfo, Generation, RawSample, Sample, SampleError, TokenLogprobs, lora_info, render_chat, tokenizer_fingerprint, vocab_error
 from .torch_engine import mask_kinds
 
 _CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2"}  # GiB; vLLM-CPU refuses to start without room
@@ -122,12 +122,23 @@ class VLLMEngine(Engine):
 
         out: list[Sample | SampleError] = []
         for r in raw:
-            if r.images:
+            text, images, specials = r.text, r.images, {}
+            try:
+                if r.messages is not None:  # the chat template writes BOS and turn markers itself
+                    text, images = render_chat(self.tokenizer, r, self.spec.chat_template, self.instance)
+                    specials = {"add_special_tokens": False}
+            except SampleError as err:
+                out.append(err)
+                continue
+            except Exception as exc:  # noqa: BLE001 - one sample's template problem: report it, go on
+                out.append(SampleError.from_exception(r.id, self.instance, exc))
+                continue
+            if images:
                 out.append(SampleError(r.id, "image prompts need an hf reference to expand them (vLLM expands them itself as a candidate)"))
                 continue
-            ids = np.asarray(r.token_ids if r.token_ids is not None else self.tokenizer(r.text).input_ids, dtype=np.int64)
+            ids = np.asarray(r.token_ids if r.token_ids is not None else self.tokenizer(text, **specials).input_ids, dtype=np.int64)
             ids = ids[: r.max_length] if r.max_length else ids
-            out.append(Sample(r.id, ids, text_modality(ids, self.tokenizer.all_special_ids, None), text=r.text))
+            out.append(Sample(r.id, ids, text_modality(ids, self.tokenizer.all_special_ids, None), text=text))
         return out
 
     def _check(self, s: Sample, extra_tokens: int = 0) -> SampleError | None:

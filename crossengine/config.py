@@ -65,6 +65,9 @@ class EngineSpec(_Strict):
         None, description="A PEFT LoRA adapter folder (or fixture name): hf loads it with PEFT, unmerged; vllm with enable_lora and a "
         "LoRARequest per request; native passes it to the factory as lora=PATH."
     )
+    chat_template: Optional[str] = Field(
+        None, description="A Jinja chat template file (relative to the experiment) used instead of the model's, for `messages` samples."
+    )
     lora_merge: bool = Field(False, description="hf: merge the adapter into the weights before scoring (PEFT merge_and_unload).")
     full_vocab: bool = Field(
         False, description="vllm: return the whole distribution at every position (prompt_logprobs=-1): exact full-vocabulary KL and rank "
@@ -125,20 +128,46 @@ VariantSpec = create_model(
 )
 
 
+class MessagePart(_Strict):
+    """One piece of a chat message: text, or an image file (where the chat template puts its placeholder)."""
+
+    type: Literal["text", "image"]
+    text: Optional[str] = None
+    path: Optional[Path] = Field(None, description="image: the file, relative to the experiment (or JSONL) file.")
+
+    @model_validator(mode="after")
+    def _fields(self) -> "MessagePart":
+        if self.type == "text" and (self.text is None or self.path is not None):
+            raise ValueError("a text part has `text` and no `path`")
+        if self.type == "image" and (self.path is None or self.text is not None):
+            raise ValueError("an image part has `path` (the image file) and no `text`")
+        return self
+
+
+class Message(_Strict):
+    """One chat turn, rendered by each engine's chat template."""
+
+    role: Literal["system", "user", "assistant"]
+    content: list[MessagePart] | str
+
+
 class SampleSpec(_Strict):
-    """A prompt: text (optionally with images), raw token ids, or a JSONL file of these."""
+    """A prompt: text (optionally with images), chat messages, raw token ids, or a JSONL file of these."""
 
     id: Optional[str] = Field(None, description="Stable id; default: s<index>.")
     text: Optional[str] = None
     images: list[Path] = Field(default_factory=list, description="Image files; the text marks where each goes.")
     token_ids: Optional[list[int]] = None
+    messages: Optional[list[Message]] = Field(None, description="Chat turns, rendered with the engine's chat template.")
     file: Optional[Path] = Field(None, description="JSONL file, one sample object per line.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "SampleSpec":
-        given = [k for k in ("text", "token_ids", "file") if getattr(self, k) is not None]
+        given = [k for k in ("text", "token_ids", "messages", "file") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of text, token_ids or file")
+            raise ValueError("give exactly one of text, messages, token_ids or file")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages is empty")
         if self.images and self.text is None:
             raise ValueError("images need a text prompt")
         if self.token_ids is not None:
@@ -362,8 +391,29 @@ def _check_paths(exp: Experiment, path: Path, root: yaml.Node | None) -> Experim
                 loc = ("samples", i, "images", j)
                 raise ExperimentError(str(path), _line_of(root, loc), _field_path(loc), f"no such image file: {p}")
             images.append(p.resolve())
+        s = _message_images(s, base, lambda loc, msg: ExperimentError(str(path), _line_of(root, ("samples", i, *loc)), _field_path(("samples", i, *loc)), msg))
         samples.append(s.model_copy(update={"images": images}))
     return exp.model_copy(update={"samples": _with_ids(samples, path, root)})
+
+
+def _message_images(s: SampleSpec, base: Path, error) -> SampleSpec:
+    """Image parts of chat messages resolved against `base` and checked, like `images`."""
+    if not s.messages:
+        return s
+    messages = []
+    for m, msg in enumerate(s.messages):
+        if isinstance(msg.content, list):
+            parts = []
+            for k, part in enumerate(msg.content):
+                if part.type == "image":
+                    p = part.path if part.path.is_absolute() else base / part.path
+                    if not p.is_file():
+                        raise error(("messages", m, "content", k, "path"), f"no such image file: {p}")
+                    part = part.model_copy(update={"path": p.resolve()})
+                parts.append(part)
+            msg = msg.model_copy(update={"content": parts})
+        messages.append(msg)
+    return s.model_copy(update={"messages": messages})
 
 
 def _with_ids(samples: list[SampleSpec], path: Path, root: yaml.Node | None) -> list[SampleSpec]:
@@ -405,6 +455,7 @@ def _read_jsonl(f: Path, index: int) -> list[SampleSpec]:
         for p in images:
             if not p.is_file():
                 raise ExperimentError(str(f), n, "images", f"no such image file: {p}")
+        spec = _message_images(spec, f.parent, lambda loc, msg: ExperimentError(str(f), n, _field_path(loc), msg))
         out.append(spec.model_copy(update={"images": [p.resolve() for p in images]}))
     if not out:
         raise ExperimentError(str(f), None, f"samples[{index}].file", "the file holds no samples")

@@ -37,7 +37,8 @@ def raw_sample(plan, i: int) -> RawSample:
     """What the reference engine needs to prepare sample i (ids are assigned by config)."""
     exp = plan.experiment
     s = exp.samples[i]
-    return RawSample(s.id, s.text, [str(p) for p in s.images], s.token_ids, exp.max_length)
+    messages = [m.model_dump(mode="json", exclude_none=True) for m in s.messages] if s.messages else None
+    return RawSample(s.id, s.text, [str(p) for p in s.images], s.token_ids, exp.max_length, messages)
 
 
 @dataclass

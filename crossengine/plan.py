@@ -114,6 +114,12 @@ def make_plan(exp: Experiment, experiment_path: Path, run_id: str | None = None,
         path = resolve_model(spec.model, experiment_path, loc)
         if spec.env is not None and spec.env.python:
             spec = resolve_python(spec, experiment_path, (section, name, "env", "python"))
+        if spec.chat_template:
+            template = Path(spec.chat_template).expanduser()
+            template = template if template.is_absolute() else (experiment_path.parent / template).absolute()
+            if not template.is_file():
+                raise experiment_error(experiment_path, (section, name, "chat_template"), f"no such chat template file: {template}")
+            spec = spec.model_copy(update={"chat_template": str(template)})
         if spec.lora:
             spec = spec.model_copy(update={"lora": resolve_adapter(spec.lora, experiment_path, (section, name, "lora"))})
         instances.append(EngineInstance(name, cand_engine, variant, spec, path, name == exp.reference))

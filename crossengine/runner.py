@@ -177,8 +177,9 @@ class Runner:
                     self._start_meta(infos, resumed)
                     started = True
                 if not self.localize_only:
-                    if exp.full_vocab and len(self.vocab_text) >= WARM_UP_FROM_VOCAB:
-                        pool.warm_metrics([c.name for c in wave], len(self.vocab_text))
+                    full = [c.name for c in wave if exp.full_vocab and _full_logits(self.plan.reference) and _full_logits(c)]
+                    if full and len(self.vocab_text) >= WARM_UP_FROM_VOCAB:
+                        pool.warm_metrics(full, len(self.vocab_text))
                     self._run_wave(pool, wave, w)
                 if exp.localize is not None:
                     self._localize(pool)
@@ -338,6 +339,11 @@ class Runner:
         meta.finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         meta.errors = meta.errors + self.errors
         self.run_dir.write_meta(meta)
+
+
+def _full_logits(inst: EngineInstance) -> bool:
+    """Whether an engine gives full-vocabulary logits (hf and native always, vLLM with full_vocab)."""
+    return inst.spec.type != "vllm" or inst.spec.full_vocab
 
 
 def _reduce_tokens(tokens_dir: str, reference: str, several: bool):

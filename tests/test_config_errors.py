@@ -37,6 +37,14 @@ CASES = [
     ("missing model directory", GOOD.replace("tiny-text", "./models/not-here"), ["model", "no such model directory"], 1),
     ("sample with two sources", GOOD.replace("- text: hello there", "- {text: hi, token_ids: [1, 2]}"), ["samples[0]", "exactly one of"], 7),
     ("factory on an hf engine", GOOD.replace("{type: hf}", "{type: hf, factory: 'x.y:z'}"), ["engines.a", "native"], 4),
+    ("chat turn with an unknown role", GOOD.replace("- text: hello there", "- messages:\n    - {role: user, content: hi}\n    - {role: robot, content: beep}"),
+     ["samples[0].messages[1].role", "'system', 'user' or 'assistant'"], 9),
+    ("chat image part without a file", GOOD.replace("- text: hello there", "- messages:\n    - role: user\n      content:\n        - {type: image, path: data/nope.png}"),
+     ["samples[0].messages[0].content[0].path", "no such image file"], 10),
+    ("chat image part without a path", GOOD.replace("- text: hello there", "- messages:\n    - role: user\n      content: [{type: image}]"),
+     ["samples[0].messages[0].content", "an image part has `path`"], 9),
+    ("chat template that does not exist", GOOD.replace("{type: hf, attn_implementation: eager}", "{type: hf, chat_template: templates/nope.jinja}"),
+     ["engines.b.chat_template", "no such chat template file"], 5),
     ("bad jsonl line", GOOD.replace("- text: hello there", "- file: data/bad.jsonl"), ["bad.jsonl:2", "unknown key"], None),
 ]
 
