@@ -69,6 +69,11 @@ class EngineSpec(_Strict):
         None, description="A Jinja chat template file (relative to the experiment) used instead of the model's, for `messages` samples."
     )
     lora_merge: bool = Field(False, description="hf: merge the adapter into the weights before scoring (PEFT merge_and_unload).")
+    inputs: Literal["reference", "own"] = Field(
+        "reference", description="reference: score the reference's prepared samples (token ids, pixels); own: this engine renders, "
+        "tokenises and processes each sample itself, its inputs are compared with the reference's (inputs/), then it scores its own "
+        "where the token ids agree and the reference's where they do not."
+    )
     full_vocab: bool = Field(
         False, description="vllm: return the whole distribution at every position (prompt_logprobs=-1): exact full-vocabulary KL and rank "
         "instead of top-k, at the cost of V log-probs per position through vLLM's output. hf and native always give full logits."
@@ -350,6 +355,11 @@ def _check_references(exp: Experiment, path: Path, root: yaml.Node | None) -> No
             fail(("variants", name), f"variant {name!r} has the name of an engine")
     if exp.generator is not None and exp.generator not in exp.engines:
         fail(("generator",), f"{exp.generator!r} is not one of the engines {engines}")
+    ref_spec = exp.resolved_engines()[exp.reference][2]
+    if ref_spec.inputs == "own":
+        fail(("engines", exp.reference, "inputs"), "the reference always prepares the inputs; `inputs: own` is for candidates")
+    if exp.mode != "score" and any(spec.inputs == "own" for _, _, spec in exp.resolved_engines().values()):
+        fail(("mode",), "`inputs: own` compares prompts before scoring them: mode score only (generate/greedy score the reference's prompts)")
     if len(exp.engines) + len(exp.variants) < 2:
         fail(("engines",), "need a reference and at least one candidate engine or variant")
 

@@ -117,7 +117,10 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
     run_dir = Path(run_dir)
     meta = RunMeta.read(run_dir)
     summary = pd.read_parquet(run_dir / "summary.parquet")
-    sections = [("Run", _run_section(meta)), ("Summary", _summary_section(summary))]
+    sections = [("Run", _run_section(meta))]
+    if (run_dir / "inputs").exists():  # input differences come first: they explain what follows
+        sections.append(("Inputs", _inputs_section(pd.read_parquet(run_dir / "inputs"))))
+    sections.append(("Summary", _summary_section(summary)))
     tokens_dir = run_dir / "tokens"
     tokens = _read_tokens(tokens_dir) if tokens_dir.exists() else pd.DataFrame()
     if not tokens.empty:
@@ -301,6 +304,22 @@ def _nearest_section(nearest: pd.DataFrame) -> str:
                                  showscale=col == 1, colorbar=dict(title="log10"), hovertemplate="%{y} vs %{x}: %{customdata:.3g}<extra></extra>"), row=1, col=col)
     fig.update_layout(height=360)
     return _fig(fig, "nearest") + _table(nearest)
+
+
+def _inputs_section(inputs: pd.DataFrame) -> str:
+    """Candidates with `inputs: own`: every input that differs from the reference's, first difference per sample on top."""
+    from .inputs import first_differences
+
+    differ = inputs[inputs["status"] != "equal"]
+    if differ.empty:
+        return f"<p class='note'>every input of {inputs['cand_engine'].nunique()} candidate(s) with inputs: own equals the reference's</p>"
+    lines = []
+    for cand, rows in differ.groupby("cand_engine", sort=True):
+        lines += [f"{cand}: {line}" for line in first_differences(rows.to_dict("records"))]
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    cols = ["cand_engine", "variant", "sample_id", "input", "status", "first_difference", "ref_token", "cand_token", "ref_context",
+            "cand_context", "max_abs_diff", "mean_abs_diff", "detail", "scored"]
+    return f"<ul>{items}</ul>" + _table(differ[cols])
 
 
 def _localisation_section(run_dir: Path, meta: RunMeta) -> str:

@@ -26,7 +26,8 @@ from .adapters.base import Generation, RawSample, Sample, SampleError
 from .compare import CompareOptions, Part, compare_batch, payload_bytes
 from .identity import SAMPLED
 from .plan import EngineInstance
-from .results import WORST_SCHEMA, token_table, write_table
+from .inputs import first_differences
+from .results import INPUTS_SCHEMA, WORST_SCHEMA, token_table, write_table
 
 if TYPE_CHECKING:  # the runner imports this module; this is for type names only
     from .pool import EnginePool
@@ -86,12 +87,16 @@ class Mode:
     def submit(self, pool: EnginePool, b: int, idx: list[int], cands: list[EngineInstance]) -> Pending:
         """Nothing waits: the reference's prepared samples go to every engine as an ObjectRef."""
         ref = self.plan.reference.name
-        return self._score(pool, b, idx, cands, pool.call(ref, "prepare", [raw_sample(self.plan, i) for i in idx]))
+        raw = [raw_sample(self.plan, i) for i in idx]
+        return self._score(pool, b, idx, cands, pool.call(ref, "prepare", raw), raw=raw)
 
-    def _score(self, pool: EnginePool, b: int, idx: list[int], cands: list[EngineInstance], batch, decoded: Decoded | None = None) -> Pending:
+    def _score(self, pool: EnginePool, b: int, idx: list[int], cands: list[EngineInstance], batch, decoded: Decoded | None = None, raw=None) -> Pending:
         ref = self.plan.reference.name
         ref_out, ref_check = pool.score_reference(ref, batch, self.exp.top_k, self.exp.full_vocab)
-        parts = {c.name: pool.score_and_compare(c.name, batch, ref_out, self.exp.top_k, self.exp.full_vocab, self.options(c)) for c in cands}
+        parts = {
+            c.name: pool.score_and_compare(c.name, batch, ref_out, self.exp.top_k, self.exp.full_vocab, self.options(c), raw if c.spec.inputs == "own" else None)
+            for c in cands
+        }
         return Pending(b, idx, cands, batch, ref_out, ref_check, parts, decoded)
 
     def write(self, p: Pending, w: int, progress) -> None:
@@ -120,6 +125,11 @@ class Mode:
             run.record_error(name, err)
         run.timings[f"{name}.metrics_s"] = run.timings.get(f"{name}.metrics_s", 0.0) + part.metrics_s
         run.timings["bytes_to_driver"] = run.timings.get("bytes_to_driver", 0) + payload_bytes(part)
+        if part.inputs is not None:  # before the token part that marks the batch done
+            rows = [{"cand_engine": options.cand_engine, "variant": options.variant, **r} for r in part.inputs]
+            write_table(run.run_dir.inputs_part(name, b), pa.Table.from_pylist(rows, schema=INPUTS_SCHEMA))
+            for line in first_differences(part.inputs):
+                run.say_plain(f"inputs of {name!r}, {line}")
         write_table(run.run_dir.worst_part(name, b), pa.Table.from_pylist(part.worst, schema=WORST_SCHEMA))
         write_table(run.run_dir.part(name, b), token_table(part.rows, self.plan.run_id, self.plan.reference.name, options.cand_engine, options.variant, run.vocab_text))
 

@@ -76,15 +76,24 @@ def _worker_class():
             out = self.engine.score(batch, top_k, full_vocab)
             return out, reference_check(out)
 
-        def score_and_compare(self, batch, ref_out: list, top_k: int, full_vocab: bool, options):
+        def score_and_compare(self, batch, ref_out: list, top_k: int, full_vocab: bool, options, raw=None):
             """Score, then compare with the reference's scores right here, next to this engine's logits.
 
             `ref_out` is `[ObjectRef]`: nested, so that Ray does not wait for the reference
-            before this engine starts scoring; it is fetched (worker to worker) only after."""
+            before this engine starts scoring; it is fetched (worker to worker) only after. With
+            `raw` (an engine with `inputs: own`) it prepares the samples itself first and compares
+            its inputs with the reference's (crossengine/inputs.py)."""
             from crossengine.compare import compare_batch
 
-            mine = self.engine.score(batch, top_k, full_vocab)
-            return compare_batch(batch, ray.get(ref_out[0]), mine, options)
+            rows, to_score = None, batch
+            if raw is not None:
+                from crossengine.inputs import compare_inputs
+
+                rows, to_score = compare_inputs(batch, self.engine.prepare(raw), self.engine, options.candidate)
+            mine = self.engine.score(to_score, top_k, full_vocab)
+            part = compare_batch(batch, ray.get(ref_out[0]), mine, options)
+            part.inputs = rows
+            return part
 
         def warm_metrics(self, vocab: int) -> float:
             """Compile the full-vocabulary metric kernel before the first batch (seconds, once per worker)."""
@@ -190,9 +199,9 @@ class EnginePool:
         """(ObjectRef of the reference's scores, ObjectRef of its ReferenceCheck); nothing is fetched."""
         return self.actors[name].score_reference.remote(batch, top_k, full_vocab)
 
-    def score_and_compare(self, name: str, batch, ref_out, top_k: int, full_vocab: bool, options):
+    def score_and_compare(self, name: str, batch, ref_out, top_k: int, full_vocab: bool, options, raw=None):
         """ObjectRef of the candidate's `compare.Part` for one batch; `ref_out` goes worker to worker."""
-        return self.actors[name].score_and_compare.remote(batch, [ref_out], top_k, full_vocab, options)
+        return self.actors[name].score_and_compare.remote(batch, [ref_out], top_k, full_vocab, options, raw)
 
     def warm_metrics(self, names: list[str], vocab: int) -> None:
         """Start compiling the metric kernel in these workers; their first batch queues behind it."""

@@ -56,6 +56,13 @@ WORST_SCHEMA = pa.schema([
     ("top5_ref_ids", pa.list_(pa.int32())), ("top5_ref_lp", pa.list_(pa.float32())),
     ("top5_cand_ids", pa.list_(pa.int32())), ("top5_cand_lp", pa.list_(pa.float32())),
 ])
+# inputs/: one row per (candidate with `inputs: own`, sample, input); see crossengine/inputs.py
+INPUTS_SCHEMA = pa.schema([
+    ("cand_engine", pa.string()), ("variant", pa.string()), ("sample_id", pa.string()), ("input", pa.string()), ("status", pa.string()),
+    ("first_difference", pa.int32()), ("ref_token", pa.string()), ("cand_token", pa.string()), ("ref_context", pa.string()),
+    ("cand_context", pa.string()), ("ref_shape", pa.list_(pa.int64())), ("cand_shape", pa.list_(pa.int64())), ("ref_dtype", pa.string()),
+    ("cand_dtype", pa.string()), ("max_abs_diff", pa.float64()), ("mean_abs_diff", pa.float64()), ("detail", pa.string()), ("scored", pa.string()),
+])
 SEGMENTS = ("prompt", "completion")
 NONFINITE = ("ref", "cand", "both")  # which side's numbers were NaN/inf at a position; null: neither
 _UMASK = os.umask(0)
@@ -249,6 +256,10 @@ class RunDir:
     def worst_part(self, instance: str, batch: int) -> Path:
         """The batch's highest-KL positions with both engines' top-5 (for the report's worst tokens)."""
         return self.root / "worst" / f"part-{instance}-{batch:05d}.parquet"
+
+    def inputs_part(self, instance: str, batch: int) -> Path:
+        """A candidate's own inputs vs the reference's (engines with `inputs: own`)."""
+        return self.root / "inputs" / f"part-{instance}-{batch:05d}.parquet"
 
     def greedy_part(self, instance: str, batch: int) -> Path:
         return self.root / "greedy" / f"part-{instance}-{batch:05d}.parquet"

@@ -104,6 +104,11 @@ class Runner:
         if self.console is not None:
             self.console.print(msg, soft_wrap=True)  # never wrapped: lines hold commands to copy
 
+    def say_plain(self, msg: str) -> None:
+        """A line holding user text (prompts, token texts): never read as rich markup."""
+        if self.console is not None:
+            self.console.print(msg, soft_wrap=True, markup=False, highlight=False)
+
     @property
     def resume_command(self) -> str:
         import shlex

@@ -45,6 +45,9 @@ CASES = [
      ["samples[0].messages[0].content", "an image part has `path`"], 9),
     ("chat template that does not exist", GOOD.replace("{type: hf, attn_implementation: eager}", "{type: hf, chat_template: templates/nope.jinja}"),
      ["engines.b.chat_template", "no such chat template file"], 5),
+    ("inputs own on the reference", GOOD.replace("  a: {type: hf}", "  a: {type: hf, inputs: own}"), ["engines.a.inputs", "for candidates"], 4),
+    ("inputs own outside score mode", GOOD.replace("{type: hf, attn_implementation: eager}", "{type: hf, inputs: own}") + "mode: generate\n",
+     ["mode", "score only"], 8),
     ("bad jsonl line", GOOD.replace("- text: hello there", "- file: data/bad.jsonl"), ["bad.jsonl:2", "unknown key"], None),
 ]
 
