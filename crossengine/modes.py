@@ -5,7 +5,7 @@ things, and nothing else:
 
     owed(wave, b)                -> the candidates batch b still has to produce (empty: done)
     submit(pool, b, idx, cands)  -> a `Pending` batch: the engines' work started, as ObjectRefs
-    write(pending, wave_no)      -> wait for that work and write the batch's files
+    write(pending, wave, progress) -> wait for that work and write the batch's files
 
 `pipelined` modes let the runner submit batch n+1 before writing batch n (scoring); the
 generative modes must sample before anyone scores, so their batches go one after another.
