@@ -23,7 +23,7 @@ from .adapters.base import Sample, SampleError
 CONTEXT_CHARS = 20
 
 
-def compare_inputs(ref_batch: list, own_batch: list, engine, candidate: str) -> tuple[list[dict], list]:
+def compare_inputs(ref_batch: list, own_batch: list, engine) -> tuple[list[dict], list]:
     """(rows, samples to score): one row per (sample, input); the candidate's samples where ids agree."""
     rows: list[dict] = []
     to_score = []
@@ -73,7 +73,7 @@ def _context(text: str | None, prefix: str) -> str | None:
     """±CONTEXT_CHARS characters of the rendered prompt around where the decoded prefix ends."""
     if text is None:
         return None
-    at = len(prefix) if text.startswith(prefix[: CONTEXT_CHARS]) else min(len(prefix), len(text))
+    at = min(len(prefix), len(text))
     return text[max(0, at - CONTEXT_CHARS) : at] + "⟦" + text[at : at + CONTEXT_CHARS]
 
 

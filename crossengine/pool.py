@@ -89,7 +89,7 @@ def _worker_class():
             if raw is not None:
                 from crossengine.inputs import compare_inputs
 
-                rows, to_score = compare_inputs(batch, self.engine.prepare(raw), self.engine, options.candidate)
+                rows, to_score = compare_inputs(batch, self.engine.prepare(raw), self.engine)
             mine = self.engine.score(to_score, top_k, full_vocab)
             part = compare_batch(batch, ray.get(ref_out[0]), mine, options)
             part.inputs = rows
