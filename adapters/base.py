@@ -182,8 +182,9 @@ class Engine(abc.ABC):
 def render_chat(renderer, sample: RawSample, template_path: str | None, engine: str) -> tuple[str, list[str]]:
     """Chat turns as the prompt text this engine's template makes, and the image files in order.
 
-    `renderer` is a tokenizer or processor with `apply_chat_template`; `template_path` (the
-    engine's `chat_template`) replaces the model's own. Image parts become `{"type": "image"}`,
+    `renderer` is a tokenizer or processor with `apply_chat_template` (`template_path`, the
+    engine's `chat_template`, replaces the model's own), or a native engine's `chat_format`
+    function, called with the turns. Image parts become `{"type": "image"}`,
     where the template writes its placeholder."""
     from pathlib import Path
 
@@ -201,6 +202,8 @@ def render_chat(renderer, sample: RawSample, template_path: str | None, engine: 
                     parts.append({"type": "text", "text": part["text"]})
             content = parts
         turns.append({"role": m["role"], "content": content})
+    if not hasattr(renderer, "apply_chat_template"):  # a native engine's chat_format: the training code's own rendering
+        return str(renderer(turns)), images
     template = Path(template_path).read_text() if template_path else None
     if template is None and not getattr(renderer, "chat_template", None):
         raise SampleError(sample.id, f"the model of engine {engine!r} has no chat template; give the engine chat_template: PATH (a Jinja file)")

@@ -71,6 +71,10 @@ class NativeEngine(TorchEngine):
         del hf
         return model.to(self.dtype)
 
+    def chat_renderer(self):
+        """`chat_format: module:function` renders chat turns as the training code does; else the checkpoint's template."""
+        return import_ref(self.spec.chat_format) if self.spec.chat_format else super().chat_renderer()
+
     def forward_logits(self, sample):
         import time
 

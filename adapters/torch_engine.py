@@ -157,7 +157,7 @@ class TorchEngine(Engine):
         inputs: dict[str, np.ndarray] = {}
         text, image_paths, specials = r.text, r.images, {}
         if r.messages is not None:  # the chat template writes BOS and turn markers itself
-            text, image_paths = render_chat(self.processor or self.tokenizer, r, self.spec.chat_template, self.instance)
+            text, image_paths = render_chat(self.chat_renderer(), r, self.spec.chat_template, self.instance)
             specials = {"add_special_tokens": False}
         if r.token_ids is not None:
             ids = np.asarray(r.token_ids, dtype=np.int64)
@@ -180,6 +180,10 @@ class TorchEngine(Engine):
         if len(ids) < 2:
             raise SampleError(sid, "has fewer than 2 tokens; nothing to score")
         return Sample(sid, ids, self._modality(ids), text=text, images=[str(p) for p in image_paths], model_inputs=inputs)
+
+    def chat_renderer(self):
+        """What renders `messages`: the tokenizer's or processor's chat template (a native engine may override)."""
+        return self.processor or self.tokenizer
 
     def _modality(self, ids: np.ndarray) -> np.ndarray:
         image_id = getattr(self.config, "image_token_id", None) or getattr(self.config, "image_token_index", None)

@@ -58,6 +58,9 @@ class EngineSpec(_Strict):
     patches: list[str] = Field(default_factory=list, description="Built-in patch names or 'module:function' refs.")
     factory: Optional[str] = Field(None, description="native: 'module:function' returning the model.")
     preprocess: Optional[str] = Field(None, description="native: 'module:function' turning a sample into model inputs.")
+    chat_format: Optional[str] = Field(
+        None, description="native: 'module:function' rendering `messages` (list of {role, content}) to the prompt text, as the training code does."
+    )
     env: Optional[EnvSpec] = Field(None, description="Run this engine in its own Python environment.")
     num_gpus: Optional[float] = Field(None, ge=0, description="GPUs for this engine's worker; default 1 on a GPU cluster, else 0.")
     options: dict[str, Any] = Field(default_factory=dict, description="Engine-specific keyword arguments (e.g. vllm.LLM's).")
@@ -86,7 +89,7 @@ class EngineSpec(_Strict):
             raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda or cuda:N")
         return v
 
-    @field_validator("factory", "preprocess")
+    @field_validator("factory", "preprocess", "chat_format")
     @classmethod
     def _callable_ref(cls, v: Optional[str]) -> Optional[str]:
         if v is not None and not _CALLABLE_REF.match(v):
@@ -105,8 +108,10 @@ class EngineSpec(_Strict):
 
     @model_validator(mode="after")
     def _fits_type(self) -> "EngineSpec":
-        if self.type != "native" and (self.factory or self.preprocess):
-            raise ValueError(f"factory/preprocess are for native engines, not {self.type}")
+        if self.type != "native" and (self.factory or self.preprocess or self.chat_format):
+            raise ValueError(f"factory/preprocess/chat_format are for native engines, not {self.type}")
+        if self.chat_format and self.chat_template:
+            raise ValueError("give chat_format (native code) or chat_template (a Jinja file), not both")
         if self.type == "vllm" and self.attn_implementation:
             raise ValueError("attn_implementation is an hf option; vLLM picks its backend via options")
         if self.lora_merge and not self.lora:

@@ -34,7 +34,7 @@ def _check_user_code(exp: Experiment, path: Path) -> None:
     from .adapters.patches import BUILTIN
 
     for name, (_, _, spec) in exp.resolved_engines().items():
-        refs = [("factory", spec.factory), ("preprocess", spec.preprocess)]
+        refs = [("factory", spec.factory), ("preprocess", spec.preprocess), ("chat_format", spec.chat_format)]
         refs += [(("patches", j), p) for j, p in enumerate(spec.patches) if p not in BUILTIN]
         for field, ref in refs:
             if ref is None:

@@ -142,3 +142,8 @@ def prefer_token(engine) -> str:
 
     engine.model.get_output_embeddings().register_forward_hook(hook)
     return f"lm_head output +1e4 at token {PREFERRED}"
+
+
+def user_assistant(turns) -> str:
+    """A native training code's chat format: "User: …" / "Assistant: …" lines (chat_format)."""
+    return "".join(f"{t['role'].capitalize()}: {t['content']}\n" for t in turns)

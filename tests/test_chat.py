@@ -183,3 +183,17 @@ samples:
     want = np.abs(cpu - device)
     assert row["status"] == "differs" and want.max() > 1e-3
     assert row["max_abs_diff"] == pytest.approx(want.max(), rel=1e-6) and row["mean_abs_diff"] == pytest.approx(want.mean(), rel=1e-6)
+
+
+def test_a_native_chat_format_renders_like_the_equivalent_template(ray_cluster, chat_experiment, tmp_path):
+    """chat_format: the training code's own rendering (here "User: …" lines); with inputs: own its ids
+    must equal the reference's, rendered by the equivalent Jinja template (tiny-text has no template of
+    its own, so an ignored chat_format would fail to render)."""
+    text = OWN.replace(
+        "  qwen: {type: hf, inputs: own, chat_template: qwen.jinja}\n",
+        "  native: {type: native, factory: 'tests.native_factories:hf_as_native', chat_format: 'tests.native_factories:user_assistant', inputs: own}\n",
+    )
+    run_dir, runner = run_experiment(chat_experiment(text), tmp_path / "results")
+    assert not runner.errors, runner.errors
+    rows = pd.read_parquet(run_dir / "inputs").set_index(["cand_engine", "input"])
+    assert rows.loc[("native", "input_ids"), "status"] == "equal" and rows.loc[("native", "input_ids"), "scored"] == "own"

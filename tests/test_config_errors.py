@@ -48,6 +48,8 @@ CASES = [
     ("inputs own on the reference", GOOD.replace("  a: {type: hf}", "  a: {type: hf, inputs: own}"), ["engines.a.inputs", "for candidates"], 4),
     ("inputs own outside score mode", GOOD.replace("{type: hf, attn_implementation: eager}", "{type: hf, inputs: own}") + "mode: generate\n",
      ["mode", "score only"], 8),
+    ("chat_format on an hf engine", GOOD.replace("{type: hf, attn_implementation: eager}", "{type: hf, chat_format: 'x.y:z'}"),
+     ["engines.b", "native engines"], 5),
     ("bad jsonl line", GOOD.replace("- text: hello there", "- file: data/bad.jsonl"), ["bad.jsonl:2", "unknown key"], None),
 ]
 
