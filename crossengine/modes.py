@@ -223,12 +223,14 @@ class GreedyMode(_Decoding):
     def write_extra(self, p: Pending) -> None:
         from .generation import GREEDY_SCHEMA, greedy_divergence
 
-        texts = self.run.vocab_text.to_pylist() if p.decoded else []
-        ref_gens = {g.sample_id: g for g in p.decoded.generations} if p.decoded else {}
-        extended = {s.sample_id: s for s in p.decoded.extended} if p.decoded else {}
+        d = p.decoded  # None when every sample failed to prepare: empty parts mark the batch done
+        if d is not None:
+            texts = self.run.vocab_text.to_pylist()
+            ref_gens = {g.sample_id: g for g in d.generations}
+            extended = {s.sample_id: s for s in d.extended}
         for inst in p.cands:
             rows = []
-            for prompt, out in zip(p.decoded.prompts, p.decoded.outputs[inst.name]) if p.decoded else ():
+            for prompt, out in zip(d.prompts, d.outputs[inst.name]) if d is not None else ():
                 sid = prompt.sample_id
                 if isinstance(out, SampleError):
                     self.run.record_error(inst.name, out)
