@@ -40,6 +40,7 @@ class RawSample:
     token_ids: list[int] | None = None
     max_length: int | None = None
     messages: list[dict[str, Any]] | None = None  # chat turns: {role, content: str | [{type: text, text} | {type: image, path}]}
+    rendered: bool = False  # `text` is a chat template's output: tokenised without adding special tokens
 
 
 @dataclass
@@ -56,6 +57,10 @@ class Sample:
     # Tokens appended by a generator, scored teacher-forced (generation mode); the prompt
     # is input_ids[:prompt_len].
     prompt_len: int | None = None
+    rendered: bool = False  # `text` came from a chat template (which wrote any BOS itself)
+    # The model inputs as they reach the preparing engine's model, where that differs from
+    # `model_inputs` (dropped, normalised on the device, a native model's own view); inputs.py
+    input_view: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])

@@ -3,13 +3,20 @@
 - OLMo-core (`ai2-olmo-core`, AI2's training code) for OLMo-2 checkpoints: the HF state
   dict is converted with OLMo-core's own converter and loaded into its Transformer.
 - Any user code: `factory: "package.module:function"` returns a torch module (or callable)
-  taking (input_ids, **model_inputs) and returning logits; optional
-  `preprocess: "package.module:function"` turns a Sample into extra model inputs (Molmo's
-  images / image_input_idx / image_masks, say). Imported only because the experiment names it.
+  taking (input_ids, **model_inputs) and returning logits. Optional
+  `preprocess: "package.module:function"` is the training code's own input pipeline,
+  called as `preprocess(text, images, engine, add_special_tokens=...)` with PIL images and
+  returning `input_ids` plus the model's other inputs by its own names (Molmo's uint8
+  `images`, `image_input_idx`, `image_masks`, say); without it the checkpoint's HF
+  tokenizer/processor prepares prompts. A model that transforms its inputs inside (pixels
+  normalised on the device) may define `input_view(**inputs) -> dict` to show them, under
+  comparable names, to the input comparison (`inputs: own`). Imported only because the
+  experiment names it.
 
-Tokenisation, modality tags and the array conversion are shared with the HF engine
-(torch_engine.py); only how the model is built and called differs. HF-only behaviour
-(transformers' loading, PEFT, generation) is not inherited.
+The checkpoint's config.json is read as plain fields when its model type needs remote code
+(the native code is the implementation; the port's code is not run unless asked).
+Modality tags and the array conversion are shared with the HF engine (torch_engine.py).
+HF-only behaviour (transformers' loading, PEFT, generation) is not inherited.
 """
 
 from __future__ import annotations
@@ -24,6 +31,19 @@ OLMO_CORE_TYPES = ("olmo2",)
 
 class NativeEngine(TorchEngine):
     name = "native"
+
+    def _load_config(self, common: dict):
+        from transformers import PretrainedConfig
+
+        try:
+            return super()._load_config(common)
+        except ValueError:  # a remote-code model type: its fields are enough for native code
+            if common.get("trust_remote_code"):
+                raise
+            fields, _ = PretrainedConfig.get_config_dict(self.model_path, revision=common.get("revision"))
+            config = PretrainedConfig(**{k: v for k, v in fields.items() if k not in ("auto_map", "architectures")})
+            config.model_type = fields.get("model_type", "")
+            return config
 
     def _load_model(self, common: dict):
         import torch
@@ -71,6 +91,23 @@ class NativeEngine(TorchEngine):
         del hf
         return model.to(self.dtype)
 
+    def _load_tokenizer(self, common: dict):
+        if self.preprocess is None:
+            return super()._load_tokenizer(common)
+        from transformers import AutoTokenizer  # the native pipeline processes images itself
+
+        return AutoTokenizer.from_pretrained(self.model_path, **common), None
+
+    def _encode(self, sid, text, images, add_special_tokens):
+        if self.preprocess is None:
+            return super()._encode(sid, text, images, add_special_tokens)
+        import numpy as np
+
+        out = {k: np.asarray(v) for k, v in self.preprocess(text, images, self, add_special_tokens=add_special_tokens).items()}
+        if "input_ids" not in out:
+            raise ValueError(f"preprocess {self.spec.preprocess} returned no input_ids")
+        return out.pop("input_ids").reshape(-1).astype(np.int64), out
+
     def chat_renderer(self):
         """`chat_format: module:function` renders chat turns as the training code does; else the checkpoint's template."""
         return import_ref(self.spec.chat_format) if self.spec.chat_format else super().chat_renderer()
@@ -83,8 +120,6 @@ class NativeEngine(TorchEngine):
         t = time.perf_counter()
         inputs = self._inputs(sample)
         input_ids = inputs.pop("input_ids")
-        if self.preprocess is not None:
-            inputs.update(self.preprocess(sample, self))
         with torch.inference_mode():
             out = self.model(input_ids, **inputs)
         logits = getattr(out, "logits", out)

@@ -49,17 +49,22 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def mask_kinds(model_type: str, input_ids: np.ndarray, model_inputs: dict[str, Any]) -> np.ndarray:
-    """Which positions the model's own mask lets attend bidirectionally: HF Gemma3 bidirectional image spans, PaliGemma a bidirectional prefix.
+# Model types whose HF code lets each image's tokens attend to each other when token_type_ids
+# marks them (tinymolmo: the Molmo-style fixture's HF port, which copies Gemma3's choice).
+BIDIRECTIONAL_IMAGE_SPANS = ("gemma3", "gemma3n", "gemma4", "tinymolmo")
 
-    Gemma3 makes each image span bidirectional only when token_type_ids reaches the model;
+
+def mask_kinds(model_type: str, input_ids: np.ndarray, model_inputs: dict[str, Any]) -> np.ndarray:
+    """Which positions the model's own mask lets attend bidirectionally: image spans, or PaliGemma's prefix.
+
+    Gemma3 (and the types beside it) makes each image span bidirectional only when token_type_ids reaches the model;
     PaliGemma makes the whole prefix (token_type_ids == 0) bidirectional.
     """
     kinds = np.zeros(len(input_ids), dtype=np.int8)
     tti = model_inputs.get("token_type_ids")
     if tti is not None:
         tti = np.asarray(tti).reshape(-1)[: len(input_ids)]
-        if model_type in ("gemma3", "gemma3n", "gemma4"):
+        if model_type in BIDIRECTIONAL_IMAGE_SPANS:
             kinds[tti == 1] = ATTENTIONS.index("bidirectional")
         elif model_type == "paligemma":
             kinds[tti == 0] = ATTENTIONS.index("bidirectional")
@@ -88,13 +93,12 @@ class TorchEngine(Engine):
     def __init__(self, spec, model_path: str, instance: str, seed: int = 0):
         super().__init__(spec, model_path, instance, seed)
         import torch
-        from transformers import AutoConfig
 
         torch.manual_seed(seed)
         self.device = resolve_device(spec.device)
         self.dtype = torch_dtype(spec.dtype)
         common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-        self.config = AutoConfig.from_pretrained(model_path, **common)
+        self.config = self._load_config(common)
         self.is_vision = getattr(self.config, "vision_config", None) is not None
         self.dropped_inputs = set(spec.drop_inputs)  # patches may add to it
         self.pixels_on_device = False  # set by the pixels_on_device patch
@@ -103,6 +107,11 @@ class TorchEngine(Engine):
         from .patches import apply_patches  # built-in ones are HF-only: config rejects them on native engines
 
         self.patch_report = apply_patches(self, spec.patches)
+
+    def _load_config(self, common: dict):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.model_path, **common)
 
     def _load_model(self, common: dict):
         """Build the model (on self.device, in self.dtype, eval mode)."""
@@ -155,31 +164,54 @@ class TorchEngine(Engine):
     def _prepare_one(self, r: RawSample) -> Sample:
         sid = r.id
         inputs: dict[str, np.ndarray] = {}
-        text, image_paths, specials = r.text, r.images, {}
+        text, image_paths, rendered = r.text, r.images, r.rendered
         if r.messages is not None:  # the chat template writes BOS and turn markers itself
             text, image_paths = render_chat(self.chat_renderer(), r, self.spec.chat_template, self.instance)
-            specials = {"add_special_tokens": False}
+            rendered = True
         if r.token_ids is not None:
             ids = np.asarray(r.token_ids, dtype=np.int64)
-        elif image_paths:
-            if self.processor is None:
-                raise SampleError(sid, f"has images but model {self.model_path} is text-only")
+        else:
             from PIL import Image
 
-            images = [Image.open(p).convert("RGB") for p in image_paths]
-            enc = self.processor(text=[text], images=[images], return_tensors="np", **specials)
-            ids = enc.pop("input_ids")[0].astype(np.int64)
-            enc.pop("attention_mask", None)
-            inputs = {k: np.asarray(v) for k, v in enc.items()}
-        else:
-            ids = np.asarray(self.tokenizer(text, **specials).input_ids, dtype=np.int64)
+            ids, inputs = self._encode(sid, text, [Image.open(p).convert("RGB") for p in image_paths], add_special_tokens=not rendered)
         if r.max_length and len(ids) > r.max_length:
             ids = ids[: r.max_length]
             if "token_type_ids" in inputs:
                 inputs["token_type_ids"] = inputs["token_type_ids"][:, : r.max_length]
         if len(ids) < 2:
             raise SampleError(sid, "has fewer than 2 tokens; nothing to score")
-        return Sample(sid, ids, self._modality(ids), text=text, images=[str(p) for p in image_paths], model_inputs=inputs)
+        sample = Sample(sid, ids, self._modality(ids), text=text, images=[str(p) for p in image_paths], model_inputs=inputs, rendered=rendered)
+        if self.transforms_inputs:  # what input comparisons see of this engine's side (crossengine/inputs.py)
+            sample.input_view = self.input_view(sample)
+        return sample
+
+    def _encode(self, sid: str, text: str, images: list, add_special_tokens: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Token ids and the other model inputs of one prompt: the checkpoint's tokenizer or processor."""
+        if not images:
+            return np.asarray(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids, dtype=np.int64), {}
+        if self.processor is None:
+            raise SampleError(sid, f"has images but model {self.model_path} is text-only")
+        enc = self.processor(text=[text], images=[images], return_tensors="np", add_special_tokens=add_special_tokens)
+        ids = enc.pop("input_ids")[0].astype(np.int64)
+        enc.pop("attention_mask", None)
+        return ids, {k: np.asarray(v) for k, v in enc.items()}
+
+    @property
+    def transforms_inputs(self) -> bool:
+        """Whether inputs reach the model other than as prepared (dropped, normalised on the device, or
+        a model that says how it sees them): then samples carry an `input_view` for comparisons."""
+        return bool(self.dropped_inputs) or self.pixels_on_device or hasattr(self.model, "input_view")
+
+    def input_view(self, sample: Sample) -> dict[str, np.ndarray]:
+        """The sample's inputs as they reach this model, as numpy: after drop_inputs and device-side
+        normalisation, and through the model's own `input_view(**inputs)` where it has one (a
+        native model that normalises inside, say, shows its pixels under the names the port uses)."""
+        inputs = self._inputs(sample)
+        inputs.pop("input_ids")
+        view = getattr(self.model, "input_view", None)
+        if view is not None:
+            inputs = view(**inputs)
+        return {k: v.detach().float().cpu().numpy() if v.is_floating_point() else v.detach().cpu().numpy() for k, v in inputs.items()}
 
     def chat_renderer(self):
         """What renders `messages`: the tokenizer's or processor's chat template (a native engine may override)."""

@@ -503,7 +503,25 @@ def load_experiment(path: str | Path) -> Experiment:
     except ValidationError as e:
         raise _first_error(e, path, root) from None
     _check_references(exp, path, root)
-    return _check_paths(exp, path, root)
+    exp = _check_paths(exp, path, root)
+    _check_native_inputs(exp, path, root)
+    return exp
+
+
+def _check_native_inputs(exp: Experiment, path: Path, root: yaml.Node | None) -> None:
+    """A native reference with its own `preprocess` names image inputs its own way (Molmo's
+    `images`, `image_input_idx`): another engine given them would run without images, since
+    models ignore inputs they do not know. Such candidates must prepare their own inputs."""
+    ref_spec = exp.resolved_engines()[exp.reference][2]
+    has_images = any(s.images or any(isinstance(m.content, list) and any(p.type == "image" for p in m.content) for m in s.messages or [])
+                     for s in exp.samples)
+    if ref_spec.type != "native" or not ref_spec.preprocess or not has_images:
+        return
+    for name, (_, variant, spec) in exp.resolved_engines().items():
+        if name != exp.reference and spec.inputs == "reference" and spec.preprocess != ref_spec.preprocess:
+            loc = ("engines", name) if variant == BASE else ("variants", name)
+            raise ExperimentError(str(path), _line_of(root, loc), _field_path(loc), f"the reference {exp.reference!r} prepares images with its own "
+                                  f"preprocess ({ref_spec.preprocess}), whose inputs this engine cannot read: give it `inputs: own`")
 
 
 def experiment_error(path: Path, loc: tuple, message: str) -> ExperimentError:

@@ -138,39 +138,96 @@ def _build_tiny_olmo2(out: Path, seed: int) -> None:
     _build_causal_lm(out, seed, Olmo2Config, Olmo2ForCausalLM, rms_norm_eps=1e-6)
 
 
+class _RemoteCode:
+    """Copy remote-code files into a checkpoint folder and import them as the package
+    transformers' dynamic loader will make of it; forgotten again on exit."""
+
+    def __init__(self, out: Path, files: list[str]):
+        self.out, self.files, self.pkg = out, files, f"crossengine_build_{out.name.strip('.').replace('-', '_')}"
+
+    def __enter__(self):
+        import importlib.util
+        import shutil
+        import sys
+        from importlib import import_module
+
+        code = Path(__file__).parent / "remote_code"
+        for f in self.files:
+            shutil.copy(code / f, self.out / f)
+        init = self.out / "__init__.py"
+        init.write_text("")
+        spec = importlib.util.spec_from_file_location(self.pkg, init, submodule_search_locations=[str(self.out)])
+        sys.modules[self.pkg] = importlib.util.module_from_spec(spec)
+        modules = [import_module(f"{self.pkg}.{f.removesuffix('.py')}") for f in self.files]
+        init.unlink()
+        return modules
+
+    def __exit__(self, *exc):
+        import sys
+
+        for name in list(sys.modules):
+            if name.startswith(self.pkg):
+                del sys.modules[name]
+
+
 def _build_tiny_remote(out: Path, seed: int) -> None:
     """A remote-code model (trust_remote_code) with a non-persistent rotary buffer."""
-    import shutil
+    with _RemoteCode(out, ["configuration_tinyrope.py", "modeling_tinyrope.py"]) as (cfg_mod, model_mod):
+        tokenizer = _fast_tokenizer(["<pad>", "<bos>", "<eos>"], vocab_size=508)
+        config = cfg_mod.TinyRopeConfig(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            auto_map={"AutoConfig": "configuration_tinyrope.TinyRopeConfig", "AutoModelForCausalLM": "modeling_tinyrope.TinyRopeForCausalLM"},
+        )
+        _seed(seed)
+        model = model_mod.TinyRopeForCausalLM(config).eval()
+        model.save_pretrained(out)
+        config.save_pretrained(out)
+        _save_tokenizer(tokenizer, out)
 
-    code = Path(__file__).parent / "remote_code"
-    for f in ("configuration_tinyrope.py", "modeling_tinyrope.py"):
-        shutil.copy(code / f, out / f)
-    import importlib.util
-    import sys
 
-    # import the model code as a package, the way transformers' dynamic loader will
-    pkg = "crossengine_tinyrope_build"
-    spec = importlib.util.spec_from_file_location(pkg, out / "__init__.py", submodule_search_locations=[str(out)])
-    (out / "__init__.py").write_text("")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[pkg] = module
-    from importlib import import_module
+# The HF port's chat template: Qwen-style turns; an image part becomes the processor's <image>.
+_QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}{{ '\\n' }}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
+)
+_MOLMO_SPECIAL = ["<pad>", "<bos>", "<eos>", "<|im_start|>", "<|im_end|>", "<img_start>", "<img_patch>", "<img_end>"]
 
-    cfg_mod, model_mod = import_module(f"{pkg}.configuration_tinyrope"), import_module(f"{pkg}.modeling_tinyrope")
-    (out / "__init__.py").unlink()
-    tokenizer = _fast_tokenizer(["<pad>", "<bos>", "<eos>"], vocab_size=508)
-    config = cfg_mod.TinyRopeConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        auto_map={"AutoConfig": "configuration_tinyrope.TinyRopeConfig", "AutoModelForCausalLM": "modeling_tinyrope.TinyRopeForCausalLM"},
-    )
-    _seed(seed)
-    model = model_mod.TinyRopeForCausalLM(config).eval()
-    model.save_pretrained(out)
-    config.save_pretrained(out)
-    _save_tokenizer(tokenizer, out)
-    for name in list(sys.modules):
-        if name.startswith(pkg):
-            del sys.modules[name]
+
+def _build_tiny_molmo(out: Path, seed: int) -> None:
+    """A Molmo-style VLM as an HF remote-code port; crossengine/training_code/tinymolmo.py is the
+    native implementation of the same weights (see both docstrings for how they differ)."""
+    import torch
+    from transformers import CLIPImageProcessorPil
+
+    files = ["configuration_tinymolmo.py", "modeling_tinymolmo.py", "processing_tinymolmo.py"]
+    with _RemoteCode(out, files) as (cfg_mod, model_mod, proc_mod):
+        tokenizer = _fast_tokenizer(_MOLMO_SPECIAL, vocab_size=508)
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _MOLMO_SPECIAL}
+        config = cfg_mod.TinyMolmoConfig(
+            **{k: v for k, v in _TEXT_SIZES.items() if k not in ("initializer_range", "tie_word_embeddings")},
+            head_dim=64, image_patch_token_id=ids["<img_patch>"], image_start_token_id=ids["<img_start>"], image_end_token_id=ids["<img_end>"],
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            auto_map={"AutoConfig": "configuration_tinymolmo.TinyMolmoConfig",
+                      "AutoModelForImageTextToText": "modeling_tinymolmo.TinyMolmoForConditionalGeneration"},
+        )
+        _seed(seed)
+        model = model_mod.TinyMolmoForConditionalGeneration(config).eval()
+        _sharpen_attention(model)
+        with torch.no_grad():  # visible image features: the projector's output is added to token embeddings
+            model.model.vision.proj_out.weight.mul_(3.0)
+        model.save_pretrained(out)
+        config.save_pretrained(out)
+        image_processor = CLIPImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False)
+        processor = proc_mod.TinyMolmoProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=_QWEN_TEMPLATE)
+        processor.save_pretrained(out)
+        _save_tokenizer(tokenizer, out)
+        for name in ("processor_config.json", "preprocessor_config.json"):  # what register_for_auto_class writes, which
+            path = out / name  # would also copy the code onto itself
+            if path.exists():
+                cfg = json.loads(path.read_text())
+                cfg["auto_map"] = {"AutoProcessor": "processing_tinymolmo.TinyMolmoProcessor"}
+                path.write_text(json.dumps(cfg, indent=2))
 
 
 _GEMMA3_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
@@ -304,6 +361,7 @@ FIXTURES: dict[str, Callable[[Path, int], None]] = {
     "tiny-vision": _build_tiny_vision,
     "tiny-olmo2": _build_tiny_olmo2,
     "tiny-remote": _build_tiny_remote,
+    "tiny-molmo": _build_tiny_molmo,
     "tiny-text-lora": _build_tiny_text_lora,
     "tiny-text-lora-zero": _build_tiny_text_lora_zero,
     "tiny-vision-lora": _build_tiny_vision_lora,

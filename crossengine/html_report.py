@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .identity import SAMPLED, display_name
+from .inputs import differing_inputs, read_inputs
 from .run_meta import RunMeta
 
 MAX_SAMPLES = 20
@@ -118,8 +119,9 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
     meta = RunMeta.read(run_dir)
     summary = pd.read_parquet(run_dir / "summary.parquet")
     sections = [("Run", _run_section(meta))]
-    if (run_dir / "inputs").exists():  # input differences come first: they explain what follows
-        sections.append(("Inputs", _inputs_section(pd.read_parquet(run_dir / "inputs"))))
+    inputs = read_inputs(run_dir)
+    if inputs is not None:  # input differences come first: they explain what follows
+        sections.append(("Inputs", _inputs_section(inputs)))
     sections.append(("Summary", _summary_section(summary)))
     tokens_dir = run_dir / "tokens"
     tokens = _read_tokens(tokens_dir) if tokens_dir.exists() else pd.DataFrame()
@@ -127,7 +129,7 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
         sections.append(("Along the sequence", _per_sample_section(tokens)))
     sections.append(("Breakdown", _breakdown_section(summary)))
     if meta.variants:
-        sections.append(("Ablation", _ablation_section(summary, meta.reference)))
+        sections.append(("Ablation", _ablation_section(summary, meta.reference, differing_inputs(inputs))))
     if (run_dir / "nearest.parquet").exists():
         sections.append(("Nearest engine", _nearest_section(pd.read_parquet(run_dir / "nearest.parquet"))))
     if (run_dir / "layers.parquet").exists() or (run_dir / "buffers.parquet").exists():
@@ -278,12 +280,13 @@ def _breakdown_section(summary: pd.DataFrame) -> str:
     return _fig(fig, "breakdown")
 
 
-def _ablation_section(summary: pd.DataFrame, reference: str) -> str:
+def _ablation_section(summary: pd.DataFrame, reference: str, differing: dict[str, str]) -> str:
     import plotly.graph_objects as go
 
     pooled = _pooled(summary).sort_values("kl_mean")
     names = [display_name(c, v) for c, v in zip(pooled["cand_engine"], pooled["variant"])]
-    fig = go.Figure(go.Bar(x=pooled["kl_mean"], y=names, orientation="h", text=[f"top-1 {a:.3f}" for a in pooled["top1_agreement"]]))
+    text = [f"top-1 {a:.3f}" + (f"; inputs differ: {differing[n]}" if differing.get(n) else "") for a, n in zip(pooled["top1_agreement"], names)]
+    fig = go.Figure(go.Bar(x=pooled["kl_mean"], y=names, orientation="h", text=text))
     fig.update_layout(title=f"KL mean vs {reference}: which difference matters", height=120 + 30 * len(names), xaxis_type="log")
     return _fig(fig, "ablation")
 
@@ -314,12 +317,29 @@ def _inputs_section(inputs: pd.DataFrame) -> str:
     if differ.empty:
         return f"<p class='note'>every input of {inputs['cand_engine'].nunique()} candidate(s) with inputs: own equals the reference's</p>"
     lines = []
-    for cand, rows in differ.groupby("cand_engine", sort=True):
-        lines += [f"{cand}: {line}" for line in first_differences(rows.to_dict("records"))]
+    for (cand, variant), rows in differ.groupby(["cand_engine", "variant"], sort=True, observed=True):
+        lines += [f"{display_name(cand, variant)}: {line}" for line in first_differences(rows.to_dict("records"))]
     items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
     cols = ["cand_engine", "variant", "sample_id", "input", "status", "first_difference", "ref_token", "cand_token", "ref_context",
             "cand_context", "max_abs_diff", "mean_abs_diff", "detail", "scored"]
-    return f"<ul>{items}</ul>" + _table(differ[cols])
+    rows = f"<details><summary>every differing input, per sample ({len(differ)} rows)</summary>{_table(differ[cols])}</details>"
+    return _table(_inputs_matrix(inputs)) + f"<ul>{items}</ul>" + rows
+
+
+def _inputs_matrix(inputs: pd.DataFrame) -> pd.DataFrame:
+    """Candidate x input: equal everywhere, or on how many samples it differs (and the largest |Δ|)."""
+    df = inputs.assign(candidate=[display_name(c, v) for c, v in zip(inputs["cand_engine"].astype(str), inputs["variant"].astype(str))])
+    cells: dict[str, dict[str, str]] = {}
+    for (cand, name), g in df.groupby(["candidate", "input"], sort=False):
+        off = g[g["status"] != "equal"]
+        if off.empty:
+            cell = "equal"
+        else:
+            cell = f"{'; '.join(sorted(set(off['status'])))} on {off['sample_id'].nunique()}/{g['sample_id'].nunique()}"
+            if off["max_abs_diff"].notna().any():
+                cell += f", max |Δ| {off['max_abs_diff'].max():.3g}"
+        cells.setdefault(cand, {})[name] = cell
+    return pd.DataFrame.from_dict(cells, orient="index").fillna("-").rename_axis("candidate").reset_index()
 
 
 def _localisation_section(run_dir: Path, meta: RunMeta) -> str:

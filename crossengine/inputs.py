@@ -5,22 +5,29 @@ its tokenizer, its processor) and compares, per sample, with what the reference 
 
 - `input_ids`: equal, or the first differing position with both tokens' text and ±20
   characters of both rendered strings there;
-- every tensor input by name, as it reaches each model (the candidate's after its own
-  `drop_inputs` and device-side preprocessing): shape, dtype, max and mean |difference|;
-  an input present on one side only is a row of its own.
+- `image_tokens`: how many positions each side tags as image tokens, and the first position
+  where the two disagree (where there are any);
+- every tensor input by name, as it reaches each model (after each side's `drop_inputs`,
+  device-side normalisation and a native model's own `input_view`): shape, dtype, max and
+  mean |difference|; an input present on one side only is a row of its own.
 
-Then the candidate scores its own sample where the token ids agree (so pixel or mask
-differences reach the log-probs), and the reference's where they do not (positions must
-line up to be compared); `scored` says which. Runs in the candidate's worker (numpy only).
+Then the candidate scores (`scored`): its own sample where the token ids agree ("own": pixel
+or mask differences reach the log-probs); where they do not, its own processing of the
+reference's rendered prompt ("reference_text": the reference's ids with the candidate's
+pixels and extra inputs), and only where even that gives other ids, the reference's sample
+as is ("reference"). Positions must line up to be compared. Runs in the candidate's worker.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from .adapters.base import Sample, SampleError
+from .adapters.base import MODALITIES, RawSample, Sample, SampleError
 
 CONTEXT_CHARS = 20
+IMAGE = MODALITIES.index("image")
 
 
 def compare_inputs(ref_batch: list, own_batch: list, engine) -> tuple[list[dict], list]:
@@ -36,12 +43,37 @@ def compare_inputs(ref_batch: list, own_batch: list, engine) -> tuple[list[dict]
             to_score.append(ref)
             continue
         ids_row = _ids_row(ref, own, engine)
-        same_ids = ids_row["status"] == "equal"
-        ids_row["scored"] = "own" if same_ids else "reference"
+        scored, sample = ("own", own) if ids_row["status"] == "equal" else _on_reference_ids(ref, engine)
+        ids_row["scored"] = scored
         rows.append(ids_row)
-        rows.extend(_tensor_rows(ref, own, engine, "own" if same_ids else "reference"))
-        to_score.append(own if same_ids else ref)
+        image_row = _image_row(ref, own, scored)
+        rows.extend([image_row] if image_row else [])
+        rows.extend(_tensor_rows(ref, own, engine, scored))
+        to_score.append(sample)
     return rows, to_score
+
+
+def _on_reference_ids(ref: Sample, engine) -> tuple[str, Sample]:
+    """The candidate's own processing of the reference's rendered prompt, when it gives the
+    reference's ids; else the reference's sample."""
+    raw = RawSample(ref.sample_id, text=ref.text, images=list(ref.images), max_length=len(ref), rendered=ref.rendered)
+    if ref.text is not None:
+        again = engine.prepare([raw])[0]
+        if isinstance(again, Sample) and np.array_equal(again.input_ids, ref.input_ids):
+            return "reference_text", again
+    return "reference", ref
+
+
+def _image_row(ref: Sample, own: Sample, scored: str) -> dict | None:
+    a, b = np.flatnonzero(ref.modality == IMAGE), np.flatnonzero(own.modality == IMAGE)
+    if not len(a) and not len(b):
+        return None
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    at = int(min(a[diff[0]], b[diff[0]])) if len(diff) else (None if len(a) == len(b) else int(a[n] if len(a) > n else b[n]))
+    fields = {"ref_shape": [len(a)], "cand_shape": [len(b)], "scored": scored, "first_difference": at,
+              "detail": f"{len(a)} vs {len(b)} image tokens" + ("" if at is None else f"; first differing image position {at}")}
+    return _row(ref.sample_id, "image_tokens", "equal" if at is None else "differs", **fields)
 
 
 def _row(sample_id: str, name: str, status: str, **fields) -> dict:
@@ -78,8 +110,8 @@ def _context(text: str | None, prefix: str) -> str | None:
 
 
 def _tensor_rows(ref: Sample, own: Sample, engine, scored: str) -> list[dict]:
-    """Each model input by name: the reference's as it prepared them, the candidate's as they reach its model."""
-    theirs = {k: np.asarray(v) for k, v in ref.model_inputs.items()}
+    """Each model input by name, on both sides as it reaches the model."""
+    theirs = {k: np.asarray(v) for k, v in (ref.model_inputs if ref.input_view is None else ref.input_view).items()}
     mine = _as_reaching_model(own, engine)
     rows = []
     for name in sorted(set(theirs) | set(mine)):
@@ -101,13 +133,11 @@ def _tensor_rows(ref: Sample, own: Sample, engine, scored: str) -> list[dict]:
 
 
 def _as_reaching_model(sample: Sample, engine) -> dict[str, np.ndarray]:
-    """The candidate's tensor inputs after its own drop_inputs and device-side preprocessing, as numpy."""
-    inputs = getattr(engine, "_inputs", None)
-    if inputs is None:  # an engine that does not expose them (vLLM): what it prepared
+    """The candidate's tensor inputs as its model sees them (TorchEngine.input_view), as numpy."""
+    view = getattr(engine, "input_view", None)
+    if view is None:  # an engine that does not expose them (vLLM): what it prepared
         return {k: np.asarray(v) for k, v in sample.model_inputs.items()}
-    out = inputs(sample)
-    out.pop("input_ids", None)
-    return {k: v.detach().float().cpu().numpy() if v.is_floating_point() else v.detach().cpu().numpy() for k, v in out.items()}
+    return view(sample)
 
 
 def first_differences(rows: list[dict]) -> list[str]:
@@ -117,12 +147,33 @@ def first_differences(rows: list[dict]) -> list[str]:
         if r["status"] == "equal" or r["sample_id"] in seen:
             continue
         seen.add(r["sample_id"])
-        if r["input"] == "input_ids" and r["first_difference"] is not None:
+        if r["input"] == "input_ids" and r["first_difference"] is not None and r["first_difference"] == r["first_difference"]:  # not NaN
             ctx = lambda c: (c or "").replace("\n", "\\n")  # noqa: E731 - one line in the terminal
-            lines.append(f"sample {r['sample_id']}: token ids differ at position {r['first_difference']}: reference {r['ref_token']!r} vs "
+            lines.append(f"sample {r['sample_id']}: token ids differ at position {int(r['first_difference'])}: reference {r['ref_token']!r} vs "
                          f"{r['cand_token']!r} (reference …{ctx(r['ref_context'])}… / candidate …{ctx(r['cand_context'])}…); scored on the reference's ids")
-        elif r["max_abs_diff"] is not None:
+        elif r["max_abs_diff"] is not None and r["max_abs_diff"] == r["max_abs_diff"]:
             lines.append(f"sample {r['sample_id']}: {r['input']} differs: max |Δ| {r['max_abs_diff']:.3g}, mean {r['mean_abs_diff']:.3g}")
         else:
             lines.append(f"sample {r['sample_id']}: {r['input']}: {r['status']}{' (' + r['detail'] + ')' if r['detail'] else ''}")
     return lines
+
+
+def read_inputs(run_dir: Path):
+    """The run's inputs/ table (pandas), or None where no candidate had `inputs: own`."""
+    import pandas as pd
+
+    return pd.read_parquet(run_dir / "inputs") if (run_dir / "inputs").exists() else None
+
+
+def differing_inputs(inputs) -> dict[str, str]:
+    """Per candidate (display name): the inputs that differ from the reference's on any sample,
+    comma-separated, or "none"; empty where no candidate prepared its own inputs."""
+    from .identity import display_name
+
+    if inputs is None:
+        return {}
+    out = {}
+    for (cand, variant), rows in inputs.groupby(["cand_engine", "variant"], sort=True, observed=True):
+        names = sorted(set(rows.loc[rows["status"] != "equal", "input"].astype(str)))
+        out[display_name(cand, variant)] = ", ".join(names) or "none"
+    return out

@@ -151,15 +151,17 @@ def _unmatched(ref_name: str, cand_name: str, ref: list[dict], cand: list[dict])
             "set localize.modules to what both compute, or localize.module_map")
 
 
-def localize_wave(pool, plan, samples) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """Trace the reference and every torch candidate of one wave; returns (layers, buffers, messages)."""
+def localize_wave(pool, plan, samples, raw: dict) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Trace the reference and every torch candidate of one wave; returns (layers, buffers, messages).
+    `raw` (sample id -> RawSample) lets a candidate with `inputs: own` trace its own inputs."""
     import ray
 
     spec = plan.experiment.localize
     torch_engines = [i for i in pool.instances if i.spec.type in ("hf", "native")]  # the reference first
     traced = samples[: spec.samples]
     kind = {i.name: pool.infos[i.name]["extra"].get("native", i.spec.type) for i in torch_engines}
-    futures = {i.name: pool.call(i.name, "capture", traced, spec.modules, spec.max_positions) for i in torch_engines}
+    own = [raw[s.sample_id] for s in traced]
+    futures = {i.name: pool.capture(i.name, traced, spec.modules, spec.max_positions, own if i.spec.inputs == "own" else None) for i in torch_engines}
     captures = {name: ray.get(f) for name, f in futures.items()}
     ref_name = plan.reference.name
     messages = []

@@ -95,6 +95,15 @@ def _worker_class():
             part.inputs = rows
             return part
 
+        def capture(self, batch, patterns, max_positions: int, raw=None):
+            """Module outputs per sample (localisation); with `raw` (an engine with `inputs: own`)
+            on the samples it would score, chosen as score_and_compare chooses them."""
+            if raw is not None:
+                from crossengine.inputs import compare_inputs
+
+                batch = compare_inputs(batch, self.engine.prepare(raw), self.engine)[1]
+            return self.engine.capture(batch, patterns, max_positions)
+
         def warm_metrics(self, vocab: int) -> float:
             """Compile the full-vocabulary metric kernel before the first batch (seconds, once per worker)."""
             from crossengine.metrics import warm_up
@@ -202,6 +211,10 @@ class EnginePool:
     def score_and_compare(self, name: str, batch, ref_out, top_k: int, full_vocab: bool, options, raw=None):
         """ObjectRef of the candidate's `compare.Part` for one batch; `ref_out` goes worker to worker."""
         return self.actors[name].score_and_compare.remote(batch, [ref_out], top_k, full_vocab, options, raw)
+
+    def capture(self, name: str, batch, patterns, max_positions: int, raw=None):
+        """ObjectRef of the per-sample module captures of engine `name` (see the worker's `capture`)."""
+        return self.actors[name].capture.remote(batch, patterns, max_positions, raw)
 
     def warm_metrics(self, names: list[str], vocab: int) -> None:
         """Start compiling the metric kernel in these workers; their first batch queues behind it."""

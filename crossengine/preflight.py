@@ -21,7 +21,27 @@ def preflight(plan: Plan) -> list[str]:
     _check_user_code(exp, path)
     _check_images(exp, path)
     _check_adapters(plan)
+    _check_remote_code(plan)
     return _check_with_tokenizer(plan)
+
+
+def _check_remote_code(plan: Plan) -> None:
+    """A model whose config names its own classes (auto_map) under a type transformers does not
+    know runs only with trust_remote_code, which is off unless asked: say so before loading.
+    Native engines read such a config as plain fields and run their own code instead."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    exp = plan.experiment
+    for inst in plan.instances:
+        config = Path(inst.model_path) / "config.json"
+        if inst.spec.type == "native" or inst.spec.trust_remote_code or not config.is_file():
+            continue  # a hub id: transformers says it at load time
+        fields = json.loads(config.read_text())
+        if fields.get("auto_map") and fields.get("model_type") not in CONFIG_MAPPING:
+            raise experiment_error(plan.experiment_path, (_section(exp, inst.name), inst.name), f"engine {inst.name!r}: model {inst.spec.model} is remote code "
+                                   f"(model_type {fields.get('model_type')!r} with its own classes in config.json's auto_map); set trust_remote_code: true to run its code")
 
 
 def _section(exp: Experiment, name: str) -> str:
@@ -134,14 +154,21 @@ def _check_with_tokenizer(plan: Plan) -> list[str]:
                 raise experiment_error(path, ("samples", i), "image prompts need an hf reference to expand them (vLLM expands them itself as a candidate)")
     common = dict(revision=ref.spec.revision, trust_remote_code=ref.spec.trust_remote_code)
     try:
-        from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+        from transformers import AutoProcessor, AutoTokenizer, PretrainedConfig
 
-        config = AutoConfig.from_pretrained(ref.model_path, **common)
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        vocab = getattr(text, "vocab_size", None)
-        processor = AutoProcessor.from_pretrained(ref.model_path, **common) if any(s.images for s in exp.samples) else None
+        fields, _ = PretrainedConfig.get_config_dict(ref.model_path, revision=ref.spec.revision)  # JSON only: no model code runs
+        vocab = (fields.get("text_config") or {}).get("vocab_size") or fields.get("vocab_size")
+        own_pipeline = ref.spec.type == "native" and ref.spec.preprocess  # the training code processes images itself
+        processor = AutoProcessor.from_pretrained(ref.model_path, **common) if any(s.images for s in exp.samples) and not own_pipeline else None
         if processor is None:
-            AutoTokenizer.from_pretrained(ref.model_path, **common)  # loads, or the note below says why not
+            from transformers.utils import logging as hf_logging
+
+            level = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # a remote-code model type read as plain fields is expected here, not a warning
+            try:
+                AutoTokenizer.from_pretrained(ref.model_path, **common)  # loads, or the note below says why not
+            finally:
+                hf_logging.set_verbosity(level)
     except Exception as exc:  # noqa: BLE001 - offline hub id, or files only the engine's own environment reads
         return [f"tokenizer checks skipped: the reference's tokenizer did not load here, the engine checks at run time ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"]
     for i, s in enumerate(exp.samples):

@@ -65,7 +65,9 @@ def print_summary(run_dir: Path, console) -> None:
             console.print(f"[red]non-finite[/red] log-probs at {int(r['n_nonfinite'])} token(s) of {str(name)!r} vs {reference!r}: "
                           "see the `nonfinite` column (ref/cand/both); their metrics are null and left out of the summary", highlight=False)
     if meta.variants:
-        console.print(ablation_table(summary, reference))
+        from .inputs import differing_inputs, read_inputs
+
+        console.print(ablation_table(summary, reference, differing_inputs(read_inputs(run_dir))))
     if (run_dir / "nearest.parquet").exists():
         from .nearest import nearest_lines
 
@@ -84,8 +86,9 @@ def print_summary(run_dir: Path, console) -> None:
 ABLATION = [("top1_agreement", "top1", "{:.4f}"), ("abs_max", "abs_max", "{:.3g}"), ("abs_mean", "abs_mean", "{:.3g}"), ("cos_sim", "cos_sim", "{:.6f}"), ("kl_mean", "kl_mean", "{:.3g}")]
 
 
-def ablation_table(summary: pd.DataFrame, reference: str):
-    """One row per engine/variant vs the reference, largest KL first: which difference matters."""
+def ablation_table(summary: pd.DataFrame, reference: str, differing: dict[str, str] | None = None):
+    """One row per engine/variant vs the reference, largest KL first: which difference matters.
+    `differing` (inputs.differing_inputs) adds which of its own inputs differ, per candidate."""
     from rich.table import Table
 
     df = summary.copy()
@@ -97,9 +100,11 @@ def ablation_table(summary: pd.DataFrame, reference: str):
     table.add_column("variant", no_wrap=True)
     for _, header, _ in ABLATION:
         table.add_column(header, justify="right")
+    if differing:
+        table.add_column("inputs differ")
     for _, r in pooled.iterrows():
         name = display_name(r["cand_engine"], r["variant"])
-        table.add_row(name, *[_fmt(r[c], p) for c, _, p in ABLATION])
+        table.add_row(name, *[_fmt(r[c], p) for c, _, p in ABLATION], *([differing.get(str(name), "-")] if differing else []))
     return table
 
 

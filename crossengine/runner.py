@@ -285,7 +285,8 @@ class Runner:
         t = time.time()
         n = min(self.plan.experiment.localize.samples, len(self.plan.experiment.samples))
         samples = self.prepare(pool, list(range(n)), "preparing samples to localise")
-        layers, buffers, messages = localize_wave(pool, self.plan, samples)
+        raw = {r.id: r for r in (raw_sample(self.plan, i) for i in range(n))}
+        layers, buffers, messages = localize_wave(pool, self.plan, samples, raw)
         for name, frame in (("layers", layers), ("buffers", buffers)):
             path = self.run_dir.root / f"{name}.parquet"
             if path.exists() and not frame.empty:  # later waves add their candidates

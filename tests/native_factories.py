@@ -14,8 +14,9 @@ def hf_as_native(model_path, config, device, dtype):
     return lambda input_ids, **inputs: model(input_ids=input_ids, **inputs).logits
 
 
-def no_inputs(sample, engine):
-    return {}
+def plain_tokens(text, images, engine, add_special_tokens=True):
+    """A native preprocess that tokenises with the checkpoint's tokenizer and adds no other input."""
+    return {"input_ids": engine.tokenizer(text, add_special_tokens=add_special_tokens).input_ids}
 
 
 def scale_logits(engine) -> str:

@@ -124,7 +124,7 @@ def test_own_inputs_find_a_template_mismatch_at_its_first_token(ray_cluster, cha
     assert row["status"] == "differs" and row["first_difference"] == first
     assert (row["ref_token"], row["cand_token"]) == (tok.decode([a[first]]), tok.decode([b[first]]))
     assert "User: The quick" in row["ref_context"] and "<|im_start|>user" in row["cand_context"]
-    assert row["scored"] == "reference", "different ids: the log-probs are compared on the reference's"
+    assert row["scored"] == "reference_text", "different ids: scored on the reference's rendered prompt, tokenised by the candidate"
     same = inputs.loc[("same", "input_ids")]
     assert same["status"] == "equal" and same["scored"] == "own"
     tokens = pd.read_parquet(run_dir / "tokens")

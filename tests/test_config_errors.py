@@ -50,6 +50,10 @@ CASES = [
      ["mode", "score only"], 8),
     ("chat_format on an hf engine", GOOD.replace("{type: hf, attn_implementation: eager}", "{type: hf, chat_format: 'x.y:z'}"),
      ["engines.b", "native engines"], 5),
+    ("native reference's own image inputs to an hf engine",
+     GOOD.replace("  a: {type: hf}", "  a: {type: native, factory: 'x.y:z', preprocess: 'x.y:p'}").replace("- text: hello there", "- text: look <image>\n    images: [data/gradient.png]"),
+     ["engines.b", "own preprocess", "inputs: own"], 5),
+    ("remote code without trust_remote_code", GOOD.replace("tiny-text", "tiny-remote"), ["engines.a", "remote code", "trust_remote_code: true"], 4),
     ("bad jsonl line", GOOD.replace("- text: hello there", "- file: data/bad.jsonl"), ["bad.jsonl:2", "unknown key"], None),
 ]
 

@@ -109,7 +109,7 @@ model: tiny-text
 reference: hf
 engines:
   hf: {type: hf}
-  mine: {type: native, factory: "tests.native_factories:hf_as_native", preprocess: "tests.native_factories:no_inputs"}
+  mine: {type: native, factory: "tests.native_factories:hf_as_native", preprocess: "tests.native_factories:plain_tokens"}
 variants:
   scaled: {engine: hf, patches: ["tests.native_factories:scale_logits"]}
 samples:
