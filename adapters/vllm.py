@@ -122,11 +122,11 @@ class VLLMEngine(Engine):
 
         out: list[Sample | SampleError] = []
         for r in raw:
-            text, images, specials = r.text, r.images, {}
+            text, images, rendered = r.text, r.images, r.rendered
             try:
                 if r.messages is not None:  # the chat template writes BOS and turn markers itself
                     text, images = render_chat(self.tokenizer, r, self.spec.chat_template, self.instance)
-                    specials = {"add_special_tokens": False}
+                    rendered = True
             except SampleError as err:
                 out.append(err)
                 continue
@@ -136,9 +136,9 @@ class VLLMEngine(Engine):
             if images:
                 out.append(SampleError(r.id, "image prompts need an hf reference to expand them (vLLM expands them itself as a candidate)"))
                 continue
-            ids = np.asarray(r.token_ids if r.token_ids is not None else self.tokenizer(text, **specials).input_ids, dtype=np.int64)
+            ids = np.asarray(r.token_ids if r.token_ids is not None else self.tokenizer(text, add_special_tokens=not rendered).input_ids, dtype=np.int64)
             ids = ids[: r.max_length] if r.max_length else ids
-            out.append(Sample(r.id, ids, text_modality(ids, self.tokenizer.all_special_ids, None), text=text))
+            out.append(Sample(r.id, ids, text_modality(ids, self.tokenizer.all_special_ids, None), text=text, rendered=rendered))
         return out
 
     def _check(self, s: Sample, extra_tokens: int = 0) -> SampleError | None:

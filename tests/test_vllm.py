@@ -133,16 +133,26 @@ def test_lora_experiment_vllm_agrees_with_hf_peft(ray_cluster, tmp_path):
 
 
 def test_vllm_full_vocab_gives_exact_kl_and_rank(ray_cluster, tmp_path):
-    """full_vocab: true on a vLLM engine: the whole distribution, so KL both ways and rank are exact, not top-k."""
+    """full_vocab: true on a vLLM engine: the whole distribution, so KL both ways and rank are exact, not top-k.
+    vLLM also prepares its own inputs here (inputs: own) and renders the chat sample with its own
+    template: the ids differ, so it scores the reference's rendered prompt with its own tokenizer."""
+    from .test_chat import QWEN, TEMPLATE
+
+    (tmp_path / "user.jinja").write_text(TEMPLATE)
+    (tmp_path / "qwen.jinja").write_text(QWEN)
     path = tmp_path / "full.yaml"
     path.write_text(
-        f"model: tiny-text\nreference: hf\nengines:\n  hf: {{type: hf}}\n"
-        f"  vllm-full: {{type: vllm, full_vocab: true, env: {{python: {VLLM_PYTHON}}}, options: {{max_model_len: 128}}}}\n"
+        f"model: tiny-text\nreference: hf\nengines:\n  hf: {{type: hf, chat_template: user.jinja}}\n"
+        f"  vllm-full: {{type: vllm, full_vocab: true, inputs: own, chat_template: qwen.jinja, env: {{python: {VLLM_PYTHON}}}, options: {{max_model_len: 128}}}}\n"
         "samples:\n  - text: 'The quick brown fox jumps over the lazy dog while the engines compare their numbers.'\n"
-        "  - {id: raw, token_ids: [1, 60, 61, 62, 63, 64, 65, 66]}\ntop_k: 5\n"
+        "  - {id: raw, token_ids: [1, 60, 61, 62, 63, 64, 65, 66]}\n"
+        "  - {id: chat, messages: [{role: user, content: 'The quick brown fox'}, {role: assistant, content: 'jumps over the lazy dog'}]}\ntop_k: 5\n"
     )
     run_dir, runner = run_experiment(path, tmp_path / "out")
     assert not runner.errors
+    inputs = pd.read_parquet(run_dir / "inputs").set_index(["sample_id", "input"])
+    assert inputs.loc[("chat", "input_ids"), "status"] == "differs" and inputs.loc[("chat", "input_ids"), "scored"] == "reference_text"
+    assert inputs.loc[("raw", "input_ids"), "status"] == "equal" and inputs.loc[("raw", "input_ids"), "scored"] == "own"
     tokens = pd.read_parquet(run_dir / "tokens")
     assert len(tokens) > 0 and tokens["kl_ref_cand"].notna().all() and tokens["kl_cand_ref"].notna().all()
     assert tokens["kl_ref_cand"].max() < 1e-5 and tokens["kl_cand_ref"].max() < 1e-5, "fp32 HF and vLLM: the same distribution"
