@@ -11,6 +11,7 @@ import pytest
 from crossengine.identity import display_name
 
 from .conftest import EXPERIMENTS, run_text
+from .test_report import needs_browser, open_in_browser
 
 SHIPPED = (EXPERIMENTS / "molmo-style.yaml").read_text().replace("data/", f"{EXPERIMENTS}/data/")
 
@@ -128,8 +129,23 @@ def test_the_shipped_ablation_says_which_difference_matters(shipped):
     assert differing["all-fixes"] == "none"
     assert "input_ids" in differing["hf-port"] and "input_ids" not in differing["fix-template"]
     assert "pixel_values" not in differing["fix-pixels"] and "token_type_ids" not in differing["fix-causal"]
-    page = (shipped / "report.html").read_text()
-    assert "<h2>Inputs</h2>" in page and "inputs differ: " in page
+
+
+
+@needs_browser
+def test_the_report_opens_with_the_inputs_matrix(shipped, tmp_path):
+    """In a real browser: the Inputs section leads, its candidate x input matrix says where each
+    variant's inputs differ, and the ablation chart names them beside the KL."""
+    import re
+
+    dom = open_in_browser(shipped / "report.html", tmp_path)
+    start, end = dom.index("<h2>Inputs</h2>"), dom.index("<h2>Summary</h2>")
+    assert start < end
+    section = dom[start:end]
+    cells = lambda name: re.search(rf"<tr><td>{name}</td>(.*?)</tr>", section).group(1)  # noqa: E731 - the matrix row
+    assert "differs on 3/3" in cells("hf-port") and "candidate only on 2/2" in cells("hf-port")
+    assert "differs" not in cells("all-fixes") and cells("all-fixes").count(">equal<") == 3
+    assert 'id="ablation-plot"' in dom and "inputs differ: " in (shipped / "report.html").read_text()
 
 
 def test_localisation_traces_each_candidate_on_its_own_inputs(fp32):
