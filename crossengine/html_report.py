@@ -321,7 +321,7 @@ def _inputs_section(inputs: pd.DataFrame) -> str:
         lines += [f"{display_name(cand, variant)}: {line}" for line in first_differences(rows.to_dict("records"))]
     items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
     cols = ["cand_engine", "variant", "sample_id", "input", "status", "first_difference", "ref_token", "cand_token", "ref_context",
-            "cand_context", "max_abs_diff", "mean_abs_diff", "detail", "scored"]
+            "cand_context", "max_abs_diff", "mean_abs_diff", "detail", "scored", "own_prompt_tokens", "own_prompt_abs_lp_diff_mean"]
     rows = f"<details><summary>every differing input, per sample ({len(differ)} rows)</summary>{_table(differ[cols])}</details>"
     return _table(_inputs_matrix(inputs)) + f"<ul>{items}</ul>" + rows
 

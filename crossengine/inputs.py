@@ -76,10 +76,39 @@ def _image_row(ref: Sample, own: Sample, scored: str) -> dict | None:
     return _row(ref.sample_id, "image_tokens", "equal" if at is None else "differs", **fields)
 
 
+def own_prompt_effect(rows: list[dict], scored: list, scores: list, own: list, engine) -> None:
+    """Where a candidate's ids differ (its template, its tokenizer), how much its *own* prompt moves
+    the tokens both prompts share: it scores its own sample too, aligns the two id sequences
+    (difflib's matching blocks) and compares its log-probs of each shared token after the first
+    difference, own prompt minus the reference's prompt; same engine, same pixels, only the prompt
+    differs. Filled into the sample's input_ids row (own_prompt_*)."""
+    from difflib import SequenceMatcher
+
+    by_id = {r["sample_id"]: r for r in rows if r["input"] == "input_ids" and r["status"] == "differs"}
+    for sample, score, mine in zip(scored, scores, own):
+        row = by_id.get(getattr(sample, "sample_id", None))
+        if row is None or not isinstance(mine, Sample) or isinstance(score, SampleError) or row["first_difference"] is None:
+            continue
+        theirs = engine.score([mine], 1, False)[0]
+        if isinstance(theirs, SampleError):
+            row["detail"] = f"{row['detail']}; its own prompt did not score: {theirs.message}"
+            continue
+        a, b = sample.input_ids.tolist(), mine.input_ids.tolist()
+        pairs = np.asarray([(i + k, j + k) for i, j, n in SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks() for k in range(n)
+                            if i + k > row["first_difference"] and j + k > 0], dtype=np.int64).reshape(-1, 2)
+        d = (theirs.token_logprobs[pairs[:, 1]].astype(np.float64) - score.token_logprobs[pairs[:, 0]].astype(np.float64))
+        d = d[np.isfinite(d)]
+        row["own_prompt_tokens"] = int(len(d))
+        if len(d):
+            row.update(own_prompt_abs_lp_diff_mean=float(np.abs(d).mean()), own_prompt_abs_lp_diff_max=float(np.abs(d).max()),
+                       own_prompt_lp_sum_diff=float(d.sum()))
+
+
 def _row(sample_id: str, name: str, status: str, **fields) -> dict:
     row = {"sample_id": sample_id, "input": name, "status": status, "first_difference": None, "ref_token": None, "cand_token": None,
            "ref_context": None, "cand_context": None, "ref_shape": None, "cand_shape": None, "ref_dtype": None, "cand_dtype": None,
-           "max_abs_diff": None, "mean_abs_diff": None, "detail": None, "scored": None}
+           "max_abs_diff": None, "mean_abs_diff": None, "detail": None, "scored": None, "own_prompt_tokens": None,
+           "own_prompt_abs_lp_diff_mean": None, "own_prompt_abs_lp_diff_max": None, "own_prompt_lp_sum_diff": None}
     row.update(fields)
     return row
 
@@ -149,8 +178,11 @@ def first_differences(rows: list[dict]) -> list[str]:
         seen.add(r["sample_id"])
         if r["input"] == "input_ids" and r["first_difference"] is not None and r["first_difference"] == r["first_difference"]:  # not NaN
             ctx = lambda c: (c or "").replace("\n", "\\n")  # noqa: E731 - one line in the terminal
+            effect = r.get("own_prompt_abs_lp_diff_mean")
+            effect = (f"; its own prompt moves the {int(r['own_prompt_tokens'])} tokens both share by mean |Δlp| {effect:.3g} (max "
+                      f"{r['own_prompt_abs_lp_diff_max']:.3g})") if effect is not None and effect == effect else ""
             lines.append(f"sample {r['sample_id']}: token ids differ at position {int(r['first_difference'])}: reference {r['ref_token']!r} vs "
-                         f"{r['cand_token']!r} (reference …{ctx(r['ref_context'])}… / candidate …{ctx(r['cand_context'])}…); scored on the reference's ids")
+                         f"{r['cand_token']!r} (reference …{ctx(r['ref_context'])}… / candidate …{ctx(r['cand_context'])}…); scored on the reference's ids{effect}")
         elif r["max_abs_diff"] is not None and r["max_abs_diff"] == r["max_abs_diff"]:
             lines.append(f"sample {r['sample_id']}: {r['input']} differs: max |Δ| {r['max_abs_diff']:.3g}, mean {r['mean_abs_diff']:.3g}")
         else:
@@ -167,7 +199,8 @@ def read_inputs(run_dir: Path):
 
 def differing_inputs(inputs) -> dict[str, str]:
     """Per candidate (display name): the inputs that differ from the reference's on any sample,
-    comma-separated, or "none"; empty where no candidate prepared its own inputs."""
+    comma-separated, or "none" (input_ids with its own prompt's effect on the tokens both prompts
+    share, mean |Δlp| weighted by tokens); empty where no candidate prepared its own inputs."""
     from .identity import display_name
 
     if inputs is None:
@@ -175,5 +208,9 @@ def differing_inputs(inputs) -> dict[str, str]:
     out = {}
     for (cand, variant), rows in inputs.groupby(["cand_engine", "variant"], sort=True, observed=True):
         names = sorted(set(rows.loc[rows["status"] != "equal", "input"].astype(str)))
+        effect = rows.dropna(subset=["own_prompt_abs_lp_diff_mean"]) if "own_prompt_abs_lp_diff_mean" in rows else rows.iloc[:0]
+        if len(effect) and effect["own_prompt_tokens"].sum() > 0:  # token-weighted over samples
+            mean = float((effect["own_prompt_abs_lp_diff_mean"] * effect["own_prompt_tokens"]).sum() / effect["own_prompt_tokens"].sum())
+            names = [f"input_ids (own prompt: |Δlp| {mean:.3g} on shared tokens)" if n == "input_ids" else n for n in names]
         out[display_name(cand, variant)] = ", ".join(names) or "none"
     return out

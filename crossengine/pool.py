@@ -89,8 +89,13 @@ def _worker_class():
             if raw is not None:
                 from crossengine.inputs import compare_inputs
 
-                rows, to_score = compare_inputs(batch, self.engine.prepare(raw), self.engine)
+                own = self.engine.prepare(raw)
+                rows, to_score = compare_inputs(batch, own, self.engine)
             mine = self.engine.score(to_score, top_k, full_vocab)
+            if raw is not None:
+                from crossengine.inputs import own_prompt_effect
+
+                own_prompt_effect(rows, to_score, mine, own, self.engine)
             part = compare_batch(batch, ray.get(ref_out[0]), mine, options)
             part.inputs = rows
             return part

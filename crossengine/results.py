@@ -62,6 +62,8 @@ INPUTS_SCHEMA = pa.schema([
     ("first_difference", pa.int32()), ("ref_token", pa.string()), ("cand_token", pa.string()), ("ref_context", pa.string()),
     ("cand_context", pa.string()), ("ref_shape", pa.list_(pa.int64())), ("cand_shape", pa.list_(pa.int64())), ("ref_dtype", pa.string()),
     ("cand_dtype", pa.string()), ("max_abs_diff", pa.float64()), ("mean_abs_diff", pa.float64()), ("detail", pa.string()), ("scored", pa.string()),
+    ("own_prompt_tokens", pa.int32()), ("own_prompt_abs_lp_diff_mean", pa.float64()), ("own_prompt_abs_lp_diff_max", pa.float64()),
+    ("own_prompt_lp_sum_diff", pa.float64()),
 ])
 SEGMENTS = ("prompt", "completion")
 NONFINITE = ("ref", "cand", "both")  # which side's numbers were NaN/inf at a position; null: neither

@@ -132,8 +132,9 @@ def test_own_inputs_find_a_template_mismatch_at_its_first_token(text_run):
     assert (row["ref_token"], row["cand_token"]) == (tok.decode([a[first]]), tok.decode([b[first]]))
     assert "User: The quick" in row["ref_context"] and "<|im_start|>user" in row["cand_context"]
     assert row["scored"] == "reference_text", "different ids: scored on the reference's rendered prompt, tokenised by the candidate"
+    assert row["own_prompt_tokens"] > 0 and row["own_prompt_abs_lp_diff_mean"] > 0, "its own prompt's effect on the tokens both share"
     same = inputs.loc[("same", "input_ids")]
-    assert same["status"] == "equal" and same["scored"] == "own"
+    assert same["status"] == "equal" and same["scored"] == "own" and pd.isna(same["own_prompt_tokens"])
     tokens = pd.read_parquet(text_run / "tokens")
     qwen = tokens[(tokens["cand_engine"] == "qwen") & (tokens["sample_id"] == "chat")].sort_values("position")
     assert qwen["token_id"].tolist() == a[1:], "qwen was scored on the reference's ids"

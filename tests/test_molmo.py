@@ -58,11 +58,14 @@ def _port_and_native():
     return processor, tinymolmo, image
 
 
+SKY = [{"role": "user", "content": [{"type": "text", "text": "Look at this picture "}, {"type": "image"},
+                                    {"type": "text", "text": " and tell me what the sky is like."}]},
+       {"role": "assistant", "content": "The sky is calm in the morning."}]
+
+
 def test_the_template_mismatch_is_found_at_its_first_token(fp32):
     processor, native, _ = _port_and_native()
-    turns = [{"role": "user", "content": [{"type": "text", "text": "Look at this picture "}, {"type": "image"},
-                                          {"type": "text", "text": " and tell me what the sky is like."}]},
-             {"role": "assistant", "content": "The sky is calm in the morning."}]
+    turns = SKY
     tok = processor.tokenizer
     expand = lambda t: t.replace("<image>", "<img_start>" + "<img_patch>" * 4 + "<img_end>")  # noqa: E731
     a = tok(expand(native.chat_format(turns)), add_special_tokens=False).input_ids
@@ -75,6 +78,38 @@ def test_the_template_mismatch_is_found_at_its_first_token(fp32):
     assert row["scored"] == "reference_text", "scored on the reference's ids, with the port's own pixels and inputs"
     fixed = rows.loc[("fix-template", "sky", "input_ids")]
     assert fixed["status"] == "equal" and fixed["scored"] == "own", "the template file renders exactly the training code's format"
+
+
+def test_the_own_prompt_effect_equals_an_in_process_computation(fp32):
+    """How much the port's own template moves the tokens both prompts share, recomputed here with the
+    port in this process: both renderings through its processor, its log-probs, difflib's alignment."""
+    from difflib import SequenceMatcher
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from crossengine.fixtures import ensure_fixture
+
+    processor, native, image = _port_and_native()
+    model = AutoModelForImageTextToText.from_pretrained(ensure_fixture("tiny-molmo"), trust_remote_code=True, dtype=torch.float32).eval()
+
+    def logprobs(text):
+        enc = processor(text=[text], images=[[image]], return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            lp = model(**enc).logits[0, :-1].log_softmax(-1)
+        ids = enc["input_ids"][0]
+        return ids.tolist(), np.concatenate([[np.nan], lp.gather(-1, ids[1:, None])[:, 0].double().numpy()])
+
+    a, lp_a = logprobs(native.chat_format(SKY))
+    b, lp_b = logprobs(processor.apply_chat_template(SKY, tokenize=False))
+    first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    pairs = [(i + k, j + k) for i, j, n in SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks() for k in range(n) if i + k > first and j + k > 0]
+    d = np.asarray([lp_b[j] - lp_a[i] for i, j in pairs])
+    row = _inputs(fp32).set_index(["name", "sample_id", "input"]).loc[("hf-port", "sky", "input_ids")]
+    assert row["own_prompt_tokens"] == len(d) > 0
+    assert row["own_prompt_abs_lp_diff_mean"] == pytest.approx(np.abs(d).mean(), rel=1e-4, abs=1e-6)
+    assert row["own_prompt_abs_lp_diff_max"] == pytest.approx(np.abs(d).max(), rel=1e-4, abs=1e-6)
+    assert row["own_prompt_lp_sum_diff"] == pytest.approx(d.sum(), rel=1e-4, abs=1e-5)
 
 
 def test_pixels_normalised_in_the_model_are_found_with_their_difference(fp32):
