@@ -90,12 +90,18 @@ samples:
 """
 
 
+@pytest.fixture(scope="module")
+def small(ray_cluster, tmp_path_factory):
+    """One run of SMALL: the "before" of compare, and a run of other samples than quickstart's."""
+    d = tmp_path_factory.mktemp("small")
+    (d / "before.yaml").write_text(SMALL)
+    return run_experiment(d / "before.yaml", d / "out", run_id="before")[0]
+
+
 @needs_browser
-def test_compare_before_and_after(ray_cluster, tmp_path):
-    before_path, after_path = tmp_path / "before.yaml", tmp_path / "after.yaml"
-    before_path.write_text(SMALL)
+def test_compare_before_and_after(small, tmp_path):
+    before, after_path = small, tmp_path / "after.yaml"
     after_path.write_text(SMALL + "variants:\n  b-eager: {engine: b, attn_implementation: eager}\n")
-    before, _ = run_experiment(before_path, tmp_path / "out", run_id="before")
     after, _ = run_experiment(after_path, tmp_path / "out", run_id="after")
     same = CliRunner().invoke(app, ["compare", str(before), str(before)])
     assert same.exit_code == 0 and "no changes" in same.output, same.output
@@ -107,11 +113,8 @@ def test_compare_before_and_after(ray_cluster, tmp_path):
     assert 'id="compare-plot"' in dom and "b-eager" in dom
 
 
-def test_compare_refuses_runs_of_other_samples(quickstart, ray_cluster, tmp_path):
-    path = tmp_path / "other.yaml"
-    path.write_text(SMALL)
-    other, _ = run_experiment(path, tmp_path / "out", run_id="other")
-    result = CliRunner().invoke(app, ["compare", str(quickstart), str(other)])
+def test_compare_refuses_runs_of_other_samples(quickstart, small):
+    result = CliRunner().invoke(app, ["compare", str(quickstart), str(small)])
     assert result.exit_code == 2
     line = result.stderr.strip()
     assert len(line.splitlines()) == 1 and "their samples differ (6 vs 2 samples)" in line
