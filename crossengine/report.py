@@ -64,10 +64,16 @@ def print_summary(run_dir: Path, console) -> None:
             name = display_name(r["cand_engine"], r["variant"])
             console.print(f"[red]non-finite[/red] log-probs at {int(r['n_nonfinite'])} token(s) of {str(name)!r} vs {reference!r}: "
                           "see the `nonfinite` column (ref/cand/both); their metrics are null and left out of the summary", highlight=False)
-    if meta.variants:
-        from .inputs import differing_inputs, read_inputs
+    from .inputs import differing_inputs, read_inputs
 
-        console.print(ablation_table(summary, reference, differing_inputs(read_inputs(run_dir))))
+    inputs = read_inputs(run_dir)
+    differing = differing_inputs(inputs)
+    for name, what in differing.items():  # a comparison that found nothing says what it compared
+        if what == "none":
+            n = inputs[[display_name(c, v) == name for c, v in zip(inputs["cand_engine"].astype(str), inputs["variant"].astype(str))]]
+            console.print(f"inputs of {name!r} equal the reference's on all {n['sample_id'].nunique()} samples ({', '.join(sorted(set(n['input'])))})", highlight=False)
+    if meta.variants:
+        console.print(ablation_table(summary, reference, differing))
     if (run_dir / "nearest.parquet").exists():
         from .nearest import nearest_lines
 

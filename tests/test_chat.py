@@ -138,6 +138,13 @@ def test_own_inputs_find_a_template_mismatch_at_its_first_token(text_run):
     tokens = pd.read_parquet(text_run / "tokens")
     qwen = tokens[(tokens["cand_engine"] == "qwen") & (tokens["sample_id"] == "chat")].sort_values("position")
     assert qwen["token_id"].tolist() == a[1:], "qwen was scored on the reference's ids"
+    from rich.console import Console
+
+    from crossengine.report import print_summary
+
+    console = Console(record=True, width=250)
+    print_summary(text_run, console)
+    assert "inputs of 'same' equal the reference's on all 2 samples (input_ids)" in console.export_text(), "nothing found is said"
     page = (text_run / "report.html").read_text()
     assert "<h2>Inputs</h2>" in page and f"token ids differ at position {first}" in page, "the report leads with the input difference"
 
