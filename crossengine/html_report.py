@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .identity import SAMPLED, display_name
+from .identity import SAMPLED, display_name, display_names
 from .inputs import differing_inputs, read_inputs
 from .run_meta import RunMeta
 
@@ -150,7 +150,7 @@ def _read_tokens(tokens_dir: Path) -> pd.DataFrame:
             "lp_ref", "lp_cand", "abs_lp_diff", "kl_ref_cand", "topk_kl", "top1_ref", "top1_cand", "top1_match", "top1_tie", "nonfinite"]
     df = read_tokens(tokens_dir, cols)
     df["kl"] = df["kl_ref_cand"].fillna(df["topk_kl"])
-    df["instance"] = [display_name(c, v) for c, v in zip(df["cand_engine"].astype(str), df["variant"].astype(str))]
+    df["instance"] = display_names(df)
     return df
 
 
@@ -176,7 +176,7 @@ def _run_section(meta: RunMeta) -> str:
 
 def _summary_section(summary: pd.DataFrame) -> str:
     df = summary.copy()
-    df.insert(0, "candidate", [display_name(c, v) for c, v in zip(df["cand_engine"].astype(str), df["variant"].astype(str))])
+    df.insert(0, "candidate", display_names(df))
     df.insert(1, "split", [", ".join(f"{k}={r[k]}" for k in SPLITS if str(r[k]) != "all") or "all" for _, r in df.iterrows()])
     cols = ["candidate", "split"] + [c for c in SUMMARY_COLUMNS if c in df.columns]
     return "<p class='note'>click a column to sort; RL metrics under their frameworks' names (README)</p>" + _table(df[cols], "summary")
@@ -265,7 +265,7 @@ def _breakdown_section(summary: pd.DataFrame) -> str:
     df = summary.copy()
     for c in ("cand_engine", "variant", *SPLITS):
         df[c] = df[c].astype(str)
-    df["candidate"] = [display_name(c, v) for c, v in zip(df["cand_engine"], df["variant"])]
+    df["candidate"] = display_names(df)
     present = [k for k in SPLITS if (df[k] != "all").any()]
     if not present:
         return "<p class='note'>no splits</p>"
@@ -284,7 +284,7 @@ def _ablation_section(summary: pd.DataFrame, reference: str, differing: dict[str
     import plotly.graph_objects as go
 
     pooled = _pooled(summary).sort_values("kl_mean")
-    names = [display_name(c, v) for c, v in zip(pooled["cand_engine"], pooled["variant"])]
+    names = display_names(pooled)
     text = [f"top-1 {a:.3f}" + (f"; inputs differ: {differing[n]}" if differing.get(n) else "") for a, n in zip(pooled["top1_agreement"], names)]
     fig = go.Figure(go.Bar(x=pooled["kl_mean"], y=names, orientation="h", text=text))
     fig.update_layout(title=f"KL mean vs {reference}: which difference matters", height=120 + 30 * len(names), xaxis_type="log")
@@ -328,7 +328,7 @@ def _inputs_section(inputs: pd.DataFrame) -> str:
 
 def _inputs_matrix(inputs: pd.DataFrame) -> pd.DataFrame:
     """Candidate x input: equal everywhere, or on how many samples it differs (and the largest |Δ|)."""
-    df = inputs.assign(candidate=[display_name(c, v) for c, v in zip(inputs["cand_engine"].astype(str), inputs["variant"].astype(str))])
+    df = inputs.assign(candidate=display_names(inputs))
     cells: dict[str, dict[str, str]] = {}
     for (cand, name), g in df.groupby(["candidate", "input"], sort=False):
         off = g[g["status"] != "equal"]
@@ -438,7 +438,7 @@ def compare_runs(a: Path, b: Path) -> pd.DataFrame:
     merged["status"] = merged["_merge"].map({"both": "both", "left_only": "removed", "right_only": "new"}).astype(str)
     for m in COMPARED:
         merged[f"{m}_change"] = merged[f"{m}_b"] - merged[f"{m}_a"]
-    merged.insert(0, "candidate", [display_name(c, v) for c, v in zip(merged["cand_engine"], merged["variant"])])
+    merged.insert(0, "candidate", display_names(merged))
     merged.insert(1, "split", [", ".join(f"{k}={r[k]}" for k in SPLITS if r[k] != "all") or "all" for _, r in merged.iterrows()])
     cols = ["candidate", "split", "status"] + [f"{m}_{s}" for m in COMPARED for s in ("a", "b", "change")]
     return merged[cols].sort_values(["status", "candidate", "split"]).reset_index(drop=True)

@@ -27,3 +27,8 @@ def display_name(cand_engine: str, variant: str) -> str:
     if variant == BASE:
         return cand_engine
     return f"{cand_engine}:{SAMPLED}" if variant == SAMPLED else variant
+
+
+def display_names(df) -> list[str]:
+    """display_name of every row of a frame with cand_engine and variant columns."""
+    return [display_name(c, v) for c, v in zip(df["cand_engine"], df["variant"])]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .identity import SAMPLED, display_name
+from .identity import SAMPLED, display_names
 
 from .summary import read_tokens
 
@@ -22,7 +22,7 @@ def nearest_table(tokens_dir: Path, reference: str) -> pd.DataFrame:
     if df.empty:
         return pd.DataFrame()
     df = df[df["variant"].astype(str) != SAMPLED].copy()
-    df["instance"] = [display_name(c, v) for c, v in zip(df["cand_engine"], df["variant"])]
+    df["instance"] = display_names(df)
     key = ["sample_id", "position", "modality"]
     wide = df.pivot_table(index=key, columns="instance", values="lp_cand", aggfunc="first", observed=True)
     wide[reference] = df.drop_duplicates(key).set_index(key)["lp_ref"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .identity import display_name
+from .identity import display_name, display_names
 
 COLUMNS = [
     ("n_tokens", "n", "{:d}"),
@@ -70,7 +70,7 @@ def print_summary(run_dir: Path, console) -> None:
     differing = differing_inputs(inputs)
     for name, what in differing.items():  # a comparison that found nothing says what it compared
         if what == "none":
-            n = inputs[[display_name(c, v) == name for c, v in zip(inputs["cand_engine"].astype(str), inputs["variant"].astype(str))]]
+            n = inputs[[x == name for x in display_names(inputs)]]
             console.print(f"inputs of {name!r} equal the reference's on all {n['sample_id'].nunique()} samples ({', '.join(sorted(set(n['input'])))})", highlight=False)
     if meta.variants:
         console.print(ablation_table(summary, reference, differing))
