@@ -140,8 +140,7 @@ def _context(text: str | None, prefix: str) -> str | None:
 
 def _tensor_rows(ref: Sample, own: Sample, engine, scored: str) -> list[dict]:
     """Each model input by name, on both sides as it reaches the model."""
-    theirs = {k: np.asarray(v) for k, v in (ref.model_inputs if ref.input_view is None else ref.input_view).items()}
-    mine = _as_reaching_model(own, engine)
+    theirs, mine = _as_reaching_model(ref), _as_reaching_model(own, engine)
     rows = []
     for name in sorted(set(theirs) | set(mine)):
         if name not in mine:
@@ -161,12 +160,14 @@ def _tensor_rows(ref: Sample, own: Sample, engine, scored: str) -> list[dict]:
     return rows
 
 
-def _as_reaching_model(sample: Sample, engine) -> dict[str, np.ndarray]:
-    """The candidate's tensor inputs as its model sees them (TorchEngine.input_view), as numpy."""
+def _as_reaching_model(sample: Sample, engine=None) -> dict[str, np.ndarray]:
+    """A sample's tensor inputs as the model of the engine that prepared it sees them: the view it
+    attached when preparing (TorchEngine.input_view), else the candidate `engine`'s view where it
+    has one, else what was prepared (vLLM, or the reference's untransformed inputs)."""
+    if sample.input_view is not None:
+        return sample.input_view
     view = getattr(engine, "input_view", None)
-    if view is None:  # an engine that does not expose them (vLLM): what it prepared
-        return {k: np.asarray(v) for k, v in sample.model_inputs.items()}
-    return view(sample)
+    return view(sample) if view is not None else {k: np.asarray(v) for k, v in sample.model_inputs.items()}
 
 
 def first_differences(rows: list[dict]) -> list[str]:

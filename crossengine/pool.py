@@ -85,12 +85,7 @@ def _worker_class():
             its inputs with the reference's (crossengine/inputs.py)."""
             from crossengine.compare import compare_batch
 
-            rows, to_score = None, batch
-            if raw is not None:
-                from crossengine.inputs import compare_inputs
-
-                own = self.engine.prepare(raw)
-                rows, to_score = compare_inputs(batch, own, self.engine)
+            rows, to_score, own = self._own_inputs(batch, raw)
             mine = self.engine.score(to_score, top_k, full_vocab)
             if raw is not None:
                 from crossengine.inputs import own_prompt_effect
@@ -103,11 +98,17 @@ def _worker_class():
         def capture(self, batch, patterns, max_positions: int, raw=None):
             """Module outputs per sample (localisation); with `raw` (an engine with `inputs: own`)
             on the samples it would score, chosen as score_and_compare chooses them."""
-            if raw is not None:
-                from crossengine.inputs import compare_inputs
+            return self.engine.capture(self._own_inputs(batch, raw)[1], patterns, max_positions)
 
-                batch = compare_inputs(batch, self.engine.prepare(raw), self.engine)[1]
-            return self.engine.capture(batch, patterns, max_positions)
+        def _own_inputs(self, batch, raw):
+            """(input rows, samples to score, own samples): without `raw` the reference's batch as is;
+            with it this engine prepares its own and compares (crossengine/inputs.py)."""
+            if raw is None:
+                return None, batch, None
+            from crossengine.inputs import compare_inputs
+
+            own = self.engine.prepare(raw)
+            return (*compare_inputs(batch, own, self.engine), own)
 
         def warm_metrics(self, vocab: int) -> float:
             """Compile the full-vocabulary metric kernel before the first batch (seconds, once per worker)."""

@@ -68,9 +68,10 @@ def print_summary(run_dir: Path, console) -> None:
 
     inputs = read_inputs(run_dir)
     differing = differing_inputs(inputs)
+    names = display_names(inputs) if inputs is not None else []
     for name, what in differing.items():  # a comparison that found nothing says what it compared
         if what == "none":
-            n = inputs[[x == name for x in display_names(inputs)]]
+            n = inputs[[x == name for x in names]]
             console.print(f"inputs of {name!r} equal the reference's on all {n['sample_id'].nunique()} samples ({', '.join(sorted(set(n['input'])))})", highlight=False)
     if meta.variants:
         console.print(ablation_table(summary, reference, differing))
