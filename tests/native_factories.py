@@ -48,11 +48,13 @@ def slow(model_path, config, device, dtype, seconds: float = 0.4):
 def die_on_length(model_path, config, device, dtype, length: int = 6):
     """The HF model, whose worker process dies (os._exit) on a sample of exactly `length` tokens."""
     import os
+    import time
 
     forward = _hf_logits(model_path, dtype, device)
 
     def run(input_ids, **inputs):
         if input_ids.shape[-1] == length:
+            time.sleep(0.5)  # let Ray send the previous batch's reply first: os._exit drops unsent replies
             os._exit(3)
         return forward(input_ids, **inputs)
 
