@@ -14,6 +14,11 @@ A worked example (tiny-text, `top_k=2`), for the token ids of "<bos> The fox":
 
 Row t holds the prediction *for* token t, made from tokens < t; row 0 is padding, so
 every array is indexed by the position of the token it scores.
+
+What an engine can do is declared once, as its `traits` (EngineTraits below), and what it
+takes in the experiment file as its `Spec` (adapters/spec.py). Placement, the pool,
+preflight, localisation, the plan and the runner read those two and never an engine's name,
+so a new engine is one file plus a registry line (or an entry point, or `type: module:Class`).
 """
 
 from __future__ import annotations
@@ -96,13 +101,62 @@ class Generation:
 
 @dataclass
 class EngineInfo:
+    """What an engine's worker reports of itself (run.json's `engines`); the fields the core reads are typed, `extra` is for people."""
+
     name: str
     engine: str
     versions: dict[str, str]
     device: str
     dtype: str
     tokenizer_fingerprint: str | None = None
+    special_ids: list[int] = field(default_factory=list)  # the reference's give the `special` modality
+    implementation: str | None = None  # which code runs the model where the type does not say (native: olmo-core or the factory)
+    gpu_ids: list[str] = field(default_factory=list)  # the GPUs Ray gave the worker (set by the pool)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EngineTraits:
+    """What an engine can do. The core reads these, never the engine's name.
+
+    Every field has the default of the most limited engine, so a new engine declares only
+    what it can do; `check_traits` (run by the registry) rejects inconsistent declarations.
+    """
+
+    full_logits: bool = True  # gives full-vocabulary logits cheaply (hf, native); False: top-k log-probs only
+    full_logits_option: str | None = None  # ... unless this boolean field of its Spec is set (vllm: full_vocab)
+    memory_share_option: str | None = None  # takes its GPU memory up front; told its share of a shared GPU through this loader option (vllm: gpu_memory_utilization)
+    loads_first: bool = False  # where engines share a GPU it loads before the others (it allocates up front)
+    needs_kv_cache: bool = False  # needs memory beyond its weights: placement adds placement.vllm_kv_cache_gb
+    expands_images: bool = False  # expands image placeholders itself from text + images; cannot prepare image prompts for others
+    captures_modules: bool = False  # `capture` gives module outputs (localisation)
+    audits_buffers: bool = False  # `audit` checks registered buffers against a fresh construction
+    lora: bool = False  # takes a LoRA adapter (`lora:`)
+    runs_model_code: bool = True  # builds the model from the checkpoint's own classes: remote code needs trust_remote_code
+    environment_hint: str | None = None  # it usually runs in its own Python environment; how to build one (said when env.python is missing)
+
+    def gives_full_logits(self, spec: Any) -> bool:
+        """Whether an engine with this spec hands over full-vocabulary logits."""
+        return self.full_logits or bool(self.full_logits_option and getattr(spec, self.full_logits_option, False))
+
+
+def check_traits(cls: type) -> str | None:
+    """Why an engine class cannot run (one line), or None: a subclass of Engine with EngineTraits and a Spec model whose fields match them."""
+    from .spec import EngineSpec
+
+    if not (isinstance(cls, type) and issubclass(cls, Engine)):
+        return f"{cls!r} is not a subclass of crossengine.adapters.base.Engine"
+    if not isinstance(getattr(cls, "traits", None), EngineTraits):
+        return f"{cls.__name__}.traits is not a crossengine.adapters.base.EngineTraits"
+    spec = getattr(cls, "Spec", None)
+    if not (isinstance(spec, type) and issubclass(spec, EngineSpec)):
+        return f"{cls.__name__}.Spec is not a subclass of crossengine.adapters.spec.EngineSpec"
+    t = cls.traits
+    if t.full_logits_option and (t.full_logits or t.full_logits_option not in spec.model_fields):
+        return f"{cls.__name__}.traits.full_logits_option {t.full_logits_option!r} must be a field of {spec.__name__}, with full_logits=False"
+    if t.loads_first and not t.memory_share_option:
+        return f"{cls.__name__}.traits.loads_first needs memory_share_option (the option that tells it its share)"
+    return None
 
 
 class SampleError(ValueError):
@@ -130,11 +184,15 @@ class SampleError(ValueError):
 class Engine(abc.ABC):
     """Load a model once, then score or generate batches of samples.
 
-    Implementations take their options from an engine spec (see crossengine.config) and must
-    be deterministic for a fixed seed. They should free device memory in `close()`.
+    Implementations take their options from `spec`, an instance of their `Spec` model
+    (adapters/spec.py), declare what they can do as `traits`, and must be deterministic for
+    a fixed seed. They should free device memory in `close()`. A method an engine's traits say
+    it lacks (capture, audit, generate, prepare) keeps the default that raises.
     """
 
     name: str = "engine"
+    traits: EngineTraits = EngineTraits()
+    Spec: type = None  # type: ignore[assignment] - the engine's pydantic options model (adapters/spec.py); set by each engine
 
     def __init__(self, spec: Any, model_path: str, instance: str, seed: int = 0):
         self.spec = spec
@@ -213,6 +271,37 @@ def render_chat(renderer, sample: RawSample, template_path: str | None, engine: 
     if template is None and not getattr(renderer, "chat_template", None):
         raise SampleError(sample.id, f"the model of engine {engine!r} has no chat template; give the engine chat_template: PATH (a Jinja file)")
     return renderer.apply_chat_template(turns, tokenize=False, add_generation_prompt=False, chat_template=template), images
+
+
+# Model types whose HF code lets each image's tokens attend to each other when token_type_ids
+# marks them (tinymolmo: the Molmo-style fixture's HF port, which copies Gemma3's choice).
+BIDIRECTIONAL_IMAGE_SPANS = ("gemma3", "gemma3n", "gemma4", "tinymolmo")
+
+
+def mask_kinds(model_type: str, input_ids: np.ndarray, model_inputs: dict[str, Any]) -> np.ndarray:
+    """Which positions the model's own mask lets attend bidirectionally: image spans, or PaliGemma's prefix.
+
+    Gemma3 (and the types beside it) makes each image span bidirectional only when token_type_ids reaches the model;
+    PaliGemma makes the whole prefix (token_type_ids == 0) bidirectional.
+    """
+    kinds = np.zeros(len(input_ids), dtype=np.int8)
+    tti = model_inputs.get("token_type_ids")
+    if tti is not None:
+        tti = np.asarray(tti).reshape(-1)[: len(input_ids)]
+        if model_type in BIDIRECTIONAL_IMAGE_SPANS:
+            kinds[tti == 1] = ATTENTIONS.index("bidirectional")
+        elif model_type == "paligemma":
+            kinds[tti == 0] = ATTENTIONS.index("bidirectional")
+    return kinds
+
+
+def text_modality(ids: np.ndarray, special_ids, image_token_id: int | None) -> np.ndarray:
+    """text | image | special per position, from the reference tokenizer's special ids."""
+    out = np.zeros(len(ids), dtype=np.int8)
+    out[np.isin(ids, np.asarray(sorted(set(special_ids)), dtype=np.int64))] = MODALITIES.index("special")
+    if image_token_id is not None:
+        out[ids == image_token_id] = MODALITIES.index("image")
+    return out
 
 
 def vocab_error(sample: Sample, vocab_size: int, engine: str) -> SampleError | None:

@@ -6,14 +6,31 @@ What it shares with the native engine (tokenisation, inputs, arrays) is in torch
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
-from .base import EngineInfo, Generation, Sample, SampleError, lora_info
-from .torch_engine import TorchEngine
+from pydantic import Field, model_validator
+
+from .base import EngineInfo, EngineTraits, Generation, Sample, SampleError, lora_info
+from .torch_engine import TorchEngine, TorchSpec
+
+
+class HFSpec(TorchSpec):
+    """transformers' own fields; `options` are `from_pretrained` keyword arguments."""
+
+    attn_implementation: Optional[str] = Field(None, description="HF attention backend: eager, sdpa, flash_attention_2 ...")
+    lora_merge: bool = Field(False, description="Merge the LoRA adapter into the weights before scoring (PEFT merge_and_unload).")
+
+    @model_validator(mode="after")
+    def _merge_needs_adapter(self) -> "HFSpec":
+        if self.lora_merge and not self.lora:
+            raise ValueError("lora_merge needs a lora adapter")
+        return self
 
 
 class HFEngine(TorchEngine):
     name = "hf"
+    Spec = HFSpec
+    traits = EngineTraits(captures_modules=True, audits_buffers=True, lora=True)
 
     def _load_model(self, common: dict):
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText

@@ -21,16 +21,57 @@ HF-only behaviour (transformers' loading, PEFT, generation) is not inherited.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
+
+from pydantic import Field, field_validator, model_validator
 
 from . import import_ref
-from .torch_engine import TorchEngine
+from .base import EngineTraits
+from .spec import check_callable_ref
+from .torch_engine import TorchEngine, TorchSpec
 
 OLMO_CORE_TYPES = ("olmo2",)
 
 
+class NativeSpec(TorchSpec):
+    """The training code's own fields: how to build the model, prepare inputs and render chats."""
+
+    factory: Optional[str] = Field(None, description="'module:function' returning the model (called with model_path, config, device, dtype, lora?, **options).")
+    preprocess: Optional[str] = Field(None, description="'module:function': the training code's input pipeline, (text, images, engine, add_special_tokens) -> inputs.")
+    chat_format: Optional[str] = Field(
+        None, description="'module:function' rendering `messages` (list of {role, content}) to the prompt text, as the training code does."
+    )
+
+    @field_validator("factory", "preprocess", "chat_format")
+    @classmethod
+    def _refs(cls, v: Optional[str]) -> Optional[str]:
+        return check_callable_ref(v)
+
+    @model_validator(mode="after")
+    def _fits(self) -> "NativeSpec":
+        from .patches import BUILTIN
+
+        if self.chat_format and self.chat_template:
+            raise ValueError("give chat_format (native code) or chat_template (a Jinja file), not both")
+        builtin = [p for p in self.patches if p in BUILTIN]
+        if builtin:
+            raise ValueError(f"built-in patches ({', '.join(builtin)}) change a transformers model; a native engine takes 'module:function' patches")
+        return self
+
+    def user_code(self) -> list[tuple[tuple, str]]:
+        refs = [((f,), getattr(self, f)) for f in ("factory", "preprocess", "chat_format") if getattr(self, f)]
+        return refs + super().user_code()
+
+    @property
+    def input_pipeline(self) -> Optional[str]:
+        return self.preprocess
+
+
 class NativeEngine(TorchEngine):
     name = "native"
+    Spec = NativeSpec
+    # reads a remote-code config as plain fields and runs its own code, never the port's
+    traits = EngineTraits(captures_modules=True, audits_buffers=True, lora=True, runs_model_code=False)
 
     def _load_config(self, common: dict):
         from transformers import PretrainedConfig
@@ -129,7 +170,7 @@ class NativeEngine(TorchEngine):
 
     def info(self):
         info = super().info()
-        info.extra["native"] = self.kind
+        info.implementation = self.kind
         from importlib.metadata import PackageNotFoundError, version
 
         try:

@@ -17,21 +17,43 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from pydantic import Field, field_validator
 
 from .base import (
-    ATTENTIONS,
-    MODALITIES,
     Engine,
     EngineInfo,
     RawSample,
     Sample,
     SampleError,
     TokenLogprobs,
+    mask_kinds,
     render_chat,
+    text_modality,
     tokenizer_fingerprint,
     vocab_error,
     topk_from_logprobs,
 )
+from .spec import CALLABLE_REF, EngineSpec
+
+
+class TorchSpec(EngineSpec):
+    """Fields of the engines that run a torch module in the worker (hf, native)."""
+
+    drop_inputs: list[str] = Field(default_factory=list, description="Model inputs to withhold, e.g. token_type_ids.")
+    patches: list[str] = Field(default_factory=list, description="Built-in patch names (hf) or 'module:function' refs.")
+
+    @field_validator("patches")
+    @classmethod
+    def _patch_names(cls, v: list[str]) -> list[str]:
+        from .patches import BUILTIN
+
+        for ref in v:
+            if ref not in BUILTIN and not CALLABLE_REF.match(ref):
+                raise ValueError(f"unknown patch {ref!r}; built-in patches: {', '.join(sorted(BUILTIN))}, or 'package.module:function'")
+        return v
+
+    def user_code(self) -> list[tuple[tuple, str]]:
+        return [(("patches", j), p) for j, p in enumerate(self.patches) if CALLABLE_REF.match(p)]
 
 
 def resolve_device(device: str | None) -> str:
@@ -47,37 +69,6 @@ def torch_dtype(name: str):
     import torch
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-# Model types whose HF code lets each image's tokens attend to each other when token_type_ids
-# marks them (tinymolmo: the Molmo-style fixture's HF port, which copies Gemma3's choice).
-BIDIRECTIONAL_IMAGE_SPANS = ("gemma3", "gemma3n", "gemma4", "tinymolmo")
-
-
-def mask_kinds(model_type: str, input_ids: np.ndarray, model_inputs: dict[str, Any]) -> np.ndarray:
-    """Which positions the model's own mask lets attend bidirectionally: image spans, or PaliGemma's prefix.
-
-    Gemma3 (and the types beside it) makes each image span bidirectional only when token_type_ids reaches the model;
-    PaliGemma makes the whole prefix (token_type_ids == 0) bidirectional.
-    """
-    kinds = np.zeros(len(input_ids), dtype=np.int8)
-    tti = model_inputs.get("token_type_ids")
-    if tti is not None:
-        tti = np.asarray(tti).reshape(-1)[: len(input_ids)]
-        if model_type in BIDIRECTIONAL_IMAGE_SPANS:
-            kinds[tti == 1] = ATTENTIONS.index("bidirectional")
-        elif model_type == "paligemma":
-            kinds[tti == 0] = ATTENTIONS.index("bidirectional")
-    return kinds
-
-
-def text_modality(ids: np.ndarray, special_ids, image_token_id: int | None) -> np.ndarray:
-    """text | image | special per position, from the reference tokenizer's special ids."""
-    out = np.zeros(len(ids), dtype=np.int8)
-    out[np.isin(ids, np.asarray(sorted(set(special_ids)), dtype=np.int64))] = MODALITIES.index("special")
-    if image_token_id is not None:
-        out[ids == image_token_id] = MODALITIES.index("image")
-    return out
 
 
 def versions() -> dict[str, str]:
@@ -135,10 +126,10 @@ class TorchEngine(Engine):
             device=self.device,
             dtype=str(self.spec.dtype),
             tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
+            special_ids=sorted(int(i) for i in self.tokenizer.all_special_ids),
             extra={
                 "model_type": self.config.model_type,
                 "vocab_size": int(self.vocab_size),
-                "special_ids": sorted(int(i) for i in self.tokenizer.all_special_ids),
                 "patches": self.patch_report,
             },
         )

@@ -20,8 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from .base import Engine, EngineInfo, Generation, RawSample, Sample, SampleError, TokenLogprobs, lora_info, render_chat, tokenizer_fingerprint, vocab_error
-from .torch_engine import mask_kinds
+from .base import (
+    Engine, EngineInfo, EngineTraits, Generation, RawSample, Sample, SampleError, TokenLogprobs, lora_info, mask_kinds, render_chat, text_modality,
+    tokenizer_fingerprint, vocab_error,
+)
+from .spec import EngineSpec
+from pydantic import Field
 
 _CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2"}  # GiB; vLLM-CPU refuses to start without room
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
@@ -47,8 +51,22 @@ def flat_to_arrays(flat, n_positions: int, k: int, first_scored: int) -> tuple[n
     return token_lp, topk_ids, topk_lp
 
 
+class VLLMSpec(EngineSpec):
+    """vLLM's own fields; `options` are `vllm.LLM` keyword arguments."""
+
+    full_vocab: bool = Field(
+        False, description="Return the whole distribution at every position (prompt_logprobs=-1): exact full-vocabulary KL and rank "
+        "instead of top-k, at the cost of V log-probs per position through vLLM's output."
+    )
+
+
 class VLLMEngine(Engine):
     name = "vllm"
+    Spec = VLLMSpec
+    traits = EngineTraits(
+        full_logits=False, full_logits_option="full_vocab", memory_share_option="gpu_memory_utilization", loads_first=True,
+        needs_kv_cache=True, expands_images=True, lora=True, environment_hint="build it with scripts/setup-vllm-env.sh",
+    )
 
     def __init__(self, spec, model_path: str, instance: str, seed: int = 0):
         super().__init__(spec, model_path, instance, seed)
@@ -102,11 +120,11 @@ class VLLMEngine(Engine):
             device="cpu" if self.is_cpu else "cuda",
             dtype=str(self.spec.dtype),
             tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
+            special_ids=sorted(int(i) for i in self.tokenizer.all_special_ids),
             extra={
                 "model_type": self.hf_config.model_type,
                 "vocab_size": int(self.vocab_size),
                 "max_model_len": int(self.max_model_len),
-                "special_ids": sorted(int(i) for i in self.tokenizer.all_special_ids),
                 **({"lora": lora_info(self.spec.lora)} if self.spec.lora else {}),
             },
         )
@@ -118,7 +136,6 @@ class VLLMEngine(Engine):
 
     def prepare(self, raw: list[RawSample]) -> list[Sample | SampleError]:
         """Text and raw ids only: image prompts are expanded by an HF processor as the reference."""
-        from .torch_engine import text_modality
 
         out: list[Sample | SampleError] = []
         for r in raw:

@@ -18,7 +18,7 @@ def build_bench_model(out: Path, vocab: int = 32000, hidden: int = 512, layers: 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from crossengine.fixtures import _fast_tokenizer
+    from crossengine.experiment.fixtures import _fast_tokenizer
 
     if (out / "config.json").exists():
         return out

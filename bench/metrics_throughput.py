@@ -4,7 +4,7 @@
 
 All three compute the full-vocabulary columns (both log-probs, KL both ways, cosine, argmaxes,
 exact rank) of one T×V pair of float32 logits, in this process, best of 3:
-- fused: crossengine.metrics._full_vocab_metrics (torch.compile'd `_fused_rows`), after one
+- fused: crossengine.compare.metrics._full_vocab_metrics (torch.compile'd `_fused_rows`), after one
   warm-up call that compiles it;
 - previous: the kernel crossengine shipped before (ad6ed58), eager torch, one op per pass,
   kept here verbatim as the baseline;
@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from crossengine.metrics import _full_vocab_metrics
+from crossengine.compare.metrics import _full_vocab_metrics
 
 
 def previous_kernel(ref_logits: np.ndarray, cand_logits: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from crossengine.fixtures import ensure_fixture
+from crossengine.experiment.fixtures import ensure_fixture
 from crossengine.monitor import KLMonitor
 
 B, T = 32, 4096

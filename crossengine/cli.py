@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .errors import CrossengineError
+from crossengine.errors import CrossengineError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compare log-probabilities of one model across inference engines.")
 fixtures_app = typer.Typer(no_args_is_help=True, help="Tiny offline models (tiny-text, tiny-vision).")
@@ -33,9 +33,10 @@ def _fail(exc: Exception, code: int = 2) -> None:
 
 def _plan(experiment: Path, run_id: Optional[str], output_dir: Optional[Path], localize: bool = False):
     """Load, resolve and preflight an experiment: every check that needs no Ray and no weights."""
-    from .config import LocalizeSpec, load_experiment
-    from .plan import make_plan
-    from .preflight import preflight
+    from crossengine.experiment.load import load_experiment
+    from crossengine.experiment.schema import LocalizeSpec
+    from crossengine.experiment.plan import make_plan
+    from crossengine.experiment.preflight import preflight
 
     exp = load_experiment(experiment)
     if localize:
@@ -50,7 +51,7 @@ def _plan(experiment: Path, run_id: Optional[str], output_dir: Optional[Path], l
 
 def _execute(runner) -> Path:
     """Run; one line and exit 2 on any crossengine error, 130 on Ctrl-C, 143 on SIGTERM."""
-    from .runner import Terminated
+    from crossengine.run.runner import Terminated
 
     try:
         return runner.run()
@@ -76,8 +77,8 @@ def run(
     num_gpus: Optional[float] = _NUM_GPUS,
 ) -> None:
     """Run an experiment: every engine scores the samples; per-token Parquet and a summary come out."""
-    from .report import print_summary
-    from .runner import Runner
+    from crossengine.report.terminal import print_summary
+    from crossengine.run.runner import Runner
 
     try:
         plan = _plan(experiment, run_id, output_dir)
@@ -103,7 +104,7 @@ def localize(
     num_gpus: Optional[float] = _NUM_GPUS,
 ) -> None:
     """Find the first module and token where each hf/native candidate leaves the reference; audit buffers."""
-    from .runner import Runner
+    from crossengine.run.runner import Runner
 
     try:
         plan = _plan(experiment, run_id, output_dir, localize=True)
@@ -128,14 +129,14 @@ def _html_path(html: bool, out: Optional[Path], default: Path) -> Optional[Path]
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A results/<run_id> folder."), html: bool = _HTML, out: Optional[Path] = _OUT) -> None:
     """Print the summary table of a finished run; --html writes its report page (RUN/report.html, or --out PATH)."""
-    from .report import print_summary
+    from crossengine.report.terminal import print_summary
 
     if not (run_dir / "summary.parquet").exists():
         _fail(CrossengineError(f"{run_dir}: no summary.parquet (not a finished run)"))
     print_summary(run_dir, console)
     page = _html_path(html, out, run_dir / "report.html")
     if page is not None:
-        from .html_report import run_report
+        from crossengine.report.html import run_report
 
         console.print(f"report: {run_report(run_dir, page)}")
 
@@ -147,8 +148,9 @@ def compare(
     html: Optional[str] = typer.Option(None, "--html", help="Also write the comparison as an HTML page at this path."),
 ) -> None:
     """Two runs of the same samples side by side: every metric per candidate/variant and split, with the change."""
-    from .html_report import compare_report, compare_runs
-    from .report import compare_view
+    from crossengine.compare.runs import compare_runs
+    from crossengine.report.html import compare_report
+    from crossengine.report.terminal import compare_view
 
     for d in (run_a, run_b):
         if not (d / "summary.parquet").exists():
@@ -172,13 +174,13 @@ def monitor(
     out: Optional[Path] = _OUT,
 ) -> None:
     """Show an RL monitor's steps (metrics, sparklines, threshold marks) or one step's worst tokens."""
-    from . import monitor_view
+    from crossengine.report import monitor_view
 
     if not (out_dir / "steps").exists():
         _fail(CrossengineError(f"{out_dir}: no steps/ folder (not a KLMonitor output)"))
     page = _html_path(html, out, out_dir / "monitor.html")
     if page is not None:
-        from .html_report import monitor_report
+        from crossengine.report.html import monitor_report
 
         console.print(f"report: {monitor_report(out_dir, page)}")
         return
@@ -199,9 +201,37 @@ def monitor(
 @app.command()
 def schema() -> None:
     """Print the experiment file's JSON Schema (for editor completion and validation)."""
-    from .config import json_schema
+    from crossengine.experiment.schema import json_schema
 
     sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
+
+
+@app.command()
+def engines() -> None:
+    """List every registered engine type (built-in, entry points of `crossengine.engines`) with its own fields and traits."""
+    import dataclasses
+
+    from rich.table import Table
+
+    from crossengine.adapters import BUILTIN, UnknownEngine, engine_class, registered
+    from crossengine.adapters.base import EngineTraits
+    from crossengine.adapters.spec import EngineSpec
+
+    table = Table(title="engine types ('package.module:Class' also works as a type)", show_lines=True)
+    for col in ("type", "class", "from", "its own fields", "traits (beyond the defaults)"):
+        table.add_column(col, overflow="fold")
+    for kind, ref in sorted(registered().items()):
+        source = "built-in" if kind in BUILTIN else "entry point"
+        try:
+            cls = engine_class(kind)
+        except UnknownEngine as exc:
+            table.add_row(kind, ref, source, "", f"[red]{exc}[/red]")
+            continue
+        own = [f for f in cls.Spec.model_fields if f not in EngineSpec.model_fields]
+        traits = [f"{f.name}={getattr(cls.traits, f.name)}" for f in dataclasses.fields(EngineTraits)
+                  if getattr(cls.traits, f.name) != f.default]
+        table.add_row(kind, ref, source, ", ".join(own) or "-", ", ".join(traits) or "-")
+    console.print(table)
 
 
 @app.command()
@@ -217,7 +247,7 @@ def validate(experiment: Path = typer.Argument(..., help="Experiment YAML file."
 @fixtures_app.command("build")
 def fixtures_build(names: Optional[list[str]] = typer.Argument(None, help="Fixture names (default: all).")) -> None:
     """Build the tiny offline fixtures (done automatically when an experiment names one)."""
-    from .fixtures import FIXTURES, ensure_fixture
+    from crossengine.experiment.fixtures import FIXTURES, ensure_fixture
 
     for name in names or list(FIXTURES):
         if name not in FIXTURES:

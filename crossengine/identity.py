@@ -8,17 +8,9 @@ the two reserved values, so the three can never be confused in the Parquet.
 
 from __future__ import annotations
 
-from enum import Enum
-
 BASE = "base"
 SAMPLED = "sampled"
 RESERVED = (BASE, SAMPLED)
-
-
-class Role(str, Enum):
-    REFERENCE = "reference"
-    CANDIDATE = "candidate"
-    SAMPLED = "sampled"
 
 
 def display_name(cand_engine: str, variant: str) -> str:

@@ -11,7 +11,7 @@
 
 Inputs are batch × tokens arrays (torch or numpy): the generator's log-prob of each sampled
 token, the trainer's log-prob of the same token, and a mask of the tokens that count. The
-metrics are exactly crossengine's (one implementation, crossengine.frameworks), so a number
+metrics are exactly crossengine's (one implementation, crossengine.compare.frameworks), so a number
 here means what it means in a run summary and in the trainer it is named after.
 
 Per step, one row goes to DIR/steps/ and the N worst tokens (by gen_kl) to DIR/worst/, as
@@ -31,10 +31,10 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from .adapters.base import MODALITIES
-from .frameworks import framework_metrics
-from .metrics import sampled_token_metrics
-from .results import write_json, write_table
+from crossengine.adapters.base import MODALITIES
+from crossengine.compare.frameworks import framework_metrics
+from crossengine.compare.metrics import sampled_token_metrics
+from crossengine.results import write_json, write_table
 
 log = logging.getLogger("crossengine.monitor")
 

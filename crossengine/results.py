@@ -24,10 +24,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .adapters.base import ATTENTIONS, MODALITIES
-from .compare import TokenRows
-from .run_meta import RunMeta
-from .metrics import METRIC_COLUMNS
+from crossengine.adapters.base import ATTENTIONS, MODALITIES
+from crossengine.compare.tokens import TokenRows
+from crossengine.run_meta import RunMeta
+from crossengine.compare.metrics import METRIC_COLUMNS
 
 SCHEMA_VERSION = 2  # 2: + nonfinite
 _DICT = pa.dictionary(pa.int32(), pa.string())
@@ -165,7 +165,7 @@ class RunDir:
 
     def acquire(self) -> None:
         """Create the folder and lock it; one-line errors for an unwritable place or a live holder."""
-        from .errors import CrossengineError
+        from crossengine.errors import CrossengineError
 
         missing = []
         p = self.root
@@ -194,7 +194,7 @@ class RunDir:
     def _try_lock(self) -> int | None:
         import fcntl
 
-        from .errors import CrossengineError
+        from crossengine.errors import CrossengineError
 
         path = self.root / self.LOCK
         try:

@@ -18,7 +18,7 @@ import logging
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from crossengine.fixtures import ensure_fixture
+from crossengine.experiment.fixtures import ensure_fixture
 from crossengine.monitor import KLMonitor
 
 PROMPTS = ["The quick brown fox", "When two engines disagree", "In the morning the river", "Numbers are computed"]

@@ -54,9 +54,9 @@ def run_text(tmp_path_factory, name: str, text: str, **kwargs):
 
 def run_experiment(path: Path, output_dir: Path, run_id: str = "t", **kwargs):
     """Run an experiment in-process on the session's Ray cluster; returns the run folder."""
-    from crossengine.config import load_experiment
-    from crossengine.plan import make_plan
-    from crossengine.runner import Runner
+    from crossengine.experiment.load import load_experiment
+    from crossengine.experiment.plan import make_plan
+    from crossengine.run.runner import Runner
 
     plan = make_plan(load_experiment(path), path, run_id=run_id, output_dir=output_dir)
     runner = Runner(plan, **kwargs)

@@ -85,7 +85,7 @@ def vision_run(ray_cluster, tmp_path_factory):
 def _tokenizer():
     from transformers import AutoTokenizer
 
-    from crossengine.fixtures import ensure_fixture
+    from crossengine.experiment.fixtures import ensure_fixture
 
     return AutoTokenizer.from_pretrained(ensure_fixture("tiny-text"))
 
@@ -140,7 +140,7 @@ def test_own_inputs_find_a_template_mismatch_at_its_first_token(text_run):
     assert qwen["token_id"].tolist() == a[1:], "qwen was scored on the reference's ids"
     from rich.console import Console
 
-    from crossengine.report import print_summary
+    from crossengine.report.terminal import print_summary
 
     console = Console(record=True, width=250)
     print_summary(text_run, console)
@@ -165,7 +165,7 @@ def test_pixels_normalised_elsewhere_are_found_with_their_difference(vision_run)
     from PIL import Image
     from transformers import AutoProcessor
 
-    from crossengine.fixtures import ensure_fixture
+    from crossengine.experiment.fixtures import ensure_fixture
 
     inputs = pd.read_parquet(vision_run / "inputs")
     row = inputs[(inputs["cand_engine"] == "device") & (inputs["sample_id"] == "look")].set_index("input").loc["pixel_values"]

@@ -38,11 +38,11 @@ def _in_process_tokens(path, run_dir) -> pd.DataFrame:
     import torch
 
     from crossengine.adapters.hf import HFEngine
-    from crossengine.compare import CompareOptions, compare_batch
-    from crossengine.config import load_experiment
-    from crossengine.plan import make_plan
+    from crossengine.compare.tokens import CompareOptions, compare_batch
+    from crossengine.experiment.load import load_experiment
+    from crossengine.experiment.plan import make_plan
     from crossengine.results import token_table
-    from crossengine.runner import raw_sample
+    from crossengine.run.runner import raw_sample
 
     plan = make_plan(load_experiment(path), path, run_id="in-process", output_dir=run_dir.parent)
     exp = plan.experiment

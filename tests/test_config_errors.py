@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from crossengine.cli import app
-from crossengine.config import load_experiment
+from crossengine.experiment.load import load_experiment
 
 GOOD = """\
 model: tiny-text
@@ -29,14 +29,20 @@ CASES = [
     ("missing image file", GOOD.replace("- text: hello there", "- text: look <start_of_image>\n    images: [data/nope.png]"), ["samples[0].images[0]", "nope.png"], 8),
     ("empty samples", GOOD.replace("  - text: hello there\n", "").replace("samples:", "samples: []"), ["samples", "at least 1"], 6),
     ("bad top_k", GOOD + "top_k: 0\n", ["top_k", "greater than or equal to 1"], 8),
-    ("unknown engine type", GOOD.replace("{type: hf}", "{type: tensorrt}"), ["engines.a.type", "'hf', 'vllm' or 'native'"], 4),
+    ("unknown engine type", GOOD.replace("{type: hf}", "{type: tensorrt}"), ["engines.a.type", "'hf', 'native', 'vllm'", "package.module:Class"], 4),
+    ("engine class that does not import", GOOD.replace("{type: hf}", "{type: 'nowhere.engines:Fast'}"), ["engines.a.type", "cannot import", "nowhere"], 4),
+    ("engine class that is no Engine", GOOD.replace("{type: hf}", "{type: 'collections:OrderedDict'}"), ["engines.a.type", "not a subclass", "Engine"], 4),
+    ("another engine's field", GOOD.replace("{type: hf}", "{type: hf, full_vocab: true}"), ["engines.a.full_vocab", "not a field of hf engines", "vllm"], 4),
+    ("a variant field its engine does not take", GOOD + "variants:\n  c: {engine: b, factory: 'x.y:z'}\n",
+     ["variants.c.factory", "not a field of hf engines", "native"], 9),
+    ("a variant that changes type", GOOD + "variants:\n  c: {engine: b, type: vllm}\n", ["variants.c", "its engine's type"], 9),
     ("duplicate engine names", GOOD.replace("  b: {type: hf, attn", "  a: {type: hf, attn"), ["engines.a", "duplicate key 'a'"], 5),
     ("yaml syntax error", GOOD + "samples: [unclosed\n", ["YAML error"], None),
     ("reference not an engine", GOOD.replace("reference: a", "reference: z"), ["reference", "'z' is not one of the engines"], 2),
     ("bad dtype", GOOD.replace("{type: hf}", "{type: hf, dtype: fp8}"), ["engines.a.dtype"], 4),
     ("missing model directory", GOOD.replace("tiny-text", "./models/not-here"), ["model", "no such model directory"], 1),
     ("sample with two sources", GOOD.replace("- text: hello there", "- {text: hi, token_ids: [1, 2]}"), ["samples[0]", "exactly one of"], 7),
-    ("factory on an hf engine", GOOD.replace("{type: hf}", "{type: hf, factory: 'x.y:z'}"), ["engines.a", "native"], 4),
+    ("factory on an hf engine", GOOD.replace("{type: hf}", "{type: hf, factory: 'x.y:z'}"), ["engines.a.factory", "native"], 4),
     ("chat turn with an unknown role", GOOD.replace("- text: hello there", "- messages:\n    - {role: user, content: hi}\n    - {role: robot, content: beep}"),
      ["samples[0].messages[1].role", "'system', 'user' or 'assistant'"], 9),
     ("chat image part without a file", GOOD.replace("- text: hello there", "- messages:\n    - role: user\n      content:\n        - {type: image, path: data/nope.png}"),
@@ -49,7 +55,7 @@ CASES = [
     ("inputs own outside score mode", GOOD.replace("{type: hf, attn_implementation: eager}", "{type: hf, inputs: own}") + "mode: generate\n",
      ["mode", "score only"], 8),
     ("chat_format on an hf engine", GOOD.replace("{type: hf, attn_implementation: eager}", "{type: hf, chat_format: 'x.y:z'}"),
-     ["engines.b", "native engines"], 5),
+     ["engines.b.chat_format", "native engines"], 5),
     ("native reference's own image inputs to an hf engine",
      GOOD.replace("  a: {type: hf}", "  a: {type: native, factory: 'x.y:z', preprocess: 'x.y:p'}").replace("- text: hello there", "- text: look <image>\n    images: [data/gradient.png]"),
      ["engines.b", "own preprocess", "inputs: own"], 5),
@@ -102,7 +108,7 @@ def test_json_schema_command():
 
 def test_every_shipped_experiment_validates():
     from crossengine.errors import ExperimentError
-    from crossengine.plan import make_plan
+    from crossengine.experiment.plan import make_plan
 
     from .conftest import EXPERIMENTS
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from crossengine.adapters.base import RawSample
 from crossengine.adapters.inspect import audit_buffers
 from crossengine.cli import app
-from crossengine.fixtures import ensure_fixture
+from crossengine.experiment.fixtures import ensure_fixture
 
 from .conftest import EXPERIMENTS, run_experiment
 
@@ -92,9 +92,9 @@ def test_a_capture_that_matches_nothing_says_why(ray_cluster, tmp_path):
 
 def _engine_captures(kind: str, fixture: str):
     from crossengine.adapters import engine_class
-    from crossengine.config import EngineSpec
+    from crossengine.adapters import make_spec
 
-    engine = engine_class(kind)(EngineSpec(type=kind, dtype="float32", device="cpu"), str(ensure_fixture(fixture)), kind)
+    engine = engine_class(kind)(make_spec(dict(type=kind, dtype="float32", device="cpu")), str(ensure_fixture(fixture)), kind)
     sample = engine.prepare([RawSample("s", "The quick brown fox jumps over the lazy dog.")])[0]
     return engine.capture([sample], None)[0]
 
@@ -102,7 +102,7 @@ def _engine_captures(kind: str, fixture: str):
 def test_hf_and_olmo_core_align_without_the_built_in_map():
     """Two implementations, two naming schemes: forward order, shape and values pair them as the map does."""
     pytest.importorskip("olmo_core", reason="OLMo-core (ai2-olmo-core) is not installed")
-    from crossengine.localize import canonical, compare
+    from crossengine.compare.localize import canonical, compare
 
     hf, olmo = _engine_captures("hf", "tiny-olmo2"), _engine_captures("native", "tiny-olmo2")
     key = lambda caps, kind: [{**c, "key": canonical(c["name"], kind, {})} for c in caps]  # noqa: E731
@@ -125,14 +125,14 @@ def test_a_key_missing_from_the_checkpoint_is_flagged_by_name(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from crossengine.adapters.hf import HFEngine
-    from crossengine.config import EngineSpec
+    from crossengine.adapters import make_spec
 
     src = ensure_fixture("tiny-text")
     shutil.copytree(src, tmp_path / "m")
     weights = load_file(tmp_path / "m" / "model.safetensors")
     del weights[NUDGED]
     save_file(weights, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
-    engine = HFEngine(EngineSpec(type="hf", dtype="float32", device="cpu"), str(tmp_path / "m"), "holey")
+    engine = HFEngine(make_spec(dict(type="hf", dtype="float32", device="cpu")), str(tmp_path / "m"), "holey")
     flagged = {r["buffer"]: r for r in engine.audit() if not r["ok"]}
     assert NUDGED in flagged and flagged[NUDGED]["kind"] == "parameter"
     assert "missing from the checkpoint" in flagged[NUDGED]["issues"][0]

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from crossengine.adapters.base import RawSample
 from crossengine.cli import app
-from crossengine.fixtures import ensure_fixture
+from crossengine.experiment.fixtures import ensure_fixture
 
 from .conftest import run_experiment
 
@@ -81,8 +81,8 @@ def test_the_vision_adapter_covers_the_vision_tower():
     import torch
 
     from crossengine.adapters.hf import HFEngine
-    from crossengine.config import EngineSpec
-    from crossengine.preflight import adapter_modules
+    from crossengine.adapters import make_spec
+    from crossengine.experiment.preflight import adapter_modules
 
     adapter = ensure_fixture("tiny-vision-lora")
     modules = adapter_modules(str(adapter))
@@ -90,7 +90,7 @@ def test_the_vision_adapter_covers_the_vision_tower():
     from .conftest import EXPERIMENTS
 
     raw = [RawSample("img", "Look <start_of_image> here", [str(EXPERIMENTS / "data" / "gradient.png")])]
-    spec = EngineSpec(type="hf", dtype="float32", device="cpu")
+    spec = make_spec(dict(type="hf", dtype="float32", device="cpu"))
     base = HFEngine(spec, str(ensure_fixture("tiny-vision")), "base")
     tuned = HFEngine(spec.model_copy(update={"lora": str(adapter)}), str(ensure_fixture("tiny-vision")), "tuned")
     sample = base.prepare(raw)[0]

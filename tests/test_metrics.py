@@ -10,8 +10,8 @@ import pytest
 
 from crossengine import metrics
 from crossengine.adapters.base import TokenLogprobs
-from crossengine.frameworks import framework_metrics
-from crossengine.metrics import METRIC_COLUMNS, token_metrics
+from crossengine.compare.frameworks import framework_metrics
+from crossengine.compare.metrics import METRIC_COLUMNS, token_metrics
 
 T, V, K = 40, 300, 8
 

@@ -50,7 +50,7 @@ def _port_and_native():
     from PIL import Image
     from transformers import AutoProcessor
 
-    from crossengine.fixtures import ensure_fixture
+    from crossengine.experiment.fixtures import ensure_fixture
     from crossengine.training_code import tinymolmo
 
     processor = AutoProcessor.from_pretrained(ensure_fixture("tiny-molmo"), trust_remote_code=True)
@@ -88,7 +88,7 @@ def test_the_own_prompt_effect_equals_an_in_process_computation(fp32):
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from crossengine.fixtures import ensure_fixture
+    from crossengine.experiment.fixtures import ensure_fixture
 
     processor, native, image = _port_and_native()
     model = AutoModelForImageTextToText.from_pretrained(ensure_fixture("tiny-molmo"), trust_remote_code=True, dtype=torch.float32).eval()
@@ -158,7 +158,7 @@ def test_the_shipped_ablation_says_which_difference_matters(shipped):
     assert kl["fix-template"] == kl["hf-port"]
     assert kl["fix-causal"] < kl["hf-port"] / 10 and kl["fix-causal"] < kl["fix-pixels"]
     assert kl["all-fixes"] == kl.min()
-    from crossengine.inputs import differing_inputs
+    from crossengine.compare.inputs import differing_inputs
 
     differing = differing_inputs(pd.read_parquet(shipped / "inputs"))
     assert differing["all-fixes"] == "none"

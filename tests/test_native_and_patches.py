@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from crossengine.adapters.base import RawSample
 from crossengine.adapters.hf import HFEngine
 from crossengine.cli import app
-from crossengine.config import EngineSpec
-from crossengine.fixtures import ensure_fixture
+from crossengine.adapters import make_spec
+from crossengine.experiment.fixtures import ensure_fixture
 
 from .conftest import EXPERIMENTS, REPO, run_experiment
 
@@ -37,7 +37,7 @@ def _sdpa_calls(engine) -> list[dict]:
 
 
 def _engine(patches: list[str], model: str = "tiny-text") -> HFEngine:
-    return HFEngine(EngineSpec(type="hf", dtype="float32", device="cpu", attn_implementation="sdpa", patches=patches), str(ensure_fixture(model)), "hf")
+    return HFEngine(make_spec(dict(type="hf", dtype="float32", device="cpu", attn_implementation="sdpa", patches=patches)), str(ensure_fixture(model)), "hf")
 
 
 def test_gqa_patch_changes_the_attention_call():

@@ -17,9 +17,10 @@ import yaml
 from typer.testing import CliRunner
 
 from crossengine.cli import app
-from crossengine.config import PlacementSpec, load_experiment
-from crossengine.placement import Cluster, PlacementError, plan_placement, safetensors_parameters
-from crossengine.plan import make_plan
+from crossengine.experiment.load import load_experiment
+from crossengine.experiment.schema import PlacementSpec
+from crossengine.run.placement import Cluster, PlacementError, plan_placement, safetensors_parameters
+from crossengine.experiment.plan import make_plan
 
 from .conftest import REPO, run_experiment
 
@@ -88,7 +89,7 @@ def test_asking_for_gpus_on_a_cpu_cluster_is_an_error_not_a_hang(write_experimen
 def test_footprint_is_read_from_safetensors_headers():
     from transformers import AutoModelForCausalLM
 
-    from crossengine.fixtures import ensure_fixture
+    from crossengine.experiment.fixtures import ensure_fixture
 
     path = ensure_fixture("tiny-text")
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -129,7 +130,7 @@ def test_one_advertised_gpu_three_engines_with_num_gpus_1_completes(write_experi
     meta = json.loads((out / "g1" / "run.json").read_text())
     engines = {e["engine"]: e for e in meta["placement"]["engines"]}
     assert {e["gpus"] for e in engines.values()} == {0.33}
-    assert all(meta["engines"][n]["extra"]["gpu_ids"] == ["0"] for n in engines), "Ray assigned the (advertised) GPU"
+    assert all(meta["engines"][n]["gpu_ids"] == ["0"] for n in engines), "Ray assigned the (advertised) GPU"
     assert all(meta["engines"][n]["device"] == "cpu" for n in engines), "device auto: torch sees no CUDA here"
     expected = no_gpu_tokens[no_gpu_tokens["cand_engine"] != "same"].reset_index(drop=True)
     pd.testing.assert_frame_equal(_tokens(out / "g1"), expected, check_categorical=False)

@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from crossengine.cli import app
-from crossengine.config import load_experiment
+from crossengine.experiment.load import load_experiment
 from crossengine.results import RunDir
 
 from .conftest import REPO, run_experiment
@@ -125,7 +125,7 @@ samples:
 
 @pytest.fixture(scope="module")
 def faulty_run(ray_cluster, tmp_path_factory):
-    from crossengine.fixtures import ensure_fixture
+    from crossengine.experiment.fixtures import ensure_fixture
     from transformers import AutoConfig
 
     limit = AutoConfig.from_pretrained(ensure_fixture("tiny-text")).max_position_embeddings

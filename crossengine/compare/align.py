@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .adapters.base import Sample, SampleError, TokenLogprobs
+from crossengine.adapters.base import Sample, SampleError, TokenLogprobs
 
 
 def first_difference(a: np.ndarray, b: np.ndarray) -> int | None:

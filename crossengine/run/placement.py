@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CrossengineError
-from .plan import EngineInstance
+from crossengine.errors import CrossengineError
+from crossengine.experiment.plan import EngineInstance
 
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -124,7 +124,7 @@ def footprint_gb(inst: EngineInstance, params: int | None, spec) -> tuple[float 
     if params is None:
         return None, None
     weights = params * DTYPE_BYTES[inst.spec.dtype or "float32"] / GiB
-    extra = spec.headroom_gb + (spec.vllm_kv_cache_gb if inst.spec.type == "vllm" else 0.0)
+    extra = spec.headroom_gb + (spec.vllm_kv_cache_gb if inst.traits.needs_kv_cache else 0.0)
     return weights, weights + extra
 
 
@@ -284,7 +284,8 @@ def plan_placement(always: list[EngineInstance], candidates: list[EngineInstance
     slots = {}
     for i in instances:
         d = demand[i.name]
-        util = round(d, 3) if i.spec.type == "vllm" and 0 < d < 1 and "gpu_memory_utilization" not in i.spec.options else None
+        option = i.traits.memory_share_option  # an engine that takes its memory up front is told its share
+        util = round(d, 3) if option and 0 < d < 1 and option not in i.spec.options else None
         slots[i.name] = slot(i, d, wave_of.get(i.name, -1), util)
     return Placement(cluster, slots, waves, notes)
 

@@ -14,10 +14,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import NAME, EngineSpec, Experiment, experiment_error
-from .errors import CrossengineError
-from .identity import BASE, Role, display_name
-from .fixtures import ensure_fixture, is_fixture
+from crossengine.experiment.load import experiment_error
+from crossengine.experiment.schema import NAME, EngineSpec, Experiment
+from crossengine.adapters import engine_class
+from crossengine.adapters.base import EngineTraits
+from crossengine.errors import CrossengineError
+from crossengine.identity import BASE
+from crossengine.experiment.fixtures import ensure_fixture, is_fixture
 
 
 @dataclass(frozen=True)
@@ -30,12 +33,9 @@ class EngineInstance:
     is_reference: bool
 
     @property
-    def role(self) -> Role:
-        return Role.REFERENCE if self.is_reference else Role.CANDIDATE
-
-    @property
-    def display(self) -> str:
-        return display_name(self.cand_engine, self.variant)
+    def traits(self) -> EngineTraits:
+        """What its engine can do (adapters/base.py); what the core reads instead of the engine's name."""
+        return engine_class(self.spec.type).traits
 
 
 @dataclass
@@ -77,7 +77,8 @@ def resolve_python(spec: EngineSpec, experiment_path: Path, loc: tuple) -> Engin
     python = Path(spec.env.python).expanduser()
     python = python if python.is_absolute() else (experiment_path.parent / python).absolute()
     if not python.exists():
-        hint = " (build it with scripts/setup-vllm-env.sh)" if spec.type == "vllm" else ""
+        hint = engine_class(spec.type).traits.environment_hint
+        hint = f" ({hint})" if hint else ""
         raise experiment_error(experiment_path, loc, f"no such interpreter: {python}{hint}")
     return spec.model_copy(update={"env": spec.env.model_copy(update={"python": str(python)})})
 

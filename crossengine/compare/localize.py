@@ -17,7 +17,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from .identity import display_name
+from crossengine.identity import display_name
 
 # OLMo-core module names -> HF's (after HF's "model." prefix is stripped)
 OLMO_CORE_TO_HF = [
@@ -157,16 +157,17 @@ def localize_wave(pool, plan, samples, raw: dict) -> tuple[pd.DataFrame, pd.Data
     import ray
 
     spec = plan.experiment.localize
-    torch_engines = [i for i in pool.instances if i.spec.type in ("hf", "native")]  # the reference first
+    torch_engines = [i for i in pool.instances if i.traits.captures_modules]  # the reference first
     traced = samples[: spec.samples]
-    kind = {i.name: pool.infos[i.name]["extra"].get("native", i.spec.type) for i in torch_engines}
+    kind = {i.name: pool.infos[i.name].get("implementation") or i.spec.type for i in torch_engines}
     own = [raw[s.sample_id] for s in traced]
     futures = {i.name: pool.capture(i.name, traced, spec.modules, spec.max_positions, own if i.spec.inputs == "own" else None) for i in torch_engines}
     captures = {name: ray.get(f) for name, f in futures.items()}
     ref_name = plan.reference.name
     messages = []
     if ref_name not in captures:
-        messages.append(f"localisation skipped: the reference {ref_name!r} is a {plan.reference.spec.type} engine; it needs an hf or native reference")
+        messages.append(f"localisation skipped: the reference {ref_name!r} is a {plan.reference.spec.type} engine, which cannot capture its modules; "
+                        "localisation needs a reference that can (`crossengine engines`: capture modules)")
         return pd.DataFrame(), pd.DataFrame(), messages
     long = [s.sample_id for s in traced if len(s) > spec.max_positions]
     if long:
@@ -197,7 +198,7 @@ def localize_wave(pool, plan, samples, raw: dict) -> tuple[pd.DataFrame, pd.Data
     layers = pd.concat(layer_rows, ignore_index=True) if layer_rows else pd.DataFrame()
     buffers = pd.DataFrame()
     if spec.audit_buffers:
-        audits = {i.name: ray.get(pool.call(i.name, "audit")) for i in torch_engines}
+        audits = {i.name: ray.get(pool.call(i.name, "audit")) for i in torch_engines if i.traits.audits_buffers}
         buffers = pd.DataFrame([{"engine": name, **row} for name, rows in audits.items() for row in rows])
         if not buffers.empty:
             buffers["issues"] = buffers["issues"].map(lambda xs: "; ".join(xs))

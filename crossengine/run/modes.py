@@ -22,16 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from .adapters.base import Generation, RawSample, Sample, SampleError
-from .compare import CompareOptions, Part, compare_batch, payload_bytes
-from .identity import SAMPLED
-from .plan import EngineInstance
-from .inputs import first_differences
-from .results import INPUTS_SCHEMA, WORST_SCHEMA, token_table, write_table
+from crossengine.adapters.base import Generation, RawSample, Sample, SampleError
+from crossengine.compare.tokens import CompareOptions, Part, compare_batch, payload_bytes
+from crossengine.identity import SAMPLED
+from crossengine.experiment.plan import EngineInstance
+from crossengine.compare.inputs import first_differences
+from crossengine.results import INPUTS_SCHEMA, WORST_SCHEMA, token_table, write_table
 
 if TYPE_CHECKING:  # the runner imports this module; this is for type names only
-    from .pool import EnginePool
-    from .runner import Runner
+    from crossengine.run.pool import EnginePool
+    from crossengine.run.runner import Runner
 
 
 def raw_sample(plan, i: int) -> RawSample:
@@ -161,7 +161,7 @@ class _Decoding(Mode):
     def _decode(self, pool: EnginePool, prompts: list[Sample], cands: list[EngineInstance], b: int) -> Decoded:
         import time
 
-        from .generation import extend_samples
+        from crossengine.compare.generation import extend_samples
 
         run = self.run
         generator, deciders, sampling = self.deciders(cands)
@@ -169,7 +169,7 @@ class _Decoding(Mode):
         futures = {i.name: pool.call(i.name, "generate", prompts, sampling, self.exp.top_k) for i in deciders}
         outputs = {name: run.fetch(name, f, f"generating batch {b}") for name, f in futures.items()}
         run.timings["generate_s"] = run.timings.get("generate_s", 0.0) + time.time() - t
-        special = set(pool.infos[self.plan.reference.name]["extra"].get("special_ids", []))
+        special = set(pool.infos[self.plan.reference.name]["special_ids"])
         extended, generations, errors = extend_samples(prompts, outputs[generator.name], special)
         for err in errors:
             run.record_error(generator.name, err)
@@ -198,7 +198,7 @@ class GenerateMode(_Decoding):
         """The generator's sampling-time log-probs vs the reference, on the completion only."""
         import ray
 
-        from .generation import sampled_scores
+        from crossengine.compare.generation import sampled_scores
 
         gen = self.generator()
         options = replace(self.options(gen, completion_only=True), candidate=f"{gen.name}.{SAMPLED}", variant=SAMPLED)
@@ -221,7 +221,7 @@ class GreedyMode(_Decoding):
         return ref, [ref, *cands], self.exp.sampling.model_copy(update={"temperature": 0.0, "n": 1})
 
     def write_extra(self, p: Pending) -> None:
-        from .generation import GREEDY_SCHEMA, greedy_divergence
+        from crossengine.compare.generation import GREEDY_SCHEMA, greedy_divergence
 
         d = p.decoded  # None when every sample failed to prepare: empty parts mark the batch done
         if d is not None:

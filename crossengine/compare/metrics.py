@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .adapters.base import TokenLogprobs
+from crossengine.adapters.base import TokenLogprobs
 
 # Column -> Arrow type; the public token schema's metric part (results.py adds the keys).
 METRIC_COLUMNS: dict[str, str] = {

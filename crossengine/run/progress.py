@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .plan import EngineInstance, Plan
-from .results import RunDir
+from crossengine.experiment.plan import EngineInstance, Plan
+from crossengine.results import RunDir
 
 
 class Progress:

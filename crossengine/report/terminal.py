@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .identity import display_name, display_names
+from crossengine.identity import display_name, display_names
 
 COLUMNS = [
     ("n_tokens", "n", "{:d}"),
@@ -54,7 +54,7 @@ def summary_table(summary: pd.DataFrame, title: str, splits: bool = True):
 def print_summary(run_dir: Path, console) -> None:
     summary = pd.read_parquet(run_dir / "summary.parquet")
     console.print(summary_table(summary, f"crossengine summary: {run_dir}"))
-    from .run_meta import RunMeta
+    from crossengine.run_meta import RunMeta
 
     meta = RunMeta.read(run_dir)
     reference = meta.reference
@@ -64,7 +64,7 @@ def print_summary(run_dir: Path, console) -> None:
             name = display_name(r["cand_engine"], r["variant"])
             console.print(f"[red]non-finite[/red] log-probs at {int(r['n_nonfinite'])} token(s) of {str(name)!r} vs {reference!r}: "
                           "see the `nonfinite` column (ref/cand/both); their metrics are null and left out of the summary", highlight=False)
-    from .inputs import differing_inputs, read_inputs
+    from crossengine.compare.inputs import differing_inputs, read_inputs
 
     inputs = read_inputs(run_dir)
     differing = differing_inputs(inputs)
@@ -76,7 +76,7 @@ def print_summary(run_dir: Path, console) -> None:
     if meta.variants:
         console.print(ablation_table(summary, reference, differing))
     if (run_dir / "nearest.parquet").exists():
-        from .nearest import nearest_lines
+        from crossengine.compare.nearest import nearest_lines
 
         for line in nearest_lines(pd.read_parquet(run_dir / "nearest.parquet"), reference):
             console.print(line, highlight=False)

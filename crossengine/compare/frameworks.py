@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .metrics import sampled_token_metrics
+from crossengine.compare.metrics import sampled_token_metrics
 
 # name -> (framework, one-line definition); README.md's table states the same; keep them in step.
 DEFINITIONS: dict[str, tuple[str, str]] = {

@@ -24,17 +24,17 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
-from . import __version__
-from .adapters.base import Sample, SampleError
-from .errors import CrossengineError
-from .metrics import WARM_UP_FROM_VOCAB
-from .modes import MODES, raw_sample
-from .plan import EngineInstance, Plan
-from .pool import EnginePool, ensure_ray, one_line
-from .progress import engine_progress
-from .results import SCHEMA_VERSION, RunDir, git_sha, host_info, write_table
-from .run_meta import RunMeta
-from .summary import summarize
+from crossengine import __version__
+from crossengine.adapters.base import Sample, SampleError
+from crossengine.errors import CrossengineError
+from crossengine.compare.metrics import WARM_UP_FROM_VOCAB
+from crossengine.run.modes import MODES, raw_sample
+from crossengine.experiment.plan import EngineInstance, Plan
+from crossengine.run.pool import EnginePool, ensure_ray, one_line
+from crossengine.run.progress import engine_progress
+from crossengine.results import SCHEMA_VERSION, RunDir, git_sha, host_info, write_table
+from crossengine.run_meta import RunMeta
+from crossengine.compare.summary import summarize
 
 
 SAMPLES_IN_RUN_JSON = 1000
@@ -156,7 +156,7 @@ class Runner:
             return self._run_engines(t0, resumed)
 
     def _run_engines(self, t0: float, resumed: RunMeta | None) -> Path:
-        from .placement import make_placement
+        from crossengine.run.placement import make_placement
 
         exp = self.plan.experiment
         always = self.mode.always_loaded()
@@ -210,7 +210,7 @@ class Runner:
         """report.html, built in a Ray worker like the summary; a failure is a note, never a failed run."""
         import ray
 
-        from .html_report import run_report
+        from crossengine.report.html import run_report
 
         try:
             path = ray.get(ray.remote(num_cpus=0)(run_report).remote(self.run_dir.root), timeout=600)
@@ -280,7 +280,7 @@ class Runner:
             )
 
     def _localize(self, pool: EnginePool) -> None:
-        from .localize import localize_wave, print_localization
+        from crossengine.compare.localize import localize_wave, print_localization
 
         t = time.time()
         n = min(self.plan.experiment.localize.samples, len(self.plan.experiment.samples))
@@ -348,8 +348,8 @@ class Runner:
 
 
 def _full_logits(inst: EngineInstance) -> bool:
-    """Whether an engine gives full-vocabulary logits (hf and native always, vLLM with full_vocab)."""
-    return inst.spec.type != "vllm" or inst.spec.full_vocab
+    """Whether an engine gives full-vocabulary logits (its traits, and the option they name)."""
+    return inst.traits.gives_full_logits(inst.spec)
 
 
 def _reduce_tokens(tokens_dir: str, reference: str, several: bool):
@@ -357,6 +357,6 @@ def _reduce_tokens(tokens_dir: str, reference: str, several: bool):
     summary = summarize(Path(tokens_dir))
     if not several:
         return summary, None
-    from .nearest import nearest_table
+    from crossengine.compare.nearest import nearest_table
 
     return summary, nearest_table(Path(tokens_dir), reference)

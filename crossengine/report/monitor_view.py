@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .monitor import read_thresholds
-from .summary import read_tokens
+from crossengine.monitor import read_thresholds
+from crossengine.compare.summary import read_tokens
 
 SHOWN = ["gen_kl_error", "policy_kl_error", "js_divergence_error", "token_mult_prob_error", "rollout_probs_diff_max", "first/gen_kl_error"]
 _BARS = "▁▂▃▄▅▆▇█"

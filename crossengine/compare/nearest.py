@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .identity import SAMPLED, display_names
+from crossengine.identity import SAMPLED, display_names
 
-from .summary import read_tokens
+from crossengine.compare.summary import read_tokens
 
 
 def nearest_table(tokens_dir: Path, reference: str) -> pd.DataFrame:

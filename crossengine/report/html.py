@@ -18,21 +18,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .identity import SAMPLED, display_name, display_names
-from .inputs import differing_inputs, read_inputs
-from .run_meta import RunMeta
+from crossengine.identity import SAMPLED, display_name, display_names
+from crossengine.compare.inputs import differing_inputs, read_inputs
+from crossengine.compare.summary import SPLITS
+from crossengine.run_meta import RunMeta
 
 MAX_SAMPLES = 20
 MAX_POINTS = 2048
 CONTEXT = 8
-SPLITS = ("modality", "attention", "segment", "position_bucket")
 SUMMARY_COLUMNS = [
     "n_tokens", "top1_agreement", "abs_max", "abs_mean", "kl_mean", "kl_max", "cos_sim",
     "token_mult_prob_error", "gen_kl_error", "policy_kl_error", "js_divergence_error",
     "rollout_probs_diff_max", "rollout_corr/k3_kl", "train_rollout_logprob_abs_diff", "mismatch_kl", "vllm_kl",
     "first_divergent_position", "n_nonfinite",
 ]
-COMPARED = ["top1_agreement", "abs_max", "abs_mean", "kl_mean", "cos_sim", "gen_kl_error", "token_mult_prob_error"]
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
@@ -113,7 +112,7 @@ def _pooled(summary: pd.DataFrame) -> pd.DataFrame:
 
 def run_report(run_dir: Path, out: Path | None = None) -> Path:
     """Write (and return) the HTML report of a finished run."""
-    from .results import write_text
+    from crossengine.results import write_text
 
     run_dir = Path(run_dir)
     meta = RunMeta.read(run_dir)
@@ -144,7 +143,7 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
 
 
 def _read_tokens(tokens_dir: Path) -> pd.DataFrame:
-    from .summary import read_tokens
+    from crossengine.compare.summary import read_tokens
 
     cols = ["sample_id", "position", "token_text", "modality", "attention", "segment", "cand_engine", "variant",
             "lp_ref", "lp_cand", "abs_lp_diff", "kl_ref_cand", "topk_kl", "top1_ref", "top1_cand", "top1_match", "top1_tie", "nonfinite"]
@@ -164,7 +163,7 @@ def _run_section(meta: RunMeta) -> str:
             "engine": name, "role": "reference" if name == meta.reference else "candidate", "type": info.get("engine"),
             "versions": ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items()), "device": info.get("device"),
             "dtype": info.get("dtype"), "environment": ", ".join(env.get("pip") or []) or env.get("python") or "this one",
-            "gpus": ",".join(info.get("extra", {}).get("gpu_ids", [])) or "-",
+            "gpus": ",".join(info.get("gpu_ids") or info.get("extra", {}).get("gpu_ids", [])) or "-",  # extra: runs before typed EngineInfo
         })
     head = (f"<p>model <b>{html.escape(str(exp.get('model')))}</b>, reference <b>{html.escape(meta.reference)}</b>, "
             f"{meta.n_samples} samples, mode {html.escape(str(exp.get('mode', 'score')))}, status {html.escape(meta.status)}, "
@@ -311,7 +310,7 @@ def _nearest_section(nearest: pd.DataFrame) -> str:
 
 def _inputs_section(inputs: pd.DataFrame) -> str:
     """Candidates with `inputs: own`: every input that differs from the reference's, first difference per sample on top."""
-    from .inputs import first_differences
+    from crossengine.compare.inputs import first_differences
 
     differ = inputs[inputs["status"] != "equal"]
     if differ.empty:
@@ -345,7 +344,7 @@ def _inputs_matrix(inputs: pd.DataFrame) -> pd.DataFrame:
 def _localisation_section(run_dir: Path, meta: RunMeta) -> str:
     import plotly.graph_objects as go
 
-    from .localize import first_divergence
+    from crossengine.compare.localize import first_divergence
 
     parts = []
     tol = (meta.experiment.get("localize") or {}).get("tolerance", 1e-4)
@@ -392,7 +391,7 @@ def _worst_section(tokens: pd.DataFrame, meta: RunMeta, worst_dir: Path, n: int 
     scored = tokens[tokens["variant"].astype(str) != SAMPLED]
     extra = {}
     if worst_dir.exists() and any(worst_dir.glob("*.parquet")):
-        from .summary import read_tokens
+        from crossengine.compare.summary import read_tokens
 
         w = read_tokens(worst_dir)
         w = w[w["variant"].astype(str) != SAMPLED]
@@ -419,35 +418,10 @@ def _worst_section(tokens: pd.DataFrame, meta: RunMeta, worst_dir: Path, n: int 
 # --------------------------------------------------------------------------- two runs
 
 
-def compare_runs(a: Path, b: Path) -> pd.DataFrame:
-    """Both runs' summary metrics per candidate/variant and split, with the change; refuses other samples."""
-    from .errors import CrossengineError
-
-    meta = [RunMeta.read(Path(d)) for d in (a, b)]
-    prints = [m.samples_fingerprint for m in meta]
-    if prints[0] is None or prints[0] != prints[1]:
-        n = [m.n_samples for m in meta]
-        why = f"{n[0]} vs {n[1]} samples" if n[0] != n[1] else "the same number of samples, but their ids or contents differ"
-        raise CrossengineError(f"cannot compare {a} and {b}: their samples differ ({why}); compare two runs of the same samples")
-    keys = ["cand_engine", "variant", *SPLITS]
-    sa, sb = (pd.read_parquet(Path(d) / "summary.parquet") for d in (a, b))
-    for s in (sa, sb):
-        for k in keys:
-            s[k] = s[k].astype(str)
-    merged = sa[keys + COMPARED].merge(sb[keys + COMPARED], on=keys, how="outer", suffixes=("_a", "_b"), indicator=True)
-    merged["status"] = merged["_merge"].map({"both": "both", "left_only": "removed", "right_only": "new"}).astype(str)
-    for m in COMPARED:
-        merged[f"{m}_change"] = merged[f"{m}_b"] - merged[f"{m}_a"]
-    merged.insert(0, "candidate", display_names(merged))
-    merged.insert(1, "split", [", ".join(f"{k}={r[k]}" for k in SPLITS if r[k] != "all") or "all" for _, r in merged.iterrows()])
-    cols = ["candidate", "split", "status"] + [f"{m}_{s}" for m in COMPARED for s in ("a", "b", "change")]
-    return merged[cols].sort_values(["status", "candidate", "split"]).reset_index(drop=True)
-
-
 def compare_report(a: Path, b: Path, table: pd.DataFrame, out: Path) -> Path:
     import plotly.graph_objects as go
 
-    from .results import write_text
+    from crossengine.results import write_text
 
     pooled = table[table["split"] == "all"]
     fig = go.Figure()
@@ -467,10 +441,10 @@ def monitor_report(out_dir: Path, out: Path | None = None) -> Path:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    from .monitor import read_thresholds
-    from .monitor_view import SHOWN, read_steps
-    from .results import write_text
-    from .summary import read_tokens
+    from crossengine.monitor import read_thresholds
+    from crossengine.report.monitor_view import SHOWN, read_steps
+    from crossengine.results import write_text
+    from crossengine.compare.summary import read_tokens
 
     steps = read_steps(out_dir)
     thresholds = read_thresholds(out_dir)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
 
-from .frameworks import framework_metrics
+from crossengine.compare.frameworks import framework_metrics
 
 SPLITS = ("modality", "attention", "segment", "position_bucket")
 KEYS = ["cand_engine", "variant", *SPLITS]

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .adapters.base import Sample, SampleError, TokenLogprobs
-from .align import check_scores
-from .metrics import token_metrics
+from crossengine.adapters.base import Sample, SampleError, TokenLogprobs
+from crossengine.compare.align import check_scores
+from crossengine.compare.metrics import token_metrics
 
 WORST_PER_PART = 20
 

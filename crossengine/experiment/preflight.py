@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import Experiment, experiment_error
-from .plan import Plan
+from crossengine.experiment.load import experiment_error
+from crossengine.experiment.schema import Experiment
+from crossengine.experiment.plan import Plan
 
 
 def preflight(plan: Plan) -> list[str]:
@@ -36,7 +37,7 @@ def _check_remote_code(plan: Plan) -> None:
     exp = plan.experiment
     for inst in plan.instances:
         config = Path(inst.model_path) / "config.json"
-        if inst.spec.type == "native" or inst.spec.trust_remote_code or not config.is_file():
+        if not inst.traits.runs_model_code or inst.spec.trust_remote_code or not config.is_file():
             continue  # a hub id: transformers says it at load time
         fields = json.loads(config.read_text())
         if fields.get("auto_map") and fields.get("model_type") not in CONFIG_MAPPING:
@@ -50,19 +51,15 @@ def _section(exp: Experiment, name: str) -> str:
 
 def _check_user_code(exp: Experiment, path: Path) -> None:
     """Every 'module:function' the experiment names must import (that is all that runs of it here)."""
-    from .adapters import import_ref
-    from .adapters.patches import BUILTIN
+    from crossengine.adapters import import_ref, importable_from
 
     for name, (_, _, spec) in exp.resolved_engines().items():
-        refs = [("factory", spec.factory), ("preprocess", spec.preprocess), ("chat_format", spec.chat_format)]
-        refs += [(("patches", j), p) for j, p in enumerate(spec.patches) if p not in BUILTIN]
-        for field, ref in refs:
-            if ref is None:
-                continue
+        for field, ref in spec.user_code():
             try:
-                import_ref(ref)
+                with importable_from(path.parent):  # where the workers import it from
+                    import_ref(ref)
             except ImportError as exc:
-                loc = (_section(exp, name), name, *(field if isinstance(field, tuple) else (field,)))
+                loc = (_section(exp, name), name, *field)
                 raise experiment_error(path, loc, str(exc)) from None
 
 
@@ -148,17 +145,18 @@ def _check_with_tokenizer(plan: Plan) -> list[str]:
     """Token ids inside the vocabulary; one image placeholder per image."""
     exp, path = plan.experiment, plan.experiment_path
     ref = plan.reference
-    if ref.spec.type == "vllm":
+    if ref.traits.expands_images:
         for i, s in enumerate(exp.samples):
-            if s.images:  # vLLM expands images itself; the reference's ids must come from an HF processor
-                raise experiment_error(path, ("samples", i), "image prompts need an hf reference to expand them (vLLM expands them itself as a candidate)")
+            if s.images:  # such an engine expands images inside itself; the reference's ids must come from a processor
+                raise experiment_error(path, ("samples", i), f"image prompts need a reference that prepares pixels (hf, native); {ref.spec.type} "
+                                       "expands images inside its engine, so it can only be a candidate for them")
     common = dict(revision=ref.spec.revision, trust_remote_code=ref.spec.trust_remote_code)
     try:
         from transformers import AutoProcessor, AutoTokenizer, PretrainedConfig
 
         fields, _ = PretrainedConfig.get_config_dict(ref.model_path, revision=ref.spec.revision)  # JSON only: no model code runs
         vocab = (fields.get("text_config") or {}).get("vocab_size") or fields.get("vocab_size")
-        own_pipeline = ref.spec.type == "native" and ref.spec.preprocess  # the training code processes images itself
+        own_pipeline = ref.spec.input_pipeline is not None  # the training code processes images itself
         processor = AutoProcessor.from_pretrained(ref.model_path, **common) if any(s.images for s in exp.samples) and not own_pipeline else None
         if processor is None:
             from transformers.utils import logging as hf_logging

@@ -11,15 +11,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import CrossengineError
-from .plan import EngineInstance
+from crossengine.errors import CrossengineError
+from crossengine.experiment.plan import EngineInstance
 
 
 def runtime_env(inst: EngineInstance, base: Path) -> dict[str, Any]:
     """Ray runtime_env: the driver's import path always; pip or another interpreter where the engine names one."""
     env = inst.spec.env
-    # user code named as "module:function" imports from where crossengine runs, as in the driver
-    paths = [os.getcwd(), str(base.absolute()), os.environ.get("PYTHONPATH", "")]
+    from crossengine.adapters import user_code_paths
+
+    # user code named as "module:function" or an engine's "module:Class" imports from where the driver imports it
+    paths = [*user_code_paths(base), os.environ.get("PYTHONPATH", "")]
     out: dict[str, Any] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}}
     if env is None:
         return out
@@ -52,18 +54,19 @@ def _worker_class():
 
             torch.set_num_threads(threads)
             from crossengine.adapters import engine_class
-            from crossengine.config import EngineSpec
 
-            spec = EngineSpec.model_validate(spec)
-            if gpu_share is not None and torch.cuda.is_available():  # vLLM sharing a real GPU: its memory share
-                spec = spec.model_copy(update={"options": {"gpu_memory_utilization": gpu_share, **spec.options}})
-            self.engine = engine_class(kind)(spec, model_path, instance, seed)
+            cls = engine_class(kind)
+            spec = cls.Spec.model_validate(spec)
+            option = cls.traits.memory_share_option
+            if gpu_share is not None and option and torch.cuda.is_available():  # an engine that takes its memory up front, on a shared real GPU
+                spec = spec.model_copy(update={"options": {option: gpu_share, **spec.options}})
+            self.engine = cls(spec, model_path, instance, seed)
             return self.info()
 
         def info(self) -> dict:
-            info = dataclasses.asdict(self.engine.info())
-            info["extra"]["gpu_ids"] = [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
-            return info
+            info = self.engine.info()
+            info.gpu_ids = [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+            return dataclasses.asdict(info)
 
         def call(self, method: str, *args):
             return getattr(self.engine, method)(*args)
@@ -71,7 +74,7 @@ def _worker_class():
         @ray.method(num_returns=2)
         def score_reference(self, batch, top_k: int, full_vocab: bool):
             """The reference's scores (an ObjectRef the candidates read) and the little the driver needs of them."""
-            from crossengine.compare import reference_check
+            from crossengine.compare.tokens import reference_check
 
             out = self.engine.score(batch, top_k, full_vocab)
             return out, reference_check(out)
@@ -83,12 +86,12 @@ def _worker_class():
             before this engine starts scoring; it is fetched (worker to worker) only after. With
             `raw` (an engine with `inputs: own`) it prepares the samples itself first and compares
             its inputs with the reference's (crossengine/inputs.py)."""
-            from crossengine.compare import compare_batch
+            from crossengine.compare.tokens import compare_batch
 
             rows, to_score, own = self._own_inputs(batch, raw)
             mine = self.engine.score(to_score, top_k, full_vocab)
             if raw is not None:
-                from crossengine.inputs import own_prompt_effect
+                from crossengine.compare.inputs import own_prompt_effect
 
                 own_prompt_effect(rows, to_score, mine, own, self.engine)
             part = compare_batch(batch, ray.get(ref_out[0]), mine, options)
@@ -105,14 +108,14 @@ def _worker_class():
             with it this engine prepares its own and compares (crossengine/inputs.py)."""
             if raw is None:
                 return None, batch, None
-            from crossengine.inputs import compare_inputs
+            from crossengine.compare.inputs import compare_inputs
 
             own = self.engine.prepare(raw)
             return (*compare_inputs(batch, own, self.engine), own)
 
         def warm_metrics(self, vocab: int) -> float:
             """Compile the full-vocabulary metric kernel before the first batch (seconds, once per worker)."""
-            from crossengine.metrics import warm_up
+            from crossengine.compare.metrics import warm_up
 
             return warm_up(vocab)
 
@@ -152,8 +155,8 @@ class EnginePool:
                 self.actors[inst.name] = worker.options(**options).remote()
             for inst in instances:
                 self._await_placement(inst, placement, timeouts, t0)
-            # vLLM takes its GPU memory up front: where engines share a GPU it loads first
-            first = [i for i in instances if placement.shares_gpus and i.spec.type == "vllm"]
+            # an engine that takes its GPU memory up front (vLLM) loads first where engines share a GPU
+            first = [i for i in instances if placement.shares_gpus and i.traits.loads_first]
             for group in (first, [i for i in instances if i not in first]):
                 loads = {
                     i.name: self.actors[i.name].load.remote(

@@ -151,7 +151,7 @@ class _RemoteCode:
         import sys
         from importlib import import_module
 
-        code = Path(__file__).parent / "remote_code"
+        code = Path(__file__).parent.parent / "remote_code"  # crossengine/remote_code: data, shipped as package data
         for f in self.files:
             shutil.copy(code / f, self.out / f)
         init = self.out / "__init__.py"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapters.base import MODALITIES, RawSample, Sample, SampleError
+from crossengine.adapters.base import MODALITIES, RawSample, Sample, SampleError
 
 CONTEXT_CHARS = 20
 IMAGE = MODALITIES.index("image")
@@ -202,7 +202,7 @@ def differing_inputs(inputs) -> dict[str, str]:
     """Per candidate (display name): the inputs that differ from the reference's on any sample,
     comma-separated, or "none" (input_ids with its own prompt's effect on the tokens both prompts
     share, mean |Δlp| weighted by tokens); empty where no candidate prepared its own inputs."""
-    from .identity import display_name
+    from crossengine.identity import display_name
 
     if inputs is None:
         return {}

@@ -1,0 +1,90 @@
+"""An engine's fields in the experiment file: the ones every engine takes, and the base each engine's own options model extends.
+
+Why they live beside the adapters and not in `crossengine.experiment`: an engine's fields are
+part of the engine (one file declares what it runs and what it takes), and the worker that
+runs it, possibly in another Python environment (vLLM's venv), rebuilds its spec from JSON
+with that engine's own model. `crossengine.experiment.schema` dispatches each `engines.NAME`
+entry to the model its `type` registers (crossengine.adapters.spec_model); a field the engine
+does not declare is a one-line error naming the field and the engine type.
+
+An engine adds fields by subclassing `EngineSpec` and naming the subclass as its `Spec`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+CALLABLE_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def check_callable_ref(v: Optional[str]) -> Optional[str]:
+    """A user code reference must be spelled 'package.module:function' (nothing else is imported)."""
+    if v is not None and not CALLABLE_REF.match(v):
+        raise ValueError(f"{v!r} is not of the form 'package.module:function'")
+    return v
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EnvSpec(Strict):
+    """Where an engine's worker runs: its own pip environment or an existing interpreter."""
+
+    pip: Optional[list[str]] = Field(None, description="Packages for a Ray runtime_env, e.g. ['transformers==4.57.6'].")
+    python: Optional[str] = Field(None, description="Path to another environment's python (Ray py_executable).")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="Environment variables for the worker.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "EnvSpec":
+        if self.pip and self.python:
+            raise ValueError("give either pip or python, not both")
+        return self
+
+
+class EngineSpec(Strict):
+    """The fields every engine takes. Fields left out inherit the experiment's model, dtype and device."""
+
+    type: str = Field(description="Which adapter runs it: a registered engine (`crossengine engines`) or 'package.module:Class'.")
+    model: Optional[str] = Field(None, description="Fixture name, local path or hub id; default: the experiment's model.")
+    dtype: Optional[Dtype] = Field(None, description="Weights and compute dtype; default: the experiment's.")
+    device: Optional[str] = Field(None, description="auto (cuda if present, else cpu), cpu, cuda or cuda:N.")
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(False, description="Run the model repo's own Python code. Off unless set.")
+    env: Optional[EnvSpec] = Field(None, description="Run this engine in its own Python environment.")
+    num_gpus: Optional[float] = Field(None, ge=0, description="GPUs for this engine's worker; default 1 on a GPU cluster, else 0.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Engine-specific keyword arguments for its loader (from_pretrained, vllm.LLM, a factory).")
+    lora: Optional[str] = Field(
+        None, description="A PEFT LoRA adapter folder (or fixture name), for engines that take LoRA adapters (`crossengine engines`)."
+    )
+    chat_template: Optional[str] = Field(
+        None, description="A Jinja chat template file (relative to the experiment) used instead of the model's, for `messages` samples."
+    )
+    inputs: Literal["reference", "own"] = Field(
+        "reference", description="reference: score the reference's prepared samples (token ids, pixels); own: this engine renders, "
+        "tokenises and processes each sample itself, its inputs are compared with the reference's (inputs/), then it scores its own "
+        "where the token ids agree and the reference's where they do not."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda or cuda:N")
+        return v
+
+    def user_code(self) -> list[tuple[tuple, str]]:
+        """(field location, 'module:function') of every piece of user code this spec names: preflight
+        imports each where the workers will, so a typo is a file:line error before anything loads."""
+        return []
+
+    @property
+    def input_pipeline(self) -> Optional[str]:
+        """The user code that prepares this engine's inputs (a native `preprocess`), or None for the
+        checkpoint's own tokenizer/processor. Such code names image inputs its own way, which other
+        engines cannot read: image candidates of such a reference must prepare their own inputs."""
+        return None

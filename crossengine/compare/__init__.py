@@ -1,0 +1,1 @@
+"""Comparing engines: per-token metrics next to the logits, alignment, RL frameworks' metrics, summaries, localisation."""

@@ -1,0 +1,274 @@
+"""Reading an experiment file: YAML to the typed schema, every error one line naming file:line: field.
+
+Validation happens entirely before a results directory exists, so a bad experiment never
+leaves anything behind. YAML is read with `yaml.safe_load` (after a duplicate-key
+check, since silently keeping the last of two engines with one name hides mistakes);
+nothing in it is evaluated, and user code loads only from an explicit "module:function".
+The types themselves are in schema.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from crossengine.adapters import importable_from
+from crossengine.errors import ExperimentError
+from crossengine.experiment.schema import Experiment, SampleSpec, engine_spec, not_a_field
+from crossengine.identity import BASE
+
+
+
+
+def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
+    """The 1-based line of the deepest YAML node the pydantic location reaches."""
+    node, line = root, None
+    for part in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            nxt = None
+            for k, v in node.value:
+                if k.value == str(part):
+                    nxt, line = v, k.start_mark.line + 1
+                    break
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            node = None
+    if node is not None:
+        line = node.start_mark.line + 1
+    return line
+
+
+def _field_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<top>"
+
+
+def _first_error(exc: ValidationError, path: Path, root: yaml.Node | None, prefix: tuple = ()) -> ExperimentError:
+    err = exc.errors()[0]
+    loc = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "engine_field":  # said in full by schema.engine_spec
+        msg = err["msg"]
+    elif err["type"] == "extra_forbidden":
+        msg = f"unknown key {loc[-1]!r}"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    return ExperimentError(str(path), _line_of(root, loc), _field_path(loc), msg)
+
+
+def _check_references(exp: Experiment, path: Path, root: yaml.Node | None) -> None:
+    """Names that must point at engines; checked after typing so each error names its field."""
+
+    def fail(loc: tuple, msg: str) -> None:
+        raise ExperimentError(str(path), _line_of(root, loc), _field_path(loc), msg)
+
+    engines = sorted(exp.engines)
+    if exp.reference not in exp.engines:
+        fail(("reference",), f"{exp.reference!r} is not one of the engines {engines}")
+    for name, var in exp.variants.items():
+        if var.engine not in exp.engines:
+            fail(("variants", name, "engine"), f"{var.engine!r} is not one of the engines {engines}")
+        if name in exp.engines:
+            fail(("variants", name), f"variant {name!r} has the name of an engine")
+    if exp.generator is not None and exp.generator not in exp.engines:
+        fail(("generator",), f"{exp.generator!r} is not one of the engines {engines}")
+    _check_variants(exp, path, root)
+    ref_spec = exp.resolved_engines()[exp.reference][2]
+    if ref_spec.inputs == "own":
+        fail(("engines", exp.reference, "inputs"), "the reference always prepares the inputs; `inputs: own` is for candidates")
+    if exp.mode != "score" and any(spec.inputs == "own" for _, _, spec in exp.resolved_engines().values()):
+        fail(("mode",), "`inputs: own` compares prompts before scoring them: mode score only (generate/greedy score the reference's prompts)")
+    if len(exp.engines) + len(exp.variants) < 2:
+        fail(("engines",), "need a reference and at least one candidate engine or variant")
+
+
+def _check_variants(exp: Experiment, path: Path, root: yaml.Node | None) -> None:
+    """A variant's overrides are fields of its base engine's type, with that type's checks; errors name the variant's field."""
+    for name, var in exp.variants.items():
+        base = exp.engines[var.engine]
+        model = type(base)
+        for key in var.overrides():
+            if key not in model.model_fields:
+                loc = ("variants", name, key)
+                raise ExperimentError(str(path), _line_of(root, loc), _field_path(loc), not_a_field(key, base.type, model))
+        try:
+            engine_spec({**base.model_dump(exclude_unset=True), **var.overrides()})
+        except ValidationError as e:
+            raise _first_error(e, path, root, ("variants", name)) from None
+
+
+def _duplicate_key(node: yaml.Node | None, loc: tuple = ()) -> tuple[tuple, int] | None:
+    """The path and line of the first key given twice in one mapping (YAML keeps the last)."""
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for k, v in node.value:
+            if k.value in seen:
+                return loc + (k.value,), k.start_mark.line + 1
+            seen.add(k.value)
+            found = _duplicate_key(v, loc + (k.value,))
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            found = _duplicate_key(v, loc + (i,))
+            if found:
+                return found
+    return None
+
+
+def _check_paths(exp: Experiment, path: Path, root: yaml.Node | None) -> Experiment:
+    """Resolve image and JSONL paths against the experiment's folder and check they exist."""
+    base = path.parent
+    samples: list[SampleSpec] = []
+    for i, s in enumerate(exp.samples):
+        if s.file is not None:
+            f = s.file if s.file.is_absolute() else base / s.file
+            if not f.is_file():
+                raise ExperimentError(str(path), _line_of(root, ("samples", i, "file")), f"samples[{i}].file", f"no such file: {f}")
+            samples.extend(_read_jsonl(f, i))
+            continue
+        images = []
+        for j, img in enumerate(s.images):
+            p = img if img.is_absolute() else base / img
+            if not p.is_file():
+                loc = ("samples", i, "images", j)
+                raise ExperimentError(str(path), _line_of(root, loc), _field_path(loc), f"no such image file: {p}")
+            images.append(p.resolve())
+        s = _message_images(s, base, lambda loc, msg: ExperimentError(str(path), _line_of(root, ("samples", i, *loc)), _field_path(("samples", i, *loc)), msg))
+        samples.append(s.model_copy(update={"images": images}))
+    return exp.model_copy(update={"samples": _with_ids(samples, path, root)})
+
+
+def _message_images(s: SampleSpec, base: Path, error) -> SampleSpec:
+    """Image parts of chat messages resolved against `base` and checked, like `images`."""
+    if not s.messages:
+        return s
+    messages = []
+    for m, msg in enumerate(s.messages):
+        if isinstance(msg.content, list):
+            parts = []
+            for k, part in enumerate(msg.content):
+                if part.type == "image":
+                    p = part.path if part.path.is_absolute() else base / part.path
+                    if not p.is_file():
+                        raise error(("messages", m, "content", k, "path"), f"no such image file: {p}")
+                    part = part.model_copy(update={"path": p.resolve()})
+                parts.append(part)
+            msg = msg.model_copy(update={"content": parts})
+        messages.append(msg)
+    return s.model_copy(update={"messages": messages})
+
+
+def _with_ids(samples: list[SampleSpec], path: Path, root: yaml.Node | None) -> list[SampleSpec]:
+    """Every sample gets an id: explicit ones must be unique; `s<index>` for the rest never
+    takes an explicit id (two samples under one id would merge their rows silently)."""
+    explicit: set[str] = set()
+    for s in samples:
+        if s.id is not None:
+            if s.id in explicit:
+                raise ExperimentError(str(path), _line_of(root, ("samples",)), "samples", f"duplicate sample id {s.id!r}")
+            explicit.add(s.id)
+    out = []
+    for i, s in enumerate(samples):
+        if s.id is None:
+            auto, n = f"s{i}", 1
+            while auto in explicit:
+                auto, n = f"s{i}-{n}", n + 1
+            s = s.model_copy(update={"id": auto})
+        out.append(s)
+    return out
+
+
+def _read_jsonl(f: Path, index: int) -> list[SampleSpec]:
+    out = []
+    for n, line in enumerate(f.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            spec = SampleSpec.model_validate(obj)
+        except json.JSONDecodeError as e:
+            raise ExperimentError(str(f), n, f"samples[{index}].file", f"invalid JSON: {e.msg}") from None
+        except ValidationError as e:
+            err = _first_error(e, f, None)
+            raise ExperimentError(str(f), n, err.field, err.message) from None
+        if spec.file is not None:
+            raise ExperimentError(str(f), n, "file", "a JSONL sample cannot name another file")
+        images = [p if p.is_absolute() else (f.parent / p) for p in spec.images]
+        for p in images:
+            if not p.is_file():
+                raise ExperimentError(str(f), n, "images", f"no such image file: {p}")
+        spec = _message_images(spec, f.parent, lambda loc, msg: ExperimentError(str(f), n, _field_path(loc), msg))
+        out.append(spec.model_copy(update={"images": [p.resolve() for p in images]}))
+    if not out:
+        raise ExperimentError(str(f), None, f"samples[{index}].file", "the file holds no samples")
+    return out
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read, validate and resolve an experiment file; raises ExperimentError (one line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExperimentError(str(path), None, "<file>", "no such experiment file")
+    text = path.read_text()
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        duplicate = _duplicate_key(root)
+        if duplicate:
+            loc, line = duplicate
+            raise ExperimentError(str(path), line, _field_path(loc), f"duplicate key {loc[-1]!r} (YAML would silently keep the last)")
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else None
+        problem = (e.problem or str(e)).strip()
+        raise ExperimentError(str(path), line, "<yaml>", f"YAML error: {problem}") from None
+    if not isinstance(data, dict):
+        raise ExperimentError(str(path), 1, "<top>", "an experiment is a YAML mapping of fields")
+    data.setdefault("name", re.sub(r"[^A-Za-z0-9._-]", "-", path.stem).lstrip("._-") or "experiment")
+    try:
+        with importable_from(path.parent):  # an engine `type: module:Class` imports as its worker will
+            exp = Experiment.model_validate(data)
+    except ValidationError as e:
+        raise _first_error(e, path, root) from None
+    with importable_from(path.parent):
+        _check_references(exp, path, root)
+    exp = _check_paths(exp, path, root)
+    _check_native_inputs(exp, path, root)
+    return exp
+
+
+def _check_native_inputs(exp: Experiment, path: Path, root: yaml.Node | None) -> None:
+    """A reference that prepares images with its own code (a native `preprocess`) names image inputs
+    its own way (Molmo's `images`, `image_input_idx`): another engine given them would run without
+    images, since models ignore inputs they do not know. Such candidates must prepare their own inputs."""
+    ref_spec = exp.resolved_engines()[exp.reference][2]
+    has_images = any(s.images or any(isinstance(m.content, list) and any(p.type == "image" for p in m.content) for m in s.messages or [])
+                     for s in exp.samples)
+    if ref_spec.input_pipeline is None or not has_images:
+        return
+    for name, (_, variant, spec) in exp.resolved_engines().items():
+        if name != exp.reference and spec.inputs == "reference" and spec.input_pipeline != ref_spec.input_pipeline:
+            loc = ("engines", name) if variant == BASE else ("variants", name)
+            raise ExperimentError(str(path), _line_of(root, loc), _field_path(loc), f"the reference {exp.reference!r} prepares images with its own "
+                                  f"preprocess ({ref_spec.input_pipeline}), whose inputs this engine cannot read: give it `inputs: own`")
+
+
+def experiment_error(path: Path, loc: tuple, message: str) -> ExperimentError:
+    """An error about a field found after loading (e.g. by an engine), with its YAML line."""
+    try:
+        root = yaml.compose(Path(path).read_text(), Loader=yaml.SafeLoader)
+    except (OSError, yaml.YAMLError):
+        root = None
+    return ExperimentError(str(path), _line_of(root, loc), _field_path(loc), message)

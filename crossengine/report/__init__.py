@@ -1,0 +1,1 @@
+"""Showing results: terminal tables, the HTML report, the monitor's view."""
