@@ -1,7 +1,8 @@
 """The run modes (score, generate, greedy) as small classes with one contract.
 
 For each batch of a wave the Runner (which keeps resume, waves and pools) asks a mode three
-things, and nothing else:
+things, and nothing else; a mode sees of the run only a `RunContext` (the run folder, engine
+calls, error recording, timings), never the Runner:
 
     owed(wave, b)                -> the candidates batch b still has to produce (empty: done)
     submit(pool, b, idx, cands)  -> a `Pending` batch: the engines' work started, as ObjectRefs
@@ -18,20 +19,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import pyarrow as pa
 
 from crossengine.adapters.base import Generation, RawSample, Sample, SampleError
 from crossengine.compare.tokens import CompareOptions, Part, compare_batch, payload_bytes
 from crossengine.identity import SAMPLED
-from crossengine.experiment.plan import EngineInstance
+from crossengine.experiment.plan import EngineInstance, Plan
 from crossengine.compare.inputs import first_differences
-from crossengine.results import INPUTS_SCHEMA, WORST_SCHEMA, token_table, write_table
+from crossengine.results import INPUTS_SCHEMA, WORST_SCHEMA, RunDir, token_table, write_table
 
 if TYPE_CHECKING:  # the runner imports this module; this is for type names only
     from crossengine.run.pool import EnginePool
-    from crossengine.run.runner import Runner
+
+
+@dataclass
+class RunContext:
+    """What a mode may use of the run it serves; the Runner makes one and keeps the rest (resume, waves, pools, run.json)."""
+
+    plan: Plan
+    run_dir: RunDir
+    timings: dict[str, float]
+    fetch: Callable[[str, Any, str], Any]  # (engine, ObjectRef, doing) -> value; a failure is one line naming the engine
+    record_error: Callable[[str, SampleError], None]  # a sample an engine could not run: reported once, skipped
+    prepare: Callable[[Any, list[int], str], list[Sample]]  # (pool, sample indices, doing) -> the reference's prepared samples
+    check_reference: Callable[[int, int, str], None]  # (batch, wave, digest): the reference is bitwise the same in every wave
+    say_plain: Callable[[str], None]  # a terminal line holding user text (never read as markup)
+    vocab_text: pa.Array | None = None  # every token's text, from the reference (token_text column); set once engines start
 
 
 def raw_sample(plan, i: int) -> RawSample:
@@ -72,7 +87,7 @@ class Mode:
 
     pipelined = True
 
-    def __init__(self, run: Runner):
+    def __init__(self, run: RunContext):
         self.run = run
         self.plan = run.plan
         self.exp = run.plan.experiment

@@ -28,7 +28,7 @@ from crossengine import __version__
 from crossengine.adapters.base import Sample, SampleError
 from crossengine.errors import CrossengineError
 from crossengine.compare.metrics import WARM_UP_FROM_VOCAB
-from crossengine.run.modes import MODES, raw_sample
+from crossengine.run.modes import MODES, RunContext, raw_sample
 from crossengine.experiment.plan import EngineInstance, Plan
 from crossengine.run.pool import EnginePool, ensure_ray, one_line
 from crossengine.run.progress import engine_progress
@@ -97,8 +97,8 @@ class Runner:
         self.timings: dict[str, float] = {}
         self.placement = None
         self._ref_digests: dict[int, str] = {}  # batch -> digest of the first wave's reference scores
-        self.mode = MODES[plan.experiment.mode](self)
-        self.vocab_text: pa.Array | None = None  # every token's text, from the reference (token_text column)
+        self.context = RunContext(plan, self.run_dir, self.timings, self.fetch, self.record_error, self.prepare, self.check_reference, self.say_plain)
+        self.mode = MODES[plan.experiment.mode](self.context)
 
     def _say(self, msg: str) -> None:
         if self.console is not None:
@@ -178,13 +178,13 @@ class Runner:
             infos.update(pool.infos)
             try:
                 if not started:
-                    self.vocab_text = pa.array(self.fetch(self.plan.reference.name, pool.call(self.plan.reference.name, "token_texts"), "listing its vocabulary"), pa.string())
+                    self.context.vocab_text = pa.array(self.fetch(self.plan.reference.name, pool.call(self.plan.reference.name, "token_texts"), "listing its vocabulary"), pa.string())
                     self._start_meta(infos, resumed)
                     started = True
                 if not self.localize_only:
                     full = [c.name for c in wave if exp.full_vocab and _full_logits(self.plan.reference) and _full_logits(c)]
-                    if full and len(self.vocab_text) >= WARM_UP_FROM_VOCAB:
-                        pool.warm_metrics(full, len(self.vocab_text))
+                    if full and len(self.context.vocab_text) >= WARM_UP_FROM_VOCAB:
+                        pool.warm_metrics(full, len(self.context.vocab_text))
                     self._run_wave(pool, wave, w)
                 if exp.localize is not None:
                     self._localize(pool)
