@@ -58,7 +58,7 @@ def _execute(runner) -> Path:
     except CrossengineError as exc:
         _fail(exc)
     except KeyboardInterrupt as exc:
-        raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
+        raise typer.Exit(143 if isinstance(exc, Terminated) or runner.terminated else 130) from None
     except Exception as exc:  # noqa: BLE001 - a bug of ours: still one line, the traceback in the run's log
         log = runner.run_dir.log_exception("internal error", exc)
         _fail(CrossengineError(f"internal error ({type(exc).__name__}: {exc}); traceback: {log}. Please report it; resume with: {runner.resume_command}"))
@@ -179,23 +179,24 @@ def monitor(
     if not (out_dir / "steps").exists():
         _fail(CrossengineError(f"{out_dir}: no steps/ folder (not a KLMonitor output)"))
     page = _html_path(html, out, out_dir / "monitor.html")
-    if page is not None:
-        from crossengine.report.html import monitor_report
+    try:
+        if page is not None:
+            from crossengine.report.html import monitor_report
 
-        console.print(f"report: {monitor_report(out_dir, page)}")
-        return
-    if step is not None:
-        try:
+            console.print(f"report: {monitor_report(out_dir, page)}")
+        elif step is not None:
             console.print(monitor_view.worst_view(out_dir, step))
-        except FileNotFoundError as exc:
-            _fail(CrossengineError(str(exc)))
-    elif follow:
-        try:
-            monitor_view.follow(out_dir, console, interval)
-        except KeyboardInterrupt:
-            pass
-    else:
-        console.print(monitor_view.steps_view(out_dir))
+        elif follow:
+            try:
+                monitor_view.follow(out_dir, console, interval)
+            except KeyboardInterrupt:
+                pass
+        else:
+            console.print(monitor_view.steps_view(out_dir))
+    except FileNotFoundError as exc:
+        _fail(CrossengineError(str(exc)))
+    except CrossengineError as exc:
+        _fail(exc)
 
 
 @app.command()

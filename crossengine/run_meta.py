@@ -24,7 +24,8 @@ class RunMeta(BaseModel):
     experiment_file: str
     experiment: dict[str, Any] = Field(description="the experiment as resolved; `samples` is {omitted, fingerprint} beyond 1,000 samples")
     samples_fingerprint: str | None = None
-    fingerprint: str = Field(description="hash of the experiment: a resumed run must match it")
+    fingerprint: str = Field(description="hash of the experiment and of the files it names: a resumed run must match it")
+    files: dict[str, str] = Field(default_factory=dict, description="every file the experiment names (images, chat templates, adapters) -> content hash")
     reference: str
     candidates: dict[str, dict[str, str]] = Field(description="instance -> {cand_engine, variant}")
     model_paths: dict[str, str] = {}

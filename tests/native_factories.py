@@ -45,6 +45,35 @@ def slow(model_path, config, device, dtype, seconds: float = 0.4):
     return run
 
 
+def gated(model_path, config, device, dtype, gate: str, free: int = 1):
+    """The HF model, whose forward blocks from its (free + 1)-th call until the file GATE/release exists,
+    and says so by writing GATE/blocked: a run a test can stop mid-way with no timing assumption."""
+    import time
+    from pathlib import Path
+
+    forward = _hf_logits(model_path, dtype, device)
+    calls = [0]
+
+    def run(input_ids, **inputs):
+        calls[0] += 1
+        if calls[0] > free and not (Path(gate) / "release").exists():
+            (Path(gate) / "blocked").touch()
+            while not (Path(gate) / "release").exists():
+                time.sleep(0.02)
+        return forward(input_ids, **inputs)
+
+    return run
+
+
+def raise_always(model_path, config, device, dtype):
+    """A model whose every forward raises: each sample of its engine fails, the others go on."""
+
+    def run(input_ids, **inputs):
+        raise RuntimeError("planted failure in every forward")
+
+    return run
+
+
 def die_on_length(model_path, config, device, dtype, length: int = 6):
     """The HF model, whose worker process dies (os._exit) on a sample of exactly `length` tokens."""
     import os

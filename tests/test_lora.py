@@ -105,7 +105,7 @@ def test_the_vision_adapter_covers_the_vision_tower():
         ("lora: ./no-such-adapter", ["engines.b.lora", "no such adapter folder"]),
         ("lora: tiny-vision-lora", ["engines.b.lora", "engine 'b': the adapter targets", "which model tiny-text does not have", "another base model"]),
         ("lora: HIDDEN", ["engines.b.lora", "but the model's maps 128 ->", "hidden size"]),
-        ("lora: tiny-text-lora, lora_merge: true, type: vllm", ["engines.b", "lora_merge is an hf option"]),
+        ("lora: tiny-text-lora, lora_merge: true, type: vllm", ["engines.b.lora_merge", "not a field of vllm engines (hf engines take it)"]),
     ],
     ids=["missing", "other-base", "hidden-size", "merge-on-vllm"],
 )

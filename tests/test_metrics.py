@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from crossengine import metrics
+from crossengine.compare import metrics
 from crossengine.adapters.base import TokenLogprobs
 from crossengine.compare.frameworks import framework_metrics
 from crossengine.compare.metrics import METRIC_COLUMNS, token_metrics

@@ -86,7 +86,7 @@ def test_a_prompt_too_long_for_vllm_fails_alone(generate_run):
     "sample,words",
     [
         ("{token_ids: [1, 60, 9999, 62]}", ["samples[0].token_ids[2]", "9999 >= vocab size"]),
-        ("{text: 'look <start_of_image>', images: [data/gradient.png]}", ["samples[0]", "image prompts need an hf reference"]),
+        ("{text: 'look <start_of_image>', images: [data/gradient.png]}", ["samples[0]", "image prompts need a reference that prepares pixels", "vllm expands images inside its engine"]),
     ],
     ids=["token-out-of-vocab", "image-for-text-only"],
 )

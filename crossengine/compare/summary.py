@@ -76,11 +76,24 @@ def summarize_group(g: pd.DataFrame) -> dict[str, float]:
     return row
 
 
-def summarize(tokens_dir: Path) -> pd.DataFrame:
-    """Reads one candidate's rows at a time, keeping strings as categoricals."""
-    dataset = ds.dataset(tokens_dir, format="parquet")
-    pairs = dataset.to_table(columns=["cand_engine", "variant"]).to_pandas().drop_duplicates()
+def _empty_group() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series([], dtype="bool" if c in ("top1_match", "top1_tie") else ("object" if c in ("sample_id", "nonfinite") else "float64"))
+                         for c in _NEEDED})
+
+
+def summarize(tokens_dir: Path, expected: list[tuple[str, str]] | None = None) -> pd.DataFrame:
+    """Reads one candidate's rows at a time, keeping strings as categoricals. Every (cand_engine,
+    variant) in `expected` gets its row, with n_tokens 0 and null metrics where every sample of it
+    failed: a run whose samples all fail still says so in its summary."""
+    files = sorted(Path(tokens_dir).glob("*.parquet")) if Path(tokens_dir).is_dir() else []
+    dataset = ds.dataset([str(f) for f in files], format="parquet") if files else None
+    pairs = dataset.to_table(columns=["cand_engine", "variant"]).to_pandas().drop_duplicates() if dataset is not None else pd.DataFrame(columns=["cand_engine", "variant"])
     rows = []
+    seen = {(str(c), str(v)) for c, v in pairs.itertuples(index=False)}
+    for cand, variant in expected or []:
+        if (cand, variant) not in seen:
+            keys_all = {"cand_engine": cand, "variant": variant, **{k: "all" for k in SPLITS}}
+            rows.append({**keys_all, **summarize_group(_empty_group()), "kl_source": "none"})
     for cand, variant in pairs.itertuples(index=False):
         flt = (ds.field("cand_engine") == str(cand)) & (ds.field("variant") == str(variant))
         g = dataset.to_table(columns=_NEEDED, filter=flt).to_pandas()

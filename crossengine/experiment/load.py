@@ -192,7 +192,7 @@ def _with_ids(samples: list[SampleSpec], path: Path, root: yaml.Node | None) -> 
 
 def _read_jsonl(f: Path, index: int) -> list[SampleSpec]:
     out = []
-    for n, line in enumerate(f.read_text().splitlines(), start=1):
+    for n, line in enumerate(read_text(f, f"samples[{index}].file").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -216,12 +216,23 @@ def _read_jsonl(f: Path, index: int) -> list[SampleSpec]:
     return out
 
 
+def read_text(path: Path, field: str) -> str:
+    """A UTF-8 text file; another encoding is one line naming the file, line and column of the first bad byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        raise ExperimentError(str(path), data.count(b"\n", 0, e.start) + 1, field,
+                              f"not UTF-8 text: byte 0x{data[e.start]:02x} at column {e.start - line_start + 1}; save the file as UTF-8") from None
+
+
 def load_experiment(path: str | Path) -> Experiment:
     """Read, validate and resolve an experiment file; raises ExperimentError (one line)."""
     path = Path(path)
     if not path.is_file():
         raise ExperimentError(str(path), None, "<file>", "no such experiment file")
-    text = path.read_text()
+    text = read_text(path, "<file>")
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         duplicate = _duplicate_key(root)

@@ -48,6 +48,7 @@ class Plan:
     candidates: list[EngineInstance]
     batches: list[list[int]]  # sample indices per batch
     fingerprint: str
+    files: dict[str, str]  # every file the experiment names (images, chat templates, adapters) -> hash of its content
 
     @property
     def instances(self) -> list[EngineInstance]:
@@ -96,10 +97,37 @@ def resolve_adapter(lora: str, experiment_path: Path, loc: tuple) -> str:
     raise experiment_error(experiment_path, loc, f"no such adapter folder: {lora}")
 
 
-def fingerprint(exp: Experiment) -> str:
-    """What a resumed run must share with the run it continues (run_id/output excluded)."""
+def fingerprint(exp: Experiment, files: dict[str, str]) -> str:
+    """What a resumed run must share with the run it continues (run_id/output excluded): the
+    experiment and the content of every file it names, so that an image replaced between a stop
+    and its resume is not scored under the same path."""
     data = exp.model_dump(mode="json", exclude={"run_id", "output_dir"})
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([data, sorted(files.items())], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def named_files(exp: Experiment, instances: list[EngineInstance]) -> dict[str, str]:
+    """path -> content hash of the files a run reads besides the model: sample images (chat image
+    parts too), chat templates, LoRA adapter files. (JSONL samples are in the experiment itself.)"""
+    paths: set[Path] = set()
+    for s in exp.samples:
+        paths.update(Path(p) for p in s.images)
+        for m in s.messages or []:
+            if isinstance(m.content, list):
+                paths.update(Path(part.path) for part in m.content if part.path is not None)
+    for inst in instances:
+        if inst.spec.chat_template:
+            paths.add(Path(inst.spec.chat_template))
+        if inst.spec.lora:
+            paths.update(f for f in Path(inst.spec.lora).glob("adapter_*") if f.is_file())
+    return {str(p): file_digest(p) for p in sorted(paths)}
 
 
 def make_plan(exp: Experiment, experiment_path: Path, run_id: str | None = None, output_dir: Path | None = None) -> Plan:
@@ -127,8 +155,9 @@ def make_plan(exp: Experiment, experiment_path: Path, run_id: str | None = None,
     if run_id is not None and not NAME.match(run_id):
         raise CrossengineError(f"--run-id {run_id!r}: must match {NAME.pattern} (it names a folder under the output folder)")
     run_id = run_id or exp.run_id or f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out = Path(output_dir or exp.output_dir)
+    out = Path(output_dir or exp.output_dir).absolute()  # Ray workers run in other folders: every path they get is absolute
     n = len(exp.samples)
     batches = [list(range(i, min(i + exp.batch_size, n))) for i in range(0, n, exp.batch_size)]
     ref = next(i for i in instances if i.is_reference)
-    return Plan(exp, experiment_path, run_id, out / run_id, ref, [i for i in instances if not i.is_reference], batches, fingerprint(exp))
+    files = named_files(exp, instances)
+    return Plan(exp, experiment_path, run_id, out / run_id, ref, [i for i in instances if not i.is_reference], batches, fingerprint(exp, files), files)

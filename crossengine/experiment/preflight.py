@@ -9,6 +9,7 @@ per-sample error of the run.
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 from crossengine.experiment.load import experiment_error
@@ -94,8 +95,10 @@ def _check_adapters(plan: Plan) -> None:
         loc = (_section(exp, inst.name), inst.name, "lora")
         try:
             modules = adapter_modules(inst.spec.lora)
-        except (OSError, ValueError, KeyError) as exc:
-            raise experiment_error(path, loc, f"engine {inst.name!r}: cannot read the adapter's weights in {inst.spec.lora}: {exc}") from None
+        except (OSError, ValueError, KeyError, struct.error, UnicodeDecodeError) as exc:
+            weights = Path(inst.spec.lora) / "adapter_model.safetensors"
+            what = f"{weights} is not a safetensors file ({weights.stat().st_size} bytes)" if weights.is_file() else f"cannot read {weights}: {exc}"
+            raise experiment_error(path, loc, f"engine {inst.name!r}: {what}") from None
         if inst.model_path not in trees:
             trees[inst.model_path] = _meta_linears(inst)
         linears = trees[inst.model_path]

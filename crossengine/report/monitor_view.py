@@ -9,7 +9,6 @@ from pathlib import Path
 import pandas as pd
 
 from crossengine.monitor import read_thresholds
-from crossengine.compare.summary import read_tokens
 
 SHOWN = ["gen_kl_error", "policy_kl_error", "js_divergence_error", "token_mult_prob_error", "rollout_probs_diff_max", "first/gen_kl_error"]
 _BARS = "▁▂▃▄▅▆▇█"
@@ -25,10 +24,30 @@ def sparkline(values: list[float]) -> str:
 
 
 def read_steps(out_dir: Path) -> pd.DataFrame:
+    """Every step a KLMonitor wrote (steps/part-*.parquet, other files ignored); a part that is not
+    its Parquet is one line naming the file (CrossengineError)."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    from crossengine.errors import CrossengineError
+
     steps = Path(out_dir) / "steps"
-    if not steps.exists() or not any(steps.glob("part-*.parquet")):
+    files = sorted(steps.glob("part-*.parquet")) if steps.is_dir() else []
+    if not files:
         return pd.DataFrame()
-    return read_tokens(steps).sort_values("step").reset_index(drop=True)
+    try:
+        df = ds.dataset([str(f) for f in files], format="parquet").to_table().to_pandas()
+    except (pa.ArrowException, OSError) as exc:
+        for f in files:  # name the file that is not a step
+            try:
+                pq.read_schema(f)
+            except (pa.ArrowException, OSError) as bad:
+                raise CrossengineError(f"{f}: not a KLMonitor step file ({str(bad).splitlines()[0]})") from None
+        raise CrossengineError(f"{steps}: the step files do not read together ({str(exc).splitlines()[0]})") from None
+    if "step" not in df:
+        raise CrossengineError(f"{steps}: the part files have no `step` column: not a KLMonitor output")
+    return df.sort_values("step").reset_index(drop=True)
 
 
 def steps_view(out_dir: Path, last: int = 30):

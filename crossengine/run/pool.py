@@ -235,11 +235,12 @@ class EnginePool:
 
         return {name: ray.get(self.call(name, "timings"), timeout=60) for name in self.actors}
 
-    def close(self) -> None:
+    def close(self, graceful: bool = True) -> None:
+        """Ask each loaded engine to release its model, then kill its worker; `graceful=False` (a stop) kills at once."""
         import ray
 
         for name, actor in self.actors.items():
-            if name in self.infos:
+            if graceful and name in self.infos:
                 try:
                     ray.get(actor.call.remote("close"), timeout=60)
                 except Exception:  # noqa: BLE001 - best effort; the actor is killed next
@@ -249,11 +250,20 @@ class EnginePool:
 
 
 def ensure_ray(address: str | None, num_gpus: float | None = None) -> None:
-    """Join a cluster, or start a local one (with `num_gpus` GPUs advertised, if given)."""
+    """Join the cluster `--address` (or RAY_ADDRESS) names, else start a private local one (with
+    `num_gpus` GPUs advertised, if given): never a cluster that `ray start` happens to have left
+    on the machine, whose address file Ray would otherwise follow."""
+    import logging
+
     import ray
 
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": os.cpu_count()}
-        if num_gpus is not None and not address:
-            kwargs["num_gpus"] = num_gpus
-        ray.init(log_to_driver=False, configure_logging=False, include_dashboard=False, **kwargs)
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {"address": address} if address else {"address": "local", "num_cpus": os.cpu_count()}
+    if num_gpus is not None and not address:
+        kwargs["num_gpus"] = num_gpus
+    # Ray's notice that it enabled token authentication on the cluster it starts is about Ray, not the
+    # user's run; its errors (a missing or invalid token) are still shown.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    ray.init(log_to_driver=False, configure_logging=False, include_dashboard=False, **kwargs)

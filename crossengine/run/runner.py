@@ -15,11 +15,11 @@ prints the exact command that resumes.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -57,21 +57,31 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (what schedulers send before killing a job), handled exactly like Ctrl-C."""
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Install after ray.init, which sets its own SIGTERM handler (sys.exit) in the driver."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class StopSignals:
+    """Ctrl-C and SIGTERM become KeyboardInterrupt / Terminated wherever they land, and the signal is
+    remembered, so the exit code says which one came (130 or 143) even where a library in between
+    (Ray's ray.get) turns the exception into another. `install()` again after ray.init, which sets
+    its own SIGTERM handler."""
 
-    def handler(signum, frame):
-        raise Terminated()
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def _handler(self, signum, frame):
+        self.received = signum
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.signal(sig, self._handler)
+            self._previous.setdefault(sig, previous)
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
 
 class EngineFailure(CrossengineError):
@@ -92,6 +102,7 @@ class Runner:
         self.address = address
         self.num_gpus = num_gpus
         self.overwrite = overwrite
+        self.signals = StopSignals()
         self.run_dir = RunDir(plan.run_dir)
         self.errors: list[dict[str, str]] = []
         self.timings: dict[str, float] = {}
@@ -128,7 +139,9 @@ class Runner:
         if meta.status == "complete" and not self.overwrite:
             raise CrossengineError(f"{self.run_dir.root}: run {self.plan.run_id!r} is complete; pass --overwrite or choose another --run-id")
         if meta.fingerprint != self.plan.fingerprint and not self.overwrite:
-            raise CrossengineError(f"{self.run_dir.root}: the experiment changed since this run started; pass --overwrite or choose another --run-id")
+            changed = [f for f, digest in self.plan.files.items() if f in meta.files and meta.files[f] != digest]
+            what = f"{changed[0]} changed (its content) since this run started" if changed else "the experiment changed since this run started"
+            raise CrossengineError(f"{self.run_dir.root}: {what}; pass --overwrite or choose another --run-id")
         if self.overwrite:
             self.run_dir.clear()
             return None
@@ -139,21 +152,28 @@ class Runner:
         self.run_dir.acquire()
         if self.run_dir.took_over:
             self._say(f"taking over the run folder from a run that no longer holds it ({self.run_dir.took_over})")
+        self.signals.install()
         try:
             return self._run()
         except KeyboardInterrupt:
             self._say(f"[yellow]interrupted; finished batches are kept. Resume with: {self.resume_command}")
             raise
         finally:
+            self.signals.restore()
             self.run_dir.release()
+
+    @property
+    def terminated(self) -> bool:
+        """Whether the run was stopped by SIGTERM (exit 143) rather than Ctrl-C (130)."""
+        return self.signals.received == signal.SIGTERM
 
     def _run(self) -> Path:
         t0 = time.time()
         resumed = self._check_existing()
         ensure_ray(self.address, self.num_gpus)
+        self.signals.install()  # ray.init replaced the SIGTERM handler with its own
         self.timings["ray_init_s"] = time.time() - t0
-        with sigterm_as_interrupt():
-            return self._run_engines(t0, resumed)
+        return self._run_engines(t0, resumed)
 
     def _run_engines(self, t0: float, resumed: RunMeta | None) -> Path:
         from crossengine.run.placement import make_placement
@@ -190,6 +210,9 @@ class Runner:
                     self._localize(pool)
                 for name, t_engine in pool.engine_timings().items():
                     self.timings.update({f"{name}.{k}": v for k, v in t_engine.items()})
+            except KeyboardInterrupt:
+                pool.close(graceful=False)  # a stop is prompt: the workers are killed, not asked to finish
+                raise
             finally:
                 pool.close()
         if self.localize_only:
@@ -224,7 +247,8 @@ class Runner:
         import ray
 
         task = ray.remote(num_cpus=0)(_reduce_tokens)
-        return self.fetch("summary", task.remote(str(self.run_dir.tokens), self.plan.reference.name, len(self.plan.candidates) > 1), "summarising the run")
+        expected = [(c.cand_engine, c.variant) for c in self.plan.candidates]
+        return self.fetch("summary", task.remote(str(self.run_dir.tokens), self.plan.reference.name, expected), "summarising the run")
 
     # ---------------------------------------------------------------- engine calls
 
@@ -316,7 +340,7 @@ class Runner:
             meta = RunMeta(
                 run_id=self.plan.run_id, schema_version=SCHEMA_VERSION, crossengine_version=__version__, git_sha=git_sha(),
                 experiment_file=str(self.plan.experiment_path), experiment=self._experiment_json(fingerprint_of_samples),
-                samples_fingerprint=fingerprint_of_samples, fingerprint=self.plan.fingerprint, reference=self.plan.reference.name,
+                samples_fingerprint=fingerprint_of_samples, fingerprint=self.plan.fingerprint, files=self.plan.files, reference=self.plan.reference.name,
                 candidates={c.name: {"cand_engine": c.cand_engine, "variant": c.variant} for c in self.plan.candidates},
                 model_paths={i.name: i.model_path for i in self.plan.instances}, host=host_info(), started_at=now,
                 n_samples=len(self.plan.experiment.samples), n_batches=len(self.plan.batches),
@@ -352,10 +376,13 @@ def _full_logits(inst: EngineInstance) -> bool:
     return inst.traits.gives_full_logits(inst.spec)
 
 
-def _reduce_tokens(tokens_dir: str, reference: str, several: bool):
+def _reduce_tokens(tokens_dir: str, reference: str, expected: list[tuple[str, str]]):
     """Runs in a Ray worker (see Runner._reduce)."""
-    summary = summarize(Path(tokens_dir))
-    if not several:
+    summary = summarize(Path(tokens_dir), expected)
+    from crossengine.identity import SAMPLED
+
+    scored = summary[(summary["modality"] == "all") & (summary["n_tokens"] > 0) & (summary["variant"] != SAMPLED)] if len(summary) else summary
+    if len(scored) < 2:  # nearest needs two candidates with token rows (the generator's own sampling is not one)
         return summary, None
     from crossengine.compare.nearest import nearest_table
 
