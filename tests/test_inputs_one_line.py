@@ -38,7 +38,7 @@ def test_an_experiment_that_is_not_utf8_is_one_line(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_bytes(GOOD.replace("hello there", "h\xe9llo").encode("latin-1"))
     message = _one_line(CliRunner().invoke(app, ["validate", str(path)]))
-    assert f"{path}:7:" in message and "not UTF-8" in message and "0xe9 at column 13" in message, message
+    assert f"{path}:7:" in message and "not UTF-8" in message and "0xe9 at column 12" in message, message
 
 
 def test_a_samples_file_that_is_not_utf8_is_one_line(tmp_path):
@@ -65,6 +65,8 @@ def test_a_monitor_folder_with_a_foreign_file_is_one_line(tmp_path):
     mon = KLMonitor(tmp_path / "mon")
     g = np.log(np.full((2, 4), 0.5))
     mon.step(0, g, g + 0.01, np.ones((2, 4), bool))
+    mon.close()
+    assert CliRunner().invoke(app, ["monitor", str(tmp_path / "mon")]).exit_code == 0, "the monitor's own folder reads"
     (tmp_path / "mon" / "steps" / "part-99999999.parquet").write_text("not parquet")
     message = _one_line(CliRunner().invoke(app, ["monitor", str(tmp_path / "mon")]))
     assert "part-99999999.parquet: not a KLMonitor step file" in message, message

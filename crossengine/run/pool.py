@@ -266,4 +266,23 @@ def ensure_ray(address: str | None, num_gpus: float | None = None) -> None:
     # Ray's notice that it enabled token authentication on the cluster it starts is about Ray, not the
     # user's run; its errors (a missing or invalid token) are still shown.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # ray.get looks for Ctrl-C/SIGTERM every second by default; a stop must act within one
+    os.environ.setdefault("RAY_get_check_signal_interval_milliseconds", "100")
     ray.init(log_to_driver=False, configure_logging=False, include_dashboard=False, **kwargs)
+
+
+def stop_local_cluster() -> bool:
+    """Kill the processes of a local Ray cluster this driver started (never a joined one) without
+    Ray's graceful wait; True when it did, and then the driver must exit without ray.shutdown
+    (which would wait on the dead cluster)."""
+    import ray
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    if not ray.is_initialized() or node is None or not node.is_head():
+        return False
+    try:
+        node.kill_all_processes(check_alive=False, allow_graceful=False)
+    except Exception:  # noqa: BLE001 - best effort: then Ray's exit handler stops what is left
+        return False
+    return True
