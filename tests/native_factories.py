@@ -32,19 +32,6 @@ def _hf_logits(model_path, dtype, device):
     return lambda input_ids, **inputs: model(input_ids=input_ids, **inputs).logits
 
 
-def slow(model_path, config, device, dtype, seconds: float = 0.4):
-    """The HF model, `seconds` slower per sample: runs long enough to be interrupted mid-way."""
-    import time
-
-    forward = _hf_logits(model_path, dtype, device)
-
-    def run(input_ids, **inputs):
-        time.sleep(seconds)
-        return forward(input_ids, **inputs)
-
-    return run
-
-
 def gated(model_path, config, device, dtype, gate: str, free: int = 1):
     """The HF model, whose forward blocks from its (free + 1)-th call until the file GATE/release exists,
     and says so by writing GATE/blocked: a run a test can stop mid-way with no timing assumption."""
@@ -74,16 +61,19 @@ def raise_always(model_path, config, device, dtype):
     return run
 
 
-def die_on_length(model_path, config, device, dtype, length: int = 6):
-    """The HF model, whose worker process dies (os._exit) on a sample of exactly `length` tokens."""
+def die_on_length(model_path, config, device, dtype, length: int = 6, after: str | None = None):
+    """The HF model, whose worker process dies (os._exit) on a sample of exactly `length` tokens, once
+    the file `after` exists (the driver's part of the batch before: its reply has surely arrived)."""
     import os
     import time
+    from pathlib import Path
 
     forward = _hf_logits(model_path, dtype, device)
 
     def run(input_ids, **inputs):
         if input_ids.shape[-1] == length:
-            time.sleep(0.5)  # let Ray send the previous batch's reply first: os._exit drops unsent replies
+            while after and not Path(after).exists():
+                time.sleep(0.02)
             os._exit(3)
         return forward(input_ids, **inputs)
 

@@ -128,3 +128,31 @@ def test_a_resume_over_a_changed_image_is_refused_naming_it(write_experiment, tm
     result = CliRunner().invoke(app, ["run", str(path), "--run-id", "r", "--output-dir", str(tmp_path / "out")])
     message = _one_line(result)
     assert "gradient.png changed (its content) since this run started" in message, message
+
+
+def test_an_image_sample_without_a_placeholder_is_refused_by_validate(write_experiment):
+    text = GOOD.replace("tiny-text", "tiny-vision").replace("- text: hello there", "- {text: 'a picture', images: [data/gradient.png]}")
+    message = _one_line(CliRunner().invoke(app, ["validate", str(write_experiment(text))]))
+    assert "samples[0].text" in message and "no <start_of_image> placeholder for its 1 image(s)" in message, message
+
+
+def test_an_unreachable_hub_id_is_one_line_within_seconds(tmp_path):
+    """No network (here: a hub endpoint on a closed loopback port) and an empty cache: said at once."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import REPO
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(GOOD.replace("tiny-text", "someorg/some-model"))
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+    t0 = time.monotonic()
+    check = subprocess.run([sys.executable, "-m", "crossengine.cli", "validate", str(path)], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    took = time.monotonic() - t0
+    assert check.returncode == 2, check.stdout + check.stderr
+    message = check.stderr.strip()
+    assert len(message.splitlines()) == 1 and f"{path}:1: model:" in message, message
+    assert "'someorg/some-model'" in message and "cannot be reached" in message and "127.0.0.1:9" in message, message
+    assert took < 10, f"took {took:.1f}s"

@@ -127,7 +127,7 @@ def test_user_factory_and_user_patch(ray_cluster, tmp_path, monkeypatch):
     assert pooled.loc["mine", "abs_max"] == 0, "the factory wraps the same model"
     assert summary[(summary["variant"] == "scaled") & (summary["modality"] == "all")]["kl_mean"].iloc[0] > 0
     meta = pd.read_json(run_dir / "run.json", typ="series")
-    assert meta["engines"]["mine"]["extra"]["native"] == "tests.native_factories:hf_as_native"
+    assert meta["engines"]["mine"]["implementation"] == "tests.native_factories:hf_as_native"
     assert meta["engines"]["scaled"]["extra"]["patches"] == {"tests.native_factories:scale_logits": "output embedding scaled by 1.01"}
 
 

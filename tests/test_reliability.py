@@ -184,7 +184,8 @@ model: tiny-text
 reference: a
 engines:
   a: {type: hf}
-  dying: {type: native, factory: "tests.native_factories:die_on_length", options: {length: 6}}
+  dying: {type: native, factory: "tests.native_factories:die_on_length", options: {length: 6, after: AFTER}}
+  steady: {type: hf, attn_implementation: eager}
 samples:
   - {id: four, token_ids: [1, 60, 61, 62]}
   - {id: five, token_ids: [1, 60, 61, 62, 63]}
@@ -193,19 +194,24 @@ batch_size: 1
 """
 
 
-def test_a_worker_that_dies_is_one_line_naming_engine_batch_and_resume(ray_cluster, write_experiment, tmp_path):
-    path = write_experiment(DYING)
+def test_a_worker_that_dies_is_one_error_and_the_others_finish(ray_cluster, write_experiment, tmp_path):
+    """A candidate whose process dies (os._exit, on its third batch, once the driver holds its second):
+    said once, naming engine, batch and resume; its finished batches kept; the other candidate finishes."""
     out = tmp_path / "out"
+    path = write_experiment(DYING.replace("AFTER", str(out / "d" / "tokens" / "part-dying-00001.parquet")))
     result = CliRunner().invoke(app, ["run", str(path), "--output-dir", str(out), "--run-id", "d"])
-    assert result.exit_code == 2, result.output
-    line = _one_line(result)
-    assert "engine 'dying' died while scoring batch 2 (samples six)" in line, line
-    assert f"Resume with: crossengine run {path} --run-id d --output-dir {out}" in line
+    assert result.exit_code == 1, result.output
+    died = [line for line in result.output.splitlines() if "engine 'dying' died" in line]
+    assert len(died) == 1, result.output
+    assert "engine 'dying' died while scoring batch 2 (samples six)" in died[0], died[0]
+    resume = f"Resume with: crossengine run {path} --run-id d --output-dir {out}"
+    assert resume in died[0] and resume in result.stderr
     log = out / "d" / "crossengine.log"
-    assert f"traceback: {log}" in line and "Traceback" in log.read_text()
+    assert f"traceback: {log}" in died[0] and "Traceback" in log.read_text()
     parts = sorted(p.name for p in (out / "d" / "tokens").iterdir())
-    assert parts == ["part-dying-00000.parquet", "part-dying-00001.parquet"], "finished batches are kept"
-    assert json.loads((out / "d" / "run.json").read_text())["status"] == "running"
+    assert parts == ["part-dying-00000.parquet", "part-dying-00001.parquet", *(f"part-steady-0000{b}.parquet" for b in range(3))]
+    meta = json.loads((out / "d" / "run.json").read_text())
+    assert meta["status"] == "incomplete" and [(e["engine"], e["sample_id"]) for e in meta["errors"]] == [("dying", "")]
     assert not (out / "d" / RunDir.LOCK).exists()
 
 

@@ -160,3 +160,45 @@ def test_vllm_full_vocab_gives_exact_kl_and_rank(ray_cluster, tmp_path):
     assert tokens["cos_sim"].isna().all(), "log-probs, not raw logits: no cosine"
     summary = pd.read_parquet(run_dir / "summary.parquet")
     assert set(summary["kl_source"].astype(str)) == {"full"}
+
+
+DEAD = f"""\
+model: MODEL
+reference: hf
+engines:
+  hf: {{type: hf}}
+  vllm: {{type: vllm, env: {{python: {VLLM_PYTHON}}}}}
+  eager: {{type: hf, attn_implementation: eager}}
+samples:
+  - {{id: one, text: The quick brown fox.}}
+  - {{id: two, text: Two roads diverged in a wood.}}
+  - {{id: three, text: Engines compare numbers.}}
+batch_size: 1
+"""
+
+
+def test_a_vllm_engine_that_dies_is_one_error_with_its_root_cause(ray_cluster, tmp_path):
+    """head_dim 16, which vLLM's CPU attention rejects inside its EngineCore process: the real line reaches
+    the terminal once, no sample is blamed, the other candidate finishes, and the run can be resumed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from crossengine.experiment.fixtures import _build_causal_lm
+
+    model = tmp_path / "hd16"
+    _build_causal_lm(model, 0, LlamaConfig, LlamaForCausalLM, head_dim=16)
+    path = tmp_path / "dead.yaml"
+    path.write_text(DEAD.replace("MODEL", str(model)))
+    out = tmp_path / "results"
+    result = CliRunner().invoke(app, ["run", str(path), "--output-dir", str(out), "--run-id", "d"])
+    assert result.exit_code == 1, result.output
+    died = [line for line in result.output.splitlines() if "engine 'vllm' died" in line]
+    assert len(died) == 1, result.output
+    assert "head_dim=16" in died[0] and "RuntimeError" in died[0], died[0]
+    assert "EngineCore encountered an issue" not in died[0] or "its process said" in died[0], died[0]
+    assert not [line for line in result.output.splitlines() if "error engine 'vllm'" in line and "sample" in line], "no sample is blamed"
+    meta = json.loads((out / "d" / "run.json").read_text())
+    assert meta["status"] == "incomplete" and [e["engine"] for e in meta["errors"]] == ["vllm"]
+    tokens = pd.read_parquet(out / "d" / "tokens")
+    assert set(tokens[tokens["cand_engine"].astype(str) == "eager"]["sample_id"].astype(str)) == {"one", "two", "three"}
+    assert "head_dim=16" in (out / "d" / "logs" / "vllm.log").read_text(), "the engine's own output is kept in the run folder"
+    assert "head_dim=16" in (out / "d" / "crossengine.log").read_text()
