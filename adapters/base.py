@@ -24,6 +24,7 @@ so a new engine is one file plus a registry line (or an entry point, or `type: m
 from __future__ import annotations
 
 import abc
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,6 +180,78 @@ class SampleError(ValueError):
         lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
         msg = f"engine {engine!r} raised {type(exc).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
         return cls(sample_id, msg, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+
+
+class EngineDead(RuntimeError):
+    """The engine's own process is gone (vLLM's EngineCore, a server it talks to): no later sample
+    can run. An adapter raises it instead of blaming each sample; the run then stops that engine
+    once, naming it, the batch and the cause, and lets the other engines finish."""
+
+
+class EngineError(RuntimeError):
+    """An engine's failure with what its process printed last (`output`, for the run's log): its
+    message ends with the root cause found there, e.g. vLLM EngineCore's own RuntimeError."""
+
+    def __init__(self, message: str, output: str = "", dead: bool = False):
+        super().__init__(message)
+        self.output, self.dead = output, dead
+
+    def __reduce__(self):  # crosses Ray's process boundary intact
+        return (EngineError, (str(self), self.output, self.dead))
+
+
+class OutputCapture:
+    """Everything the worker process and its children (vLLM's EngineCore and workers, a native
+    factory's subprocesses) write to stdout/stderr goes to one file, so that when an engine fails,
+    its real error reaches the user instead of staying in a Ray log file nobody is pointed to."""
+
+    CAUSE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit)\b.*)$")
+
+    def __init__(self, path: str | None = None):
+        import os
+        import tempfile
+
+        try:  # the run folder's logs/ (results/<run_id>/logs/<engine>.log), else a temporary file
+            os.makedirs(os.path.dirname(path), exist_ok=True)  # type: ignore[arg-type]
+            fd, self.path = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666), path  # type: ignore[arg-type]
+        except (OSError, TypeError):
+            fd, self.path = tempfile.mkstemp(prefix="crossengine-engine-", suffix=".log")
+        for target in (1, 2):
+            os.dup2(fd, target)
+        os.close(fd)
+
+    def tail(self, max_bytes: int = 64_000) -> str:
+        with open(self.path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - max_bytes))
+            return f.read().decode("utf-8", "replace")
+
+    def root_cause(self, text: str | None = None) -> str | None:
+        """The last line of the output that reads like an exception ('RuntimeError: ...'), without a logger's prefix."""
+        causes = []
+        for line in (text if text is not None else self.tail()).splitlines():
+            line = re.sub(r"^\(\w+ pid=\d+\)\s*", "", line.strip())  # Ray's / vLLM's process prefix
+            line = re.sub(r"^(ERROR|WARNING|INFO|CRITICAL)\s+\S+ \S+ \[[^\]]*\]\s*", "", line)  # vLLM's logger prefix
+            m = self.CAUSE.match(line)
+            if m and not m.group(1).startswith(("EngineDeadError", "EngineError")):
+                causes.append(m.group(1))
+        own = [c for c in causes if not re.search(r"root cause|stack trace", c)]  # wrappers point elsewhere: prefer what they point at
+        return (own or causes)[-1] if causes else None
+
+    def wrap(self, exc: BaseException) -> BaseException:
+        """`exc` with the root cause its process printed, as an EngineError (a SampleError passes as it is)."""
+        if isinstance(exc, (SampleError, EngineError)):
+            return exc
+        text = self.tail()
+        cause = self.root_cause(text)
+        import traceback
+
+        lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+        message = f"{type(exc).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
+        if cause and cause not in message:
+            message = f"{message}; its process said: {cause}"
+        trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return EngineError(message, f"{trace}\n--- the engine's output ({self.path}), last part ---\n{text}", dead=isinstance(exc, EngineDead))
 
 
 class Engine(abc.ABC):

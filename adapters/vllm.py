@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .base import (
-    Engine, EngineInfo, EngineTraits, Generation, RawSample, Sample, SampleError, TokenLogprobs, lora_info, mask_kinds, render_chat, text_modality,
+    Engine, EngineDead, EngineInfo, EngineTraits, Generation, RawSample, Sample, SampleError, TokenLogprobs, lora_info, mask_kinds, render_chat, text_modality,
     tokenizer_fingerprint, vocab_error,
 )
 from .spec import EngineSpec
@@ -206,8 +206,12 @@ class VLLMEngine(Engine):
         return results
 
     def _one(self, sample: Sample, prompt, params):
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         try:
             return self.llm.generate([prompt], params, use_tqdm=False, lora_request=self.lora_request)[0]
+        except EngineDeadError as exc:  # its EngineCore process is gone: not this sample's fault
+            raise EngineDead("vLLM's EngineCore process died") from exc  # its own message points at a stack trace the user never sees
         except Exception as exc:  # noqa: BLE001
             return SampleError.from_exception(sample.sample_id, self.instance, exc)
 

@@ -104,8 +104,13 @@ def run(
     out = _execute(runner)
     print_summary(out, console)
     console.print(f"results: {out}  (pandas: pd.read_parquet('{out}/tokens'))")
+    if runner.dead:
+        err_console.print(f"engine(s) {', '.join(repr(n) for n in runner.dead)} died (see above); the others finished. "
+                          f"Resume with: {runner.resume_command}", markup=False, highlight=False, soft_wrap=True)
     if runner.errors:
-        err_console.print(f"{len(runner.errors)} sample(s) failed; see errors in {out}/run.json")
+        failed = sum(1 for e in runner.errors if e["sample_id"])
+        if failed:
+            err_console.print(f"{failed} sample(s) failed; see errors in {out}/run.json")
         raise typer.Exit(1)
 
 

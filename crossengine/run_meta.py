@@ -35,7 +35,7 @@ class RunMeta(BaseModel):
     finished_at: str | None = None
     n_samples: int
     n_batches: int
-    status: Literal["running", "complete"] = "running"
+    status: Literal["running", "complete", "incomplete"] = "running"  # incomplete: finished, but an engine died; resumable
     engines: dict[str, dict[str, Any]] = Field(default_factory=dict, description="instance -> EngineInfo as its worker saw it")
     placement: dict[str, Any] | None = None
     timings: dict[str, float] = {}

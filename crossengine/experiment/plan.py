@@ -70,7 +70,39 @@ def resolve_model(model: str, experiment_path: Path, loc: tuple) -> str:
             return str(candidate)
     if looks_like_path(model):
         raise experiment_error(experiment_path, loc, f"no such model directory: {model}")
+    problem = hub_problem(model)
+    if problem:
+        raise experiment_error(experiment_path, loc, problem)
     return model
+
+
+HUB_TIMEOUT_S = 5.0
+
+
+def hub_problem(repo: str, revision: str | None = None) -> str | None:
+    """Why a hub id cannot load here, known in seconds instead of after the hub client's minute of
+    retries: not in the local cache and the hub unreachable, or no such repository. None when it
+    is cached or the hub answers (gated or private repositories are left to the engines to say)."""
+    import huggingface_hub
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(repo, "config.json", revision=revision), str):
+        return None  # cached: the engines load it from there
+    if constants.HF_HUB_OFFLINE:
+        return f"model {repo!r} is not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE is set: download it first or give a local path"
+    try:
+        huggingface_hub.model_info(repo, revision=revision, timeout=HUB_TIMEOUT_S)
+    except (RepositoryNotFoundError, GatedRepoError) as exc:
+        if isinstance(exc, GatedRepoError):
+            return None
+        return f"model {repo!r} is not a local folder and the hub has no such repository (or it is private: log in with `hf auth login`)"
+    except Exception as exc:  # noqa: BLE001 - no network, DNS, proxy, timeout: all mean the same here
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        return (f"model {repo!r} is not a local folder and not in the Hugging Face cache, and the hub "
+                f"({constants.ENDPOINT}) cannot be reached within {HUB_TIMEOUT_S:g}s ({type(exc).__name__}: {reason}): "
+                "download it where there is network or give a local path")
+    return None
 
 
 def resolve_python(spec: EngineSpec, experiment_path: Path, loc: tuple) -> EngineSpec:

@@ -178,11 +178,15 @@ def _check_with_tokenizer(plan: Plan) -> list[str]:
                 if t >= vocab:
                     raise experiment_error(path, ("samples", i, "token_ids", j), f"token id {t} >= vocab size {vocab} of {ref.name}")
         if s.images and processor is not None:
-            for attr in ("boi_token", "image_token"):
-                mark = getattr(processor, attr, None)
-                if isinstance(mark, str) and mark and mark in s.text:
+            marks = [m for m in (getattr(processor, a, None) for a in ("boi_token", "image_token")) if isinstance(m, str) and m]
+            for mark in marks:
+                if mark in s.text:
                     n = s.text.count(mark)
                     if n != len(s.images):
                         raise experiment_error(path, ("samples", i, "text"), f"the text has {n} {mark} placeholder(s) for {len(s.images)} image(s)")
                     break
+            else:
+                if marks:  # the processor would fail on it in the run, sample by sample
+                    raise experiment_error(path, ("samples", i, "text"), f"the text has no {marks[0]} placeholder for its {len(s.images)} image(s): "
+                                           "write one where each image goes")
     return []

@@ -46,6 +46,8 @@ class RunContext:
     prepare: Callable[[Any, list[int], str], list[Sample]]  # (pool, sample indices, doing) -> the reference's prepared samples
     check_reference: Callable[[int, int, str], None]  # (batch, wave, digest): the reference is bitwise the same in every wave
     say_plain: Callable[[str], None]  # a terminal line holding user text (never read as markup)
+    dead: dict[str, str]  # candidates whose engine died: no later batch asks them
+    engine_died: Callable[[str, Exception], None]  # (candidate, EngineDied): said once, recorded
     vocab_text: pa.Array | None = None  # every token's text, from the reference (token_text column); set once engines start
 
 
@@ -97,7 +99,7 @@ class Mode:
         return [self.plan.reference]
 
     def owed(self, wave: list[EngineInstance], b: int) -> list[EngineInstance]:
-        return [c for c in wave if not self.run.run_dir.done(c.name, b)]
+        return [c for c in wave if c.name not in self.run.dead and not self.run.run_dir.done(c.name, b)]
 
     def submit(self, pool: EnginePool, b: int, idx: list[int], cands: list[EngineInstance]) -> Pending:
         """Nothing waits: the reference's prepared samples go to every engine as an ObjectRef."""
@@ -107,6 +109,7 @@ class Mode:
 
     def _score(self, pool: EnginePool, b: int, idx: list[int], cands: list[EngineInstance], batch, decoded: Decoded | None = None, raw=None) -> Pending:
         ref = self.plan.reference.name
+        cands = [c for c in cands if c.name not in self.run.dead]
         ref_out, ref_check = pool.score_reference(ref, batch, self.exp.top_k, self.exp.full_vocab)
         parts = {
             c.name: pool.score_and_compare(c.name, batch, ref_out, self.exp.top_k, self.exp.full_vocab, self.options(c), raw if c.spec.inputs == "own" else None)
@@ -122,8 +125,17 @@ class Mode:
             run.record_error(ref, err)
         run.check_reference(p.b, w, check.digest)
         progress.advance(ref, len(p.idx))
+        from crossengine.run.runner import EngineDied
+
         for inst in p.cands:
-            self.write_part(p.b, self.options(inst), run.fetch(inst.name, p.parts[inst.name], f"scoring {what}"))
+            if inst.name in run.dead:  # died on an earlier batch; this one was submitted before it was known
+                continue
+            try:
+                part = run.fetch(inst.name, p.parts[inst.name], f"scoring {what}")
+            except EngineDied as exc:
+                run.engine_died(inst.name, exc)
+                continue
+            self.write_part(p.b, self.options(inst), part)
             progress.advance(inst.name, len(p.idx))
         self.write_extra(p)
 

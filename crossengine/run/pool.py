@@ -46,6 +46,19 @@ def _worker_class():
         needs no edit here.
         """
 
+        def __init__(self, log_path: str | None = None):
+            from crossengine.adapters.base import OutputCapture
+
+            self.output = OutputCapture(log_path)  # the engine's own output, for the error that names its root cause
+
+        def _guarded(self, fn, *args):
+            """fn(*args); an exception comes back as an EngineError ending with the root cause the
+            engine's processes printed (vLLM's EngineCore dies with its reason on stderr)."""
+            try:
+                return fn(*args)
+            except Exception as exc:  # noqa: BLE001 - every engine failure reaches the driver as one line
+                raise self.output.wrap(exc) from None
+
         def ping(self) -> int:
             return os.getpid()
 
@@ -60,7 +73,7 @@ def _worker_class():
             option = cls.traits.memory_share_option
             if gpu_share is not None and option and torch.cuda.is_available():  # an engine that takes its memory up front, on a shared real GPU
                 spec = spec.model_copy(update={"options": {option: gpu_share, **spec.options}})
-            self.engine = cls(spec, model_path, instance, seed)
+            self.engine = self._guarded(cls, spec, model_path, instance, seed)
             return self.info()
 
         def info(self) -> dict:
@@ -69,14 +82,14 @@ def _worker_class():
             return dataclasses.asdict(info)
 
         def call(self, method: str, *args):
-            return getattr(self.engine, method)(*args)
+            return self._guarded(getattr(self.engine, method), *args)
 
         @ray.method(num_returns=2)
         def score_reference(self, batch, top_k: int, full_vocab: bool):
             """The reference's scores (an ObjectRef the candidates read) and the little the driver needs of them."""
             from crossengine.compare.tokens import reference_check
 
-            out = self.engine.score(batch, top_k, full_vocab)
+            out = self._guarded(self.engine.score, batch, top_k, full_vocab)
             return out, reference_check(out)
 
         def score_and_compare(self, batch, ref_out: list, top_k: int, full_vocab: bool, options, raw=None):
@@ -88,8 +101,8 @@ def _worker_class():
             its inputs with the reference's (crossengine/inputs.py)."""
             from crossengine.compare.tokens import compare_batch
 
-            rows, to_score, own = self._own_inputs(batch, raw)
-            mine = self.engine.score(to_score, top_k, full_vocab)
+            rows, to_score, own = self._guarded(self._own_inputs, batch, raw)
+            mine = self._guarded(self.engine.score, to_score, top_k, full_vocab)
             if raw is not None:
                 from crossengine.compare.inputs import own_prompt_effect
 
@@ -101,7 +114,7 @@ def _worker_class():
         def capture(self, batch, patterns, max_positions: int, raw=None):
             """Module outputs per sample (localisation); with `raw` (an engine with `inputs: own`)
             on the samples it would score, chosen as score_and_compare chooses them."""
-            return self.engine.capture(self._own_inputs(batch, raw)[1], patterns, max_positions)
+            return self._guarded(lambda: self.engine.capture(self._own_inputs(batch, raw)[1], patterns, max_positions))
 
         def _own_inputs(self, batch, raw):
             """(input rows, samples to score, own samples): without `raw` the reference's batch as is;
@@ -123,9 +136,12 @@ def _worker_class():
 
 
 def one_line(exc: BaseException) -> str:
-    """The last meaningful line of a (possibly Ray-wrapped) exception."""
+    """The last meaningful line of a (possibly Ray-wrapped) exception; Ray's advice paragraphs left out."""
     cause = getattr(exc, "cause", None) or exc
     text = str(cause).strip().splitlines()
+    oom = next((line.strip() for line in text if "low on memory" in line or "Memory on the node" in line), None)
+    if oom is not None:  # Ray's out-of-memory kill: the fact, not the page of advice after it
+        return oom.split(". ")[0].rstrip(".") + " (the worker was killed for memory)"
     lines = [line.strip() for line in text if line.strip() and not line.startswith(("Traceback", "  File", "File "))]
     return lines[-1] if lines else type(cause).__name__
 
@@ -138,7 +154,7 @@ class EnginePool:
     is one line naming the engine.
     """
 
-    def __init__(self, instances: list[EngineInstance], placement, seed: int, cpus: float, base: Path, timeouts, console=None):
+    def __init__(self, instances: list[EngineInstance], placement, seed: int, cpus: float, base: Path, timeouts, console=None, logs: Path | None = None):
         worker = _worker_class()
         share = cpus / max(len(instances), 1)
         threads = max(1, int(share))
@@ -152,7 +168,7 @@ class EnginePool:
         try:
             for inst in instances:
                 options: dict[str, Any] = {"num_cpus": min(share, 1.0), "num_gpus": slots[inst.name].gpus, "runtime_env": runtime_env(inst, base)}
-                self.actors[inst.name] = worker.options(**options).remote()
+                self.actors[inst.name] = worker.options(**options).remote(str(logs / f"{inst.name}.log") if logs else None)
             for inst in instances:
                 self._await_placement(inst, placement, timeouts, t0)
             # an engine that takes its GPU memory up front (vLLM) loads first where engines share a GPU
@@ -230,10 +246,19 @@ class EnginePool:
         for name in names:
             self.actors[name].warm_metrics.remote(vocab)
 
-    def engine_timings(self) -> dict[str, dict[str, float]]:
+    def engine_timings(self, skip=()) -> dict[str, dict[str, float]]:
+        """Each live engine's own timings (run.json); an engine in `skip` (dead) or that cannot answer has none."""
         import ray
 
-        return {name: ray.get(self.call(name, "timings"), timeout=60) for name in self.actors}
+        out = {}
+        for name in self.actors:
+            if name in skip:
+                continue
+            try:
+                out[name] = ray.get(self.call(name, "timings"), timeout=60)
+            except Exception:  # noqa: BLE001 - timings are a report, never a reason to fail a finished run
+                pass
+        return out
 
     def close(self, graceful: bool = True) -> None:
         """Ask each loaded engine to release its model, then kill its worker; `graceful=False` (a stop) kills at once."""

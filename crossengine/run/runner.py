@@ -88,6 +88,11 @@ class EngineFailure(CrossengineError):
     """An engine's worker died or raised mid-run: one line; the traceback is in the run's log."""
 
 
+class EngineDied(EngineFailure):
+    """An engine's process is gone (a dead actor, vLLM's EngineCore): a candidate's death stops that
+    engine alone, the reference's stops the run."""
+
+
 class Runner:
     """Drives one run; `run()` returns the run folder.
 
@@ -105,10 +110,12 @@ class Runner:
         self.signals = StopSignals()
         self.run_dir = RunDir(plan.run_dir)
         self.errors: list[dict[str, str]] = []
+        self.dead: dict[str, str] = {}  # candidate -> why its engine died; the run goes on without it
         self.timings: dict[str, float] = {}
         self.placement = None
         self._ref_digests: dict[int, str] = {}  # batch -> digest of the first wave's reference scores
-        self.context = RunContext(plan, self.run_dir, self.timings, self.fetch, self.record_error, self.prepare, self.check_reference, self.say_plain)
+        self.context = RunContext(plan, self.run_dir, self.timings, self.fetch, self.record_error, self.prepare, self.check_reference, self.say_plain,
+                                  self.dead, self.engine_died)
         self.mode = MODES[plan.experiment.mode](self.context)
 
     def _say(self, msg: str) -> None:
@@ -192,7 +199,8 @@ class Runner:
         for w, wave in enumerate(waves):
             t = time.time()
             members = [self.plan.reference, *[m for m in always if m is not self.plan.reference and m not in wave], *wave]
-            pool = EnginePool(members, self.placement, exp.seed, cpus, self.plan.experiment_path.parent, exp.placement, self.console)
+            pool = EnginePool(members, self.placement, exp.seed, cpus, self.plan.experiment_path.parent, exp.placement, self.console,
+                              logs=self.run_dir.root / "logs")
             self.timings[f"engine_start_s_wave{w}"] = time.time() - t
             self.timings.update({f"{name}.ready_after_s": v for name, v in pool.start_s.items()})
             infos.update(pool.infos)
@@ -208,7 +216,7 @@ class Runner:
                     self._run_wave(pool, wave, w)
                 if exp.localize is not None:
                     self._localize(pool)
-                for name, t_engine in pool.engine_timings().items():
+                for name, t_engine in pool.engine_timings(skip=self.dead).items():
                     self.timings.update({f"{name}.{k}": v for k, v in t_engine.items()})
             except KeyboardInterrupt:
                 pool.close(graceful=False)  # a stop is prompt: the workers are killed, not asked to finish
@@ -260,10 +268,20 @@ class Runner:
         try:
             return ray.get(ref)
         except (RayActorError, RayTaskError) as exc:
-            died = isinstance(exc, RayActorError)
+            cause = getattr(exc, "cause", None)
+            died = isinstance(exc, RayActorError) or bool(getattr(cause, "dead", False))
             head = f"engine {engine!r} {'died' if died else 'failed'} while {doing}: {one_line(exc)}"
             log = self.run_dir.log_exception(head, exc)
-            raise EngineFailure(f"{head}; finished batches are kept (traceback: {log}). Resume with: {self.resume_command}") from None
+            if getattr(cause, "output", ""):  # what its processes printed: the root cause in full
+                self.run_dir.append_log(f"engine {engine!r}: traceback and output", cause.output)
+            error = EngineDied if died else EngineFailure
+            raise error(f"{head}; finished batches are kept (traceback: {log}). Resume with: {self.resume_command}") from None
+
+    def engine_died(self, engine: str, exc: EngineDied) -> None:
+        """A candidate whose engine died: said once, recorded in run.json, left out of later batches."""
+        self.dead[engine] = str(exc)
+        self.errors.append({"sample_id": "", "engine": engine, "error": str(exc)})
+        self.say_plain(f"error: {exc}; the other engines go on")
 
     def prepare(self, pool: EnginePool, indices: list[int], doing: str) -> list[Sample]:
         """Tokenise and expand samples on the reference, waiting; a sample it cannot prepare is reported and skipped."""
@@ -365,7 +383,8 @@ class Runner:
     def _finish_meta(self, infos: dict) -> None:
         meta = self.run_dir.read_meta()
         assert meta is not None, "run.json is written when the engines start"
-        meta.status, meta.engines, meta.timings = "complete", infos, self.timings
+        # an engine that died leaves batches owed: the run is resumable, not complete
+        meta.status, meta.engines, meta.timings = ("incomplete" if self.dead else "complete"), infos, self.timings
         meta.finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         meta.errors = meta.errors + self.errors
         self.run_dir.write_meta(meta)
