@@ -156,3 +156,20 @@ def test_an_unreachable_hub_id_is_one_line_within_seconds(tmp_path):
     assert len(message.splitlines()) == 1 and f"{path}:1: model:" in message, message
     assert "'someorg/some-model'" in message and "cannot be reached" in message and "127.0.0.1:9" in message, message
     assert took < 10, f"took {took:.1f}s"
+
+
+def test_a_worker_killed_for_memory_is_one_line_without_rays_advice():
+    from ray.exceptions import OutOfMemoryError
+
+    from crossengine.run.pool import one_line
+
+    message = (  # the raylet's text (ray/core/src/ray/raylet), as Ray 2.x words it
+        "Task was killed due to the node running low on memory.\n"
+        "Memory on the node (IP: 127.0.0.1, ID: 5e1f) was 21.50GB used / 22.00GB limit (0.977273)\n"
+        "OOM kill reason: the worker used the most memory\n"
+        "Refer to the documentation on how to address the out of memory issue: https://docs.ray.io/en/latest/ray-core/scheduling/ray-oom-prevention.html. "
+        "Consider provisioning more memory on this node or reducing task parallelism by requesting more CPUs per task. "
+        "To adjust the kill threshold, set the environment variable `RAY_memory_usage_threshold` when starting Ray."
+    )
+    line = one_line(OutOfMemoryError(message))
+    assert line == "killed by Ray for lack of memory: Memory on the node (IP: 127.0.0.1, ID: 5e1f) was 21.50GB used / 22.00GB limit (0.977273)", line

@@ -139,9 +139,9 @@ def one_line(exc: BaseException) -> str:
     """The last meaningful line of a (possibly Ray-wrapped) exception; Ray's advice paragraphs left out."""
     cause = getattr(exc, "cause", None) or exc
     text = str(cause).strip().splitlines()
-    oom = next((line.strip() for line in text if "low on memory" in line or "Memory on the node" in line), None)
-    if oom is not None:  # Ray's out-of-memory kill: the fact, not the page of advice after it
-        return oom.split(". ")[0].rstrip(".") + " (the worker was killed for memory)"
+    if any("low on memory" in line or "Memory on the node" in line for line in text):  # Ray's out-of-memory kill
+        usage = next((line.strip() for line in text if line.strip().startswith("Memory on the node")), "")
+        return f"killed by Ray for lack of memory{': ' + usage if usage else ''}"  # the fact, not Ray's page of advice
     lines = [line.strip() for line in text if line.strip() and not line.startswith(("Traceback", "  File", "File "))]
     return lines[-1] if lines else type(cause).__name__
 
