@@ -207,18 +207,24 @@ class OutputCapture:
 
     CAUSE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit)\b.*)$")
 
-    def __init__(self, path: str | None = None):
+    def __init__(self):
         import os
         import tempfile
 
-        try:  # the run folder's logs/ (results/<run_id>/logs/<engine>.log), else a temporary file
-            os.makedirs(os.path.dirname(path), exist_ok=True)  # type: ignore[arg-type]
-            fd, self.path = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666), path  # type: ignore[arg-type]
-        except (OSError, TypeError):
-            fd, self.path = tempfile.mkstemp(prefix="crossengine-engine-", suffix=".log")
+        # a temporary file, not the run folder: a run that fails to start leaves no folder behind;
+        # on failure the driver copies what matters into the run's crossengine.log
+        fd, self.path = tempfile.mkstemp(prefix="crossengine-engine-", suffix=".log")
         for target in (1, 2):
             os.dup2(fd, target)
         os.close(fd)
+
+    def remove(self) -> None:
+        import os
+
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
 
     def tail(self, max_bytes: int = 64_000) -> str:
         with open(self.path, "rb") as f:

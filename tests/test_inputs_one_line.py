@@ -15,16 +15,7 @@ from crossengine.results import SCHEMA_VERSION
 from crossengine.run_meta import RunMeta
 
 from .conftest import run_experiment
-
-GOOD = """\
-model: tiny-text
-reference: a
-engines:
-  a: {type: hf}
-  b: {type: hf, attn_implementation: eager}
-samples:
-  - text: hello there
-"""
+from .test_config_errors import GOOD
 
 
 def _one_line(result) -> str:

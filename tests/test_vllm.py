@@ -200,5 +200,5 @@ def test_a_vllm_engine_that_dies_is_one_error_with_its_root_cause(ray_cluster, t
     assert meta["status"] == "incomplete" and [e["engine"] for e in meta["errors"]] == ["vllm"]
     tokens = pd.read_parquet(out / "d" / "tokens")
     assert set(tokens[tokens["cand_engine"].astype(str) == "eager"]["sample_id"].astype(str)) == {"one", "two", "three"}
-    assert "head_dim=16" in (out / "d" / "logs" / "vllm.log").read_text(), "the engine's own output is kept in the run folder"
-    assert "head_dim=16" in (out / "d" / "crossengine.log").read_text()
+    log = (out / "d" / "crossengine.log").read_text()
+    assert "head_dim=16" in log and "the engine's output" in log, "its traceback and output are kept in the run's log"

@@ -46,10 +46,10 @@ def _worker_class():
         needs no edit here.
         """
 
-        def __init__(self, log_path: str | None = None):
+        def __init__(self):
             from crossengine.adapters.base import OutputCapture
 
-            self.output = OutputCapture(log_path)  # the engine's own output, for the error that names its root cause
+            self.output = OutputCapture()  # the engine's own output, for the error that names its root cause
 
         def _guarded(self, fn, *args):
             """fn(*args); an exception comes back as an EngineError ending with the root cause the
@@ -61,6 +61,14 @@ def _worker_class():
 
         def ping(self) -> int:
             return os.getpid()
+
+        def shutdown(self) -> None:
+            """Release the model and the captured output; the actor is killed next."""
+            try:
+                if hasattr(self, "engine"):
+                    self.engine.close()
+            finally:
+                self.output.remove()
 
         def load(self, kind: str, spec: dict, model_path: str, instance: str, seed: int, threads: int, gpu_share: float | None) -> dict:
             import torch
@@ -154,7 +162,7 @@ class EnginePool:
     is one line naming the engine.
     """
 
-    def __init__(self, instances: list[EngineInstance], placement, seed: int, cpus: float, base: Path, timeouts, console=None, logs: Path | None = None):
+    def __init__(self, instances: list[EngineInstance], placement, seed: int, cpus: float, base: Path, timeouts, console=None):
         worker = _worker_class()
         share = cpus / max(len(instances), 1)
         threads = max(1, int(share))
@@ -168,7 +176,7 @@ class EnginePool:
         try:
             for inst in instances:
                 options: dict[str, Any] = {"num_cpus": min(share, 1.0), "num_gpus": slots[inst.name].gpus, "runtime_env": runtime_env(inst, base)}
-                self.actors[inst.name] = worker.options(**options).remote(str(logs / f"{inst.name}.log") if logs else None)
+                self.actors[inst.name] = worker.options(**options).remote()
             for inst in instances:
                 self._await_placement(inst, placement, timeouts, t0)
             # an engine that takes its GPU memory up front (vLLM) loads first where engines share a GPU
@@ -267,7 +275,7 @@ class EnginePool:
         for name, actor in self.actors.items():
             if graceful and name in self.infos:
                 try:
-                    ray.get(actor.call.remote("close"), timeout=60)
+                    ray.get(actor.shutdown.remote(), timeout=60)
                 except Exception:  # noqa: BLE001 - best effort; the actor is killed next
                     pass
             ray.kill(actor)

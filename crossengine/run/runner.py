@@ -199,8 +199,7 @@ class Runner:
         for w, wave in enumerate(waves):
             t = time.time()
             members = [self.plan.reference, *[m for m in always if m is not self.plan.reference and m not in wave], *wave]
-            pool = EnginePool(members, self.placement, exp.seed, cpus, self.plan.experiment_path.parent, exp.placement, self.console,
-                              logs=self.run_dir.root / "logs")
+            pool = EnginePool(members, self.placement, exp.seed, cpus, self.plan.experiment_path.parent, exp.placement, self.console)
             self.timings[f"engine_start_s_wave{w}"] = time.time() - t
             self.timings.update({f"{name}.ready_after_s": v for name, v in pool.start_s.items()})
             infos.update(pool.infos)
