@@ -25,7 +25,8 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, log_to_driver=False, configure_logging=False, include_dashboard=False)
+        # address="local": a private cluster even when `ray start` left one running on the machine
+        ray.init(address="local", num_cpus=2, log_to_driver=False, configure_logging=False, include_dashboard=False)
     yield ray
     ray.shutdown()
 

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from crossengine.cli import app
 from crossengine.experiment.load import load_experiment
 from crossengine.experiment.schema import PlacementSpec
-from crossengine.run.placement import Cluster, PlacementError, plan_placement, safetensors_parameters
+from crossengine.run.placement import Cluster, Node, PlacementError, plan_placement, safetensors_parameters
 from crossengine.experiment.plan import make_plan
 
 from .conftest import REPO, run_experiment
@@ -202,3 +202,118 @@ def test_every_placement_error_is_one_readable_line(write_experiment):
         plan_placement([big.reference], big.candidates, Cluster(gpus=2, cpus=2), PlacementSpec(), {})
     for err in (beside.value, alone.value):
         assert len(str(err).splitlines()) == 1
+
+
+# ------------------------------------------------------------------ node by node
+
+FIVE = FOUR.replace("  same:  {type: hf, num_gpus: 1}\n", "  same:  {type: hf, num_gpus: 1}\n  sdpa:  {type: hf, num_gpus: 1, attn_implementation: sdpa}\n")
+TWO_NODES = (Node("a", 1.0, 2.0), Node("b", 1.0, 2.0))
+
+
+def test_five_engines_on_two_nodes_are_packed_node_by_node(write_experiment):
+    """The reported case: a whole-cluster count said one wave, then the fifth actor fitted on no node."""
+    plan = _plan(write_experiment, FIVE)
+    cluster = Cluster(gpus=2, cpus=4, nodes=TWO_NODES)
+    p = plan_placement([plan.reference], plan.candidates, cluster, PlacementSpec(), {})
+    names = [i.name for i in plan.instances]
+    for w in range(len(p.waves)):
+        members = [plan.reference.name, *(c.name for c in p.waves[w])]
+        for j, node in enumerate(TWO_NODES):
+            here = [m for m in members if p.slots[m].node == j]
+            assert sum(p.slots[m].gpus for m in here) <= node.gpus + 1e-9, (w, j, here)
+            assert sum(min(1.0, p.cpu_share(m, members)) for m in here) <= node.cpus + 1e-9, "Ray can reserve every engine's CPUs on its node"
+    assert {p.slots[n].node for n in names} == {0, 1}, "both nodes are used"
+    assert all(p.node_id(n) in ("a", "b") for n in names)
+
+
+def test_an_engine_wider_than_every_node_fails_at_once_naming_the_nodes(write_experiment):
+    plan = _plan(write_experiment, FOUR.replace("  eager: {type: hf, num_gpus: 1,", "  eager: {type: hf, num_gpus: 2,"))
+    with pytest.raises(PlacementError) as err:
+        plan_placement([plan.reference], plan.candidates, Cluster(gpus=2, cpus=4, nodes=TWO_NODES), PlacementSpec(), {})
+    message = str(err.value)
+    assert "engine 'eager' asks for num_gpus 2" in message and "must be on one node" in message and "2 nodes of 1 GPU + 2 CPUs" in message, message
+
+
+MULTINODE = """\
+import sys
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1})
+cluster.add_node(num_cpus=2, num_gpus=1)
+cluster.wait_for_nodes()
+from crossengine.cli import app
+try:
+    app(["run", *sys.argv[1:], "--address", cluster.address], standalone_mode=False)
+    code = 0
+except SystemExit as e:
+    code = e.code
+finally:
+    import ray
+    ray.shutdown()
+    cluster.shutdown()
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("case", ["five", "too-wide"])
+def test_a_two_node_cluster_runs_five_engines_or_says_at_once_why_not(case, write_experiment, tmp_path):
+    """Ray's multi-node test cluster on this machine: two nodes of one advertised GPU and two CPUs."""
+    text = FIVE if case == "five" else FOUR.replace("  eager: {type: hf, num_gpus: 1,", "  eager: {type: hf, num_gpus: 2,")
+    path = write_experiment(text)
+    script = tmp_path / "multinode.py"
+    script.write_text(MULTINODE)
+    out = tmp_path / "out"
+    t = time.time()
+    result = subprocess.run([sys.executable, str(script), str(path), "--output-dir", str(out), "--run-id", "m"], cwd=REPO, capture_output=True,
+                            text=True, timeout=400, env={**os.environ, "COLUMNS": "200", "RAY_AUTH_MODE": "disabled"})
+    if case == "five":
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "2 nodes of 1 GPU + 2 CPUs" in result.stdout
+        meta = json.loads((out / "m" / "run.json").read_text())
+        assert meta["status"] == "complete" and len({e["node"] for e in meta["placement"]["engines"]}) == 2
+        assert set(pd.read_parquet(out / "m" / "tokens")["cand_engine"].astype(str)) == {"eager", "bf16", "same", "sdpa"}
+    else:
+        assert result.returncode == 2, result.stdout + result.stderr
+        line = result.stderr.strip().splitlines()[-1]
+        assert "must be on one node" in line and "2 nodes of 1 GPU + 2 CPUs" in line, result.stderr
+        assert time.time() - t < 90, "said before anything loads, not after a placement timeout"
+        assert not (out / "m" / "tokens").exists()
+
+
+def test_an_address_nothing_answers_on_is_one_line_at_once(write_experiment, tmp_path):
+    path = write_experiment(FOUR.replace(", num_gpus: 1", "").replace("num_gpus: 1, ", ""))
+    out = tmp_path / "out"
+    t = time.time()
+    result = _cli(["run", str(path), "--address", "127.0.0.1:1", "--output-dir", str(out), "--run-id", "x"], timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1 and "cannot reach a Ray cluster at 127.0.0.1:1" in line, line
+    assert time.time() - t < 30
+    from crossengine.results import RunDir
+
+    assert not (out / "x" / RunDir.LOCK).exists(), "the run folder's lock is not left behind"
+
+
+def test_a_cluster_left_by_ray_start_is_not_joined_by_accident(write_experiment, tmp_path):
+    """`ray start --head` running on the machine: a run without --address starts its own cluster."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--include-dashboard=false"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while subprocess.run(["ray", "status", f"--address=127.0.0.1:{port}"], capture_output=True, env=env, timeout=60).returncode != 0:
+            assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
+            time.sleep(1)
+        path = write_experiment(FOUR.replace(", num_gpus: 1", "").replace("num_gpus: 1, ", "").replace("  same:  {type: hf}\n", "").replace("  bf16:  {type: hf, dtype: bfloat16}\n", ""))
+        result = _cli(["run", str(path), "--output-dir", str(tmp_path / "out"), "--run-id", "own"], timeout=240)
+        assert result.returncode == 0, result.stdout + result.stderr
+        meta = json.loads((tmp_path / "out" / "own" / "run.json").read_text())
+        assert meta["placement"]["cluster"]["cpus"] == os.cpu_count(), "its own local cluster, not the 1-CPU one ray start left"
+    finally:
+        os.killpg(head.pid, 9)  # that head alone: `ray stop` would stop every Ray cluster on the machine, the suite's too
+        head.wait(timeout=60)

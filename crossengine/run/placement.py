@@ -17,6 +17,12 @@ The rules, in order:
    waves, the reference re-run in each (its scores are checked to be bitwise identical).
 4. An engine that fits on no GPU, or beside the reference on none, is an error naming what
    it needs, what the cluster has and what to change: before anything loads, never a hang.
+
+A Ray actor runs on one node, so all of this is done node by node (Ray's `ray.nodes()`): an
+engine's GPUs must be on one node (tensor parallel included), shares pack into each node's
+GPUs, and each engine is pinned to the node the plan chose (node affinity), with its share
+of that node's CPUs. What the plan cannot know (a cluster busy with other jobs) stays a
+timeout; what it can know is said before anything loads, naming the node sizes.
 """
 
 from __future__ import annotations
@@ -41,11 +47,32 @@ class PlacementError(CrossengineError):
 
 
 @dataclass(frozen=True)
+class Node:
+    """One Ray node's resources, as Ray advertises them (advertised GPUs count like real ones)."""
+
+    id: str
+    gpus: float
+    cpus: float
+
+
+@dataclass(frozen=True)
 class Cluster:
     gpus: float
     cpus: float
     gpu_memory_gb: float | None = None
     memory_source: str = "unknown"  # option | nvidia-smi | unknown
+    nodes: tuple[Node, ...] = ()  # empty: one node with all of the above (a plan made without Ray)
+
+    @property
+    def node_list(self) -> tuple[Node, ...]:
+        return self.nodes or (Node("", self.gpus, self.cpus),)
+
+    def describe(self) -> str:
+        """'2 nodes of 1 GPU + 2 CPUs', or each node's size where they differ."""
+        sizes = [f"{n.gpus:g} GPU + {n.cpus:g} CPUs" for n in self.node_list]
+        if len(sizes) == 1:
+            return f"one node of {sizes[0]}"
+        return f"{len(sizes)} nodes of {sizes[0]}" if len(set(sizes)) == 1 else f"{len(sizes)} nodes ({'; '.join(sizes)})"
 
 
 @dataclass(frozen=True)
@@ -58,6 +85,7 @@ class Slot:
     weights_gb: float | None
     footprint_gb: float | None
     gpu_memory_utilization: float | None = None  # vLLM only, when it shares a GPU
+    node: int = 0  # index into the cluster's node_list: where the engine is pinned
 
 
 @dataclass
@@ -71,6 +99,16 @@ class Placement:
     def shares_gpus(self) -> bool:
         return any(0 < s.gpus < 1 for s in self.slots.values())
 
+    def cpu_share(self, name: str, members: list[str]) -> float:
+        """An engine's equal part of its node's CPUs among the `members` of its wave (Ray reserves at most 1 of it; torch uses it as threads)."""
+        node = self.slots[name].node
+        together = sum(1 for m in members if self.slots[m].node == node)
+        return self.cluster.node_list[node].cpus / max(together, 1)
+
+    def node_id(self, name: str) -> str:
+        """The Ray node id the engine is pinned to ('' when the plan was made without Ray's node list)."""
+        return self.cluster.node_list[self.slots[name].node].id
+
     def to_json(self) -> dict[str, Any]:
         return {"cluster": asdict(self.cluster), "engines": [asdict(s) for s in self.slots.values()], "notes": self.notes}
 
@@ -79,13 +117,13 @@ class Placement:
 
         c = self.cluster
         mem = f", {c.gpu_memory_gb:g} GiB each ({c.memory_source})" if c.gpu_memory_gb else (", memory unknown" if c.gpus else "")
-        t = Table(title=f"placement: {c.gpus:g} GPUs{mem}, {c.cpus:g} CPUs", title_justify="left")
-        for col in ("engine", "GPUs", "wave", "weights GiB", "footprint GiB"):
+        t = Table(title=f"placement: {c.gpus:g} GPUs{mem}, {c.cpus:g} CPUs, {c.describe()}", title_justify="left")
+        for col in ("engine", "node", "GPUs", "wave", "weights GiB", "footprint GiB"):
             t.add_column(col, justify="left" if col == "engine" else "right")
         fmt = lambda x: "?" if x is None else f"{x:.3g}"  # noqa: E731
         for s in self.slots.values():
             waves = "all" if s.wave < 0 else str(s.wave)
-            t.add_row(s.engine, f"{s.gpus:g}", waves, fmt(s.weights_gb), fmt(s.footprint_gb))
+            t.add_row(s.engine, str(s.node), f"{s.gpus:g}", waves, fmt(s.weights_gb), fmt(s.footprint_gb))
         return t
 
 
@@ -155,16 +193,20 @@ def probe_gpu_memory_gb(timeout_s: float = 20.0) -> float | None:
 
 
 def cluster_view(spec) -> Cluster:
+    """The cluster node by node, as Ray advertises it (alive nodes with CPUs or GPUs)."""
     import ray
 
-    res = ray.cluster_resources()
-    gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 0))
+    nodes = tuple(
+        Node(n["NodeID"], float(n["Resources"].get("GPU", 0)), float(n["Resources"].get("CPU", 0)))
+        for n in ray.nodes() if n.get("Alive") and (n["Resources"].get("CPU") or n["Resources"].get("GPU"))
+    )
+    gpus, cpus = sum(n.gpus for n in nodes), sum(n.cpus for n in nodes)
     if not gpus:
-        return Cluster(0.0, cpus)
+        return Cluster(0.0, cpus, nodes=nodes)
     if spec.gpu_memory_gb:
-        return Cluster(gpus, cpus, spec.gpu_memory_gb, "option")
+        return Cluster(gpus, cpus, spec.gpu_memory_gb, "option", nodes)
     mem = probe_gpu_memory_gb()
-    return Cluster(gpus, cpus, mem, "nvidia-smi") if mem else Cluster(gpus, cpus)
+    return Cluster(gpus, cpus, mem, "nvidia-smi", nodes) if mem else Cluster(gpus, cpus, nodes=nodes)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -174,20 +216,40 @@ def _ceil_share(x: float) -> float:
     return min(1.0, max(_SHARE_STEP, math.ceil(round(x / _SHARE_STEP, 6)) * _SHARE_STEP))
 
 
-def _fits(demands: list[float], gpus: int) -> bool:
-    """First-fit decreasing: whole-GPU demands take whole devices, shares pack the rest."""
-    whole = sum(int(math.ceil(d)) for d in demands if d >= 1)
-    if whole > gpus:
-        return False
-    bins = [1.0] * (gpus - whole)
-    for d in sorted((d for d in demands if 0 < d < 1), reverse=True):
-        for i, free in enumerate(bins):
-            if free + 1e-9 >= d:
-                bins[i] = free - d
-                break
+def _pack(demands: list[tuple[str, float]], nodes: tuple[Node, ...]) -> dict[str, int] | None:
+    """Engine -> node index, or None when they do not fit. Engines are placed in the order given
+    (the reference first, so it lands on the same node in every wave), each on the first node
+    that holds it: whole-GPU demands take whole free GPUs of one node, shares go into any GPU of
+    a node with room, CPU-only engines onto the node with the most CPUs per engine."""
+    free = [[1.0] * int(n.gpus) for n in nodes]
+    count = [0] * len(nodes)
+    where: dict[str, int] = {}
+    for name, d in demands:
+        placed = None
+        if d >= 1:
+            k = int(math.ceil(d))
+            for j, gpus in enumerate(free):
+                whole = [g for g, f in enumerate(gpus) if f >= 1.0 - 1e-9]
+                if len(whole) >= k:
+                    for g in whole[:k]:
+                        gpus[g] = 0.0
+                    placed = j
+                    break
+        elif d > 0:
+            for j, gpus in enumerate(free):
+                g = next((g for g, f in enumerate(gpus) if f + 1e-9 >= d), None)
+                if g is not None:
+                    gpus[g] -= d
+                    placed = j
+                    break
         else:
-            return False
-    return True
+            with_cpus = [j for j, n in enumerate(nodes) if n.cpus > 0]
+            placed = max(with_cpus, key=lambda j: nodes[j].cpus / (count[j] + 1), default=None)
+        if placed is None:
+            return None
+        where[name] = placed
+        count[placed] += 1
+    return where
 
 
 def _need(inst: EngineInstance, demand: float, weights, fp) -> str:
@@ -204,10 +266,11 @@ def plan_placement(always: list[EngineInstance], candidates: list[EngineInstance
     sizes = {i.name: footprint_gb(i, params.get(i.name), spec) for i in instances}
     notes: list[str] = []
 
-    def slot(i: EngineInstance, gpus: float, wave: int, util: float | None = None) -> Slot:
+    def slot(i: EngineInstance, gpus: float, wave: int, util: float | None = None, node: int = 0) -> Slot:
         w, fp = sizes[i.name]
-        return Slot(i.name, gpus, wave, w, fp, util)
+        return Slot(i.name, gpus, wave, w, fp, util, node)
 
+    nodes = cluster.node_list
     if cluster.gpus <= 0:
         explicit = [i for i in instances if (i.spec.num_gpus or 0) > 0]
         if explicit:
@@ -216,9 +279,11 @@ def plan_placement(always: list[EngineInstance], candidates: list[EngineInstance
                 f"engine {i.name!r} asks for num_gpus {i.spec.num_gpus:g} but the cluster has no GPUs ({cluster.cpus:g} CPUs): "
                 "remove num_gpus to run on CPUs, or join a GPU cluster with --address"
             )
-        return Placement(cluster, {i.name: slot(i, 0.0, -1 if i in always else 0) for i in instances}, [candidates], notes)
+        where = _pack([(i.name, 0.0) for i in instances], nodes) or {}
+        return Placement(cluster, {i.name: slot(i, 0.0, -1 if i in always else 0, node=where.get(i.name, 0)) for i in instances}, [candidates], notes)
 
     gpus = int(cluster.gpus)
+    biggest = max(int(n.gpus) for n in nodes)
     requested = {i.name: (i.spec.num_gpus if i.spec.num_gpus is not None else 1.0) for i in instances}
     mem = cluster.gpu_memory_gb
     if mem:
@@ -231,10 +296,16 @@ def plan_placement(always: list[EngineInstance], candidates: list[EngineInstance
                 )
     for i in instances:
         if requested[i.name] > gpus:
-            raise PlacementError(f"engine {i.name!r} asks for num_gpus {requested[i.name]:g} but the cluster has {gpus} GPUs")
+            raise PlacementError(f"engine {i.name!r} asks for num_gpus {requested[i.name]:g} but the cluster has {gpus} GPUs ({cluster.describe()})")
+        if requested[i.name] > biggest:
+            raise PlacementError(
+                f"engine {i.name!r} asks for num_gpus {requested[i.name]:g}, but an engine's GPUs must be on one node and no node has more "
+                f"than {biggest} ({cluster.describe()}): lower num_gpus, or join nodes with more GPUs"
+            )
 
-    if sum(requested.values()) <= gpus:  # rule 2: everyone gets what they asked for
-        slots = {i.name: slot(i, requested[i.name], -1 if i in always else 0) for i in instances}
+    as_requested = _pack([(i.name, requested[i.name]) for i in instances], nodes)  # the reference first
+    if as_requested is not None:  # rule 2: everyone gets what they asked for, node by node
+        slots = {i.name: slot(i, requested[i.name], -1 if i in always else 0, node=as_requested[i.name]) for i in instances}
         return Placement(cluster, slots, [candidates], notes)
 
     # rule 3: share
@@ -259,34 +330,39 @@ def plan_placement(always: list[EngineInstance], candidates: list[EngineInstance
             "set placement.gpu_memory_gb to plan by footprint"
         )
 
-    base = [demand[i.name] for i in always]
-    if not _fits(base, gpus):
+    def pack(members: list[EngineInstance]) -> dict[str, int] | None:
+        return _pack([(i.name, demand[i.name]) for i in [*always, *members]], nodes)
+
+    if pack([]) is None:
         raise PlacementError(
             f"the reference{' and generator' if len(always) > 1 else ''} alone do not fit: "
             + "; ".join(_need(i, demand[i.name], *sizes[i.name]) for i in always)
-            + f"; the cluster has {gpus} GPUs" + (f" of {mem:g} GiB" if mem else "")
+            + f"; the cluster has {gpus} GPUs" + (f" of {mem:g} GiB" if mem else "") + f", {cluster.describe()}"
         )
     waves: list[list[EngineInstance]] = [[]]
     for c in candidates:
-        if _fits(base + [demand[x.name] for x in waves[-1]] + [demand[c.name]], gpus):
+        if pack([*waves[-1], c]) is not None:
             waves[-1].append(c)
             continue
-        if not _fits(base + [demand[c.name]], gpus):
+        if pack([c]) is None:
             raise PlacementError(
                 f"{_need(c, demand[c.name], *sizes[c.name])}, which does not fit beside the reference "
                 f"({', '.join(f'{demand[i.name]:g} GPU' for i in always)}) on {gpus} GPUs"
-                + (f" of {mem:g} GiB" if mem else "") + ": add GPUs, use a smaller dtype, or lower placement.headroom_gb"
+                + (f" of {mem:g} GiB" if mem else "") + f", {cluster.describe()}: add GPUs, use a smaller dtype, or lower placement.headroom_gb"
             )
         waves.append([c])
     if len(waves) > 1:
         notes.append(f"{len(waves)} waves: the reference scores every batch once per wave")
     wave_of = {c.name: w for w, members in enumerate(waves) for c in members}
+    node_of: dict[str, int] = {}
+    for members in waves:
+        node_of.update(pack(members) or {})
     slots = {}
     for i in instances:
         d = demand[i.name]
         option = i.traits.memory_share_option  # an engine that takes its memory up front is told its share
         util = round(d, 3) if option and 0 < d < 1 and option not in i.spec.options else None
-        slots[i.name] = slot(i, d, wave_of.get(i.name, -1), util)
+        slots[i.name] = slot(i, d, wave_of.get(i.name, -1), util, node_of.get(i.name, 0))
     return Placement(cluster, slots, waves, notes)
 
 

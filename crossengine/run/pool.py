@@ -162,10 +162,9 @@ class EnginePool:
     is one line naming the engine.
     """
 
-    def __init__(self, instances: list[EngineInstance], placement, seed: int, cpus: float, base: Path, timeouts, console=None):
+    def __init__(self, instances: list[EngineInstance], placement, seed: int, base: Path, timeouts, console=None):
         worker = _worker_class()
-        share = cpus / max(len(instances), 1)
-        threads = max(1, int(share))
+        members = [i.name for i in instances]
         self.instances = instances
         self.actors: dict[str, Any] = {}
         self.infos: dict[str, dict] = {}
@@ -175,7 +174,14 @@ class EnginePool:
         t0 = time.time()
         try:
             for inst in instances:
-                options: dict[str, Any] = {"num_cpus": min(share, 1.0), "num_gpus": slots[inst.name].gpus, "runtime_env": runtime_env(inst, base)}
+                # its part of its node's CPUs, pinned to the node the plan chose: Ray never has to find room the plan did not see
+                options: dict[str, Any] = {"num_cpus": min(1.0, placement.cpu_share(inst.name, members)), "num_gpus": slots[inst.name].gpus,
+                                           "runtime_env": runtime_env(inst, base)}
+                node = placement.node_id(inst.name)
+                if node:
+                    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+                    options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
                 self.actors[inst.name] = worker.options(**options).remote()
             for inst in instances:
                 self._await_placement(inst, placement, timeouts, t0)
@@ -184,7 +190,8 @@ class EnginePool:
             for group in (first, [i for i in instances if i not in first]):
                 loads = {
                     i.name: self.actors[i.name].load.remote(
-                        i.spec.type, i.spec.model_dump(mode="json"), i.model_path, i.name, seed, threads, slots[i.name].gpu_memory_utilization
+                        i.spec.type, i.spec.model_dump(mode="json"), i.model_path, i.name, seed, max(1, int(placement.cpu_share(i.name, members))),
+                        slots[i.name].gpu_memory_utilization
                     )
                     for i in group
                 }
@@ -282,6 +289,26 @@ class EnginePool:
         self.actors = {}
 
 
+CONNECT_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str) -> None:
+    """A cluster address nothing answers on is one line within CONNECT_TIMEOUT_S, not Ray's endless
+    "Failed to connect to GCS" retries ('auto' and ray:// client addresses are left to Ray)."""
+    import socket
+
+    if address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as exc:
+        raise CrossengineError(
+            f"cannot reach a Ray cluster at {address} ({type(exc).__name__}: {exc}; waited at most {CONNECT_TIMEOUT_S:g}s): "
+            "is `ray start --head` running there and its port open? Without --address (and RAY_ADDRESS) a local cluster is started"
+        ) from None
+
+
 def ensure_ray(address: str | None, num_gpus: float | None = None) -> None:
     """Join the cluster `--address` (or RAY_ADDRESS) names, else start a private local one (with
     `num_gpus` GPUs advertised, if given): never a cluster that `ray start` happens to have left
@@ -293,6 +320,8 @@ def ensure_ray(address: str | None, num_gpus: float | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        check_reachable(address)
     kwargs: dict[str, Any] = {"address": address} if address else {"address": "local", "num_cpus": os.cpu_count()}
     if num_gpus is not None and not address:
         kwargs["num_gpus"] = num_gpus

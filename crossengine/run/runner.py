@@ -193,13 +193,12 @@ class Runner:
             for note in self.placement.notes:
                 self._say(note)
         waves = [[c for c in self.plan.candidates if c in always] + wave for wave in self.placement.waves]
-        cpus = self.placement.cluster.cpus or 1.0
         infos: dict[str, dict] = {}
         started = False
         for w, wave in enumerate(waves):
             t = time.time()
             members = [self.plan.reference, *[m for m in always if m is not self.plan.reference and m not in wave], *wave]
-            pool = EnginePool(members, self.placement, exp.seed, cpus, self.plan.experiment_path.parent, exp.placement, self.console)
+            pool = EnginePool(members, self.placement, exp.seed, self.plan.experiment_path.parent, exp.placement, self.console)
             self.timings[f"engine_start_s_wave{w}"] = time.time() - t
             self.timings.update({f"{name}.ready_after_s": v for name, v in pool.start_s.items()})
             infos.update(pool.infos)
