@@ -242,8 +242,7 @@ cluster.add_node(num_cpus=2, num_gpus=1)
 cluster.wait_for_nodes()
 from crossengine.cli import app
 try:
-    app(["run", *sys.argv[1:], "--address", cluster.address], standalone_mode=False)
-    code = 0
+    code = app(["run", *sys.argv[1:], "--address", cluster.address], standalone_mode=False) or 0  # typer.Exit's code, returned
 except SystemExit as e:
     code = e.code
 finally:
@@ -267,7 +266,7 @@ def test_a_two_node_cluster_runs_five_engines_or_says_at_once_why_not(case, writ
                             text=True, timeout=400, env={**os.environ, "COLUMNS": "200", "RAY_AUTH_MODE": "disabled"})
     if case == "five":
         assert result.returncode == 0, result.stdout + result.stderr
-        assert "2 nodes of 1 GPU + 2 CPUs" in result.stdout
+        assert "2 nodes of 1 GPU + 2 CPUs" in " ".join(result.stdout.split()), result.stdout
         meta = json.loads((out / "m" / "run.json").read_text())
         assert meta["status"] == "complete" and len({e["node"] for e in meta["placement"]["engines"]}) == 2
         assert set(pd.read_parquet(out / "m" / "tokens")["cand_engine"].astype(str)) == {"eager", "bf16", "same", "sdpa"}
