@@ -226,10 +226,19 @@ class OutputCapture:
         except OSError:
             pass
 
-    def tail(self, max_bytes: int = 64_000) -> str:
+    def size(self) -> int:
+        import os
+
+        try:
+            return os.path.getsize(self.path)
+        except OSError:
+            return 0
+
+    def tail(self, max_bytes: int = 64_000, since: int = 0) -> str:
+        """The last `max_bytes` of the output, or of what was written after offset `since`."""
         with open(self.path, "rb") as f:
             f.seek(0, 2)
-            f.seek(max(0, f.tell() - max_bytes))
+            f.seek(max(since, f.tell() - max_bytes))
             return f.read().decode("utf-8", "replace")
 
     def root_cause(self, text: str | None = None) -> str | None:
@@ -244,13 +253,16 @@ class OutputCapture:
         own = [c for c in causes if not re.search(r"root cause|stack trace", c)]  # wrappers point elsewhere: prefer what they point at
         return (own or causes)[-1] if causes else None
 
-    def wrap(self, exc: BaseException) -> BaseException:
-        """`exc` with the root cause its process printed, as an EngineError (a SampleError passes as it is)."""
+    def wrap(self, exc: BaseException, since: int = 0) -> BaseException:
+        """`exc` with the root cause its process printed while the failing call ran (from offset
+        `since`; for a dead engine, anything it printed before too), as an EngineError. A
+        SampleError passes as it is."""
+        import traceback
+
         if isinstance(exc, (SampleError, EngineError)):
             return exc
         text = self.tail()
-        cause = self.root_cause(text)
-        import traceback
+        cause = self.root_cause(self.tail(since=since)) or (self.root_cause(text) if isinstance(exc, EngineDead) else None)
 
         lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
         message = f"{type(exc).__name__}: {lines[-1] if lines else ''}".rstrip(": ")

@@ -54,10 +54,11 @@ def _worker_class():
         def _guarded(self, fn, *args):
             """fn(*args); an exception comes back as an EngineError ending with the root cause the
             engine's processes printed (vLLM's EngineCore dies with its reason on stderr)."""
+            since = self.output.size()  # what this call makes the engine print; older lines are no cause of it
             try:
                 return fn(*args)
             except Exception as exc:  # noqa: BLE001 - every engine failure reaches the driver as one line
-                raise self.output.wrap(exc) from None
+                raise self.output.wrap(exc, since) from None
 
         def ping(self) -> int:
             return os.getpid()
