@@ -12,3 +12,12 @@ class ExperimentError(CrossengineError):
         self.file, self.line, self.field, self.message = file, line, field, message
         where = f"{file}:{line}" if line else file
         super().__init__(f"{where}: {field}: {message}")
+
+
+class EngineFailure(CrossengineError):
+    """An engine's worker died or raised mid-run: one line; the traceback is in the run's log."""
+
+
+class EngineDied(EngineFailure):
+    """An engine's process is gone (a dead actor, vLLM's EngineCore): a candidate's death stops that
+    engine alone, the reference's stops the run."""

@@ -90,15 +90,15 @@ def summarize(tokens_dir: Path, expected: list[tuple[str, str]] | None = None) -
     pairs = dataset.to_table(columns=["cand_engine", "variant"]).to_pandas().drop_duplicates() if dataset is not None else pd.DataFrame(columns=["cand_engine", "variant"])
     rows = []
     seen = {(str(c), str(v)) for c, v in pairs.itertuples(index=False)}
+    keys = lambda cand, variant: {"cand_engine": str(cand), "variant": str(variant), **{k: "all" for k in SPLITS}}  # noqa: E731 - a pooled row's keys
     for cand, variant in expected or []:
         if (cand, variant) not in seen:
-            keys_all = {"cand_engine": cand, "variant": variant, **{k: "all" for k in SPLITS}}
-            rows.append({**keys_all, **summarize_group(_empty_group()), "kl_source": "none"})
+            rows.append({**keys(cand, variant), **summarize_group(_empty_group()), "kl_source": "none"})
     for cand, variant in pairs.itertuples(index=False):
         flt = (ds.field("cand_engine") == str(cand)) & (ds.field("variant") == str(variant))
         g = dataset.to_table(columns=_NEEDED, filter=flt).to_pandas()
         g["position_bucket"] = _position_bucket(g)
-        keys_all = {"cand_engine": str(cand), "variant": str(variant), **{k: "all" for k in SPLITS}}
+        keys_all = keys(cand, variant)
         rows.append({**keys_all, **summarize_group(g)})
         for split in SPLITS:
             present = g[split].astype("category").cat.remove_unused_categories()

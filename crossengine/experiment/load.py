@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from crossengine.adapters import importable_from
 from crossengine.errors import ExperimentError
-from crossengine.experiment.schema import Experiment, SampleSpec, engine_spec, not_a_field
+from crossengine.experiment.schema import Experiment, SampleSpec, engine_spec
 from crossengine.identity import BASE
 
 
@@ -94,16 +94,11 @@ def _check_references(exp: Experiment, path: Path, root: yaml.Node | None) -> No
 
 
 def _check_variants(exp: Experiment, path: Path, root: yaml.Node | None) -> None:
-    """A variant's overrides are fields of its base engine's type, with that type's checks; errors name the variant's field."""
-    for name, var in exp.variants.items():
-        base = exp.engines[var.engine]
-        model = type(base)
-        for key in var.overrides():
-            if key not in model.model_fields:
-                loc = ("variants", name, key)
-                raise ExperimentError(str(path), _line_of(root, loc), _field_path(loc), not_a_field(key, base.type, model))
+    """A variant's overrides are fields of its base engine's type, with that type's checks
+    (schema.engine_spec, as for an engine); errors name the variant's field."""
+    for name in exp.variants:
         try:
-            engine_spec({**base.model_dump(exclude_unset=True), **var.overrides()})
+            engine_spec(exp.variant_fields(name))
         except ValidationError as e:
             raise _first_error(e, path, root, ("variants", name)) from None
 

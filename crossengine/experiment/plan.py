@@ -93,9 +93,9 @@ def hub_problem(repo: str, revision: str | None = None) -> str | None:
         return f"model {repo!r} is not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE is set: download it first or give a local path"
     try:
         huggingface_hub.model_info(repo, revision=revision, timeout=HUB_TIMEOUT_S)
-    except (RepositoryNotFoundError, GatedRepoError) as exc:
-        if isinstance(exc, GatedRepoError):
-            return None
+    except GatedRepoError:  # exists; access is the engines' to report
+        return None
+    except RepositoryNotFoundError:
         return f"model {repo!r} is not a local folder and the hub has no such repository (or it is private: log in with `hf auth login`)"
     except Exception as exc:  # noqa: BLE001 - no network, DNS, proxy, timeout: all mean the same here
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
@@ -138,11 +138,12 @@ def fingerprint(exp: Experiment, files: dict[str, str]) -> str:
 
 
 def file_digest(path: Path) -> str:
+    """SHA-256 of a file's content (hex), read once per run: the run's samples fingerprint reuses it."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()[:16]
+    return h.hexdigest()
 
 
 def named_files(exp: Experiment, instances: list[EngineInstance]) -> dict[str, str]:

@@ -227,10 +227,13 @@ class Experiment(Strict):
         for name, spec in self.engines.items():
             out[name] = (name, BASE, self._fill(spec))
         for name, var in self.variants.items():
-            base = self.engines[var.engine]
-            merged = {**base.model_dump(exclude_unset=True), **var.overrides()}
-            out[name] = (var.engine, name, self._fill(type(base).model_validate(merged)))
+            out[name] = (var.engine, name, self._fill(type(self.engines[var.engine]).model_validate(self.variant_fields(name))))
         return out
+
+    def variant_fields(self, name: str) -> dict[str, Any]:
+        """A variant's fields: its base engine's as given, with the variant's overrides."""
+        var = self.variants[name]
+        return {**self.engines[var.engine].model_dump(exclude_unset=True), **var.overrides()}
 
     def _fill(self, spec: EngineSpec) -> EngineSpec:
         return spec.model_copy(

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from crossengine.adapters.base import Generation, RawSample, Sample, SampleError
 from crossengine.compare.tokens import CompareOptions, Part, compare_batch, payload_bytes
+from crossengine.errors import EngineDied
 from crossengine.identity import SAMPLED
 from crossengine.experiment.plan import EngineInstance, Plan
 from crossengine.compare.inputs import first_differences
@@ -125,8 +126,6 @@ class Mode:
             run.record_error(ref, err)
         run.check_reference(p.b, w, check.digest)
         progress.advance(ref, len(p.idx))
-        from crossengine.run.runner import EngineDied
-
         for inst in p.cands:
             if inst.name in run.dead:  # died on an earlier batch; this one was submitted before it was known
                 continue

@@ -166,6 +166,7 @@ class EnginePool:
     def __init__(self, instances: list[EngineInstance], placement, seed: int, base: Path, timeouts, console=None):
         worker = _worker_class()
         members = [i.name for i in instances]
+        cpus = {name: placement.cpu_share(name, members) for name in members}  # its part of its node's CPUs
         self.instances = instances
         self.actors: dict[str, Any] = {}
         self.infos: dict[str, dict] = {}
@@ -176,7 +177,7 @@ class EnginePool:
         try:
             for inst in instances:
                 # its part of its node's CPUs, pinned to the node the plan chose: Ray never has to find room the plan did not see
-                options: dict[str, Any] = {"num_cpus": min(1.0, placement.cpu_share(inst.name, members)), "num_gpus": slots[inst.name].gpus,
+                options: dict[str, Any] = {"num_cpus": min(1.0, cpus[inst.name]), "num_gpus": slots[inst.name].gpus,
                                            "runtime_env": runtime_env(inst, base)}
                 node = placement.node_id(inst.name)
                 if node:
@@ -191,7 +192,7 @@ class EnginePool:
             for group in (first, [i for i in instances if i not in first]):
                 loads = {
                     i.name: self.actors[i.name].load.remote(
-                        i.spec.type, i.spec.model_dump(mode="json"), i.model_path, i.name, seed, max(1, int(placement.cpu_share(i.name, members))),
+                        i.spec.type, i.spec.model_dump(mode="json"), i.model_path, i.name, seed, max(1, int(cpus[i.name])),
                         slots[i.name].gpu_memory_utilization
                     )
                     for i in group

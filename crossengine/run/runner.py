@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from crossengine import __version__
 from crossengine.adapters.base import Sample, SampleError
-from crossengine.errors import CrossengineError
+from crossengine.errors import CrossengineError, EngineDied, EngineFailure
 from crossengine.compare.metrics import WARM_UP_FROM_VOCAB
 from crossengine.run.modes import MODES, RunContext, raw_sample
 from crossengine.experiment.plan import EngineInstance, Plan
@@ -40,16 +40,18 @@ from crossengine.compare.summary import summarize
 SAMPLES_IN_RUN_JSON = 1000
 
 
-def samples_fingerprint(exp) -> str:
-    """Hash of every sample (ids, texts, images, token ids): two runs of the same samples share it."""
+def samples_fingerprint(exp, files: dict[str, str]) -> str:
+    """Hash of every sample (ids, texts, images, token ids): two runs of the same samples share it.
+    Images count by content (`files`: the plan's SHA-256 of each, not read again), so the same
+    experiment copied elsewhere has the same samples."""
     import hashlib
     import json
 
     h = hashlib.sha256()
     for s in exp.samples:
         h.update(json.dumps(s.model_dump(mode="json", exclude={"images"}), sort_keys=True).encode())
-        for img in s.images:  # by content: the same experiment copied elsewhere has the same samples
-            h.update(hashlib.sha256(Path(img).read_bytes()).digest())
+        for img in s.images:
+            h.update(bytes.fromhex(files[str(img)]))
     return h.hexdigest()[:16]
 
 
@@ -82,15 +84,6 @@ class StopSignals:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
-
-
-class EngineFailure(CrossengineError):
-    """An engine's worker died or raised mid-run: one line; the traceback is in the run's log."""
-
-
-class EngineDied(EngineFailure):
-    """An engine's process is gone (a dead actor, vLLM's EngineCore): a candidate's death stops that
-    engine alone, the reference's stops the run."""
 
 
 class Runner:
@@ -352,7 +345,7 @@ class Runner:
     def _start_meta(self, infos: dict, resumed: RunMeta | None) -> None:
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if resumed is None:
-            fingerprint_of_samples = samples_fingerprint(self.plan.experiment)
+            fingerprint_of_samples = samples_fingerprint(self.plan.experiment, self.plan.files)
             meta = RunMeta(
                 run_id=self.plan.run_id, schema_version=SCHEMA_VERSION, crossengine_version=__version__, git_sha=git_sha(),
                 experiment_file=str(self.plan.experiment_path), experiment=self._experiment_json(fingerprint_of_samples),
