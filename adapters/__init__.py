@@ -23,6 +23,7 @@ BUILTIN: dict[str, str] = {
     "hf": "crossengine.adapters.hf:HFEngine",
     "vllm": "crossengine.adapters.vllm:VLLMEngine",
     "native": "crossengine.adapters.native:NativeEngine",
+    "logprobs": "crossengine.adapters.logprobs:LogprobsEngine",
 }
 ENTRY_POINT_GROUP = "crossengine.engines"
 

@@ -47,6 +47,7 @@ class RawSample:
     max_length: int | None = None
     messages: list[dict[str, Any]] | None = None  # chat turns: {role, content: str | [{type: text, text} | {type: image, path}]}
     rendered: bool = False  # `text` is a chat template's output: tokenised without adding special tokens
+    prompt_len: int | None = None  # token_ids only: where the response starts (a saved rollout's records say)
 
 
 @dataclass
@@ -83,6 +84,7 @@ class TokenLogprobs:
     logits: np.ndarray | None = None  # float32 [T, V], raw logits where the engine gives them cheaply
     scored_ids: np.ndarray | None = None  # ids the engine actually scored, when it expanded them itself
     logits_are_logprobs: bool = False  # `logits` holds log-probs (vLLM's full distribution), not raw logits
+    scored: np.ndarray | None = None  # bool [T]: the positions this side has a number for (a dump scores its responses); None: all from 1
 
     @property
     def full_vocab(self) -> bool:
@@ -135,6 +137,8 @@ class EngineTraits:
     lora: bool = False  # takes a LoRA adapter (`lora:`)
     runs_model_code: bool = True  # builds the model from the checkpoint's own classes: remote code needs trust_remote_code
     environment_hint: str | None = None  # it usually runs in its own Python environment; how to build one (said when env.python is missing)
+    uses_gpu: bool = True  # on a GPU cluster it asks for one GPU unless num_gpus says otherwise; False: never (a file of numbers)
+    has_records: bool = False  # holds samples of its own: `samples: [{dump: NAME}]` takes them (`Engine.records`)
 
     def gives_full_logits(self, spec: Any) -> bool:
         """Whether an engine with this spec hands over full-vocabulary logits."""
@@ -326,6 +330,14 @@ class Engine(abc.ABC):
     def close(self) -> None:
         """Release the model (and device memory) before the worker exits."""
 
+    @classmethod
+    def records(cls, spec: Any):
+        """Where an engine with `traits.has_records` keeps its samples: an object with `index()` ->
+        (id, pointer, where) in file order and `read(pointer)` -> a record with `token_ids`,
+        `prompt_len`, `where` (raising ValueError naming file:line and field). The driver holds
+        only ids and pointers, reading a batch's records when it runs."""
+        raise NotImplementedError(f"engine {cls.name!r} holds no samples of its own")
+
     def token_texts(self) -> list[str]:
         """Readable text of every token id, for the token_text column (asked of the reference)."""
         tok = self.tokenizer  # type: ignore[attr-defined]
@@ -399,6 +411,18 @@ def vocab_error(sample: Sample, vocab_size: int, engine: str) -> SampleError | N
     """The one check that a sample's ids fit an engine's vocabulary (hf, native and vllm use it)."""
     top = int(sample.input_ids.max())
     return SampleError(sample.sample_id, f"token id {top} >= vocab size {vocab_size} of engine {engine!r}") if top >= vocab_size else None
+
+
+def vocab_size_of(model_path: str, revision: str | None = None) -> int | None:
+    """The vocabulary size in a checkpoint's config.json (text_config first), or None where it does not read."""
+    try:
+        from transformers import PretrainedConfig
+
+        fields, _ = PretrainedConfig.get_config_dict(model_path, revision=revision)
+    except Exception:  # noqa: BLE001 - a hub id offline, a tokenizer-only folder
+        return None
+    v = (fields.get("text_config") or {}).get("vocab_size") or fields.get("vocab_size")
+    return int(v) if v else None
 
 
 def topk_from_logprobs(logprobs, k: int):

@@ -82,6 +82,11 @@ class EngineSpec(Strict):
         imports each where the workers will, so a typo is a file:line error before anything loads."""
         return []
 
+    def named_paths(self) -> list[tuple[tuple, str]]:
+        """(field location, path) of every file this spec reads besides the model: the plan resolves
+        each against the experiment's folder, checks it exists, and fingerprints it for resume."""
+        return []
+
     @property
     def input_pipeline(self) -> Optional[str]:
         """The user code that prepares this engine's inputs (a native `preprocess`), or None for the

@@ -171,7 +171,8 @@ class TorchEngine(Engine):
                 inputs["token_type_ids"] = inputs["token_type_ids"][:, : r.max_length]
         if len(ids) < 2:
             raise SampleError(sid, "has fewer than 2 tokens; nothing to score")
-        sample = Sample(sid, ids, self._modality(ids), text=text, images=[str(p) for p in image_paths], model_inputs=inputs, rendered=rendered)
+        prompt_len = r.prompt_len if r.prompt_len is not None and r.prompt_len < len(ids) else None
+        sample = Sample(sid, ids, self._modality(ids), text=text, images=[str(p) for p in image_paths], model_inputs=inputs, rendered=rendered, prompt_len=prompt_len)
         if self.transforms_inputs:  # what input comparisons see of this engine's side (crossengine/inputs.py)
             sample.input_view = self.input_view(sample)
         return sample

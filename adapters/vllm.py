@@ -155,7 +155,8 @@ class VLLMEngine(Engine):
                 continue
             ids = np.asarray(r.token_ids if r.token_ids is not None else self.tokenizer(text, add_special_tokens=not rendered).input_ids, dtype=np.int64)
             ids = ids[: r.max_length] if r.max_length else ids
-            out.append(Sample(r.id, ids, text_modality(ids, self.tokenizer.all_special_ids, None), text=text, rendered=rendered))
+            prompt_len = r.prompt_len if r.prompt_len is not None and r.prompt_len < len(ids) else None
+            out.append(Sample(r.id, ids, text_modality(ids, self.tokenizer.all_special_ids, None), text=text, rendered=rendered, prompt_len=prompt_len))
         return out
 
     def _check(self, s: Sample, extra_tokens: int = 0) -> SampleError | None:

@@ -192,14 +192,16 @@ def monitor(
     interval: float = typer.Option(2.0, "--interval", help="Seconds between checks with --follow."),
     html: bool = _HTML,
     out: Optional[Path] = _OUT,
+    alarm: list[str] = typer.Option([], "--alarm", help="Change an alarm's limit: NAME=VALUE (a number, LOW,HIGH, or off); repeatable."),
 ) -> None:
-    """Show an RL monitor's steps (metrics, sparklines, threshold marks) or one step's worst tokens."""
+    """Show an RL monitor's steps (metrics, sparklines, threshold marks) or one step's worst tokens, then its alarms."""
     from crossengine.report import monitor_view
 
     if not (out_dir / "steps").exists():
         _fail(CrossengineError(f"{out_dir}: no steps/ folder (not a KLMonitor output)"))
     page = _html_path(html, out, out_dir / "monitor.html")
     try:
+        overrides = monitor_view.parse_alarm_options(alarm)
         if page is not None:
             from crossengine.report.html import monitor_report
 
@@ -213,7 +215,10 @@ def monitor(
                 pass
         else:
             console.print(monitor_view.steps_view(out_dir))
-    except FileNotFoundError as exc:
+        if page is None and not follow:
+            for line in monitor_view.alarm_lines(out_dir, step, overrides):
+                console.print(line, style="bold red", markup=False, highlight=False, soft_wrap=True)
+    except (FileNotFoundError, ValueError) as exc:
         _fail(CrossengineError(str(exc)))
     except CrossengineError as exc:
         _fail(exc)

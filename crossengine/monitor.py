@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from crossengine.adapters.base import MODALITIES
+from crossengine.compare.alarms import check, per_sample, rules, to_frame
 from crossengine.compare.frameworks import framework_metrics
 from crossengine.compare.metrics import sampled_token_metrics
 from crossengine.results import write_json, write_table
@@ -112,6 +113,7 @@ class KLMonitor:
         self,
         out_dir: str | Path,
         thresholds: dict[str, float] | None = None,
+        alarms: dict[str, Any] | None = None,
         worst_k: int = 20,
         callback: Callable[[int, dict[str, float], list[str]], Any] | None = None,
         tokenizer: Any = None,
@@ -120,12 +122,14 @@ class KLMonitor:
     ):
         self.dir = Path(out_dir)
         self.thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+        self.alarm_limits = dict(alarms or {})
+        self.rules = list(rules(self.alarm_limits).values())  # an unknown alarm name fails here, at construction
         self.worst_k = worst_k
         self.callback = callback
         self.tokenizer = tokenizer
         self._tb = self._tensorboard(tensorboard_dir)
         self._wandb = self._wandb_module() if wandb else None
-        write_json(self.dir / "monitor.json", {"thresholds": self.thresholds, "worst_k": worst_k})
+        write_json(self.dir / "monitor.json", {"thresholds": self.thresholds, "alarms": self.alarm_limits, "worst_k": worst_k})
         self._queue: queue.Queue = queue.Queue(maxsize=2)  # a slow disk delays the trainer by at most a step
         self._error: BaseException | None = None
         self._writer = threading.Thread(target=self._write_loop, name="crossengine-monitor-writer", daemon=True)
@@ -149,7 +153,11 @@ class KLMonitor:
         for k in over:
             log.warning("step %d: %s = %.6g is over its threshold %.6g", step, k, metrics[k], self.thresholds[k])
         worst = self._worst(step, g, t, gen_kl, _numpy(token_ids), sample_ids, modality)
-        self._queue.put((step, metrics, over, worst))
+        tripped = self._alarms(metrics, g, t, mask, sample_ids)
+        for a in tripped:
+            log.warning("step %d: %s", step, a.line("generator vs trainer"))
+        alarms = to_frame(tripped).assign(step=step)
+        self._queue.put((step, metrics, over, worst, alarms))
         self._log_scalars(step, metrics)
         if self.callback is not None:
             self.callback(step, metrics, over)
@@ -171,6 +179,17 @@ class KLMonitor:
         self.close()
 
     # ------------------------------------------------------------------ internals
+
+    def _alarms(self, metrics: dict[str, float], g: np.ndarray, t: np.ndarray, mask: np.ndarray, sample_ids) -> list:
+        """The published limits (compare/alarms.py) on this step's numbers, each with the rows that trip it alone."""
+        import pandas as pd
+
+        rows, cols = np.nonzero(mask)
+        tokens = pd.DataFrame({
+            "sample_id": [str(sample_ids[r]) for r in rows] if sample_ids is not None else rows.astype(str),
+            "segment": "completion", "lp_ref": t[rows, cols], "lp_cand": g[rows, cols],
+        })
+        return check(metrics, per_sample(tokens), self.rules, dense=None)
 
     def _worst(self, step, g, t, k3, token_ids, sample_ids, modality) -> pa.Table:
         flat = np.where(np.isnan(k3), -np.inf, k3).ravel()
@@ -200,11 +219,12 @@ class KLMonitor:
 
     def _write_loop(self) -> None:
         while (item := self._queue.get()) is not None:
-            step, metrics, over, worst = item
+            step, metrics, over, worst, alarms = item
             try:
-                row = {"step": step, **metrics, "over_threshold": ",".join(over)}
+                row = {"step": step, **metrics, "over_threshold": ",".join(over), "alarms": ",".join(alarms["alarm"])}
                 write_table(self.dir / "steps" / f"part-{step:08d}.parquet", pa.Table.from_pylist([row]))
                 write_table(self.dir / "worst" / f"part-{step:08d}.parquet", worst)
+                write_table(self.dir / "alarms" / f"part-{step:08d}.parquet", pa.Table.from_pandas(alarms, preserve_index=False))
             except BaseException as exc:  # noqa: BLE001 - surfaced on the trainer's next call
                 self._error = exc
 
@@ -232,6 +252,12 @@ class KLMonitor:
         except ImportError as exc:
             raise RuntimeError("wandb=True needs the wandb package and an active wandb.init()") from exc
         return wandb
+
+
+def read_alarm_limits(out_dir: Path) -> dict[str, Any]:
+    """The alarm limits a KLMonitor was given (its monitor.json); {} for the published defaults."""
+    path = Path(out_dir) / "monitor.json"
+    return json.loads(path.read_text()).get("alarms", {}) if path.exists() else {}
 
 
 def read_thresholds(out_dir: Path) -> dict[str, float]:

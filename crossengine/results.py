@@ -138,8 +138,9 @@ def token_table(rows: list[TokenRows], run_id: str, ref: str, cand: str, variant
             cols[name] = pa.array(values.astype(np.float32), from_pandas=True)  # NaN -> null
         elif typ == "int32":
             cols[name] = pa.array(values.astype(np.int32), mask=values < 0)  # -1 -> null (e.g. rank beyond k)
-        else:
-            cols[name] = pa.array(values.astype(bool))
+        else:  # top1_match/top1_tie: null where a side has no top-1 (a dump without top-k)
+            unknown = np.concatenate([(r.metrics["top1_ref"] < 0) | (r.metrics["top1_cand"] < 0) for r in rows]) if rows else np.empty(0, bool)
+            cols[name] = pa.array(values.astype(bool), mask=unknown if unknown.any() else None)
     return pa.table(cols, schema=TOKEN_SCHEMA)
 
 

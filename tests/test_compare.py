@@ -42,7 +42,7 @@ def _in_process_tokens(path, run_dir) -> pd.DataFrame:
     from crossengine.experiment.load import load_experiment
     from crossengine.experiment.plan import make_plan
     from crossengine.results import token_table
-    from crossengine.run.runner import raw_sample
+    from crossengine.run.modes import raw_sample
 
     plan = make_plan(load_experiment(path), path, run_id="in-process", output_dir=run_dir.parent)
     exp = plan.experiment

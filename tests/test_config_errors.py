@@ -29,7 +29,7 @@ CASES = [
     ("missing image file", GOOD.replace("- text: hello there", "- text: look <start_of_image>\n    images: [data/nope.png]"), ["samples[0].images[0]", "nope.png"], 8),
     ("empty samples", GOOD.replace("  - text: hello there\n", "").replace("samples:", "samples: []"), ["samples", "at least 1"], 6),
     ("bad top_k", GOOD + "top_k: 0\n", ["top_k", "greater than or equal to 1"], 8),
-    ("unknown engine type", GOOD.replace("{type: hf}", "{type: tensorrt}"), ["engines.a.type", "'hf', 'native', 'vllm'", "package.module:Class"], 4),
+    ("unknown engine type", GOOD.replace("{type: hf}", "{type: tensorrt}"), ["engines.a.type", "'hf', 'logprobs', 'native', 'vllm'", "package.module:Class"], 4),
     ("engine class that does not import", GOOD.replace("{type: hf}", "{type: 'nowhere.engines:Fast'}"), ["engines.a.type", "cannot import", "nowhere"], 4),
     ("engine class that is no Engine", GOOD.replace("{type: hf}", "{type: 'collections:OrderedDict'}"), ["engines.a.type", "not a subclass", "Engine"], 4),
     ("another engine's field", GOOD.replace("{type: hf}", "{type: hf, full_vocab: true}"), ["engines.a.full_vocab", "not a field of hf engines", "vllm"], 4),

@@ -109,7 +109,7 @@ def test_an_installed_package_registers_an_engine_by_entry_point(tmp_path):
     assert check.returncode == 0 and "ok" in check.stdout, check.stdout + check.stderr
     env["PYTHONPATH"] = str(REPO)  # without the package the name is unknown, in one line listing the known ones
     check = subprocess.run([sys.executable, "-m", "crossengine.cli", "validate", str(exp)], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
-    assert check.returncode == 2 and "unknown engine type 'scaled'" in check.stderr and "'hf', 'native', 'vllm'" in check.stderr, check.stderr
+    assert check.returncode == 2 and "unknown engine type 'scaled'" in check.stderr and "'hf', 'logprobs', 'native', 'vllm'" in check.stderr, check.stderr
 
 
 def _literal_engine_comparisons(source: str) -> list[int]:

@@ -179,6 +179,75 @@ def _framework_slow(g, t, seq):
         "rollout_train_logprobs_abs_diff_std": std(absd),
         "vllm_kl": -mean([math.log(r) for r in rho]),
         "n": n,
+        **_verl_slow(g, t, seq),
+        **_miles_prime_skyrl_slow(g, t, seq),
+    }
+
+
+def _groups(seq):
+    order = []
+    for s in seq:
+        if s not in order:
+            order.append(s)
+    return [[i for i, s in enumerate(seq) if s == k] for k in order]
+
+
+def _verl_slow(g, t, seq):
+    """verl's rollout_corr helper restated token by token (compute_offpolicy_metrics, compute_is_metrics
+    with rollout_is=token at threshold 2, compute_rs_metrics' fractions at the IcePop band [0.5, 5])."""
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    clamp = lambda x, lo, hi: lo if x < lo else (hi if x > hi else x)  # noqa: E731
+    w = [math.exp(clamp(b - a, -20.0, 20.0)) for a, b in zip(g, t)]
+    c = [clamp(x, 0.5, 2.0) for x in w]
+    mc = mean(c)
+    per_seq = _groups(seq)
+    mt = [mean([t[i] for i in ix]) for ix in per_seq]
+    mg = [mean([g[i] for i in ix]) for ix in per_seq]
+    d = [b - a for a, b in zip(mt, mg)]
+    seq_sum = [sum(t[i] - g[i] for i in ix) for ix in per_seq]
+    return {
+        "rollout_corr/chi2_token": mean([x * x for x in w]) - 1,
+        "rollout_corr/chi2_seq": mean([math.exp(2 * clamp(s, -20.0, 20.0)) for s in seq_sum]) - 1,
+        "rollout_corr/training_ppl": mean([math.exp(-x) for x in mt]),
+        "rollout_corr/training_log_ppl": -mean(mt),
+        "rollout_corr/rollout_ppl": mean([math.exp(-x) for x in mg]),
+        "rollout_corr/rollout_log_ppl": -mean(mg),
+        "rollout_corr/log_ppl_diff": mean(d),
+        "rollout_corr/log_ppl_abs_diff": mean([abs(x) for x in d]),
+        "rollout_corr/log_ppl_diff_max": max(d),
+        "rollout_corr/log_ppl_diff_min": min(d),
+        "rollout_corr/ppl_ratio": mean([math.exp(x) for x in d]),
+        "rollout_corr/rollout_is_mean": mean(w),
+        "rollout_corr/rollout_is_std": math.sqrt(max(mean([x * x for x in c]) - mc * mc, 0.0)),
+        "rollout_corr/rollout_is_min": min(w),
+        "rollout_corr/rollout_is_max": max(w),
+        "rollout_corr/rollout_is_eff_sample_size": 1 / mean([(x / (mc + 1e-8)) ** 2 for x in c]),
+        "is_eff_sample_size_untruncated": mean(w) ** 2 / mean([x * x for x in w]),
+        "rollout_corr/rollout_is_ratio_fraction_high": mean([1.0 if x > 2 else 0.0 for x in w]),
+        "rollout_corr/rollout_is_ratio_fraction_low": mean([1.0 if x < 0.5 else 0.0 for x in w]),
+        "rollout_corr/rollout_rs_ratio_fraction_high": mean([1.0 if x > 5 else 0.0 for x in w]),
+        "rollout_corr/rollout_rs_ratio_fraction_low": mean([1.0 if x < 0.5 else 0.0 for x in w]),
+        "rollout_corr/rollout_rs_masked_fraction": mean([0.0 if 0.5 <= x <= 5 else 1.0 for x in w]),
+    }
+
+
+def _miles_prime_skyrl_slow(g, t, seq):
+    """miles' low_var_kl (k3 clamped to [-10, 10]) by sample; prime-rl's per-sequence mismatch_kl
+    stacked (mean/std/max) and its token masks at ratio < 0.125 or > 8; SkyRL's min/max of |g − t|."""
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    k3 = [math.exp(b - a) - (b - a) - 1 for a, b in zip(g, t)]
+    ratio = [math.exp(b - a) for a, b in zip(g, t)]
+    per_seq = [mean([k3[i] for i in ix]) for ix in _groups(seq)]
+    m = mean(per_seq)
+    return {
+        "train_rollout_kl": mean([mean([max(-10.0, min(10.0, k3[i])) for i in ix]) for ix in _groups(seq)]),
+        "mismatch_kl/std": math.sqrt(sum((x - m) ** 2 for x in per_seq) / (len(per_seq) - 1)),
+        "mismatch_kl/max": max(per_seq),
+        "is_masked": mean([1.0 if (x < 0.125 or x > 8) else 0.0 for x in ratio]),
+        "is_masked_low": mean([1.0 if x < 0.125 else 0.0 for x in ratio]),
+        "is_masked_high": mean([1.0 if x > 8 else 0.0 for x in ratio]),
+        "rollout_train_logprobs_abs_diff_min": min(abs(a - b) for a, b in zip(g, t)),
+        "rollout_train_logprobs_abs_diff_max": max(abs(a - b) for a, b in zip(g, t)),
     }
 
 
@@ -186,12 +255,17 @@ def test_framework_metrics_match_each_frameworks_definition():
     rng = np.random.default_rng(3)
     t = np.log(rng.uniform(0.05, 0.95, 30))
     g = t + rng.normal(0, 0.2, 30)
+    g[[3, 17]] += [2.5, -2.5]  # ratios beyond 8 and below 1/8: every band and mask counts something
+    g[25] -= 25.0  # a log-ratio past verl's ±20 clamp
     seq = np.repeat([0, 1, 2], [5, 10, 15])  # unequal lengths: per-sequence means differ from token means
     got = framework_metrics(g, t, seq)
     want = _framework_slow(list(g), list(t), list(seq))
     assert set(got) == set(want) - {"n"}, "every framework metric is checked, js_divergence_error included"
     for name, value in got.items():
         assert value == pytest.approx(want[name], rel=1e-9, abs=1e-12), name
+    for name in ("is_masked_low", "is_masked_high", "rollout_corr/rollout_is_ratio_fraction_high", "rollout_corr/rollout_rs_ratio_fraction_low"):
+        assert got[name] > 0, f"{name}: the planted ratios must count"
+    assert got["train_rollout_kl"] < got["mismatch_kl"], "miles clamps the planted k3 at 10; prime-rl does not"
     assert got["mismatch_kl"] != pytest.approx(got["gen_kl_error"], rel=1e-6), "sequence-first averaging must differ here"
 
 

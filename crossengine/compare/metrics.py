@@ -91,6 +91,11 @@ def token_metrics(ref: TokenLogprobs, cand: TokenLogprobs, token_ids: np.ndarray
     out["top1_tie"] = ~out["top1_match"] & (gap < tie_eps)
     out["topk_kl"] = topk_kl(ref.topk_ids[rows], ref.topk_logprobs[rows], cand.topk_ids[rows], cand.topk_logprobs[rows])
     out["topk_overlap"] = topk_overlap(ref.topk_ids[rows], cand.topk_ids[rows])
+    unknown = (ref.topk_ids[rows, 0] < 0) | (cand.topk_ids[rows, 0] < 0)  # a side without top-k (a dump of sampled log-probs only)
+    if unknown.any():
+        out["topk_overlap"] = np.where(unknown, np.nan, out["topk_overlap"])
+        out["top1_match"] = out["top1_match"] & ~unknown  # null in the token table (results.token_table), not a mismatch
+        out["top1_tie"] = out["top1_tie"] & ~unknown
     out["nonfinite"] = _mask_nonfinite(out, lr, lc)
     return out
 

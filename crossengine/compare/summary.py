@@ -20,7 +20,7 @@ KEYS = ["cand_engine", "variant", *SPLITS]
 _NEEDED = [
     "sample_id", "position", "modality", "attention", "segment", "cand_engine", "variant",
     "lp_ref", "lp_cand", "lp_diff", "prob_diff", "kl_ref_cand", "cos_sim", "topk_kl", "topk_overlap",
-    "top1_match", "top1_tie", "nonfinite",
+    "top1_match", "top1_tie", "top1_ref", "top1_cand", "nonfinite",
 ]
 
 
@@ -44,8 +44,9 @@ def summarize_group(g: pd.DataFrame) -> dict[str, float]:
     n_nonfinite = int((~finite).sum())
     n_all, samples_all = len(g), g["sample_id"].nunique()
     g = g[finite]
-    agree = g["top1_match"] | g["top1_tie"]
-    mism = ~agree
+    known = g["top1_cand"].notna() & g["top1_ref"].notna()  # a dump without top-k has no top-1: left out, not a mismatch
+    agree = g["top1_match"].fillna(False).astype(bool) | g["top1_tie"].fillna(False).astype(bool)
+    mism = ~agree & known
     first = g[mism].groupby("sample_id", observed=True)["position"].min()
     full = g["kl_ref_cand"].notna().all()
     kl = g["kl_ref_cand"] if full else g["topk_kl"]
@@ -54,9 +55,9 @@ def summarize_group(g: pd.DataFrame) -> dict[str, float]:
         "n_tokens": n_all,
         "n_samples": samples_all,
         "n_nonfinite": n_nonfinite,
-        "top1_agreement": float(agree.mean()),
+        "top1_agreement": float(agree[known].mean()) if known.any() else np.nan,
         "top1_mismatches": int(mism.sum()),
-        "top1_ties": int(g["top1_tie"].sum()),
+        "top1_ties": int(g["top1_tie"].fillna(False).astype(bool).sum()),
         "abs_max": float(g["lp_diff"].abs().max()) if len(g) else np.nan,
         "abs_mean": float(g["lp_diff"].abs().mean()),
         "cos_sim": float(g["cos_sim"].mean()) if full else np.nan,

@@ -113,11 +113,20 @@ def compare_batch(batch: list[Sample | SampleError], ref_out: list, cand_out: li
 
 
 def token_rows(sample: Sample, ref: TokenLogprobs, cand: TokenLogprobs, tie_eps: float, completion_only: bool = False) -> TokenRows:
+    """Rows at the positions both sides scored: every position from 1, or a dump's scored
+    response tokens (`TokenLogprobs.scored`), where its response is the completion segment."""
     positions = np.arange(1, len(sample), dtype=np.int32)
     segment = np.zeros(len(positions), dtype=np.int8)
-    if sample.prompt_len is not None:
-        segment[positions >= sample.prompt_len] = 1
-    keep = segment == 1 if completion_only else slice(None)
+    both = np.ones(len(sample), bool)
+    for side in (ref, cand):
+        if side.scored is not None:
+            both &= side.scored
+    prompt_len = sample.prompt_len
+    if prompt_len is None and both[1:].any() and not both[1:].all():
+        prompt_len = 1 + int(np.argmax(both[1:]))  # a dump's first scored position starts its response
+    if prompt_len is not None:
+        segment[positions >= prompt_len] = 1
+    keep = (segment == 1) & both[1:] if completion_only else both[1:]
     metrics = token_metrics(ref, cand, sample.input_ids, tie_eps)
     nonfinite = metrics.pop("nonfinite")
     return TokenRows(

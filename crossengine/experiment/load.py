@@ -133,6 +133,9 @@ def _check_paths(exp: Experiment, path: Path, root: yaml.Node | None) -> Experim
                 raise ExperimentError(str(path), _line_of(root, ("samples", i, "file")), f"samples[{i}].file", f"no such file: {f}")
             samples.extend(_read_jsonl(f, i))
             continue
+        if s.dump is not None:
+            samples.extend(_dump_samples(exp, s.dump, path, lambda msg, i=i: ExperimentError(str(path), _line_of(root, ("samples", i, "dump")), f"samples[{i}].dump", msg)))
+            continue
         images = []
         for j, img in enumerate(s.images):
             p = img if img.is_absolute() else base / img
@@ -143,6 +146,50 @@ def _check_paths(exp: Experiment, path: Path, root: yaml.Node | None) -> Experim
         s = _message_images(s, base, lambda loc, msg: ExperimentError(str(path), _line_of(root, ("samples", i, *loc)), _field_path(("samples", i, *loc)), msg))
         samples.append(s.model_copy(update={"images": images}))
     return exp.model_copy(update={"samples": _with_ids(samples, path, root)})
+
+
+def _dump_samples(exp: Experiment, name: str, path: Path, error) -> list[SampleSpec]:
+    """One token_ids sample per record of engine `name`'s dump, holding only its id and where it is
+    (its engine's `records().index()`): the records themselves are read a batch at a time."""
+    from crossengine.adapters import engine_class
+
+    resolved = exp.resolved_engines()
+    if name not in resolved:
+        raise error(f"{name!r} is not one of the engines {sorted(resolved)}")
+    spec = resolved[name][2]
+    cls = engine_class(spec.type)
+    if not cls.traits.has_records:
+        raise error(f"engine {name!r} ({spec.type}) holds no samples of its own; `dump` names an engine that does (e.g. type: logprobs)")
+    spec = resolve_named_paths(spec, path.parent, lambda loc, msg: error(f"engine {name!r}: {'.'.join(loc)}: {msg}"))
+    out: list[SampleSpec] = []
+    seen: dict[str, str] = {}
+    for rid, pointer, where in cls.records(spec).index():
+        if rid in seen:
+            raise ExperimentError(where.rsplit(":", 1)[0], _where_line(where), "id", f"duplicate record id {rid!r} (first at {seen[rid]})")
+        seen[rid] = where
+        sample = SampleSpec(id=rid, dump=name)
+        sample._record = pointer
+        out.append(sample)
+    if not out:
+        raise error(f"the dump of engine {name!r} holds no records")
+    return out
+
+
+def _where_line(where: str) -> int | None:
+    tail = where.rsplit(":", 1)[1].replace("row ", "")
+    return int(tail) if tail.isdigit() else None
+
+
+def resolve_named_paths(spec, base: Path, error):
+    """A spec whose `named_paths()` are absolute (relative ones against `base`, the experiment's folder)
+    and exist; `error(loc, message)` makes the one-line error for one that does not."""
+    for loc, value in spec.named_paths():
+        p = Path(value).expanduser()
+        p = p if p.is_absolute() else (base / p).absolute()
+        if not p.is_file():
+            raise error(loc, f"no such file: {p}")
+        spec = spec.model_copy(update={loc[0]: str(p)})
+    return spec
 
 
 def _message_images(s: SampleSpec, base: Path, error) -> SampleSpec:

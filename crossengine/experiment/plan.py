@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from crossengine.experiment.load import experiment_error
+from crossengine.experiment.load import experiment_error, resolve_named_paths
 from crossengine.experiment.schema import NAME, EngineSpec, Experiment
 from crossengine.adapters import engine_class
-from crossengine.adapters.base import EngineTraits
+from crossengine.adapters.base import EngineTraits, vocab_size_of
 from crossengine.errors import CrossengineError
 from crossengine.identity import BASE
 from crossengine.experiment.fixtures import ensure_fixture, is_fixture
@@ -53,6 +53,16 @@ class Plan:
     @property
     def instances(self) -> list[EngineInstance]:
         return [self.reference, *self.candidates]
+
+    def records(self, name: str):
+        """The record source of engine `name` (samples taken from its dump), opened once per plan."""
+        cache = self.__dict__.setdefault("_records", {})
+        if name not in cache:
+            inst = next(i for i in self.instances if i.name == name)
+            source = engine_class(inst.spec.type).records(inst.spec)
+            source.vocab_size = vocab_size_of(self.reference.model_path, self.reference.spec.revision)  # ids beyond it: refused, naming the record
+            cache[name] = source
+        return cache[name]
 
 
 def looks_like_path(model: str) -> bool:
@@ -160,6 +170,7 @@ def named_files(exp: Experiment, instances: list[EngineInstance]) -> dict[str, s
             paths.add(Path(inst.spec.chat_template))
         if inst.spec.lora:
             paths.update(f for f in Path(inst.spec.lora).glob("adapter_*") if f.is_file())
+        paths.update(Path(p) for _, p in inst.spec.named_paths())  # a dump: its content is what is compared
     return {str(p): file_digest(p) for p in sorted(paths)}
 
 
@@ -184,6 +195,7 @@ def make_plan(exp: Experiment, experiment_path: Path, run_id: str | None = None,
             spec = spec.model_copy(update={"chat_template": str(template)})
         if spec.lora:
             spec = spec.model_copy(update={"lora": resolve_adapter(spec.lora, experiment_path, (section, name, "lora"))})
+        spec = resolve_named_paths(spec, experiment_path.parent, lambda loc, msg, at=(section, name): experiment_error(experiment_path, (*at, *loc), msg))
         instances.append(EngineInstance(name, cand_engine, variant, spec, path, name == exp.reference))
     if run_id is not None and not NAME.match(run_id):
         raise CrossengineError(f"--run-id {run_id!r}: must match {NAME.pattern} (it names a folder under the output folder)")

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BeforeValidator, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from crossengine.adapters.spec import Dtype, EngineSpec, EnvSpec, Strict
@@ -109,14 +109,19 @@ class SampleSpec(Strict):
     text: Optional[str] = None
     images: list[Path] = Field(default_factory=list, description="Image files; the text marks where each goes.")
     token_ids: Optional[list[int]] = None
+    prompt_len: Optional[int] = Field(None, ge=1, description="With token_ids: where the response starts (its tokens are the completion segment).")
     messages: Optional[list[Message]] = Field(None, description="Chat turns, rendered with the engine's chat template.")
     file: Optional[Path] = Field(None, description="JSONL file, one sample object per line.")
+    dump: Optional[str] = Field(None, description="Every record of this engine's dump (a logprobs engine), in file order, as token_ids samples.")
+    _record: Any = PrivateAttr(None)  # where a dump sample's record is (its engine's `records().index()` pointer); the driver reads it per batch
 
     @model_validator(mode="after")
     def _one_source(self) -> "SampleSpec":
-        given = [k for k in ("text", "token_ids", "messages", "file") if getattr(self, k) is not None]
+        given = [k for k in ("text", "token_ids", "messages", "file", "dump") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of text, messages, token_ids or file")
+            raise ValueError("give exactly one of text, messages, token_ids, file or dump")
+        if self.prompt_len is not None and (self.token_ids is None or self.prompt_len >= len(self.token_ids)):
+            raise ValueError("prompt_len goes with token_ids and must be below their length")
         if self.messages is not None and not self.messages:
             raise ValueError("messages is empty")
         if self.images and self.text is None:
@@ -196,6 +201,18 @@ class Experiment(Strict):
     run_id: Optional[str] = None
     localize: Optional[LocalizeSpec] = Field(None, description="Also localise divergence layer by layer after the run (or: crossengine localize).")
     placement: PlacementSpec = Field(default_factory=PlacementSpec, description="GPU memory, headroom and timeouts for putting engines on the cluster.")
+    alarms: dict[str, Optional[float | list[float]]] = Field(
+        default_factory=dict, description="Change an alarm's limit by name (a number, [low, high] for a band) or switch it off (null); "
+        "the alarms and their published defaults are in README.md, 'Alarms'."
+    )
+
+    @field_validator("alarms")
+    @classmethod
+    def _alarm_names(cls, v: dict) -> dict:
+        from crossengine.compare.alarms import rules
+
+        rules(v)  # an unknown name or a limit of the wrong shape: one line
+        return v
 
     @field_validator("localize", mode="before")
     @classmethod

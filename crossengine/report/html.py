@@ -124,6 +124,8 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
     sections.append(("Summary", _summary_section(summary)))
     tokens_dir = run_dir / "tokens"
     tokens = _read_tokens(tokens_dir) if tokens_dir.exists() else pd.DataFrame()
+    if (run_dir / "alarms.parquet").exists():
+        sections.append(("Alarms", _alarms_section(pd.read_parquet(run_dir / "alarms.parquet"), tokens)))
     if not tokens.empty:
         sections.append(("Along the sequence", _per_sample_section(tokens)))
     sections.append(("Breakdown", _breakdown_section(summary)))
@@ -146,7 +148,7 @@ def _read_tokens(tokens_dir: Path) -> pd.DataFrame:
     from crossengine.compare.summary import read_tokens
 
     cols = ["sample_id", "position", "token_text", "modality", "attention", "segment", "cand_engine", "variant",
-            "lp_ref", "lp_cand", "abs_lp_diff", "kl_ref_cand", "topk_kl", "top1_ref", "top1_cand", "top1_match", "top1_tie", "nonfinite"]
+            "lp_ref", "lp_cand", "abs_lp_diff", "gen_kl", "kl_ref_cand", "topk_kl", "top1_ref", "top1_cand", "top1_match", "top1_tie", "nonfinite"]
     df = read_tokens(tokens_dir, cols)
     df["kl"] = df["kl_ref_cand"].fillna(df["topk_kl"])
     df["instance"] = display_names(df)
@@ -232,7 +234,7 @@ def _per_sample_section(tokens: pd.DataFrame) -> str:
                   for a, b in _spans((first["modality"].astype(str) == "image").to_numpy(), first["position"].to_numpy())]
         shapes += [dict(type="rect", xref="x", yref="paper", x0=a, x1=b, y0=0.97, y1=1.0, fillcolor="rgba(128,0,128,0.5)", line_width=0)
                    for a, b in _spans((first["attention"].astype(str) == "bidirectional").to_numpy(), first["position"].to_numpy())]
-        mism = rows[~(rows["top1_match"] | rows["top1_tie"])]
+        mism = rows[~(rows["top1_match"].fillna(True).astype(bool) | rows["top1_tie"].fillna(False).astype(bool))]  # null: no top-1 on a side
         if len(mism):
             p = int(mism["position"].min())
             shapes.append(dict(type="line", xref="x", yref="paper", x0=p, x1=p, y0=0, y1=1, line=dict(color="red", dash="dot")))
@@ -382,6 +384,35 @@ def _vocab(meta: RunMeta):
         return AutoTokenizer.from_pretrained(path) if path else None
     except Exception:  # noqa: BLE001 - a report without token texts for top-1 ids is still a report
         return None
+
+
+ALARM_SAMPLES, ALARM_TOKENS = 3, 5  # per alarm: the samples shown, and their tokens by per-token k3
+
+
+def _alarms_section(alarms: pd.DataFrame, tokens: pd.DataFrame) -> str:
+    """Each alarm with its source, then the tokens behind it: in the samples that trip it alone, the
+    ones with the largest per-token k3 (gen_kl), with context."""
+    if alarms.empty:
+        from crossengine.compare.alarms import RULES
+
+        return f"<p class='note'>no alarm tripped ({len(RULES)} checked: {html.escape(', '.join(RULES))}; README.md, 'Alarms').</p>"
+    table = alarms.assign(candidate=display_names(alarms), samples=[", ".join(x[:5]) + (f" and {len(x) - 5} more" if len(x) > 5 else "") for x in alarms["samples"]])
+    parts = [_table(table[["alarm", "candidate", "metric", "value", "limit", "samples", "source"]])]
+    tripped: dict[tuple[str, str], list[str]] = {}  # (candidate, sample) -> the alarms it trips alone, once per sample
+    for r, who in zip(alarms.itertuples(index=False), table["candidate"]):
+        for sid in list(r.samples)[:ALARM_SAMPLES]:
+            tripped.setdefault((who, sid), []).append(r.alarm)
+    rows = []
+    for (who, sid), names in tripped.items():
+        sel = tokens[(tokens["sample_id"].astype(str) == sid) & (tokens["instance"] == who)]
+        seq = sel.set_index("position")["token_text"].astype(str)
+        for _, t in sel.nlargest(ALARM_TOKENS, "gen_kl").iterrows():
+            before = "".join(seq.get(p, "") for p in range(t["position"] - CONTEXT, t["position"]))
+            rows.append({"candidate": who, "sample": sid, "alarms": ", ".join(names), "position": t["position"], "segment": t["segment"],
+                         "context": f"{before}⟦{t['token_text']}⟧", "lp_ref": t["lp_ref"], "lp_cand": t["lp_cand"], "k3": t["gen_kl"]})
+    note = (f"<p class='note'>the tokens behind the alarms: in up to {ALARM_SAMPLES} samples per alarm that trip it alone, the {ALARM_TOKENS} with the "
+            "largest per-token k3 = gen_kl (the reference as trainer, the candidate as rollout), ⟦the scored token⟧ after its context.</p>")
+    return "".join(parts) + (note + _table(pd.DataFrame(rows), row_class=lambda r: "ctx") if rows else "")
 
 
 def _worst_section(tokens: pd.DataFrame, meta: RunMeta, worst_dir: Path, n: int = 20) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from crossengine.monitor import read_thresholds
+from crossengine.monitor import read_alarm_limits, read_thresholds
 
 SHOWN = ["gen_kl_error", "policy_kl_error", "js_divergence_error", "token_mult_prob_error", "rollout_probs_diff_max", "first/gen_kl_error"]
 _BARS = "▁▂▃▄▅▆▇█"
@@ -107,3 +107,42 @@ def follow(out_dir: Path, console, interval: float, max_updates: int | None = No
                 seen = n
             updates += 1
             time.sleep(interval)
+
+
+def parse_alarm_options(options: list[str]) -> dict:
+    """`--alarm NAME=VALUE` (a number, LOW,HIGH for a band, or off) as alarm limits; a bad one is a ValueError (one line)."""
+    out: dict = {}
+    for opt in options:
+        name, sep, value = opt.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--alarm {opt!r}: write NAME=VALUE (a number, LOW,HIGH, or off)")
+        try:
+            out[name] = None if value == "off" else ([float(x) for x in value.split(",")] if "," in value else float(value))
+        except ValueError:
+            raise ValueError(f"--alarm {opt!r}: {value!r} is not a number, LOW,HIGH or off") from None
+    return out
+
+
+def alarm_lines(out_dir: Path, step: int | None = None, overrides: dict | None = None) -> list[str]:
+    """`alarm:` lines for one step (default: the last), its pooled numbers checked against the monitor's
+    limits with `overrides` on top; the samples named are those the trainer-time check found that
+    still trip the limit (a lowered limit cannot add samples the trainer did not keep)."""
+    from crossengine.compare.alarms import Tripped, rules
+
+    df = read_steps(out_dir)
+    if df.empty:
+        return []
+    row = df.iloc[-1] if step is None else df[df["step"] == step].iloc[0] if (df["step"] == step).any() else None
+    if row is None:
+        raise FileNotFoundError(f"{out_dir}: no step {step}")
+    active = rules({**read_alarm_limits(out_dir), **(overrides or {})})
+    part = Path(out_dir) / "alarms" / f"part-{int(row['step']):08d}.parquet"
+    stored = pd.read_parquet(part) if part.exists() else pd.DataFrame(columns=["alarm", "samples", "sample_values"])
+    out = []
+    for rule in active.values():
+        kept = stored[stored["alarm"] == rule.name]
+        samples = [(s, v) for s, v in zip(*(list(kept.iloc[0][c]) for c in ("samples", "sample_values"))) if rule.trips(v)] if len(kept) else []
+        value = float(row[rule.metric]) if rule.pooled and rule.metric in row else None
+        if (rule.pooled and rule.trips(value)) or (not rule.pooled and samples):
+            out.append(f"step {int(row['step'])}: " + Tripped(rule, "", "", value, samples).line("generator vs trainer"))
+    return out

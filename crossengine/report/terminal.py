@@ -80,6 +80,16 @@ def print_summary(run_dir: Path, console) -> None:
 
         for line in nearest_lines(pd.read_parquet(run_dir / "nearest.parquet"), reference):
             console.print(line, highlight=False)
+    if (run_dir / "alarms.parquet").exists():
+        from crossengine.compare.alarms import lines
+
+        alarms = pd.read_parquet(run_dir / "alarms.parquet")
+        for line in lines(alarms):
+            console.print(line, style="bold red", highlight=False, markup=False, soft_wrap=True)
+        if alarms.empty:
+            from crossengine.compare.alarms import RULES
+
+            console.print(f"alarms: none tripped ({len(RULES)} checked; README.md, 'Alarms')", highlight=False)
     if (run_dir / "greedy").exists():
         greedy = pd.read_parquet(run_dir / "greedy")
         for _, r in greedy[greedy["first_divergence"] >= 0].iterrows():

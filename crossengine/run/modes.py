@@ -53,11 +53,27 @@ class RunContext:
 
 
 def raw_sample(plan, i: int) -> RawSample:
-    """What the reference engine needs to prepare sample i (ids are assigned by config)."""
+    """What the reference engine needs to prepare sample i (ids are assigned by config); a sample
+    taken from a dump is read from its record now (ValueError, naming file:line and field, if bad)."""
     exp = plan.experiment
     s = exp.samples[i]
+    if s.dump is not None:
+        record = plan.records(s.dump).read(s._record)
+        return RawSample(s.id, token_ids=record.token_ids.tolist(), max_length=exp.max_length, prompt_len=record.prompt_len)
     messages = [m.model_dump(mode="json", exclude_none=True) for m in s.messages] if s.messages else None
-    return RawSample(s.id, s.text, [str(p) for p in s.images], s.token_ids, exp.max_length, messages)
+    return RawSample(s.id, s.text, [str(p) for p in s.images], s.token_ids, exp.max_length, messages, prompt_len=s.prompt_len)
+
+
+def raw_batch(plan, indices: list[int], record_error: Callable[[str, SampleError], None]) -> list[RawSample]:
+    """raw_sample of each index; a dump record that cannot be scored is recorded against its engine and skipped."""
+    out = []
+    for i in indices:
+        try:
+            out.append(raw_sample(plan, i))
+        except ValueError as exc:
+            s = plan.experiment.samples[i]
+            record_error(s.dump or plan.reference.name, SampleError(s.id, str(exc)))
+    return out
 
 
 @dataclass
@@ -105,7 +121,7 @@ class Mode:
     def submit(self, pool: EnginePool, b: int, idx: list[int], cands: list[EngineInstance]) -> Pending:
         """Nothing waits: the reference's prepared samples go to every engine as an ObjectRef."""
         ref = self.plan.reference.name
-        raw = [raw_sample(self.plan, i) for i in idx]
+        raw = raw_batch(self.plan, idx, self.run.record_error)
         return self._score(pool, b, idx, cands, pool.call(ref, "prepare", raw), raw=raw)
 
     def _score(self, pool: EnginePool, b: int, idx: list[int], cands: list[EngineInstance], batch, decoded: Decoded | None = None, raw=None) -> Pending:

@@ -284,7 +284,7 @@ def plan_placement(always: list[EngineInstance], candidates: list[EngineInstance
 
     gpus = int(cluster.gpus)
     biggest = max(int(n.gpus) for n in nodes)
-    requested = {i.name: (i.spec.num_gpus if i.spec.num_gpus is not None else 1.0) for i in instances}
+    requested = {i.name: (i.spec.num_gpus if i.spec.num_gpus is not None else (1.0 if i.traits.uses_gpu else 0.0)) for i in instances}
     mem = cluster.gpu_memory_gb
     if mem:
         for i in instances:

@@ -28,7 +28,7 @@ from crossengine import __version__
 from crossengine.adapters.base import Sample, SampleError
 from crossengine.errors import CrossengineError, EngineDied, EngineFailure
 from crossengine.compare.metrics import WARM_UP_FROM_VOCAB
-from crossengine.run.modes import MODES, RunContext, raw_sample
+from crossengine.run.modes import MODES, RunContext, raw_batch
 from crossengine.experiment.plan import EngineInstance, Plan
 from crossengine.run.pool import EnginePool, ensure_ray, one_line
 from crossengine.run.progress import engine_progress
@@ -218,10 +218,11 @@ class Runner:
             self._finish_meta(infos)
             return self.run_dir.root
         t = time.time()
-        summary, nearest = self._reduce()
+        summary, nearest, alarms = self._reduce()
         write_table(self.run_dir.summary, pa.Table.from_pandas(summary, preserve_index=False))
         if nearest is not None:
             write_table(self.run_dir.root / "nearest.parquet", pa.Table.from_pandas(nearest, preserve_index=False))
+        write_table(self.run_dir.root / "alarms.parquet", pa.Table.from_pandas(alarms, preserve_index=False))
         self.timings["summary_s"] = time.time() - t
         self.timings["total_s"] = time.time() - t0
         self._finish_meta(infos)
@@ -247,7 +248,9 @@ class Runner:
 
         task = ray.remote(num_cpus=0)(_reduce_tokens)
         expected = [(c.cand_engine, c.variant) for c in self.plan.candidates]
-        return self.fetch("summary", task.remote(str(self.run_dir.tokens), self.plan.reference.name, expected), "summarising the run")
+        exp = self.plan.experiment
+        dense = reference_is_dense(self.plan.reference)
+        return self.fetch("summary", task.remote(str(self.run_dir.tokens), self.plan.reference.name, expected, exp.alarms, dense), "summarising the run")
 
     # ---------------------------------------------------------------- engine calls
 
@@ -277,7 +280,7 @@ class Runner:
     def prepare(self, pool: EnginePool, indices: list[int], doing: str) -> list[Sample]:
         """Tokenise and expand samples on the reference, waiting; a sample it cannot prepare is reported and skipped."""
         ref = self.plan.reference.name
-        prepared = self.fetch(ref, pool.call(ref, "prepare", [raw_sample(self.plan, i) for i in indices]), doing)
+        prepared = self.fetch(ref, pool.call(ref, "prepare", raw_batch(self.plan, indices, self.record_error)), doing)
         for item in prepared:
             if isinstance(item, SampleError):
                 self.record_error(ref, item)
@@ -318,7 +321,7 @@ class Runner:
         t = time.time()
         n = min(self.plan.experiment.localize.samples, len(self.plan.experiment.samples))
         samples = self.prepare(pool, list(range(n)), "preparing samples to localise")
-        raw = {r.id: r for r in (raw_sample(self.plan, i) for i in range(n))}
+        raw = {r.id: r for r in raw_batch(self.plan, list(range(n)), self.record_error)}
         layers, buffers, messages = localize_wave(pool, self.plan, samples, raw)
         for name, frame in (("layers", layers), ("buffers", buffers)):
             path = self.run_dir.root / f"{name}.parquet"
@@ -386,14 +389,29 @@ def _full_logits(inst: EngineInstance) -> bool:
     return inst.traits.gives_full_logits(inst.spec)
 
 
-def _reduce_tokens(tokens_dir: str, reference: str, expected: list[tuple[str, str]]):
-    """Runs in a Ray worker (see Runner._reduce)."""
+def reference_is_dense(ref: EngineInstance) -> bool | None:
+    """Whether the reference's model is dense (no experts in its config.json); None where it does not read."""
+    from crossengine.compare.alarms import model_is_dense
+
+    try:
+        from transformers import PretrainedConfig
+
+        fields, _ = PretrainedConfig.get_config_dict(ref.model_path, revision=ref.spec.revision)  # JSON only
+    except Exception:  # noqa: BLE001 - a checkpoint only its engine reads: the dense-only alarm stays on, said as assumed
+        return None
+    return model_is_dense(fields)
+
+
+def _reduce_tokens(tokens_dir: str, reference: str, expected: list[tuple[str, str]], alarm_limits: dict | None = None, dense: bool | None = None):
+    """Runs in a Ray worker (see Runner._reduce): summary, nearest engines, alarms."""
     summary = summarize(Path(tokens_dir), expected)
+    from crossengine.compare.alarms import run_alarms
     from crossengine.identity import SAMPLED
 
+    alarms = run_alarms(Path(tokens_dir), summary, alarm_limits, dense)
     scored = summary[(summary["modality"] == "all") & (summary["n_tokens"] > 0) & (summary["variant"] != SAMPLED)] if len(summary) else summary
     if len(scored) < 2:  # nearest needs two candidates with token rows (the generator's own sampling is not one)
-        return summary, None
+        return summary, None, alarms
     from crossengine.compare.nearest import nearest_table
 
-    return summary, nearest_table(Path(tokens_dir), reference)
+    return summary, nearest_table(Path(tokens_dir), reference), alarms

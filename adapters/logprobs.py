@@ -1,0 +1,343 @@
+"""The `logprobs` engine: a saved dump of per-token log-probs (an RL rollout, a trainer's export) as an engine.
+
+    engines:
+      rollout: {type: logprobs, path: data/rollout.jsonl}            # the generic layout
+      trainer: {type: logprobs, path: step_40/rank_0.jsonl, layout: prime-rl, fields: {logprobs: trainer_logprobs}}
+    samples:
+      - dump: rollout                                                # every record, scored teacher-forced by the others
+
+It runs no model and needs no GPU: it hands over the numbers its file holds, so the other
+engines can be compared with the rollout users distrust, not with a regeneration of it. It
+loads the experiment model's tokenizer (never its weights) for special tokens, token texts
+and the vocabulary size.
+
+Records (JSONL lines or Parquet rows), the generic layout: `id` (string), `token_ids` (prompt and
+response), `prompt_len` (the first scored position), `logprobs` (one per token from
+`prompt_len` on), optional `mask` (one bool per scored token: false = not scored, e.g. a tool
+output inside a multi-turn response), optional `top_ids`/`top_logprobs` (top-k per scored
+token), optional `messages` and `images` (kept for people; the ids are what is scored).
+`fields: {ours: theirs}` renames; `layout: prime-rl` reads prime-rl's token export (arrays
+aligned with `token_ids`, scored where `loss_mask` is true, `inference_logprobs`; its id is
+step/rank/export_sequence_idx).
+
+A bad record is never a silent misalignment: it is a SampleError that names FILE:LINE and the
+field (its sample is skipped, listed in run.json, and the run exits 1). The driver only ever
+holds record ids and byte offsets (`DumpFile.index`), reading one batch's records at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+from pydantic import Field
+
+from .base import ATTENTIONS, Engine, EngineInfo, EngineTraits, RawSample, Sample, SampleError, TokenLogprobs, text_modality, vocab_size_of
+from .spec import EngineSpec
+
+POSITIVE_TOLERANCE = 1e-6  # a log-prob above this is not a log-prob (float rounding gives at most ~1e-7 above 0)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a layout keeps each field, and whether its arrays are aligned with token_ids (else they start at prompt_len)."""
+
+    fields: dict[str, str]
+    aligned: bool
+
+
+LAYOUTS: dict[str, Layout] = {
+    "generic": Layout({k: k for k in ("id", "token_ids", "prompt_len", "logprobs", "mask", "top_ids", "top_logprobs", "messages", "images")}, aligned=False),
+    "prime-rl": Layout({"token_ids": "token_ids", "logprobs": "inference_logprobs", "mask": "loss_mask"}, aligned=True),
+}
+
+
+class LogprobsSpec(EngineSpec):
+    """A dump of log-probs; `model` (the experiment's by default) gives the tokenizer only."""
+
+    path: str = Field(description="The dump: JSONL or Parquet (.parquet), relative to the experiment file.")
+    layout: Literal["generic", "prime-rl"] = Field("generic", description="Which fields hold what; README.md, 'Scoring a saved rollout'.")
+    fields: dict[str, str] = Field(default_factory=dict, description="Renames: {our field: the dump's field}, e.g. {logprobs: trainer_logprobs}.")
+
+    def named_paths(self) -> list[tuple[tuple, str]]:
+        return [(("path",), self.path)]
+
+
+class RecordError(ValueError):
+    """A record that cannot be scored: `where` is FILE:LINE (JSONL) or FILE:row N (Parquet)."""
+
+    def __init__(self, where: str, field: str, problem: str):
+        super().__init__(f"{where}: {field}: {problem}")
+
+
+@dataclass
+class Record:
+    id: str
+    token_ids: np.ndarray  # int64 [T]
+    prompt_len: int
+    scored: np.ndarray  # bool [T]: positions the dump holds a log-prob for
+    logprobs: np.ndarray  # float32 [T], NaN where not scored
+    top_ids: np.ndarray | None  # int64 [T, k], -1 where not scored
+    top_logprobs: np.ndarray | None
+    where: str
+    messages: Any = None
+    images: Any = None
+
+
+class DumpFile:
+    """One dump, read record by record: an index of (id, pointer) in one pass, then records by pointer."""
+
+    def __init__(self, path: str | Path, layout: str = "generic", fields: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.layout = LAYOUTS[layout]
+        self.names = {**self.layout.fields, **(fields or {})}
+        self.parquet = self.path.suffix == ".parquet"
+        self._group: tuple[int, list[dict]] | None = None
+        self.vocab_size: int | None = None  # set by whoever knows the model: ids at or above it are refused, naming the record
+
+    # ---------------------------------------------------------------- reading
+
+    def _raw(self) -> Iterator[tuple[tuple[int, int], str, dict | Exception]]:
+        """(pointer, where, object or the reason it does not parse), in file order; a pointer is
+        (byte offset, line) in JSONL, (row, row) in Parquet."""
+        if self.parquet:
+            import pyarrow.parquet as pq
+
+            n = 0
+            for batch in pq.ParquetFile(self.path).iter_batches(batch_size=256):
+                for obj in batch.to_pylist():
+                    yield (n, n + 1), f"{self.path}:row {n + 1}", obj
+                    n += 1
+            return
+        offset = 0
+        with open(self.path, "rb") as f:
+            for line_no, line in enumerate(f, start=1):
+                start, offset = offset, offset + len(line)
+                if line.strip():
+                    yield (start, line_no), f"{self.path}:{line_no}", _parse(line)
+
+    def index(self) -> Iterator[tuple[str, tuple[int, int], str]]:
+        """(record id, pointer, where) of every record; a record without a readable id gets `line<N>`."""
+        for pointer, where, obj in self._raw():
+            try:
+                rid = self._id(obj, where) if isinstance(obj, dict) else None
+            except RecordError:
+                rid = None
+            yield (rid or f"line{pointer[1]}"), pointer, where
+
+    def read(self, pointer: tuple[int, int]) -> Record:
+        """The record at `pointer`, checked (RecordError, naming file:line and field)."""
+        where, obj = self._at(pointer)
+        if isinstance(obj, Exception):
+            raise RecordError(where, "<record>", f"not a JSON object ({obj})")
+        return self.record(obj, where)
+
+    def _at(self, pointer: tuple[int, int]) -> tuple[str, dict | Exception]:
+        at, line_no = pointer
+        if self.parquet:
+            import pyarrow.parquet as pq
+
+            f = pq.ParquetFile(self.path)
+            start = 0
+            for g in range(f.num_row_groups):
+                rows = f.metadata.row_group(g).num_rows
+                if at < start + rows:
+                    if self._group is None or self._group[0] != g:  # one row group held at a time
+                        self._group = (g, f.read_row_group(g).to_pylist())
+                    return f"{self.path}:row {line_no}", self._group[1][at - start]
+                start += rows
+            raise IndexError(at)
+        with open(self.path, "rb") as f:
+            f.seek(at)
+            line = f.readline()
+        return f"{self.path}:{line_no}", _parse(line)
+
+    # ---------------------------------------------------------------- checking
+
+    def _get(self, obj: dict, field: str, where: str, required: bool = True):
+        name = self.names.get(field)
+        if name is None or name not in obj or obj[name] is None:
+            if required:
+                raise RecordError(where, name or field, "missing" + (f" (renamed from {field!r} by fields:)" if name and name != field else ""))
+            return None
+        return obj[name]
+
+    def _id(self, obj: dict, where: str) -> str:
+        if "id" in self.names:
+            return str(self._get(obj, "id", where))
+        parts = [obj.get("export_step", obj.get("step")), obj.get("rank"), obj.get("export_sequence_idx")]  # prime-rl's identity of a sequence
+        if any(p is None for p in parts):
+            raise RecordError(where, "export_step/rank/export_sequence_idx", "missing: a prime-rl record names its sequence by these")
+        return f"step{parts[0]}-rank{parts[1]}-seq{parts[2]}"
+
+    def record(self, obj: dict, where: str) -> Record:
+        ids = self._get(obj, "token_ids", where)
+        name = self.names["token_ids"]
+        if not isinstance(ids, list) or len(ids) < 2 or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise RecordError(where, name, "must be a list of at least 2 token ids (ints >= 0)")
+        n = len(ids)
+        if self.vocab_size is not None and max(ids) >= self.vocab_size:
+            pos = next(i for i, t in enumerate(ids) if t >= self.vocab_size)
+            raise RecordError(where, f"{name}[{pos}]", f"token id {ids[pos]} is outside the vocabulary of the reference's model ({self.vocab_size} ids)")
+        values = self._get(obj, "logprobs", where)
+        lp_name = self.names["logprobs"]
+        mask = self._get(obj, "mask", where, required=False)
+        if self.layout.aligned:
+            if mask is None or len(mask) != n:
+                raise RecordError(where, self.names.get("mask", "mask"), f"needs one bool per token ({n})")
+            true = [i for i, m in enumerate(mask) if m]
+            if not true:
+                raise RecordError(where, self.names["mask"], "scores no token")
+            prompt_len, span = true[0], (true[0], n)
+            mask = list(mask[true[0]:])
+            values = values[true[0]:] if isinstance(values, list) and len(values) == n else values
+        else:
+            prompt_len = self._get(obj, "prompt_len", where)
+            if not isinstance(prompt_len, int) or isinstance(prompt_len, bool) or not 1 <= prompt_len < n:
+                raise RecordError(where, self.names["prompt_len"], f"{prompt_len!r} is out of range: the first scored position is 1 .. {n - 1} for {n} tokens")
+            span = (prompt_len, n)
+        count = span[1] - span[0]
+        if not isinstance(values, list) or len(values) != count:
+            got = len(values) if isinstance(values, list) else type(values).__name__
+            want = f"one per token ({n})" if self.layout.aligned else f"one per scored token: {n} tokens − prompt_len {prompt_len} = {count}"
+            raise RecordError(where, lp_name, f"has {got} values, {want}")
+        if mask is not None and (not isinstance(mask, list) or len(mask) != count):
+            raise RecordError(where, self.names["mask"], f"needs one bool per scored token ({count})")
+        keep = np.ones(count, bool) if mask is None else np.asarray([bool(m) for m in mask])
+        lp = np.full(n, np.nan, np.float32)
+        scored = np.zeros(n, bool)
+        for j, v in enumerate(values):
+            if not keep[j]:
+                continue
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise RecordError(where, f"{lp_name}[{j}]", f"{v!r} is not a finite log-prob (position {span[0] + j})")
+            if v > POSITIVE_TOLERANCE:
+                raise RecordError(where, f"{lp_name}[{j}]", f"{v!r} is positive: not a log-prob (position {span[0] + j})")
+            lp[span[0] + j] = v
+            scored[span[0] + j] = True
+        top_ids, top_lp = self._top(obj, where, span, keep, n)
+        return Record(self._id(obj, where), np.asarray(ids, np.int64), prompt_len, scored, lp, top_ids, top_lp, where,
+                      self._get(obj, "messages", where, required=False), self._get(obj, "images", where, required=False))
+
+    def _top(self, obj: dict, where: str, span: tuple[int, int], keep: np.ndarray, n: int):
+        ids = self._get(obj, "top_ids", where, required=False) if "top_ids" in self.names else None
+        lps = self._get(obj, "top_logprobs", where, required=False) if "top_logprobs" in self.names else None
+        if ids is None and lps is None:
+            return None, None
+        count = span[1] - span[0]
+        for name, v in (("top_ids", ids), ("top_logprobs", lps)):
+            if not isinstance(v, list) or len(v) != count:
+                raise RecordError(where, self.names[name], f"needs one list per scored token ({count})")
+        k = len(ids[0]) if ids[0] else 0
+        if k == 0 or any(len(a) != k or len(b) != k for a, b in zip(ids, lps)):
+            raise RecordError(where, self.names["top_ids"], "needs the same k (>= 1) ids and log-probs at every scored token")
+        out_ids = np.full((n, k), -1, np.int64)
+        out_lp = np.full((n, k), np.nan, np.float32)
+        rows = np.arange(span[0], span[1])[keep]
+        out_ids[rows] = np.asarray(ids, np.int64)[keep]
+        out_lp[rows] = np.asarray(lps, np.float32)[keep]
+        return out_ids, out_lp
+
+
+def _parse(line: bytes) -> dict | Exception:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return ValueError(f"{exc.msg} at column {exc.colno}")
+    except UnicodeDecodeError as exc:
+        return ValueError(f"not UTF-8 at byte {exc.start}")
+    return obj if isinstance(obj, dict) else TypeError(f"a JSON {type(obj).__name__}")
+
+
+class LogprobsEngine(Engine):
+    """A dump's log-probs, by sample id; see the module docstring."""
+
+    name = "logprobs"
+    traits = EngineTraits(full_logits=False, runs_model_code=False, uses_gpu=False, has_records=True)
+    Spec = LogprobsSpec
+
+    def __init__(self, spec: LogprobsSpec, model_path: str, instance: str, seed: int = 0):
+        super().__init__(spec, model_path, instance, seed)
+        from transformers import AutoTokenizer
+
+        self.dump = DumpFile(spec.path, spec.layout, spec.fields)
+        self.by_id: dict[str, tuple[int, int]] = {}
+        for rid, pointer, _ in self.dump.index():
+            self.by_id.setdefault(rid, pointer)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        self.vocab_size = vocab_size_of(model_path, spec.revision) or len(self.tokenizer)
+        self.dump.vocab_size = self.vocab_size
+
+    @classmethod
+    def records(cls, spec: LogprobsSpec) -> DumpFile:
+        """The dump, for experiments that take their samples from it (`samples: [{dump: NAME}]`)."""
+        return DumpFile(spec.path, spec.layout, spec.fields)
+
+    def info(self) -> EngineInfo:
+        from .base import tokenizer_fingerprint
+
+        return EngineInfo(
+            name=self.instance, engine=self.name, versions={}, device="none (a file)", dtype="as recorded",
+            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer), special_ids=list(self.tokenizer.all_special_ids),
+            implementation=str(self.dump.path), extra={"records": len(self.by_id), "layout": self.spec.layout},
+        )
+
+    def _record(self, sid: str) -> Record:
+        if sid not in self.by_id:
+            raise SampleError(sid, f"no record with id {sid!r} in {self.dump.path} (engine {self.instance!r})")
+        try:
+            return self.dump.read(self.by_id[sid])
+        except RecordError as exc:
+            raise SampleError(sid, f"engine {self.instance!r}: {exc}") from None
+
+    def prepare(self, raw: list[RawSample]) -> list[Sample | SampleError]:
+        """As the reference: each sample is its record's token ids (text samples cannot be prepared here)."""
+        out: list[Sample | SampleError] = []
+        for r in raw:
+            try:
+                rec = self._record(r.id)
+                if r.token_ids is not None and list(r.token_ids) != rec.token_ids.tolist():
+                    raise SampleError(r.id, f"{rec.where}: token_ids differ from the experiment's token_ids for this id")
+                ids = rec.token_ids
+                out.append(Sample(r.id, ids, text_modality(ids, self.tokenizer.all_special_ids, None), prompt_len=rec.prompt_len))
+            except SampleError as err:
+                out.append(err)
+        return out
+
+    def score(self, samples, top_k: int, full_vocab: bool) -> list[TokenLogprobs | SampleError]:
+        out: list[TokenLogprobs | SampleError] = []
+        for s in samples:
+            if isinstance(s, SampleError):
+                out.append(s)
+                continue
+            try:
+                out.append(self._scores(s))
+            except SampleError as err:
+                out.append(err)
+        return out
+
+    def _scores(self, s: Sample) -> TokenLogprobs:
+        rec = self._record(s.sample_id)
+        if len(rec.token_ids) != len(s) or not np.array_equal(rec.token_ids, s.input_ids):
+            diff = next((i for i, (a, b) in enumerate(zip(rec.token_ids, s.input_ids)) if a != b), min(len(rec.token_ids), len(s)))
+            raise SampleError(s.sample_id, f"{rec.where}: {self.dump.names['token_ids']}: differ from the scored tokens at position {diff} "
+                              f"({len(rec.token_ids)} tokens in the dump, {len(s)} scored)")
+        if s.prompt_len is not None and s.prompt_len != rec.prompt_len:
+            raise SampleError(s.sample_id, f"{rec.where}: prompt_len {rec.prompt_len} differs from the sample's prompt_len {s.prompt_len}")
+        n = len(s)
+        top_ids, top_lp = rec.top_ids, rec.top_logprobs
+        if top_ids is None:  # no top-k in the dump: top-1 and top-k columns are null for this side
+            top_ids, top_lp = np.full((n, 1), -1, np.int64), np.full((n, 1), np.nan, np.float32)
+        return TokenLogprobs(rec.logprobs, top_ids, top_lp, attention=np.full(n, ATTENTIONS.index("causal"), np.int8), scored=rec.scored)
+
+    def token_texts(self) -> list[str]:
+        n = max(len(self.tokenizer), self.vocab_size)
+        return [self.tokenizer.decode([i]) for i in range(n)]
+
+
+__all__ = ["DumpFile", "LogprobsEngine", "LogprobsSpec", "Record", "RecordError", "LAYOUTS"]
+
