@@ -133,7 +133,7 @@ def test_samples_given_as_token_ids_are_matched_to_records_by_id(crossengine_hom
     got, differ, absent = engine.score([same, other, missing], top_k=5, full_vocab=False)
     np.testing.assert_array_equal(got.token_logprobs[r["prompt_len"]:], np.asarray(r["logprobs"], np.float32))
     assert np.isnan(got.token_logprobs[: r["prompt_len"]]).all() and got.scored.sum() == len(r["logprobs"])
-    assert f"rollout-dump.jsonl:2: token_ids: differ from the scored tokens at position 35" in differ.message
+    assert "rollout-dump.jsonl:2: token_ids: differ from the scored tokens at position 35" in differ.message
     assert "no record with id 'nope'" in absent.message
 
 
