@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -111,6 +112,48 @@ def run(
         failed = sum(1 for e in runner.errors if e["sample_id"])
         if failed:
             err_console.print(f"{failed} sample(s) failed; see errors in {out}/run.json")
+        raise typer.Exit(1)
+
+
+@app.command()
+def sweep(
+    sweep_file: Path = typer.Argument(..., help="Sweep YAML file: a base experiment and axes."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Where <sweep name>/ goes (default: the sweep's output_dir)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Join an existing Ray cluster (default: start a local one)."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", min=1, help="At most this many members at once (default: as the cluster holds them)."),
+    num_gpus: Optional[float] = _NUM_GPUS,
+) -> None:
+    """Run every member of a sweep (base experiment × axes) over one cluster; index.parquet and report.html come out."""
+    from crossengine.experiment.sweep import load_sweep
+    from crossengine.run.runner import StopSignals, Terminated
+    from crossengine.run.sweep import SweepRunner
+
+    try:
+        plan = load_sweep(sweep_file)
+    except CrossengineError as exc:
+        _fail(exc)
+    members = plan.members()
+    console.print(f"sweep [bold]{plan.name}[/bold]: {len(members)} members ({' × '.join(f'{k} {len(a.labelled())}' for k, a in plan.spec.axes.items())})")
+    runner = SweepRunner(plan, output_dir, address, num_gpus, parallel, console)
+    signals = StopSignals()
+    signals.install()
+    try:
+        outcomes = runner.run()
+    except CrossengineError as exc:
+        _fail(exc)
+    except KeyboardInterrupt as exc:
+        console.print(f"interrupted; finished members are kept. Resume with the same command: crossengine sweep {sweep_file}", markup=False, highlight=False)
+        stop_local_ray_and_exit(143 if isinstance(exc, Terminated) or signals.received == signal.SIGTERM else 130)
+    finally:
+        signals.restore()
+    from crossengine.report.sweep_html import sweep_report
+
+    page = sweep_report(runner.root)
+    failed = [o for o in outcomes if o.status in ("failed", "errors", "incomplete")]
+    console.print(f"index: {runner.root / 'index.parquet'}  report: {page}", soft_wrap=True)
+    if failed:
+        err_console.print(f"{len(failed)} of {len(outcomes)} member(s) did not finish cleanly: {', '.join(o.member.name for o in failed)}",
+                          markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 

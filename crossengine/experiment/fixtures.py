@@ -356,6 +356,36 @@ def _build_tiny_vision_lora(out: Path, seed: int) -> None:
     _build_lora(out, seed, "tiny-vision", _VISION_TARGETS, b_std=0.05)
 
 
+DRIFT_STEPS = 3  # tiny-text-step1 .. tiny-text-step3
+DRIFT_STD = 0.01  # per step, relative to each weight's own std
+
+
+def _build_drift_step(step: int) -> Callable[[Path, int], None]:
+    """tiny-text as an RL run's checkpoint after `step` updates: each step adds seeded noise of
+    DRIFT_STD times each weight's std, cumulatively (step k = step k−1 + its own noise), so the
+    checkpoints drift further from tiny-text, step by step, like a policy under training."""
+
+    def build(out: Path, seed: int) -> None:
+        import shutil
+
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        base = ensure_fixture("tiny-text", seed)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        with torch.no_grad():
+            for k in range(1, step + 1):
+                g = torch.Generator().manual_seed(seed * 1000 + k)
+                for _, p in sorted(model.named_parameters()):
+                    p.add_(torch.randn(p.shape, generator=g) * DRIFT_STD * p.std())
+        model.save_pretrained(out)
+        for f in base.iterdir():  # the base's tokenizer files as they are (saved for transformers 4.x too)
+            if f.name.startswith(("tokenizer", "special_tokens")):
+                shutil.copy(f, out / f.name)
+
+    return build
+
+
 FIXTURES: dict[str, Callable[[Path, int], None]] = {
     "tiny-text": _build_tiny_text,
     "tiny-vision": _build_tiny_vision,
@@ -365,6 +395,7 @@ FIXTURES: dict[str, Callable[[Path, int], None]] = {
     "tiny-text-lora": _build_tiny_text_lora,
     "tiny-text-lora-zero": _build_tiny_text_lora_zero,
     "tiny-vision-lora": _build_tiny_vision_lora,
+    **{f"tiny-text-step{k}": _build_drift_step(k) for k in range(1, DRIFT_STEPS + 1)},
 }
 
 

@@ -269,8 +269,21 @@ def read_text(path: Path, field: str) -> str:
                               f"not UTF-8 text: byte 0x{data[e.start]:02x} at column {e.start - line_start + 1}; save the file as UTF-8") from None
 
 
-def load_experiment(path: str | Path) -> Experiment:
-    """Read, validate and resolve an experiment file; raises ExperimentError (one line)."""
+def set_field(data: dict, dotted: str, value) -> None:
+    """data[a][b][c] = value for 'a.b.c', making the mappings on the way (a sweep's axis)."""
+    *head, last = dotted.split(".")
+    node = data
+    for key in head:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[last] = value
+
+
+def load_experiment(path: str | Path, overrides: dict[str, object] | None = None) -> Experiment:
+    """Read, validate and resolve an experiment file; raises ExperimentError (one line).
+    `overrides` ('engines.cand.dtype' -> value) are set before validation: a sweep member is its
+    base experiment with its axes' values, its relative paths still against the base's folder."""
     path = Path(path)
     if not path.is_file():
         raise ExperimentError(str(path), None, "<file>", "no such experiment file")
@@ -290,6 +303,8 @@ def load_experiment(path: str | Path) -> Experiment:
     if not isinstance(data, dict):
         raise ExperimentError(str(path), 1, "<top>", "an experiment is a YAML mapping of fields")
     data.setdefault("name", re.sub(r"[^A-Za-z0-9._-]", "-", path.stem).lstrip("._-") or "experiment")
+    for dotted, value in (overrides or {}).items():
+        set_field(data, dotted, value)
     try:
         with importable_from(path.parent):  # an engine `type: module:Class` imports as its worker will
             exp = Experiment.model_validate(data)

@@ -366,9 +366,9 @@ def plan_placement(always: list[EngineInstance], candidates: list[EngineInstance
     return Placement(cluster, slots, waves, notes)
 
 
-def make_placement(always: list[EngineInstance], candidates: list[EngineInstance], spec) -> Placement:
-    """The cluster as Ray sees it, footprints from the checkpoints, then `plan_placement`."""
-    cluster = cluster_view(spec)
+def make_placement(always: list[EngineInstance], candidates: list[EngineInstance], spec, cluster: Cluster | None = None) -> Placement:
+    """The cluster as Ray sees it (or the part of it a sweep gives this run), footprints from the checkpoints, then `plan_placement`."""
+    cluster = cluster or cluster_view(spec)
     params: dict[str, int | None] = {}
     if cluster.gpus:
         cache: dict[tuple[str, str | None], int | None] = {}

@@ -345,8 +345,29 @@ def stop_local_cluster() -> bool:
     node = getattr(worker, "_global_node", None)
     if not ray.is_initialized() or node is None or not node.is_head():
         return False
+    # the raylet's agents and workers first: once the raylet is gone they linger ~60 s, and an agent
+    # that sees it die prints "Raylet is terminated. Termination is unexpected" on the user's terminal
+    for proc in _descendants(node):
+        try:
+            proc.kill()
+        except Exception:  # noqa: BLE001 - gone already
+            pass
     try:
         node.kill_all_processes(check_alive=False, allow_graceful=False)
     except Exception:  # noqa: BLE001 - best effort: then Ray's exit handler stops what is left
         return False
     return True
+
+
+def _descendants(node) -> list:
+    """Every process started under the local cluster's own processes (psutil, which Ray installs)."""
+    import psutil
+
+    out = []
+    for infos in getattr(node, "all_processes", {}).values():
+        for info in infos:
+            try:
+                out += psutil.Process(info.process.pid).children(recursive=True)
+            except (psutil.Error, AttributeError):
+                pass
+    return out

@@ -93,8 +93,10 @@ class Runner:
     printed when a run stops early, so that following it continues this very run.
     """
 
-    def __init__(self, plan: Plan, console=None, address: str | None = None, overwrite: bool = False, localize_only: bool = False, num_gpus: float | None = None):
+    def __init__(self, plan: Plan, console=None, address: str | None = None, overwrite: bool = False, localize_only: bool = False, num_gpus: float | None = None,
+                 cluster=None):
         self.plan = plan
+        self.cluster = cluster  # a sweep member: the part of the cluster it may use (placement.Cluster); None: all of it
         self.localize_only = localize_only
         self.console = console
         self.address = address
@@ -180,7 +182,7 @@ class Runner:
 
         exp = self.plan.experiment
         always = self.mode.always_loaded()
-        self.placement = make_placement(always, [c for c in self.plan.candidates if c not in always], exp.placement)
+        self.placement = make_placement(always, [c for c in self.plan.candidates if c not in always], exp.placement, self.cluster)
         if self.console is not None and (self.placement.cluster.gpus or self.placement.notes):
             self.console.print(self.placement.table())
             for note in self.placement.notes:

@@ -1,0 +1,122 @@
+"""A sweep file: one base experiment and axes; its members are the base with each combination of the axes' values.
+
+    name: drift                                 # default: the file's stem
+    experiment: sweep-base.yaml                 # the base, relative to this file
+    axes:
+      step:                                     # an axis: its name is a column of index.parquet
+        field: engines.ckpt.model               # a dotted field of the experiment (or a list of fields set alike)
+        values: {1: tiny-text-step1, 2: tiny-text-step2}   # label -> value (a list: each value is its own label)
+      dtype: {field: engines.ckpt.dtype, values: [float32, bfloat16]}
+    parallel: null                              # at most this many members at once (default: as the cluster holds them)
+
+Members are named `<axis label>-<axis label>...` in axis order and each is an ordinary run in
+`<output_dir>/<sweep name>/<member>/`, with its own resume. A member is validated by the same
+loader as any experiment (its relative paths against the base's folder); a member whose
+values make a bad experiment is reported when it runs, one line, and the others go on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from crossengine.adapters.spec import Strict
+from crossengine.errors import ExperimentError
+from crossengine.experiment.schema import NAME
+
+
+class Axis(Strict):
+    """One axis: which field(s) it sets, and its values by label."""
+
+    field: str | list[str] = Field(description="A dotted field of the experiment, e.g. model or engines.cand.dtype; a list sets each alike.")
+    values: dict[str, Any] | list[Any] = Field(min_length=1, description="label -> value, or a list (each value its own label).")
+
+    @field_validator("values", mode="before")
+    @classmethod
+    def _labels_are_text(cls, v: Any) -> Any:
+        return {str(k): x for k, x in v.items()} if isinstance(v, dict) else v  # YAML reads `1: …` as an int key
+
+    def labelled(self) -> list[tuple[str, Any]]:
+        if isinstance(self.values, dict):
+            return [(str(k), v) for k, v in self.values.items()]
+        return [(str(v), v) for v in self.values]
+
+    def fields(self) -> list[str]:
+        return [self.field] if isinstance(self.field, str) else list(self.field)
+
+
+class SweepSpec(Strict):
+    name: Optional[str] = Field(None, description="Default: the file's stem; names the sweep's folder.")
+    experiment: Path = Field(description="The base experiment file, relative to the sweep file.")
+    axes: dict[str, Axis] = Field(min_length=1)
+    parallel: Optional[int] = Field(None, ge=1, description="At most this many members at once; default: as many as the cluster holds.")
+    output_dir: Path = Field(Path("results"), description="The sweep's folder goes under it.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not NAME.match(v):
+            raise ValueError(f"name {v!r} must match {NAME.pattern} (it names the sweep's folder)")
+        return v
+
+
+class Member:
+    """One combination: its name, its axes' labels, and the experiment fields it sets."""
+
+    def __init__(self, labels: dict[str, str], overrides: dict[str, Any]):
+        self.labels = labels
+        self.overrides = overrides
+        self.name = "-".join(re.sub(r"[^A-Za-z0-9._]+", "_", v).strip("_.") or "x" for v in labels.values())
+
+
+class Sweep:
+    def __init__(self, path: Path, spec: SweepSpec):
+        self.path = path
+        self.spec = spec
+        self.name = spec.name or re.sub(r"[^A-Za-z0-9._-]", "-", path.stem).lstrip("._-") or "sweep"
+        base = spec.experiment if spec.experiment.is_absolute() else path.parent / spec.experiment
+        self.base = base
+
+    def members(self) -> list[Member]:
+        names = list(self.spec.axes)
+        out = []
+        for combo in itertools.product(*(self.spec.axes[n].labelled() for n in names)):
+            labels = {n: label for n, (label, _) in zip(names, combo)}
+            overrides = {f: value for n, (_, value) in zip(names, combo) for f in self.spec.axes[n].fields()}
+            out.append(Member(labels, overrides))
+        return out
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read a sweep file (yaml.safe_load); one line naming the field on any problem, before anything runs."""
+    from crossengine.experiment.load import _first_error, read_text
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExperimentError(str(path), None, "<file>", "no such sweep file")
+    text = read_text(path, "<file>")
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        raise ExperimentError(str(path), mark.line + 1 if mark else None, "<yaml>", f"YAML error: {(e.problem or str(e)).strip()}") from None
+    if not isinstance(data, dict):
+        raise ExperimentError(str(path), 1, "<top>", "a sweep is a YAML mapping with experiment and axes")
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as e:
+        raise _first_error(e, path, root) from None
+    sweep = Sweep(path, spec)
+    if not sweep.base.is_file():
+        raise ExperimentError(str(path), None, "experiment", f"no such experiment file: {sweep.base}")
+    names = [m.name for m in sweep.members()]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise ExperimentError(str(path), None, "axes", f"two members are both named {dup!r}: give the axes' values distinct labels")
+    return sweep

@@ -1,0 +1,121 @@
+"""Sweeps: many experiments over one cluster, an index of them all, a resume that skips finished members."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from crossengine.cli import app
+
+from .conftest import EXPERIMENTS, REPO
+
+POOLED = {"modality": "all", "attention": "all", "segment": "all", "position_bucket": "all"}
+
+
+def _pooled(df: pd.DataFrame) -> pd.DataFrame:
+    return df[(df[list(POOLED)] == "all").all(axis=1)]
+
+
+@pytest.fixture(scope="module")
+def drift(ray_cluster, tmp_path_factory):
+    """experiments/sweep.yaml (3 checkpoints × 2 dtypes) from the CLI, on the session's cluster."""
+    d = tmp_path_factory.mktemp("sweep")
+    for f in ("sweep.yaml", "sweep-base.yaml"):
+        shutil.copy(EXPERIMENTS / f, d / f)
+    result = CliRunner().invoke(app, ["sweep", str(d / "sweep.yaml"), "--output-dir", str(d / "results")])
+    return d / "results" / "drift", result
+
+
+def test_a_six_member_sweep_completes_with_a_correct_index(drift):
+    root, result = drift
+    assert result.exit_code == 0, result.output
+    index = pd.read_parquet(root / "index.parquet")
+    members = index.drop_duplicates("member")
+    assert sorted(members["member"]) == sorted(f"{s}-{d}" for s in (1, 2, 3) for d in ("float32", "bfloat16"))
+    assert set(members["status"]) == {"complete"} and list(index.columns[:3]) == ["member", "step", "dtype"]
+    for m in members.itertuples():
+        summary = pd.read_parquet(root / m.member / "summary.parquet")
+        mine = index[index["member"] == m.member]
+        assert len(mine) == len(summary), "one index row per member × candidate × split"
+        got = _pooled(mine).iloc[0]
+        want = _pooled(summary.astype({k: str for k in POOLED})).iloc[0]
+        for metric in ("n_tokens", "gen_kl_error", "abs_mean", "top1_agreement", "mismatch_kl"):
+            assert got[metric] == want[metric], (m.member, metric)
+        meta = json.loads((root / m.member / "run.json").read_text())
+        ckpt = meta["experiment"]["engines"]["ckpt"]
+        assert ckpt["model"] == f"tiny-text-step{m.step}" and ckpt["dtype"] == m.dtype, "each member is its base with its axes' values"
+
+
+def test_checkpoints_drift_step_by_step(drift):
+    """The fixture checkpoints add seeded noise per step: step 3 is further from step 0 than step 1, in both dtypes."""
+    root, _ = drift
+    pooled = _pooled(pd.read_parquet(root / "index.parquet")).set_index(["step", "dtype"])
+    for dtype in ("float32", "bfloat16"):
+        assert pooled.loc[("3", dtype), "abs_mean"] > pooled.loc[("1", dtype), "abs_mean"] > 0
+
+
+def test_the_sweep_report_plots_each_metric_against_each_axis(drift):
+    root, result = drift
+    page = (root / "report.html").read_text()
+    assert "report.html" in result.output
+    for chart in ("gen_kl_error-by-step", "gen_kl_error-by-dtype", "abs_mean-by-step"):
+        assert f'id="{chart}"' in page, chart
+    assert page.count("complete") >= 6
+
+
+SMALL = """\
+name: small
+experiment: sweep-base.yaml
+axes:
+  step:
+    field: engines.ckpt.model
+    values: {{1: tiny-text-step1, 2: tiny-text-step2, bad: {bad}}}
+"""
+
+
+def test_a_killed_sweep_resumes_without_redoing_finished_members_and_a_bad_member_is_one_line(tmp_path, crossengine_home):
+    """In a subprocess on its own local cluster advertising 4 GPUs, where two members of two engines run side
+    by side: killed with SIGKILL once a member finished, run again: the finished member is skipped (its
+    run.json untouched), the others finish, the bad model is one line, exit 1."""
+    shutil.copy(EXPERIMENTS / "sweep-base.yaml", tmp_path / "sweep-base.yaml")
+    (tmp_path / "small.yaml").write_text(SMALL.format(bad=tmp_path / "no-such-model"))
+    cmd = [sys.executable, "-m", "crossengine.cli", "sweep", str(tmp_path / "small.yaml"), "--output-dir", str(tmp_path / "out"), "--num-gpus", "4"]
+    env = {**os.environ, "CROSSENGINE_HOME": str(crossengine_home)}
+    root = tmp_path / "out" / "small"
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    done = None
+    deadline = time.time() + 240
+    while done is None and time.time() < deadline and first.poll() is None:
+        for m in ("1", "2"):
+            meta = root / m / "run.json"
+            if meta.exists() and json.loads(meta.read_text()).get("status") == "complete":
+                done = m
+        time.sleep(0.2)
+    assert done is not None, first.communicate()[0] if first.poll() is not None else "no member finished in time"
+    other = "2" if done == "1" else "1"
+    side_by_side = (root / other / "run.json").exists()  # written once its engines started: one at a time, it would not exist yet
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert side_by_side, "4 GPUs hold two members of 2 engines at once: the other member had started before this one finished"
+    before = (root / done / "run.json").read_text()
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = second.stdout + second.stderr
+    assert second.returncode == 1, out
+    assert f"member {done}: finished before, skipped" in out
+    assert (root / done / "run.json").read_text() == before, "a finished member is not run again"
+    bad = [line for line in out.splitlines() if line.startswith("member bad: failed: ")]
+    assert len(bad) == 1 and "no-such-model" in bad[0], out
+    index = pd.read_parquet(root / "index.parquet")
+    status = dict(index.drop_duplicates("member")[["member", "status"]].itertuples(index=False))
+    assert status == {done: "skipped", other: "complete", "bad": "failed"}, status
+    assert _pooled(index[index["member"] == done])["n_tokens"].iloc[0] > 0, "a skipped member's rows are still in the index"
+    assert "1 of 3 member(s) did not finish cleanly: bad" in out
