@@ -33,14 +33,14 @@ def _fail(exc: Exception, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _plan(experiment: Path, run_id: Optional[str], output_dir: Optional[Path], localize: bool = False):
-    """Load, resolve and preflight an experiment: every check that needs no Ray and no weights."""
+def _plan(experiment: Path, run_id: Optional[str], output_dir: Optional[Path], localize: bool = False, overrides: Optional[dict] = None):
+    """Load, resolve and preflight an experiment (`overrides`: a sweep member's fields): every check that needs no Ray and no weights."""
     from crossengine.experiment.load import load_experiment
     from crossengine.experiment.schema import LocalizeSpec
     from crossengine.experiment.plan import make_plan
     from crossengine.experiment.preflight import preflight
 
-    exp = load_experiment(experiment)
+    exp = load_experiment(experiment, overrides)
     if localize:
         if exp.localize is None:
             exp = exp.model_copy(update={"localize": LocalizeSpec()})
@@ -304,9 +304,20 @@ def engines() -> None:
 
 
 @app.command()
-def validate(experiment: Path = typer.Argument(..., help="Experiment YAML file.")) -> None:
+def validate(experiment: Path = typer.Argument(..., help="Experiment YAML file, or a sweep file (then every member).")) -> None:
     """Check an experiment as `run` would before starting anything: schema, files, user code, token ids, images."""
+    from crossengine.experiment.sweep import is_sweep_file, load_sweep
+
     try:
+        if is_sweep_file(experiment):
+            sweep = load_sweep(experiment)
+            for member in sweep.members():
+                try:
+                    _plan(sweep.base, None, None, overrides=member.overrides)
+                except CrossengineError as exc:
+                    raise CrossengineError(f"member {member.name}: {exc}") from None
+            console.print(f"{experiment}: ok ({len(sweep.members())} members of {sweep.base.name})")
+            return
         exp = _plan(experiment, None, None).experiment
     except CrossengineError as exc:
         _fail(exc)

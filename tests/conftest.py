@@ -62,3 +62,23 @@ def run_experiment(path: Path, output_dir: Path, run_id: str = "t", **kwargs):
     plan = make_plan(load_experiment(path), path, run_id=run_id, output_dir=output_dir)
     runner = Runner(plan, **kwargs)
     return runner.run(), runner
+
+
+@pytest.fixture(scope="session")
+def quickstart_cli(ray_cluster, tmp_path_factory):
+    """The README's main job as a new user runs it (`crossengine run experiments/quickstart.yaml`), once per
+    session: (run folder, CLI result). Tests of its output and of its report share it."""
+    from typer.testing import CliRunner
+
+    from crossengine.cli import app
+
+    out = tmp_path_factory.mktemp("quickstart") / "results"
+    result = CliRunner().invoke(app, ["run", str(EXPERIMENTS / "quickstart.yaml"), "--output-dir", str(out), "--run-id", "qs"])
+    return out / "qs", result
+
+
+@pytest.fixture(scope="session")
+def vision_bidirectional(ray_cluster, tmp_path_factory):
+    """experiments/vision-bidirectional.yaml, run once per session (its numbers and its report are tested apart)."""
+    run_dir, _ = run_experiment(EXPERIMENTS / "vision-bidirectional.yaml", tmp_path_factory.mktemp("vision-bidi") / "results")
+    return run_dir

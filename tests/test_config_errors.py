@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from crossengine.cli import app
@@ -113,8 +114,15 @@ def test_every_shipped_experiment_validates():
     from .conftest import EXPERIMENTS
 
     missing_env = []
+    from crossengine.experiment.sweep import load_sweep
+
     for path in sorted(EXPERIMENTS.glob("*.yaml")):
         try:
+            if "axes" in yaml.safe_load(path.read_text()):  # a sweep: it and each of its members
+                sweep = load_sweep(path)
+                for member in sweep.members():
+                    make_plan(load_experiment(sweep.base, member.overrides), sweep.base)
+                continue
             make_plan(load_experiment(path), path)  # the plan resolves paths: models, adapters, interpreters
         except ExperimentError as exc:
             # the one acceptable failure: a vLLM environment not built yet on this machine

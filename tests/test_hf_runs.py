@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from crossengine.cli import app
 from crossengine.results import TOKEN_SCHEMA
 
-from .conftest import EXPERIMENTS, run_experiment, run_text
+from .conftest import run_experiment, run_text
 
 IDENTICAL = """\
 model: tiny-text
@@ -107,22 +107,22 @@ def test_token_id_beyond_vocab_is_a_one_line_error(ray_cluster, write_experiment
     assert not out.exists()
 
 
-def test_quickstart_from_the_cli(ray_cluster, tmp_path):
+def test_quickstart_from_the_cli(quickstart_cli):
     """The README's main job, as a new user runs it."""
-    out = tmp_path / "results"
-    result = CliRunner().invoke(app, ["run", str(EXPERIMENTS / "quickstart.yaml"), "--output-dir", str(out), "--run-id", "qs"])
+    run_dir, result = quickstart_cli
     assert result.exit_code == 0, result.output
     assert "hf-eager" in result.output and "hf-bf16" in result.output
-    summary = pd.read_parquet(out / "qs" / "summary.parquet")
+    assert "alarms: none tripped" in result.output or "alarm: " in result.output, "the alarms are always said, tripped or not"
+    summary = pd.read_parquet(run_dir / "summary.parquet")
     pooled = summary[summary["modality"] == "all"].set_index("cand_engine")
     assert pooled.loc["hf-eager", "abs_max"] < 1e-4, "fp32 eager vs sdpa agree to float rounding"
     assert pooled.loc["hf-bf16", "abs_max"] > 100 * pooled.loc["hf-eager", "abs_max"], "bf16 is visibly different"
-    tokens = pd.read_parquet(out / "qs" / "tokens")
+    tokens = pd.read_parquet(run_dir / "tokens")
     assert set(tokens["sample_id"].astype(str)) == {"s0", "s1", "s2", "raw-ids", "river", "rl"}
 
 
-def test_vision_bidirectional_vs_causal(ray_cluster, tmp_path):
-    run_dir, _ = run_experiment(EXPERIMENTS / "vision-bidirectional.yaml", tmp_path / "results")
+def test_vision_bidirectional_vs_causal(vision_bidirectional):
+    run_dir = vision_bidirectional
     tokens = pd.read_parquet(run_dir / "tokens")
     for col in ("modality", "attention", "attention_cand", "sample_id"):
         tokens[col] = tokens[col].astype(str)

@@ -120,45 +120,60 @@ def _tokens(run_dir):
     return df.sort_values(["cand_engine", "sample_id", "position"]).reset_index(drop=True)
 
 
-def test_one_advertised_gpu_three_engines_with_num_gpus_1_completes(write_experiment, tmp_path, no_gpu_tokens):
-    """The reported hang: three engines asking for a GPU each on a one-GPU cluster."""
-    path = write_experiment(FOUR.replace("  same:  {type: hf, num_gpus: 1}\n", ""))
-    out = tmp_path / "out"
-    result = _cli(["run", str(path), "--num-gpus", "1", "--output-dir", str(out), "--run-id", "g1"], timeout=240)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "placement: 1 GPUs" in result.stdout
-    meta = json.loads((out / "g1" / "run.json").read_text())
-    engines = {e["engine"]: e for e in meta["placement"]["engines"]}
-    assert {e["gpus"] for e in engines.values()} == {0.33}
-    assert all(meta["engines"][n]["gpu_ids"] == ["0"] for n in engines), "Ray assigned the (advertised) GPU"
-    assert all(meta["engines"][n]["device"] == "cpu" for n in engines), "device auto: torch sees no CUDA here"
-    expected = no_gpu_tokens[no_gpu_tokens["cand_engine"] != "same"].reset_index(drop=True)
-    pd.testing.assert_frame_equal(_tokens(out / "g1"), expected, check_categorical=False)
+SEVERAL_RUNS = """\
+import sys
+from crossengine.cli import app
+from crossengine.run.pool import ensure_ray
+address, num_gpus, runs = sys.argv[1], sys.argv[2], sys.argv[3:]
+if num_gpus != "-":
+    ensure_ray(None, float(num_gpus))  # one local cluster advertising these GPUs for every run below
+codes = []
+for args in runs:  # each run as `crossengine run ARGS`, its exit code and stderr line recorded
+    try:
+        code = app(["run", *args.split("\\x1f"), *(["--address", address] if address != "-" else [])], standalone_mode=False) or 0
+    except SystemExit as e:
+        code = e.code
+    codes.append(code)
+    print(f"EXIT {code}", file=sys.stderr, flush=True)
+"""
 
 
-def test_two_gpus_four_engines_run_in_waves_with_identical_results(write_experiment, tmp_path, no_gpu_tokens):
-    path = write_experiment(FOUR + "placement: {gpu_memory_gb: 3}\n")
+def _several_runs(tmp_path, runs: list[list[str]], num_gpus: str = "-", address: str = "-", prelude: str = "", timeout: int = 400):
+    """Several `crossengine run`s in one process, on one cluster: (stdout, [(exit code, the stderr lines of that run)])."""
+    script = tmp_path / "several.py"
+    script.write_text(prelude + SEVERAL_RUNS)
+    result = subprocess.run([sys.executable, str(script), address, num_gpus, *["\x1f".join(r) for r in runs]], cwd=REPO, capture_output=True,
+                            text=True, timeout=timeout, env={**os.environ, "COLUMNS": "200", "RAY_AUTH_MODE": "disabled"})
+    per_run, lines = [], []
+    for line in result.stderr.splitlines():
+        if line.startswith("EXIT "):
+            per_run.append((int(line.split()[1]), lines))
+            lines = []
+        elif not line.startswith(("[", " ")) and line.strip():
+            lines.append(line)
+    assert len(per_run) == len(runs), result.stdout + result.stderr
+    return result.stdout, per_run
+
+
+def test_two_gpus_four_engines_run_in_waves_and_one_too_big_for_every_gpu_fails_at_once(write_experiment, tmp_path, no_gpu_tokens):
+    """One local cluster advertising two GPUs: an engine too big for every GPU is one line before anything
+    loads (the first run, timed), then four engines run in the expected three waves with identical tokens."""
+    too_big = write_experiment(FOUR + "placement: {gpu_memory_gb: 1}\n", name="big.yaml")
+    waves = write_experiment(FOUR + "placement: {gpu_memory_gb: 3}\n", name="waves.yaml")
     out = tmp_path / "out"
-    result = _cli(["run", str(path), "--num-gpus", "2", "--output-dir", str(out), "--run-id", "g2"], timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "3 waves" in result.stdout
+    stdout, [(big_code, big_lines), (code, _)] = _several_runs(
+        tmp_path, [[str(too_big), "--output-dir", str(tmp_path / "big")],
+                   [str(waves), "--output-dir", str(out), "--run-id", "g2"]], num_gpus="2")
+    assert big_code == 2 and len(big_lines) == 1, big_lines
+    assert "engine 'ref' (hf) needs 1 GPU" in big_lines[0] and "each of the cluster's 2 GPUs has 1 GiB" in big_lines[0]
+    assert not (tmp_path / "big").exists(), "said before anything loads: no run folder at all"
+    assert code == 0, stdout
+    assert "3 waves" in stdout
     meta = json.loads((out / "g2" / "run.json").read_text())
-    waves = {e["engine"]: e["wave"] for e in meta["placement"]["engines"]}
-    assert waves == {"ref": -1, "eager": 0, "bf16": 1, "same": 2}
+    waves_of = {e["engine"]: e["wave"] for e in meta["placement"]["engines"]}
+    assert waves_of == {"ref": -1, "eager": 0, "bf16": 1, "same": 2}
     assert meta["placement"]["cluster"]["gpu_memory_gb"] == 3
     pd.testing.assert_frame_equal(_tokens(out / "g2"), no_gpu_tokens, check_categorical=False)
-
-
-def test_an_engine_too_big_for_every_gpu_fails_in_one_line_within_seconds(write_experiment, tmp_path):
-    path = write_experiment(FOUR + "placement: {gpu_memory_gb: 1}\n")
-    t = time.time()
-    result = _cli(["run", str(path), "--num-gpus", "2", "--output-dir", str(tmp_path / "out")], timeout=90)
-    assert result.returncode == 2, result.stdout + result.stderr
-    line = result.stderr.strip()
-    assert len(line.splitlines()) == 1, line
-    assert "engine 'ref' (hf) needs 1 GPU" in line and "each of the cluster's 2 GPUs has 1 GiB" in line
-    assert time.time() - t < 60
-    assert not (tmp_path / "out").exists()
 
 
 def test_an_engine_the_busy_cluster_cannot_place_is_an_error_after_the_timeout(ray_cluster, write_experiment, tmp_path):
@@ -234,48 +249,32 @@ def test_an_engine_wider_than_every_node_fails_at_once_naming_the_nodes(write_ex
     assert "engine 'eager' asks for num_gpus 2" in message and "must be on one node" in message and "2 nodes of 1 GPU + 2 CPUs" in message, message
 
 
-MULTINODE = """\
-import sys
+TWO_NODE_CLUSTER = """\
 from ray.cluster_utils import Cluster
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1})
 cluster.add_node(num_cpus=2, num_gpus=1)
 cluster.wait_for_nodes()
-from crossengine.cli import app
-try:
-    code = app(["run", *sys.argv[1:], "--address", cluster.address], standalone_mode=False) or 0  # typer.Exit's code, returned
-except SystemExit as e:
-    code = e.code
-finally:
-    import ray
-    ray.shutdown()
-    cluster.shutdown()
-sys.exit(code)
+import sys
+sys.argv[1] = cluster.address
 """
 
 
-@pytest.mark.parametrize("case", ["five", "too-wide"])
-def test_a_two_node_cluster_runs_five_engines_or_says_at_once_why_not(case, write_experiment, tmp_path):
-    """Ray's multi-node test cluster on this machine: two nodes of one advertised GPU and two CPUs."""
-    text = FIVE if case == "five" else FOUR.replace("  eager: {type: hf, num_gpus: 1,", "  eager: {type: hf, num_gpus: 2,")
-    path = write_experiment(text)
-    script = tmp_path / "multinode.py"
-    script.write_text(MULTINODE)
+def test_a_two_node_cluster_says_at_once_why_not_then_runs_five_engines(write_experiment, tmp_path):
+    """Ray's multi-node test cluster on this machine: two nodes of one advertised GPU and two CPUs. An engine
+    wider than every node is one line before anything loads (timed); then five engines run, node by node."""
+    too_wide = write_experiment(FOUR.replace("  eager: {type: hf, num_gpus: 1,", "  eager: {type: hf, num_gpus: 2,"), name="wide.yaml")
+    five = write_experiment(FIVE, name="five.yaml")
     out = tmp_path / "out"
-    t = time.time()
-    result = subprocess.run([sys.executable, str(script), str(path), "--output-dir", str(out), "--run-id", "m"], cwd=REPO, capture_output=True,
-                            text=True, timeout=400, env={**os.environ, "COLUMNS": "200", "RAY_AUTH_MODE": "disabled"})
-    if case == "five":
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert "2 nodes of 1 GPU + 2 CPUs" in " ".join(result.stdout.split()), result.stdout
-        meta = json.loads((out / "m" / "run.json").read_text())
-        assert meta["status"] == "complete" and len({e["node"] for e in meta["placement"]["engines"]}) == 2
-        assert set(pd.read_parquet(out / "m" / "tokens")["cand_engine"].astype(str)) == {"eager", "bf16", "same", "sdpa"}
-    else:
-        assert result.returncode == 2, result.stdout + result.stderr
-        line = result.stderr.strip().splitlines()[-1]
-        assert "must be on one node" in line and "2 nodes of 1 GPU + 2 CPUs" in line, result.stderr
-        assert time.time() - t < 90, "said before anything loads, not after a placement timeout"
-        assert not (out / "m" / "tokens").exists()
+    stdout, [(wide_code, wide_lines), (code, _)] = _several_runs(
+        tmp_path, [[str(too_wide), "--output-dir", str(out), "--run-id", "w"], [str(five), "--output-dir", str(out), "--run-id", "m"]],
+        address="set by the prelude", prelude=TWO_NODE_CLUSTER)
+    assert wide_code == 2 and "must be on one node" in wide_lines[-1] and "2 nodes of 1 GPU + 2 CPUs" in wide_lines[-1], wide_lines
+    assert not (out / "w" / "run.json").exists(), "said before any engine loaded, not after a placement timeout"
+    assert code == 0, stdout
+    assert "2 nodes of 1 GPU + 2 CPUs" in " ".join(stdout.split()), stdout
+    meta = json.loads((out / "m" / "run.json").read_text())
+    assert meta["status"] == "complete" and len({e["node"] for e in meta["placement"]["engines"]}) == 2
+    assert set(pd.read_parquet(out / "m" / "tokens")["cand_engine"].astype(str)) == {"eager", "bf16", "same", "sdpa"}
 
 
 def test_an_address_nothing_answers_on_is_one_line_at_once(write_experiment, tmp_path):
@@ -292,8 +291,9 @@ def test_an_address_nothing_answers_on_is_one_line_at_once(write_experiment, tmp
     assert not (out / "x" / RunDir.LOCK).exists(), "the run folder's lock is not left behind"
 
 
-def test_a_cluster_left_by_ray_start_is_not_joined_by_accident(write_experiment, tmp_path):
-    """`ray start --head` running on the machine: a run without --address starts its own cluster."""
+def test_a_cluster_left_by_ray_start_is_not_joined_and_one_advertised_gpu_holds_three_engines(write_experiment, tmp_path, no_gpu_tokens):
+    """`ray start --head` running on the machine: a run without --address starts its own cluster. That run is
+    the reported hang besides: three engines asking for a GPU each on a private cluster advertising one."""
     import socket
 
     with socket.socket() as s:
@@ -308,11 +308,19 @@ def test_a_cluster_left_by_ray_start_is_not_joined_by_accident(write_experiment,
         while subprocess.run(["ray", "status", f"--address=127.0.0.1:{port}"], capture_output=True, env=env, timeout=60).returncode != 0:
             assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
             time.sleep(1)
-        path = write_experiment(FOUR.replace(", num_gpus: 1", "").replace("num_gpus: 1, ", "").replace("  same:  {type: hf}\n", "").replace("  bf16:  {type: hf, dtype: bfloat16}\n", ""))
-        result = _cli(["run", str(path), "--output-dir", str(tmp_path / "out"), "--run-id", "own"], timeout=240)
+        path = write_experiment(FOUR.replace("  same:  {type: hf, num_gpus: 1}\n", ""))
+        out = tmp_path / "out"
+        result = _cli(["run", str(path), "--num-gpus", "1", "--output-dir", str(out), "--run-id", "g1"], timeout=240)
         assert result.returncode == 0, result.stdout + result.stderr
-        meta = json.loads((tmp_path / "out" / "own" / "run.json").read_text())
+        meta = json.loads((out / "g1" / "run.json").read_text())
         assert meta["placement"]["cluster"]["cpus"] == os.cpu_count(), "its own local cluster, not the 1-CPU one ray start left"
+        assert "placement: 1 GPUs" in result.stdout
+        engines = {e["engine"]: e for e in meta["placement"]["engines"]}
+        assert {e["gpus"] for e in engines.values()} == {0.33}
+        assert all(meta["engines"][n]["gpu_ids"] == ["0"] for n in engines), "Ray assigned the (advertised) GPU"
+        assert all(meta["engines"][n]["device"] == "cpu" for n in engines), "device auto: torch sees no CUDA here"
+        expected = no_gpu_tokens[no_gpu_tokens["cand_engine"] != "same"].reset_index(drop=True)
+        pd.testing.assert_frame_equal(_tokens(out / "g1"), expected, check_categorical=False)
     finally:
         os.killpg(head.pid, 9)  # that head alone: `ray stop` would stop every Ray cluster on the machine, the suite's too
         head.wait(timeout=60)

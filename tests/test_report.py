@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from crossengine.cli import app
 
-from .conftest import EXPERIMENTS, run_experiment
+from .conftest import run_experiment
 
 CHROMIUM = shutil.which("chromium")
 needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it with apt-get)")
@@ -44,9 +44,8 @@ def open_in_browser(page: Path, tmp_path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def quickstart(ray_cluster, tmp_path_factory):
-    run_dir, _ = run_experiment(EXPERIMENTS / "quickstart.yaml", tmp_path_factory.mktemp("qs"), run_id="qs")
-    return run_dir
+def quickstart(quickstart_cli):
+    return quickstart_cli[0]
 
 
 @needs_browser
@@ -63,8 +62,8 @@ def test_quickstart_report_opens_in_a_browser(quickstart, tmp_path):
 
 
 @needs_browser
-def test_vision_report_shades_image_spans(ray_cluster, tmp_path):
-    run_dir, _ = run_experiment(EXPERIMENTS / "vision-bidirectional.yaml", tmp_path / "out")
+def test_vision_report_shades_image_spans(vision_bidirectional, tmp_path):
+    run_dir = vision_bidirectional
     text = (run_dir / "report.html").read_text()
     assert "rgba(255,165,0,0.18)" in text and "rgba(128,0,128,0.5)" in text, "image spans shaded, bidirectional spans marked"
     dom = open_in_browser(run_dir / "report.html", tmp_path)

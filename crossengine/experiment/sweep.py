@@ -92,6 +92,15 @@ class Sweep:
         return out
 
 
+def is_sweep_file(path: str | Path) -> bool:
+    """Whether a YAML file is a sweep (a mapping with `axes`) rather than an experiment."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False  # the experiment loader says what is wrong with it
+    return isinstance(data, dict) and "axes" in data
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Read a sweep file (yaml.safe_load); one line naming the field on any problem, before anything runs."""
     from crossengine.experiment.load import _first_error, read_text

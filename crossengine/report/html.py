@@ -124,10 +124,10 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
     sections.append(("Summary", _summary_section(summary)))
     tokens_dir = run_dir / "tokens"
     tokens = _read_tokens(tokens_dir) if tokens_dir.exists() else pd.DataFrame()
-    if (run_dir / "alarms.parquet").exists():
-        sections.append(("Alarms", _alarms_section(pd.read_parquet(run_dir / "alarms.parquet"), tokens)))
     if not tokens.empty:
         sections.append(("Along the sequence", _per_sample_section(tokens)))
+    if (run_dir / "alarms.parquet").exists():
+        sections.append(("Alarms", _alarms_section(pd.read_parquet(run_dir / "alarms.parquet"), tokens)))
     sections.append(("Breakdown", _breakdown_section(summary)))
     if meta.variants:
         sections.append(("Ablation", _ablation_section(summary, meta.reference, differing_inputs(inputs))))
@@ -412,7 +412,8 @@ def _alarms_section(alarms: pd.DataFrame, tokens: pd.DataFrame) -> str:
                          "context": f"{before}⟦{t['token_text']}⟧", "lp_ref": t["lp_ref"], "lp_cand": t["lp_cand"], "k3": t["gen_kl"]})
     note = (f"<p class='note'>the tokens behind the alarms: in up to {ALARM_SAMPLES} samples per alarm that trip it alone, the {ALARM_TOKENS} with the "
             "largest per-token k3 = gen_kl (the reference as trainer, the candidate as rollout), ⟦the scored token⟧ after its context.</p>")
-    return "".join(parts) + (note + _table(pd.DataFrame(rows), row_class=lambda r: "ctx") if rows else "")
+    tokens_table = f"<details><summary>the tokens behind the alarms ({len(rows)})</summary>{note}{_table(pd.DataFrame(rows), row_class=lambda r: 'ctx')}</details>"
+    return "".join(parts) + (tokens_table if rows else "")
 
 
 def _worst_section(tokens: pd.DataFrame, meta: RunMeta, worst_dir: Path, n: int = 20) -> str:
