@@ -55,6 +55,17 @@ def test_a_six_member_sweep_completes_with_a_correct_index(drift):
         assert ckpt["model"] == f"tiny-text-step{m.step}" and ckpt["dtype"] == m.dtype, "each member is its base with its axes' values"
 
 
+def test_members_one_after_another_share_the_engine_they_have_in_common(drift):
+    """No GPUs, so members run one at a time: the reference (the same spec, model and seed in every member)
+    stays loaded from one member to the next, in one worker; each member's checkpoint engine is its own."""
+    root, _ = drift
+    pids = {m.name: {e: info["extra"]["worker_pid"] for e, info in json.loads((m / "run.json").read_text())["engines"].items()}
+            for m in root.iterdir() if (m / "run.json").exists()}
+    assert len(pids) == 6
+    assert len({p["step0"] for p in pids.values()}) == 1, pids
+    assert len({p["ckpt"] for p in pids.values()}) == 6, pids
+
+
 def test_checkpoints_drift_step_by_step(drift):
     """The fixture checkpoints add seeded noise per step: step 3 is further from step 0 than step 1, in both dtypes."""
     root, _ = drift

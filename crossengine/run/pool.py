@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,7 @@ def _worker_class():
         def info(self) -> dict:
             info = self.engine.info()
             info.gpu_ids = [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+            info.extra.setdefault("worker_pid", os.getpid())  # which process scored: a kept engine has the same one in every run
             return dataclasses.asdict(info)
 
         def call(self, method: str, *args):
@@ -163,7 +165,7 @@ class EnginePool:
     is one line naming the engine.
     """
 
-    def __init__(self, instances: list[EngineInstance], placement, seed: int, base: Path, timeouts, console=None):
+    def __init__(self, instances: list[EngineInstance], placement, seed: int, base: Path, timeouts, console=None, keeper: "EngineKeeper | None" = None):
         worker = _worker_class()
         members = [i.name for i in instances]
         cpus = {name: placement.cpu_share(name, members) for name in members}  # its part of its node's CPUs
@@ -172,10 +174,19 @@ class EnginePool:
         self.infos: dict[str, dict] = {}
         self.start_s: dict[str, float] = {}
         self.console = console
+        self.keeper = keeper
         slots = placement.slots
+        self.keys = {i.name: EngineKeeper.key(i, seed, slots[i.name].gpus, placement.node_id(i.name), cpus[i.name]) for i in instances}
+        if keeper is not None:
+            keeper.evict_except(set(self.keys.values()))  # kept engines no member of this wave uses give their resources back first
+            for inst in instances:
+                kept = keeper.take(self.keys[inst.name])
+                if kept is not None:
+                    self.actors[inst.name], self.infos[inst.name] = kept
+                    self.start_s[inst.name] = 0.0
         t0 = time.time()
         try:
-            for inst in instances:
+            for inst in [i for i in instances if i.name not in self.actors]:
                 # its part of its node's CPUs, pinned to the node the plan chose: Ray never has to find room the plan did not see
                 options: dict[str, Any] = {"num_cpus": min(1.0, cpus[inst.name]), "num_gpus": slots[inst.name].gpus,
                                            "runtime_env": runtime_env(inst, base)}
@@ -185,11 +196,12 @@ class EnginePool:
 
                     options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
                 self.actors[inst.name] = worker.options(**options).remote()
-            for inst in instances:
+            fresh = [i for i in instances if i.name not in self.infos]
+            for inst in fresh:
                 self._await_placement(inst, placement, timeouts, t0)
             # an engine that takes its GPU memory up front (vLLM) loads first where engines share a GPU
-            first = [i for i in instances if placement.shares_gpus and i.traits.loads_first]
-            for group in (first, [i for i in instances if i not in first]):
+            first = [i for i in fresh if placement.shares_gpus and i.traits.loads_first]
+            for group in (first, [i for i in fresh if i not in first]):
                 loads = {
                     i.name: self.actors[i.name].load.remote(
                         i.spec.type, i.spec.model_dump(mode="json"), i.model_path, i.name, seed, max(1, int(cpus[i.name])),
@@ -277,11 +289,15 @@ class EnginePool:
                 pass
         return out
 
-    def close(self, graceful: bool = True) -> None:
-        """Ask each loaded engine to release its model, then kill its worker; `graceful=False` (a stop) kills at once."""
+    def close(self, graceful: bool = True, dead=()) -> None:
+        """Ask each loaded engine to release its model, then kill its worker; `graceful=False` (a stop) kills at once.
+        With a keeper, loaded engines that did not die (`dead`) are handed to it instead, still loaded."""
         import ray
 
         for name, actor in self.actors.items():
+            if graceful and self.keeper is not None and name in self.infos and name not in dead:
+                self.keeper.give(self.keys[name], actor, self.infos[name])
+                continue
             if graceful and name in self.infos:
                 try:
                     ray.get(actor.shutdown.remote(), timeout=60)
@@ -289,6 +305,58 @@ class EnginePool:
                     pass
             ray.kill(actor)
         self.actors = {}
+
+
+class EngineKeeper:
+    """Loaded engines kept between the runs of one process (a sweep's members, one after another): an
+    engine whose spec, model, seed and share of its node match one a finished run left is handed to
+    the next run still loaded, instead of being started again (a fresh worker, imports, a model load).
+
+    Only idle engines are kept here; `take` hands one to a single pool at a time, so concurrent runs
+    never share a worker. A pool evicts kept engines it does not use before starting its own, so an
+    idle engine never holds resources a new one waits for."""
+
+    def __init__(self):
+        self.idle: dict[str, tuple[Any, dict]] = {}
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def key(inst: EngineInstance, seed: int, gpus: float, node: str, cpus: float) -> str:
+        import json
+
+        return json.dumps([inst.name, inst.spec.model_dump(mode="json"), inst.model_path, seed, gpus, node, round(cpus, 3)], sort_keys=True, default=str)
+
+    def take(self, key: str):
+        with self.lock:
+            return self.idle.pop(key, None)
+
+    def give(self, key: str, actor, info: dict) -> None:
+        with self.lock:
+            previous = self.idle.get(key)
+            self.idle[key] = (actor, info)
+        if previous is not None:
+            _kill(previous[0])
+
+    def evict_except(self, keys: set[str]) -> None:
+        with self.lock:
+            gone = [k for k in self.idle if k not in keys]
+            actors = [self.idle.pop(k)[0] for k in gone]
+        for actor in actors:
+            _kill(actor, graceful=True)
+
+    def close(self) -> None:
+        self.evict_except(set())
+
+
+def _kill(actor, graceful: bool = False) -> None:
+    import ray
+
+    if graceful:
+        try:
+            ray.get(actor.shutdown.remote(), timeout=60)
+        except Exception:  # noqa: BLE001 - best effort; the actor is killed next
+            pass
+    ray.kill(actor)
 
 
 CONNECT_TIMEOUT_S = 10.0

@@ -94,9 +94,10 @@ class Runner:
     """
 
     def __init__(self, plan: Plan, console=None, address: str | None = None, overwrite: bool = False, localize_only: bool = False, num_gpus: float | None = None,
-                 cluster=None):
+                 cluster=None, keeper=None):
         self.plan = plan
         self.cluster = cluster  # a sweep member: the part of the cluster it may use (placement.Cluster); None: all of it
+        self.keeper = keeper  # a sweep's pool.EngineKeeper: engines the previous member left loaded, and where this one leaves its own
         self.localize_only = localize_only
         self.console = console
         self.address = address
@@ -193,7 +194,7 @@ class Runner:
         for w, wave in enumerate(waves):
             t = time.time()
             members = [self.plan.reference, *[m for m in always if m is not self.plan.reference and m not in wave], *wave]
-            pool = EnginePool(members, self.placement, exp.seed, self.plan.experiment_path.parent, exp.placement, self.console)
+            pool = EnginePool(members, self.placement, exp.seed, self.plan.experiment_path.parent, exp.placement, self.console, self.keeper)
             self.timings[f"engine_start_s_wave{w}"] = time.time() - t
             self.timings.update({f"{name}.ready_after_s": v for name, v in pool.start_s.items()})
             infos.update(pool.infos)
@@ -215,7 +216,7 @@ class Runner:
                 pool.close(graceful=False)  # a stop is prompt: the workers are killed, not asked to finish
                 raise
             finally:
-                pool.close()
+                pool.close(dead=self.dead)
         if self.localize_only:
             self._finish_meta(infos)
             return self.run_dir.root

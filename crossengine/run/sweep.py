@@ -30,6 +30,7 @@ from crossengine.errors import CrossengineError
 from crossengine.experiment.schema import PlacementSpec
 from crossengine.experiment.sweep import Member, Sweep
 from crossengine.results import write_table
+from crossengine.run.pool import EngineKeeper
 from crossengine.run_meta import RunMeta
 
 POLL_S = 0.1
@@ -62,6 +63,7 @@ class SweepRunner:
         self.parallel = parallel or sweep.spec.parallel
         self.console = console
         self.outcomes: dict[str, Outcome] = {}
+        self.keeper: EngineKeeper | None = None
 
     def say(self, msg: str) -> None:
         if self.console is not None:
@@ -93,6 +95,8 @@ class SweepRunner:
                 pending.append(m)
         ensure_ray(self.address, self.num_gpus)
         total = cluster_view(PlacementSpec())
+        # one member after another (no GPUs, no --parallel): an engine the next member shares stays loaded for it
+        self.keeper = EngineKeeper() if not total.gpus and not self.parallel else None
         running: dict[str, _Running] = {}
         while pending or running:
             for m in list(pending):
@@ -109,6 +113,8 @@ class SweepRunner:
                     r.thread.join()
                     self._finish(r)
                     del running[name]
+        if self.keeper is not None:
+            self.keeper.close()
         self.write_index()
         return [self.outcomes[m.name] for m in members]
 
@@ -126,7 +132,7 @@ class SweepRunner:
             self._fail(m, str(exc), 0.0)
             return False
         view = self._free(total, running) if running or (cpu_only and self.parallel) else None  # None: the whole cluster
-        runner = Runner(plan, console=None, address=self.address, num_gpus=self.num_gpus, cluster=view)
+        runner = Runner(plan, console=None, address=self.address, num_gpus=self.num_gpus, cluster=view, keeper=self.keeper)
         always = runner.mode.always_loaded()
         try:
             placement = make_placement(always, [c for c in plan.candidates if c not in always], plan.experiment.placement, view)
