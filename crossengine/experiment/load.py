@@ -280,13 +280,9 @@ def set_field(data: dict, dotted: str, value) -> None:
     node[last] = value
 
 
-def load_experiment(path: str | Path, overrides: dict[str, object] | None = None) -> Experiment:
-    """Read, validate and resolve an experiment file; raises ExperimentError (one line).
-    `overrides` ('engines.cand.dtype' -> value) are set before validation: a sweep member is its
-    base experiment with its axes' values, its relative paths still against the base's folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExperimentError(str(path), None, "<file>", "no such experiment file")
+def read_yaml(path: Path) -> tuple[object, yaml.Node | None]:
+    """A YAML file's data (yaml.safe_load) and its node tree (for line numbers); a syntax error or a key
+    given twice in one mapping (YAML would silently keep the last) is one line naming the file and line."""
     text = read_text(path, "<file>")
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -300,8 +296,25 @@ def load_experiment(path: str | Path, overrides: dict[str, object] | None = None
         line = mark.line + 1 if mark else None
         problem = (e.problem or str(e)).strip()
         raise ExperimentError(str(path), line, "<yaml>", f"YAML error: {problem}") from None
+    return data, root
+
+
+def read_mapping(path: Path, kind: str, shape: str) -> tuple[dict, yaml.Node | None]:
+    """read_yaml of a file that must exist and hold a mapping (an experiment, a sweep); else one line saying `shape`."""
+    if not path.is_file():
+        raise ExperimentError(str(path), None, "<file>", f"no such {kind} file")
+    data, root = read_yaml(path)
     if not isinstance(data, dict):
-        raise ExperimentError(str(path), 1, "<top>", "an experiment is a YAML mapping of fields")
+        raise ExperimentError(str(path), 1, "<top>", shape)
+    return data, root
+
+
+def load_experiment(path: str | Path, overrides: dict[str, object] | None = None) -> Experiment:
+    """Read, validate and resolve an experiment file; raises ExperimentError (one line).
+    `overrides` ('engines.cand.dtype' -> value) are set before validation: a sweep member is its
+    base experiment with its axes' values, its relative paths still against the base's folder."""
+    path = Path(path)
+    data, root = read_mapping(path, "experiment", "an experiment is a YAML mapping of fields")
     data.setdefault("name", re.sub(r"[^A-Za-z0-9._-]", "-", path.stem).lstrip("._-") or "experiment")
     for dotted, value in (overrides or {}).items():
         set_field(data, dotted, value)

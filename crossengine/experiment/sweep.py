@@ -103,20 +103,10 @@ def is_sweep_file(path: str | Path) -> bool:
 
 def load_sweep(path: str | Path) -> Sweep:
     """Read a sweep file (yaml.safe_load); one line naming the field on any problem, before anything runs."""
-    from crossengine.experiment.load import _first_error, read_text
+    from crossengine.experiment.load import _first_error, read_mapping
 
     path = Path(path)
-    if not path.is_file():
-        raise ExperimentError(str(path), None, "<file>", "no such sweep file")
-    text = read_text(path, "<file>")
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        raise ExperimentError(str(path), mark.line + 1 if mark else None, "<yaml>", f"YAML error: {(e.problem or str(e)).strip()}") from None
-    if not isinstance(data, dict):
-        raise ExperimentError(str(path), 1, "<top>", "a sweep is a YAML mapping with experiment and axes")
+    data, root = read_mapping(path, "sweep", "a sweep is a YAML mapping with experiment and axes")
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as e:
