@@ -51,6 +51,33 @@ def _plan(experiment: Path, run_id: Optional[str], output_dir: Optional[Path], l
     return plan
 
 
+def _plan_interruptibly(experiment: Path, run_id: Optional[str], output_dir: Optional[Path], localize: bool = False):
+    """_plan, where Ctrl-C/SIGTERM end the command at once (130/143): the checks import transformers and
+    user code, and a KeyboardInterrupt raised inside such an import was seen swallowed (the run went on to
+    the end). Nothing is written and no cluster started yet, so the process just leaves. (plan, signals)."""
+    import threading
+
+    from crossengine.run.runner import StopSignals
+
+    def leave_now(signum, frame):  # nothing started, nothing written: no need to wait for the import under way
+        sys.stderr.write("interrupted before anything started; nothing was written\n")
+        sys.stderr.flush()
+        os._exit(143 if signum == signal.SIGTERM else 130)
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, leave_now) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        plan = _plan(experiment, run_id, output_dir, localize=localize)
+    except CrossengineError as exc:
+        _fail(exc)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    signals = StopSignals()
+    signals.install()  # from here a stop is remembered and raised where it lands (Runner.run)
+    return plan, signals
+
+
 def _execute(runner) -> Path:
     """Run; one line and exit 2 on any crossengine error, 130 on Ctrl-C, 143 on SIGTERM."""
     from crossengine.run.runner import Terminated
@@ -96,12 +123,9 @@ def run(
     from crossengine.report.terminal import print_summary
     from crossengine.run.runner import Runner
 
-    try:
-        plan = _plan(experiment, run_id, output_dir)
-    except CrossengineError as exc:
-        _fail(exc)
+    plan, signals = _plan_interruptibly(experiment, run_id, output_dir)
     console.print(f"run [bold]{plan.run_id}[/bold]: reference {plan.reference.name}, candidates {', '.join(c.name for c in plan.candidates)}; {len(plan.experiment.samples)} samples")
-    runner = Runner(plan, console=console, address=address, overwrite=overwrite, num_gpus=num_gpus)
+    runner = Runner(plan, console=console, address=address, overwrite=overwrite, num_gpus=num_gpus, signals=signals)
     out = _execute(runner)
     print_summary(out, console)
     console.print(f"results: {out}  (pandas: pd.read_parquet('{out}/tokens'))")
@@ -169,11 +193,8 @@ def localize(
     """Find the first module and token where each hf/native candidate leaves the reference; audit buffers."""
     from crossengine.run.runner import Runner
 
-    try:
-        plan = _plan(experiment, run_id, output_dir, localize=True)
-    except CrossengineError as exc:
-        _fail(exc)
-    out = _execute(Runner(plan, console=console, address=address, overwrite=overwrite, localize_only=True, num_gpus=num_gpus))
+    plan, signals = _plan_interruptibly(experiment, run_id, output_dir, localize=True)
+    out = _execute(Runner(plan, console=console, address=address, overwrite=overwrite, localize_only=True, num_gpus=num_gpus, signals=signals))
     written = [str(out / f) for f in ("layers.parquet", "buffers.parquet") if (out / f).exists()]
     console.print(f"results: {', '.join(written) or f'{out} (no module table: see the messages above)'}", soft_wrap=True)
 

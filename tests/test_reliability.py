@@ -294,6 +294,28 @@ def test_interrupt_then_resume_is_bitwise_an_uninterrupted_run(sig, uninterrupte
     pd.testing.assert_frame_equal(_tokens(resumed), uninterrupted)
 
 
+def test_a_stop_while_the_checks_import_user_code_ends_the_command_at_once(write_experiment, tmp_path):
+    """Ctrl-C in the first seconds, while the checks before Ray import transformers or user code: the command
+    ends with 130 and one line, nothing written (a KeyboardInterrupt raised inside such an import was seen
+    swallowed, the run going on to the end)."""
+    path = write_experiment("model: tiny-text\nreference: a\nengines:\n  a: {type: hf}\n"
+                            "  slow: {type: native, factory: 'tests.slow_import:factory'}\nsamples:\n  - token_ids: [1, 2, 3]\n")
+    started = tmp_path / "importing"
+    proc = subprocess.Popen([sys.executable, "-m", "crossengine.cli", "run", str(path), "--output-dir", str(tmp_path / "out")], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "CROSSENGINE_TEST_SLOW_IMPORT": str(started)})
+    deadline = time.time() + 60
+    while not started.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - t0 < STOP_WITHIN_S
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted before anything started; nothing was written", err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------ 7. validate checks what run would
 
 

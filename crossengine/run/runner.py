@@ -94,7 +94,7 @@ class Runner:
     """
 
     def __init__(self, plan: Plan, console=None, address: str | None = None, overwrite: bool = False, localize_only: bool = False, num_gpus: float | None = None,
-                 cluster=None, keeper=None):
+                 cluster=None, keeper=None, signals: StopSignals | None = None):
         self.plan = plan
         self.cluster = cluster  # a sweep member: the part of the cluster it may use (placement.Cluster); None: all of it
         self.keeper = keeper  # a sweep's pool.EngineKeeper: engines the previous member left loaded, and where this one leaves its own
@@ -103,7 +103,7 @@ class Runner:
         self.address = address
         self.num_gpus = num_gpus
         self.overwrite = overwrite
-        self.signals = StopSignals()
+        self.signals = signals or StopSignals()  # the CLI's, installed before the plan was made
         self.run_dir = RunDir(plan.run_dir)
         self.errors: list[dict[str, str]] = []
         self.dead: dict[str, str] = {}  # candidate -> why its engine died; the run goes on without it
