@@ -161,9 +161,15 @@ def test_transformers_4_and_5_in_their_own_environments(ray_cluster, tmp_path):
     buffers = pd.read_parquet(run_dir / "buffers.parquet").set_index(["engine", "buffer"])
     assert buffers.loc[("hf-4.57", "rotary.inv_freq"), "ok"], "4.x computes the buffer in __init__"
     assert not buffers.loc[("hf-5", "rotary.inv_freq"), "ok"], "5.x leaves it uninitialised"
-    layers = pd.read_parquet(run_dir / "layers.parquet").sort_values("order")
-    first = layers[layers["max_abs_diff"] > 1e-4].iloc[0]
-    assert first["module"] == "rotary"
+    layers = pd.read_parquet(run_dir / "layers.parquet").sort_values("order").reset_index(drop=True)
+    rotary = layers.index[layers["module"] == "rotary"][0]
+    assert (layers.loc[: rotary - 1, "max_abs_diff"] <= 1e-4).all(), "nothing before the rotary embedding differs"
+    # the buffer is uninitialised memory (torch.empty): almost always garbage that makes the rotary output differ,
+    # and then the localisation must name rotary first; once in many runs its output stayed within 1e-4 (the
+    # memory's contents are not ours to choose: see the closing note of this change)
+    if layers.loc[rotary, "max_abs_diff"] > 1e-4:
+        first = layers[layers["max_abs_diff"] > 1e-4].iloc[0]
+        assert first["module"] == "rotary", layers[["module", "max_abs_diff"]]
 
 
 def test_a_failed_environment_names_engine_and_package(ray_cluster, write_experiment, tmp_path):
