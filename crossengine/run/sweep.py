@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +48,11 @@ class Outcome:
 @dataclass
 class _Running:
     member: Member
-    thread: threading.Thread
     demand: dict[int, tuple[float, float]]  # node index -> (GPUs, CPUs) the member holds
     started: float
-    result: dict[str, Any] = field(default_factory=dict)
+    runner: Any  # its run.Runner
+    thread: threading.Thread | None = None  # runs the runner
+    failure: BaseException | None = None  # what its run raised, if it did
 
 
 class SweepRunner:
@@ -64,6 +65,7 @@ class SweepRunner:
         self.console = console
         self.outcomes: dict[str, Outcome] = {}
         self.keeper: EngineKeeper | None = None
+        self._plans: dict[str, Any] = {}  # member -> its plan, made once however long it waits for room
 
     def say(self, msg: str) -> None:
         if self.console is not None:
@@ -76,8 +78,10 @@ class SweepRunner:
         from crossengine.experiment.load import load_experiment
         from crossengine.experiment.plan import make_plan
 
-        exp = load_experiment(self.sweep.base, member.overrides)
-        return make_plan(exp, self.sweep.base, run_id=member.name, output_dir=self.root)
+        if member.name not in self._plans:
+            exp = load_experiment(self.sweep.base, member.overrides)
+            self._plans[member.name] = make_plan(exp, self.sweep.base, run_id=member.name, output_dir=self.root)
+        return self._plans[member.name]
 
     def run(self) -> list[Outcome]:
         from crossengine.run.placement import cluster_view
@@ -98,8 +102,9 @@ class SweepRunner:
         # one member after another (no GPUs, no --parallel): an engine the next member shares stays loaded for it
         self.keeper = EngineKeeper() if not total.gpus and not self.parallel else None
         running: dict[str, _Running] = {}
+        room_changed = True  # a waiting member can only start once a running one has finished
         while pending or running:
-            for m in list(pending):
+            for m in list(pending) if room_changed else []:
                 if self.parallel and len(running) >= self.parallel:
                     break
                 started = self._try_start(m, total, running)
@@ -107,12 +112,15 @@ class SweepRunner:
                     pending.remove(m)
                     if started:
                         running[m.name] = started
+            room_changed = False
             time.sleep(POLL_S)
             for name, r in list(running.items()):
                 if not r.thread.is_alive():
                     r.thread.join()
                     self._finish(r)
                     del running[name]
+                    room_changed = True
+            room_changed = room_changed or not running  # members that failed at once left the cluster empty
         if self.keeper is not None:
             self.keeper.close()
         self.write_index()
@@ -143,9 +151,8 @@ class SweepRunner:
             return False
         if running and len(placement.waves) > 1:
             return None  # beside the others it would need waves: wait for room instead
-        r = _Running(m, threading.Thread(target=self._run_member, args=(runner,), name=f"sweep-{m.name}", daemon=True),
-                     _demand(placement, [i.name for i in plan.instances]), time.time())
-        r.result["runner"] = runner
+        r = _Running(m, _demand(placement, [i.name for i in plan.instances]), time.time(), runner)
+        r.thread = threading.Thread(target=self._run_member, args=(r,), name=f"sweep-{m.name}", daemon=True)
         r.thread.start()
         self.say(f"member {m.name}: started ({', '.join(f'{k}={v}' for k, v in m.labels.items())})")
         return r
@@ -165,18 +172,18 @@ class SweepRunner:
         return replace(total, gpus=sum(n.gpus for n in nodes), cpus=sum(n.cpus for n in nodes), nodes=nodes if total.nodes else ())
 
     @staticmethod
-    def _run_member(runner) -> None:
+    def _run_member(r: _Running) -> None:
         try:
-            runner.result_dir = runner.run()
+            r.runner.run()
         except BaseException as exc:  # noqa: BLE001 - a member's failure is its outcome, never the sweep's
-            runner.failure = exc
+            r.failure = exc
 
     def _finish(self, r: _Running) -> None:
         from crossengine.run.pool import one_line
 
-        runner = r.result["runner"]
+        runner = r.runner
         seconds = time.time() - r.started
-        failure = getattr(runner, "failure", None)
+        failure = r.failure
         if failure is not None:
             self._fail(r.member, one_line(failure) if not isinstance(failure, CrossengineError) else str(failure), seconds)
             return
