@@ -413,14 +413,20 @@ def vocab_error(sample: Sample, vocab_size: int, engine: str) -> SampleError | N
     return SampleError(sample.sample_id, f"token id {top} >= vocab size {vocab_size} of engine {engine!r}") if top >= vocab_size else None
 
 
-def vocab_size_of(model_path: str, revision: str | None = None) -> int | None:
-    """The vocabulary size in a checkpoint's config.json (text_config first), or None where it does not read."""
+def config_fields(model_path: str, revision: str | None = None) -> dict | None:
+    """A checkpoint's config.json as plain fields (no model code runs), or None where it does not read."""
     try:
         from transformers import PretrainedConfig
 
         fields, _ = PretrainedConfig.get_config_dict(model_path, revision=revision)
-    except Exception:  # noqa: BLE001 - a hub id offline, a tokenizer-only folder
+    except Exception:  # noqa: BLE001 - a hub id offline, a tokenizer-only folder, files only an engine's environment reads
         return None
+    return fields
+
+
+def vocab_size_of(model_path: str, revision: str | None = None) -> int | None:
+    """The vocabulary size in a checkpoint's config.json (text_config first), or None where it does not read."""
+    fields = config_fields(model_path, revision) or {}
     v = (fields.get("text_config") or {}).get("vocab_size") or fields.get("vocab_size")
     return int(v) if v else None
 

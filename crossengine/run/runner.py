@@ -393,16 +393,13 @@ def _full_logits(inst: EngineInstance) -> bool:
 
 
 def reference_is_dense(ref: EngineInstance) -> bool | None:
-    """Whether the reference's model is dense (no experts in its config.json); None where it does not read."""
+    """Whether the reference's model is dense (no experts in its config.json); None where it does not read
+    (the dense-only alarm then stays on)."""
+    from crossengine.adapters.base import config_fields
     from crossengine.compare.alarms import model_is_dense
 
-    try:
-        from transformers import PretrainedConfig
-
-        fields, _ = PretrainedConfig.get_config_dict(ref.model_path, revision=ref.spec.revision)  # JSON only
-    except Exception:  # noqa: BLE001 - a checkpoint only its engine reads: the dense-only alarm stays on, said as assumed
-        return None
-    return model_is_dense(fields)
+    fields = config_fields(ref.model_path, ref.spec.revision)
+    return None if fields is None else model_is_dense(fields)
 
 
 def _reduce_tokens(tokens_dir: str, reference: str, expected: list[tuple[str, str]], alarm_limits: dict | None = None, dense: bool | None = None):
