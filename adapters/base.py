@@ -85,6 +85,8 @@ class TokenLogprobs:
     scored_ids: np.ndarray | None = None  # ids the engine actually scored, when it expanded them itself
     logits_are_logprobs: bool = False  # `logits` holds log-probs (vLLM's full distribution), not raw logits
     scored: np.ndarray | None = None  # bool [T]: the positions this side has a number for (a dump scores its responses); None: all from 1
+    noise: np.ndarray | None = None  # float32 [T]: this engine's own floor, max |Δlp| between its noise conditions (crossengine/compare/noise.py)
+    noise_kl: np.ndarray | None = None  # float32 [T]: max KL(base ‖ condition) over those conditions, where it gives full logits
 
     @property
     def full_vocab(self) -> bool:
@@ -139,6 +141,7 @@ class EngineTraits:
     environment_hint: str | None = None  # it usually runs in its own Python environment; how to build one (said when env.python is missing)
     uses_gpu: bool = True  # on a GPU cluster it asks for one GPU unless num_gpus says otherwise; False: never (a file of numbers)
     has_records: bool = False  # holds samples of its own: `samples: [{dump: NAME}]` takes them (`Engine.records`)
+    batching: bool = False  # its Spec has the run conditions batching/padding_side/micro_batch_size, read at every `score` call (the noise floor switches them)
 
     def gives_full_logits(self, spec: Any) -> bool:
         """Whether an engine with this spec hands over full-vocabulary logits."""
@@ -159,6 +162,8 @@ def check_traits(cls: type) -> str | None:
     t = cls.traits
     if t.full_logits_option and (t.full_logits or t.full_logits_option not in spec.model_fields):
         return f"{cls.__name__}.traits.full_logits_option {t.full_logits_option!r} must be a field of {spec.__name__}, with full_logits=False"
+    if t.batching and not {"batching", "padding_side", "micro_batch_size"} <= set(spec.model_fields):
+        return f"{cls.__name__}.traits.batching needs the fields batching, padding_side and micro_batch_size in {spec.__name__} (adapters/torch_engine.py TorchSpec has them)"
     if t.loads_first and not t.memory_share_option:
         return f"{cls.__name__}.traits.loads_first needs memory_share_option (the option that tells it its share)"
     return None

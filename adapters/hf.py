@@ -30,7 +30,7 @@ class HFSpec(TorchSpec):
 class HFEngine(TorchEngine):
     name = "hf"
     Spec = HFSpec
-    traits = EngineTraits(captures_modules=True, audits_buffers=True, lora=True)
+    traits = EngineTraits(captures_modules=True, audits_buffers=True, lora=True, batching=True)
 
     def _load_model(self, common: dict):
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -70,6 +70,12 @@ class HFEngine(TorchEngine):
             logits = self.model(**self._inputs(sample)).logits[0].float()
         self.forward_s = getattr(self, "forward_s", 0.0) + time.perf_counter() - t
         return logits
+
+    def _forward_rows(self, input_ids, attention_mask, position_ids):
+        import torch
+
+        with torch.inference_mode():
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits.float()
 
     def generate(self, samples: list[Sample], sampling: Any, top_k: int) -> list[list[Generation] | SampleError]:
         from .hf_generate import generate

@@ -71,7 +71,7 @@ class NativeEngine(TorchEngine):
     name = "native"
     Spec = NativeSpec
     # reads a remote-code config as plain fields and runs its own code, never the port's
-    traits = EngineTraits(captures_modules=True, audits_buffers=True, lora=True, runs_model_code=False)
+    traits = EngineTraits(captures_modules=True, audits_buffers=True, lora=True, runs_model_code=False, batching=True)
 
     def _load_config(self, common: dict):
         from transformers import PretrainedConfig
@@ -167,6 +167,20 @@ class NativeEngine(TorchEngine):
         logits = logits[0] if logits.dim() == 3 else logits
         self.forward_s = getattr(self, "forward_s", 0.0) + time.perf_counter() - t
         return logits.float()
+
+    def _forward_rows(self, input_ids, attention_mask, position_ids):
+        """The training code's model with a mask and position ids, as its trainer calls it; a model whose
+        forward takes neither cannot run padded or packed micro-batches (said once, per sample)."""
+        import inspect
+
+        import torch
+
+        params = inspect.signature(getattr(self.model, "forward", self.model)).parameters  # a module, or the function a factory returned
+        if not ({"attention_mask", "position_ids"} <= set(params) or any(p.kind == p.VAR_KEYWORD for p in params.values())):
+            raise TypeError(f"its model's forward takes no attention_mask and position_ids, so batching: {self.spec.batching} cannot run it")
+        with torch.inference_mode():
+            out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return getattr(out, "logits", out).float()
 
     def info(self):
         info = super().info()

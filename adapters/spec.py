@@ -70,6 +70,36 @@ class EngineSpec(Strict):
         "where the token ids agree and the reference's where they do not."
     )
 
+    expect: Optional[Literal["bitwise"]] = Field(
+        None, description="bitwise: this engine claims bitwise-identical scores under every noise condition (`noise:`); the run checks it "
+        "and fails naming the first token that differs."
+    )
+    negative_control: bool | dict[str, Any] = Field(
+        False, description="With expect: also run this engine without the claimed setting, as candidate NAME.control, and say when it "
+        "shows no difference either (a check that cannot fail). true: without env.env_vars (e.g. VLLM_BATCH_INVARIANT=1); "
+        "a mapping: these field overrides turn the setting off (e.g. {batching: padded})."
+    )
+
+    @model_validator(mode="after")
+    def _control_needs_claim(self) -> "EngineSpec":
+        if self.negative_control is not False and self.expect is None:
+            raise ValueError("negative_control goes with expect: bitwise (it checks that the claim's check can fail)")
+        if self.negative_control is True and not (self.env and self.env.env_vars):
+            raise ValueError("negative_control: true runs the engine without its env.env_vars, and this engine sets none; "
+                             "give the fields that turn the claimed setting off instead, e.g. negative_control: {batching: padded}")
+        if isinstance(self.negative_control, dict) and {"type", "expect", "negative_control"} & set(self.negative_control):
+            raise ValueError("negative_control overrides the engine's own fields (not type, expect or negative_control)")
+        return self
+
+    def control_fields(self) -> dict[str, Any]:
+        """The fields of this engine's negative control: its own, without the claim and the claimed setting."""
+        fields = self.model_dump(exclude_unset=True, exclude={"expect", "negative_control"})
+        if self.negative_control is True:
+            fields["env"] = {**fields.get("env", {}), "env_vars": {}}
+        elif isinstance(self.negative_control, dict):
+            fields.update(self.negative_control)
+        return fields
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: Optional[str]) -> Optional[str]:

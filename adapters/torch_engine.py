@@ -8,16 +8,24 @@ behaviour (transformers' loading, PEFT, generation) stays in hf.py; the built-in
 change transformers models and config.py rejects them on native engines (user
 `module:function` patches apply to both).
 
-Every sample runs as its own forward pass, unpadded: padding changes the numerics of some
-attention backends, and a parity tool must not add differences of its own.
+By default every sample runs as its own forward pass, unpadded (`batching: single`): padding
+changes the numerics (measured on this CPU: a right-padded batch of unequal lengths moves
+fp32 log-probs by 1e-5 and bf16 ones by 0.1), and a parity tool must not add differences of
+its own. A trainer does not run that way, so `batching: padded | packed` with
+`micro_batch_size` runs samples as a trainer's micro-batches do: padded rows (right or left,
+position ids from the mask as trainers compute them), or packed into one row (position ids
+restarting per sample, a block-diagonal causal mask; flash-attention takes the position ids
+alone, as remove-padding trainers run it). These are run conditions: a variant can differ by
+them alone, and the noise floor (crossengine/compare/noise.py) switches them per call.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+
+from pydantic import Field, field_validator, model_validator
 
 from .base import (
     Engine,
@@ -41,6 +49,21 @@ class TorchSpec(EngineSpec):
 
     drop_inputs: list[str] = Field(default_factory=list, description="Model inputs to withhold, e.g. token_type_ids.")
     patches: list[str] = Field(default_factory=list, description="Built-in patch names (hf) or 'module:function' refs.")
+
+    batching: Literal["single", "padded", "packed"] = Field(
+        "single", description="single: one unpadded forward per sample; padded: micro-batches of padded rows; packed: each micro-batch "
+        "concatenated into one row (position ids restart per sample, block-diagonal mask), as remove-padding trainers run."
+    )
+    padding_side: Literal["right", "left"] = Field("right", description="batching: padded: where the padding goes (position ids follow the mask).")
+    micro_batch_size: int = Field(1, ge=1, description="batching: padded or packed: samples per forward pass.")
+
+    @model_validator(mode="after")
+    def _batching_fields(self) -> "TorchSpec":
+        if self.batching == "single" and self.micro_batch_size > 1:
+            raise ValueError("micro_batch_size needs batching: padded or packed (single runs one sample per forward)")
+        if self.batching != "padded" and self.padding_side != "right":
+            raise ValueError("padding_side goes with batching: padded")
+        return self
 
     @field_validator("patches")
     @classmethod
@@ -262,21 +285,84 @@ class TorchEngine(Engine):
         return audit_weights(self.model, getattr(self, "missing_keys", [])) + audit_buffers(self.model, self.config, self.device)
 
     def score(self, samples: list[Sample], top_k: int, full_vocab: bool) -> list[TokenLogprobs | SampleError]:
-        out: list[TokenLogprobs | SampleError] = []
-        for s in samples:
-            if isinstance(s, SampleError):  # the reference could not prepare it: passed through, in place
-                out.append(s)
+        """Each valid sample's scores, in place; its forward pass as `spec.batching` says."""
+        out: list = list(samples)  # a SampleError from the reference stays in its place
+        todo = []
+        for i, s in enumerate(samples):
+            if isinstance(s, SampleError):
                 continue
-            invalid = self.invalid(s)
-            if invalid is not None:
-                out.append(invalid)
-                continue
+            out[i] = self.invalid(s) or self._unbatchable(s)
+            if out[i] is None:
+                todo.append(i)
+        single = self.spec.batching == "single"
+        groups = [[i] for i in todo] if single else [todo[j : j + self.spec.micro_batch_size] for j in range(0, len(todo), self.spec.micro_batch_size)]
+        for group in groups:
             try:
-                logits = self.forward_logits(s)
-                out.append(self._to_arrays(s, logits, top_k, full_vocab))
+                logits = [self.forward_logits(samples[group[0]])] if single else self.forward_batch([samples[i] for i in group])
+                for i, row in zip(group, logits):
+                    out[i] = self._to_arrays(samples[i], row, top_k, full_vocab)
             except Exception as exc:  # noqa: BLE001 - one line naming engine and sample; traceback to the run log
-                out.append(SampleError.from_exception(s.sample_id, self.instance, exc))
+                for i in group:
+                    out[i] = SampleError.from_exception(samples[i].sample_id, self.instance, exc)
         return out
+
+    def _unbatchable(self, s: Sample) -> SampleError | None:
+        """Padded and packed micro-batches hold token ids only: a sample with other model inputs (pixels) is refused."""
+        extra = [k for k in s.model_inputs if k not in self.dropped_inputs]
+        if self.spec.batching != "single" and extra:
+            return SampleError(s.sample_id, f"has model inputs besides token ids ({', '.join(sorted(extra))}); engine {self.instance!r} "
+                               f"with batching: {self.spec.batching} takes text samples only (batching: single scores it)")
+        return None
+
+    def forward_batch(self, samples: list[Sample]) -> list:
+        """Raw float32 logits [T_i, V] of each sample, run as one padded or packed micro-batch."""
+        import time
+
+        import torch
+
+        t = time.perf_counter()
+        lengths = [len(s) for s in samples]
+        ids = [torch.as_tensor(s.input_ids, device=self.device) for s in samples]
+        if self.spec.batching == "packed":
+            n = sum(lengths)
+            seg = torch.repeat_interleave(torch.arange(len(samples), device=self.device), torch.as_tensor(lengths, device=self.device))
+            mask = (seg[:, None] == seg[None, :]) & torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+            position_ids = torch.cat([torch.arange(k, device=self.device) for k in lengths])[None]
+            logits = self._forward_rows(torch.cat(ids)[None], self._mask_4d(mask[None, None]), position_ids)[0]
+            rows = list(logits.split(lengths))
+        else:
+            width, left = max(lengths), self.spec.padding_side == "left"
+            input_ids = torch.full((len(samples), width), self._pad_id, dtype=torch.long, device=self.device)
+            attention = torch.zeros_like(input_ids)
+            for r, (x, k) in enumerate(zip(ids, lengths)):
+                span = slice(width - k, width) if left else slice(0, k)
+                input_ids[r, span], attention[r, span] = x, 1
+            position_ids = (attention.cumsum(-1) - 1).clamp(min=0)  # as trainers compute them: left padding keeps positions from 0
+            logits = self._forward_rows(input_ids, attention, position_ids)
+            rows = [logits[r, width - k :] if left else logits[r, :k] for r, k in enumerate(lengths)]
+        self.forward_s = getattr(self, "forward_s", 0.0) + time.perf_counter() - t
+        return rows
+
+    @property
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
+
+    def _mask_4d(self, allowed):
+        """A packed row's block-diagonal mask as this model's attention takes it: boolean (SDPA), additive
+        (eager), or none (flash-attention reads the restarting position ids)."""
+        import torch
+
+        impl = str(getattr(getattr(self.model, "config", None), "_attn_implementation", "") or "")
+        if "flash" in impl:
+            return None
+        if impl == "eager":
+            return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(~allowed, torch.finfo(self.dtype).min)
+        return allowed
+
+    def _forward_rows(self, input_ids, attention_mask, position_ids):
+        """Logits [B, N, V] (float32) of a padded or packed micro-batch: how this engine's model takes a mask and position ids."""
+        raise NotImplementedError(f"engine {self.name!r} does not run padded or packed micro-batches")
 
     @property
     def max_positions(self) -> int | None:

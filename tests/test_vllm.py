@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 from crossengine.cli import app
 
 from .conftest import EXPERIMENTS, REPO, run_experiment
+from .test_noise import conditions_of, recomputed_floor
 
 VLLM_PYTHON = REPO / ".venvs" / "vllm" / "bin" / "python"
 VISION_PYTHON = REPO / ".venvs" / "vllm-vision" / "bin" / "python"
@@ -143,7 +145,8 @@ def test_vllm_full_vocab_gives_exact_kl_and_rank(ray_cluster, tmp_path):
     path = tmp_path / "full.yaml"
     path.write_text(
         f"model: tiny-text\nreference: hf\nengines:\n  hf: {{type: hf, chat_template: user.jinja}}\n"
-        f"  vllm-full: {{type: vllm, full_vocab: true, inputs: own, chat_template: qwen.jinja, env: {{python: {VLLM_PYTHON}}}, options: {{max_model_len: 128}}}}\n"
+        f"  vllm-full: {{type: vllm, full_vocab: true, inputs: own, chat_template: qwen.jinja, max_num_seqs: 2, env: {{python: {VLLM_PYTHON}}}, options: {{max_model_len: 128}}}}\n"
+        "noise: {conditions: [alone, shuffled], fillers: 3, engines: {hf: []}}\n"
         "samples:\n  - text: 'The quick brown fox jumps over the lazy dog while the engines compare their numbers.'\n"
         "  - {id: raw, token_ids: [1, 60, 61, 62, 63, 64, 65, 66]}\n"
         "  - {id: chat, messages: [{role: user, content: 'The quick brown fox'}, {role: assistant, content: 'jumps over the lazy dog'}]}\ntop_k: 5\n"
@@ -160,6 +163,19 @@ def test_vllm_full_vocab_gives_exact_kl_and_rank(ray_cluster, tmp_path):
     assert tokens["cos_sim"].isna().all(), "log-probs, not raw logits: no cosine"
     summary = pd.read_parquet(run_dir / "summary.parquet")
     assert set(summary["kl_source"].astype(str)) == {"full"}
+    # run conditions and the noise floor: each sample alone vs among 3 fillers in batches of 2 (max_num_seqs)
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["engines"]["vllm-full"]["extra"]["run_conditions"]["max_num_seqs"] == 2, "vLLM ran with the field's value"
+    noise = conditions_of(run_dir)
+    assert set(noise["engine"]) == {"vllm-full"} and set(noise["condition"]) == {"alone", "shuffled"}, "hf: [] has no floor"
+    floor = recomputed_floor(noise).loc["vllm-full"]
+    tokens["sample_id"] = tokens["sample_id"].astype(str)
+    mine = floor.reindex(pd.MultiIndex.from_frame(tokens[["sample_id", "position"]]))
+    np.testing.assert_array_equal(tokens["noise_cand"].to_numpy(np.float32), mine["noise"].to_numpy(np.float32))
+    np.testing.assert_array_equal(tokens["noise_kl_cand"].to_numpy(np.float32), mine["kl"].to_numpy(np.float32))
+    assert tokens["noise_ref"].isna().all() and (tokens["above_noise"].to_numpy(bool) == (tokens["abs_lp_diff"] > mine["noise"].to_numpy()).to_numpy()).all()
+    table = pd.read_parquet(run_dir / "noise.parquet").set_index(["engine", "condition"])
+    assert bool(table.loc[("vllm-full", "all"), "bitwise"]) == bool((noise["lp"] == noise["lp_base"]).all())
 
 
 DEAD = f"""\

@@ -24,6 +24,9 @@ _NEEDED = [
 ]
 
 
+_OPTIONAL = ["above_noise"]  # columns a run of an older schema version lacks
+
+
 def read_tokens(tokens_dir: Path, columns: list[str] | None = None) -> pd.DataFrame:
     return ds.dataset(tokens_dir, format="parquet").to_table(columns=columns).to_pandas()
 
@@ -72,6 +75,10 @@ def summarize_group(g: pd.DataFrame) -> dict[str, float]:
         "first_divergent_position": int(first.min()) if len(first) else -1,
         "n_samples_diverged": int(len(first)),
     }
+    if "above_noise" in g:  # a run with a noise floor (older runs have no such column)
+        known = g["above_noise"].dropna().astype(bool)
+        row["n_above_noise"] = int(known.sum())
+        row["frac_above_noise"] = float(known.mean()) if len(known) else np.nan
     seq = g["sample_id"].cat.codes.to_numpy() if hasattr(g["sample_id"], "cat") else g["sample_id"].to_numpy()
     row.update(framework_metrics(g=g["lp_cand"].to_numpy(), t=g["lp_ref"].to_numpy(), seq=seq))
     return row
@@ -97,7 +104,7 @@ def summarize(tokens_dir: Path, expected: list[tuple[str, str]] | None = None) -
             rows.append({**keys(cand, variant), **summarize_group(_empty_group()), "kl_source": "none"})
     for cand, variant in pairs.itertuples(index=False):
         flt = (ds.field("cand_engine") == str(cand)) & (ds.field("variant") == str(variant))
-        g = dataset.to_table(columns=_NEEDED, filter=flt).to_pandas()
+        g = dataset.to_table(columns=_NEEDED + [c for c in _OPTIONAL if c in dataset.schema.names], filter=flt).to_pandas()
         g["position_bucket"] = _position_bucket(g)
         keys_all = keys(cand, variant)
         rows.append({**keys_all, **summarize_group(g)})

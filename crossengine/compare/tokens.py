@@ -24,6 +24,7 @@ import numpy as np
 from crossengine.adapters.base import Sample, SampleError, TokenLogprobs
 from crossengine.compare.align import check_scores
 from crossengine.compare.metrics import token_metrics
+from crossengine.compare.noise import floor_columns
 
 WORST_PER_PART = 20
 
@@ -53,6 +54,7 @@ class CompareOptions:
     variant: str
     tie_eps: float
     completion_only: bool = False  # generation mode: only the generated tokens are rows
+    noise_margin: float = 1.0  # above_noise: |lp_diff| > noise_margin × the larger floor (experiment `noise.margin`)
 
 
 @dataclass
@@ -64,6 +66,8 @@ class Part:
     errors: list[SampleError] = field(default_factory=list)  # samples this candidate could not compare
     inputs: list[dict] | None = None  # `inputs: own`: its inputs vs the reference's (crossengine/inputs.py)
     metrics_s: float = 0.0
+    noise: list = field(default_factory=list)  # this candidate's noise.NoiseRows (its floor), when it has one
+    noise_s: float = 0.0
 
 
 @dataclass
@@ -72,6 +76,8 @@ class ReferenceCheck:
 
     digest: str
     errors: list[SampleError]
+    noise: list = field(default_factory=list)  # the reference's noise.NoiseRows, when it has a floor
+    noise_s: float = 0.0
 
 
 def reference_check(outputs: list[TokenLogprobs | SampleError]) -> ReferenceCheck:
@@ -105,14 +111,14 @@ def compare_batch(batch: list[Sample | SampleError], ref_out: list, cand_out: li
         if misaligned is not None:
             part.errors.append(misaligned)
             continue
-        part.rows.append(token_rows(sample, r, c, options.tie_eps, options.completion_only))
+        part.rows.append(token_rows(sample, r, c, options.tie_eps, options.completion_only, options.noise_margin))
         scored.append((r, c))
     part.worst = worst_rows(part.rows, scored, options.cand_engine, options.variant)
     part.metrics_s = time.perf_counter() - t
     return part
 
 
-def token_rows(sample: Sample, ref: TokenLogprobs, cand: TokenLogprobs, tie_eps: float, completion_only: bool = False) -> TokenRows:
+def token_rows(sample: Sample, ref: TokenLogprobs, cand: TokenLogprobs, tie_eps: float, completion_only: bool = False, noise_margin: float = 1.0) -> TokenRows:
     """Rows at the positions both sides scored: every position from 1, or a dump's scored
     response tokens (`TokenLogprobs.scored`), where its response is the completion segment."""
     positions = np.arange(1, len(sample), dtype=np.int32)
@@ -129,6 +135,8 @@ def token_rows(sample: Sample, ref: TokenLogprobs, cand: TokenLogprobs, tie_eps:
     keep = (segment == 1) & both[1:] if completion_only else both[1:]
     metrics = token_metrics(ref, cand, sample.input_ids, tie_eps)
     nonfinite = metrics.pop("nonfinite")
+    floors = floor_columns(ref, cand, np.concatenate([[np.nan], metrics["lp_diff"]]), noise_margin)
+    metrics.update({k: v[1:] for k, v in floors.items()})
     return TokenRows(
         sample_id=sample.sample_id,
         positions=positions[keep],

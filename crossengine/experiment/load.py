@@ -84,6 +84,7 @@ def _check_references(exp: Experiment, path: Path, root: yaml.Node | None) -> No
     if exp.generator is not None and exp.generator not in exp.engines:
         fail(("generator",), f"{exp.generator!r} is not one of the engines {engines}")
     _check_variants(exp, path, root)
+    _check_noise(exp, fail)
     ref_spec = exp.resolved_engines()[exp.reference][2]
     if ref_spec.inputs == "own":
         fail(("engines", exp.reference, "inputs"), "the reference always prepares the inputs; `inputs: own` is for candidates")
@@ -91,6 +92,23 @@ def _check_references(exp: Experiment, path: Path, root: yaml.Node | None) -> No
         fail(("mode",), "`inputs: own` compares prompts before scoring them: mode score only (generate/greedy score the reference's prompts)")
     if len(exp.engines) + len(exp.variants) < 2:
         fail(("engines",), "need a reference and at least one candidate engine or variant")
+
+
+def _check_noise(exp: Experiment, fail) -> None:
+    """`noise.engines` names engines; an `expect` needs conditions to be checked under; a negative control's name is free."""
+    from crossengine.experiment.schema import CONTROL_SUFFIX
+
+    names = {*exp.engines, *exp.variants}
+    for name in exp.noise.engines if exp.noise is not None else ():
+        if name not in names:
+            fail(("noise", "engines", name), f"{name!r} is not one of the engines or variants {sorted(names)}")
+    for name, (_, variant, spec) in exp.resolved_engines().items():
+        section = ("engines" if variant == BASE else "variants", name)
+        if spec.expect is not None and len(exp.noise_conditions(name)) == 0:
+            fail((*section, "expect"), f"expect: {spec.expect} is checked across the engine's noise conditions: give the experiment a `noise:` block "
+                 "(README, 'Noise floor') with conditions for this engine")
+        if spec.negative_control is not False and f"{name}{CONTROL_SUFFIX}" in names:
+            fail((*section, "negative_control"), f"its control runs as {name}{CONTROL_SUFFIX!s}, which names another engine or variant; rename that one")
 
 
 def _check_variants(exp: Experiment, path: Path, root: yaml.Node | None) -> None:

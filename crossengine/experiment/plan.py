@@ -13,14 +13,18 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crossengine.experiment.load import experiment_error, resolve_named_paths
-from crossengine.experiment.schema import NAME, EngineSpec, Experiment
+from crossengine.experiment.schema import CONTROL_SUFFIX, NAME, EngineSpec, Experiment
 from crossengine.adapters import engine_class
 from crossengine.adapters.base import EngineTraits, vocab_size_of
 from crossengine.errors import CrossengineError
 from crossengine.identity import BASE
 from crossengine.experiment.fixtures import ensure_fixture, is_fixture
+
+if TYPE_CHECKING:
+    from crossengine.compare.noise import NoisePlan
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,37 @@ class Plan:
     @property
     def instances(self) -> list[EngineInstance]:
         return [self.reference, *self.candidates]
+
+    def names(self) -> set[str]:
+        return {i.name for i in self.instances}
+
+    def noise_plan(self, inst: EngineInstance) -> "NoisePlan | None":
+        """The noise conditions `inst` runs (crossengine/compare/noise.py), or None: no floor for it."""
+        from crossengine.compare.noise import BATCHINGS, NoisePlan
+
+        noise = self.experiment.noise
+        if noise is None or inst.traits.has_records:  # a dump's numbers are a file: nothing to vary
+            return None
+        names = [c for c in self.experiment.noise_conditions(inst.name) if c not in BATCHINGS or inst.traits.batching]
+        expanded = tuple(x for c in names for x in ([f"repeat{k}" for k in range(1, noise.repeats + 1)] if c == "repeat" else [c]))
+        return NoisePlan(expanded, noise.fillers, noise.seed) if expanded else None
+
+    def noise_lines(self) -> list[str]:
+        """What the noise floor will vary, per engine, said before anything loads (and what does not apply)."""
+        from crossengine.compare.noise import BATCHINGS
+
+        if self.experiment.noise is None:
+            return []
+        out = []
+        for inst in self.instances:
+            plan = self.noise_plan(inst)
+            asked = self.experiment.noise_conditions(inst.name)
+            left = [c for c in asked if c in BATCHINGS and not inst.traits.batching]
+            why = f" ({', '.join(left)} do{'es' if len(left) == 1 else ''} not apply: {inst.spec.type} engines have no batching field)" if left else ""
+            if inst.traits.has_records and asked:
+                why = " (its numbers are a file: nothing to vary)"
+            out.append(f"noise floor: {inst.name}: {', '.join(plan.conditions) if plan else 'none'}{why}")
+        return out
 
     def records(self, name: str):
         """The record source of engine `name` (samples taken from its dump), opened once per plan."""
@@ -174,6 +209,17 @@ def named_files(exp: Experiment, instances: list[EngineInstance]) -> dict[str, s
     return {str(p): file_digest(p) for p in sorted(paths)}
 
 
+def control(exp: Experiment, experiment_path: Path, inst: EngineInstance) -> EngineInstance:
+    """An engine's negative control: the same engine without its claimed setting, a candidate named NAME.control."""
+    section = "engines" if inst.variant == BASE else "variants"
+    try:
+        spec = type(inst.spec).model_validate(inst.spec.control_fields())
+    except ValueError as exc:
+        raise experiment_error(experiment_path, (section, inst.name, "negative_control"), f"its control is not a valid engine: {str(exc).splitlines()[-1].strip()}") from None
+    name = f"{inst.name}{CONTROL_SUFFIX}"
+    return EngineInstance(name, inst.cand_engine, name, spec, inst.model_path, False)
+
+
 def make_plan(exp: Experiment, experiment_path: Path, run_id: str | None = None, output_dir: Path | None = None) -> Plan:
     instances = []
     for name, (cand_engine, variant, spec) in exp.resolved_engines().items():
@@ -197,6 +243,7 @@ def make_plan(exp: Experiment, experiment_path: Path, run_id: str | None = None,
             spec = spec.model_copy(update={"lora": resolve_adapter(spec.lora, experiment_path, (section, name, "lora"))})
         spec = resolve_named_paths(spec, experiment_path.parent, lambda loc, msg, at=(section, name): experiment_error(experiment_path, (*at, *loc), msg))
         instances.append(EngineInstance(name, cand_engine, variant, spec, path, name == exp.reference))
+    instances += [control(exp, experiment_path, i) for i in instances if i.spec.negative_control is not False]
     if run_id is not None and not NAME.match(run_id):
         raise CrossengineError(f"--run-id {run_id!r}: must match {NAME.pattern} (it names a folder under the output folder)")
     run_id = run_id or exp.run_id or f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -18,9 +18,10 @@ from crossengine.adapters.spec import Dtype, EngineSpec, EnvSpec, Strict
 from crossengine.identity import BASE
 from crossengine.identity import RESERVED as RESERVED_NAMES
 
-__all__ = ["Dtype", "EngineSpec", "EnvSpec", "Experiment", "LocalizeSpec", "PlacementSpec", "SampleSpec", "SamplingSpec", "VariantSpec", "NAME"]
+__all__ = ["Dtype", "EngineSpec", "EnvSpec", "Experiment", "LocalizeSpec", "NoiseSpec", "PlacementSpec", "SampleSpec", "SamplingSpec", "VariantSpec", "NAME"]
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+CONTROL_SUFFIX = ".control"  # an engine's negative control runs as the candidate NAME.control
 
 
 def _field_error(loc: tuple, message: str, value: Any) -> ValidationError:
@@ -160,6 +161,45 @@ class LocalizeSpec(Strict):
     audit_buffers: bool = Field(True, description="Also audit every registered buffer against a fresh construction.")
 
 
+class NoiseSpec(Strict):
+    """Each engine's own noise floor: its batch scored again under conditions it really runs in (crossengine/compare/noise.py).
+
+    Costs one more scoring of the batch per condition (`alone` one call per sample): say 1 + conditions × the scoring time."""
+
+    conditions: list[str] = Field(
+        default_factory=lambda: ["alone", "shuffled", "repeat"],
+        description="Which conditions to vary: alone (batch size 1), shuffled (a random place among at least `fillers` other prompts), "
+        "repeat (the same call again), and for engines with batching (hf, native) single, padded, padded-left, packed.",
+    )
+    repeats: int = Field(1, ge=1, le=100, description="How many times `repeat` runs the same call again.")
+    fillers: int = Field(7, ge=0, le=4096, description="shuffled and the batchings: other prompts in the call (copies of the batch's samples where it has fewer).")
+    seed: int = Field(0, description="Seeds where each sample goes among the fillers.")
+    margin: float = Field(1.0, gt=0, description="above_noise: |lp_diff| > margin × the larger of the two engines' floors at that token.")
+    engines: dict[str, list[str]] = Field(
+        default_factory=dict, description="Conditions for one engine or variant instead of `conditions` ([] gives it no floor); "
+        "engines not named use `conditions`.",
+    )
+
+    @field_validator("conditions")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from crossengine.compare.noise import CONDITIONS
+
+        for c in v:
+            if c not in CONDITIONS:
+                raise ValueError(f"unknown condition {c!r}; conditions: {', '.join(CONDITIONS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("a condition is named twice")
+        return v
+
+    @field_validator("engines")
+    @classmethod
+    def _known_each(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for conditions in v.values():
+            cls._known(conditions)
+        return v
+
+
 class PlacementSpec(Strict):
     """How engines are put on GPUs; decided before any engine loads (crossengine/placement.py)."""
 
@@ -201,6 +241,10 @@ class Experiment(Strict):
     run_id: Optional[str] = None
     localize: Optional[LocalizeSpec] = Field(None, description="Also localise divergence layer by layer after the run (or: crossengine localize).")
     placement: PlacementSpec = Field(default_factory=PlacementSpec, description="GPU memory, headroom and timeouts for putting engines on the cluster.")
+    noise: Optional[NoiseSpec] = Field(
+        None, description="Measure each engine's own noise floor (README, 'Noise floor'): noise/ parts, noise_* and above_noise token columns, "
+        "frac_above_noise; `noise: true` takes the defaults."
+    )
     alarms: dict[str, Optional[float | list[float]]] = Field(
         default_factory=dict, description="Change an alarm's limit by name (a number, [low, high] for a band) or switch it off (null); "
         "the alarms and their published defaults are in README.md, 'Alarms'."
@@ -213,6 +257,11 @@ class Experiment(Strict):
 
         rules(v)  # an unknown name or a limit of the wrong shape: one line
         return v
+
+    @field_validator("noise", mode="before")
+    @classmethod
+    def _noise_flag(cls, v: Any) -> Any:
+        return {} if v is True else (None if v is False else v)
 
     @field_validator("localize", mode="before")
     @classmethod
@@ -246,6 +295,13 @@ class Experiment(Strict):
         for name, var in self.variants.items():
             out[name] = (var.engine, name, self._fill(type(self.engines[var.engine]).model_validate(self.variant_fields(name))))
         return out
+
+    def noise_conditions(self, name: str) -> list[str]:
+        """The noise conditions of engine or variant `name` (a negative control has its engine's); [] without `noise:`."""
+        if self.noise is None:
+            return []
+        base = name.removesuffix(CONTROL_SUFFIX)
+        return self.noise.engines.get(name, self.noise.engines.get(base, self.noise.conditions))
 
     def variant_fields(self, name: str) -> dict[str, Any]:
         """A variant's fields: its base engine's as given, with the variant's overrides."""

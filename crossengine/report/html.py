@@ -126,6 +126,8 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
     tokens = _read_tokens(tokens_dir) if tokens_dir.exists() else pd.DataFrame()
     if not tokens.empty:
         sections.append(("Along the sequence", _per_sample_section(tokens)))
+    if (run_dir / "noise.parquet").exists():
+        sections.append(("Noise floor", _noise_section(summary, pd.read_parquet(run_dir / "noise.parquet"), meta)))
     if (run_dir / "alarms.parquet").exists():
         sections.append(("Alarms", _alarms_section(pd.read_parquet(run_dir / "alarms.parquet"), tokens)))
     sections.append(("Breakdown", _breakdown_section(summary)))
@@ -149,8 +151,14 @@ def _read_tokens(tokens_dir: Path) -> pd.DataFrame:
 
     cols = ["sample_id", "position", "token_text", "modality", "attention", "segment", "cand_engine", "variant",
             "lp_ref", "lp_cand", "abs_lp_diff", "gen_kl", "kl_ref_cand", "topk_kl", "top1_ref", "top1_cand", "top1_match", "top1_tie", "nonfinite"]
+    import pyarrow.dataset as ds
+
+    present = set(ds.dataset(tokens_dir, format="parquet").schema.names)
+    cols += [c for c in ("noise_ref", "noise_cand", "above_noise") if c in present]  # runs of schema version 3 on
     df = read_tokens(tokens_dir, cols)
     df["kl"] = df["kl_ref_cand"].fillna(df["topk_kl"])
+    if "noise_ref" in df:  # the larger of the two engines' own floors at each token (above_noise compares with it)
+        df["floor"] = df[["noise_ref", "noise_cand"]].max(axis=1, skipna=True)
     df["instance"] = display_names(df)
     return df
 
@@ -228,6 +236,11 @@ def _per_sample_section(tokens: pd.DataFrame) -> str:
                 fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=inst, legendgroup=inst, showlegend=r == 1, visible=si == 0,
                                          text=text, hovertemplate="pos %{x}: %{text}<br>%{y:.3g}<extra>" + html.escape(inst) + "</extra>", marker=dict(size=4)), row=r, col=1)
                 idx.append(len(fig.data) - 1)
+            if "floor" in g and g["floor"].notna().any():  # the noise floor beside the divergence, same colour group, dashed
+                xs, ys = _bin_max(x, g["floor"].to_numpy(dtype=float), MAX_POINTS)
+                fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=f"{inst}: noise floor", legendgroup=inst, visible=si == 0, line=dict(dash="dash", width=1),
+                                         hovertemplate="pos %{x}: floor %{y:.3g}<extra>" + html.escape(inst) + "</extra>"), row=1, col=1)
+                idx.append(len(fig.data) - 1)
         per_sample_traces.append(idx)
         first = rows.drop_duplicates("position").sort_values("position")
         shapes = [dict(type="rect", xref="x", yref="paper", x0=a, x1=b, y0=0, y1=1, fillcolor="rgba(255,165,0,0.18)", line_width=0, layer="below")
@@ -252,11 +265,28 @@ def _per_sample_section(tokens: pd.DataFrame) -> str:
     n = tokens["sample_id"].nunique()
     note = ("<p class='note'>sample selector (top left); orange: image tokens; purple band: bidirectional attention (reference's mask); "
             "red dotted: first top-1 mismatch that is not a tie; hover for the token. ")
+    if "floor" in tokens and tokens["floor"].notna().any():
+        note += "Dashed: the larger of the two engines' own noise floors at that token (a |Δ| above it is above noise). "
     if n > len(order):
         note += f"Showing the {len(order)} of {n} samples with the largest KL; every table on this page covers all of them. "
     if binned:
         note += f"Long samples are binned to {MAX_POINTS} points (max per bin). "
     return note + "</p>" + _fig(fig, "per-sample")
+
+
+def _noise_section(summary: pd.DataFrame, floors: pd.DataFrame, meta: RunMeta) -> str:
+    """Each pair's share of tokens above both floors, each engine's floor per condition, and the `expect` verdicts."""
+    from crossengine.compare.floor import pair_lines
+
+    pooled = _pooled(summary)
+    pairs = pd.DataFrame({"candidate": display_names(pooled), "tokens above noise": pooled.get("n_above_noise"), "of": pooled["n_tokens"],
+                          "frac_above_noise": pooled.get("frac_above_noise")})
+    lines = pair_lines(summary, floors, meta.reference) + meta.expectations.get("notes", []) + [f"error: {x}" for x in meta.expectations.get("failed", [])]
+    cols = ["engine", "condition", "n_tokens", "n_differ", "bitwise", "distinct_max", "max_abs_diff", "mean_abs_diff", "max_kl", "first_sample", "first_position", "first_token"]
+    said = "".join(f"<li>{html.escape(x)}</li>" for x in lines)
+    return ("<p class='note'>each engine scored its batches again under its noise conditions (README, 'Noise floor'); a token is above noise "
+            "where |Δ log-prob| exceeds the larger of the two engines' floors there (× noise.margin)</p>"
+            f"<ul>{said}</ul>" + _table(pairs) + "<h3>Each engine's own floor, per condition</h3>" + _table(floors[[c for c in cols if c in floors]]))
 
 
 def _breakdown_section(summary: pd.DataFrame) -> str:

@@ -80,6 +80,15 @@ def print_summary(run_dir: Path, console) -> None:
 
         for line in nearest_lines(pd.read_parquet(run_dir / "nearest.parquet"), reference):
             console.print(line, highlight=False)
+    if (run_dir / "noise.parquet").exists():
+        from crossengine.compare.floor import pair_lines
+
+        for line in pair_lines(summary, pd.read_parquet(run_dir / "noise.parquet"), reference):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+    for line in meta.expectations.get("notes", []):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    for line in meta.expectations.get("failed", []):
+        console.print(f"error: {line}", style="bold red", highlight=False, markup=False, soft_wrap=True)
     if (run_dir / "alarms.parquet").exists():
         from crossengine.compare.alarms import lines
 

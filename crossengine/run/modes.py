@@ -29,7 +29,7 @@ from crossengine.errors import EngineDied
 from crossengine.identity import SAMPLED
 from crossengine.experiment.plan import EngineInstance, Plan
 from crossengine.compare.inputs import first_differences
-from crossengine.results import INPUTS_SCHEMA, WORST_SCHEMA, RunDir, token_table, write_table
+from crossengine.results import INPUTS_SCHEMA, WORST_SCHEMA, RunDir, noise_table, token_table, write_table
 
 if TYPE_CHECKING:  # the runner imports this module; this is for type names only
     from crossengine.run.pool import EnginePool
@@ -127,9 +127,11 @@ class Mode:
     def _score(self, pool: EnginePool, b: int, idx: list[int], cands: list[EngineInstance], batch, decoded: Decoded | None = None, raw=None) -> Pending:
         ref = self.plan.reference.name
         cands = [c for c in cands if c.name not in self.run.dead]
-        ref_out, ref_check = pool.score_reference(ref, batch, self.exp.top_k, self.exp.full_vocab)
+        # the reference's floor is measured in every wave (each wave's candidates read it with its scores), written once
+        ref_out, ref_check = pool.score_reference(ref, batch, self.exp.top_k, self.exp.full_vocab, self.plan.noise_plan(self.plan.reference))
         parts = {
-            c.name: pool.score_and_compare(c.name, batch, ref_out, self.exp.top_k, self.exp.full_vocab, self.options(c), raw if c.spec.inputs == "own" else None)
+            c.name: pool.score_and_compare(c.name, batch, ref_out, self.exp.top_k, self.exp.full_vocab, self.options(c),
+                                           raw if c.spec.inputs == "own" else None, self.plan.noise_plan(c))
             for c in cands
         }
         return Pending(b, idx, cands, batch, ref_out, ref_check, parts, decoded)
@@ -141,6 +143,8 @@ class Mode:
         for err in check.errors:
             run.record_error(ref, err)
         run.check_reference(p.b, w, check.digest)
+        if not run.run_dir.noise_part(ref, p.b).exists():  # every wave re-scores the reference: its floor is written once
+            self.write_noise(ref, p.b, check.noise, check.noise_s)
         progress.advance(ref, len(p.idx))
         for inst in p.cands:
             if inst.name in run.dead:  # died on an earlier batch; this one was submitted before it was known
@@ -158,7 +162,21 @@ class Mode:
         """Files a batch writes besides the candidates' token parts (none when scoring)."""
 
     def options(self, inst: EngineInstance, completion_only: bool = False) -> CompareOptions:
-        return CompareOptions(self.plan.reference.name, inst.name, inst.cand_engine, inst.variant, self.exp.tie_eps, completion_only)
+        margin = self.exp.noise.margin if self.exp.noise is not None else 1.0
+        return CompareOptions(self.plan.reference.name, inst.name, inst.cand_engine, inst.variant, self.exp.tie_eps, completion_only, margin)
+
+    def write_noise(self, name: str, b: int, rows: list, seconds: float) -> None:
+        """An engine's floor for one batch (noise/), where it has one; before its token part marks the batch done."""
+        if self.plan.noise_plan(next(i for i in self.plan.instances if i.name == name)) is None:
+            return
+        self.run.timings[f"{name}.noise_s"] = self.run.timings.get(f"{name}.noise_s", 0.0) + seconds
+        said = self.__dict__.setdefault("_noise_said", set())
+        for r in rows:
+            for why in r.skipped:  # e.g. a batching that takes text samples only: that condition is left out of this sample's floor
+                if (name, why) not in said:  # once per engine and reason, naming the first sample
+                    said.add((name, why))
+                    self.run.say_plain(f"noise floor of {name!r}: condition {why} (first at sample {r.sample_id}; left out of the floor where it fails)")
+        write_table(self.run.run_dir.noise_part(name, b), noise_table(rows, name, self.run.vocab_text))
 
     def write_part(self, b: int, options: CompareOptions, part: Part) -> None:
         """One candidate's batch: the worst rows first, then the token part that marks the batch done."""
@@ -172,6 +190,8 @@ class Mode:
             write_table(run.run_dir.inputs_part(name, b), pa.Table.from_pylist(rows, schema=INPUTS_SCHEMA))
             for line in first_differences(part.inputs):
                 run.say_plain(f"inputs of {name!r}, {line}")
+        if name in self.plan.names():  # not the generator's own sampling, which has no floor
+            self.write_noise(name, b, part.noise, part.noise_s)
         write_table(run.run_dir.worst_part(name, b), pa.Table.from_pylist(part.worst, schema=WORST_SCHEMA))
         write_table(run.run_dir.part(name, b), token_table(part.rows, self.plan.run_id, self.plan.reference.name, options.cand_engine, options.variant, run.vocab_text))
 

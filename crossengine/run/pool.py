@@ -96,14 +96,29 @@ def _worker_class():
             return self._guarded(getattr(self.engine, method), *args)
 
         @ray.method(num_returns=2)
-        def score_reference(self, batch, top_k: int, full_vocab: bool):
-            """The reference's scores (an ObjectRef the candidates read) and the little the driver needs of them."""
+        def score_reference(self, batch, top_k: int, full_vocab: bool, noise=None):
+            """The reference's scores (an ObjectRef the candidates read, with its noise floor where `noise`
+            gives conditions) and the little the driver needs of them."""
             from crossengine.compare.tokens import reference_check
 
             out = self._guarded(self.engine.score, batch, top_k, full_vocab)
-            return out, reference_check(out)
+            rows, seconds = self._floor(batch, out, noise, top_k, full_vocab)
+            check = reference_check(out)
+            check.noise, check.noise_s = rows, seconds
+            return out, check
 
-        def score_and_compare(self, batch, ref_out: list, top_k: int, full_vocab: bool, options, raw=None):
+        def _floor(self, batch, out, noise, top_k: int, full_vocab: bool):
+            """(noise.NoiseRows, seconds): this engine's own floor under its noise conditions; none without them."""
+            import time
+
+            from crossengine.compare.noise import measure
+
+            if noise is None:
+                return [], 0.0
+            t = time.perf_counter()
+            return self._guarded(measure, self.engine, batch, out, noise, top_k, full_vocab), time.perf_counter() - t
+
+        def score_and_compare(self, batch, ref_out: list, top_k: int, full_vocab: bool, options, raw=None, noise=None):
             """Score, then compare with the reference's scores right here, next to this engine's logits.
 
             `ref_out` is `[ObjectRef]`: nested, so that Ray does not wait for the reference
@@ -118,8 +133,9 @@ def _worker_class():
                 from crossengine.compare.inputs import own_prompt_effect
 
                 own_prompt_effect(rows, to_score, mine, own, self.engine)
+            floor, seconds = self._floor(to_score, mine, noise, top_k, full_vocab)
             part = compare_batch(batch, ray.get(ref_out[0]), mine, options)
-            part.inputs = rows
+            part.inputs, part.noise, part.noise_s = rows, floor, seconds
             return part
 
         def capture(self, batch, patterns, max_positions: int, raw=None):
@@ -258,13 +274,13 @@ class EnginePool:
         """An ObjectRef for `engine.method(*args)` in engine `name`'s worker."""
         return self.actors[name].call.remote(method, *args)
 
-    def score_reference(self, name: str, batch, top_k: int, full_vocab: bool):
+    def score_reference(self, name: str, batch, top_k: int, full_vocab: bool, noise=None):
         """(ObjectRef of the reference's scores, ObjectRef of its ReferenceCheck); nothing is fetched."""
-        return self.actors[name].score_reference.remote(batch, top_k, full_vocab)
+        return self.actors[name].score_reference.remote(batch, top_k, full_vocab, noise)
 
-    def score_and_compare(self, name: str, batch, ref_out, top_k: int, full_vocab: bool, options, raw=None):
+    def score_and_compare(self, name: str, batch, ref_out, top_k: int, full_vocab: bool, options, raw=None, noise=None):
         """ObjectRef of the candidate's `compare.Part` for one batch; `ref_out` goes worker to worker."""
-        return self.actors[name].score_and_compare.remote(batch, [ref_out], top_k, full_vocab, options, raw)
+        return self.actors[name].score_and_compare.remote(batch, [ref_out], top_k, full_vocab, options, raw, noise)
 
     def capture(self, name: str, batch, patterns, max_positions: int, raw=None):
         """ObjectRef of the per-sample module captures of engine `name` (see the worker's `capture`)."""

@@ -109,6 +109,8 @@ class Runner:
         self.dead: dict[str, str] = {}  # candidate -> why its engine died; the run goes on without it
         self.timings: dict[str, float] = {}
         self.placement = None
+        self.expect_failures: list[str] = []  # `expect: bitwise` claims the floors contradict (the CLI exits 1)
+        self.expect_notes: list[str] = []  # claims that held, and what their negative controls showed
         self._ref_digests: dict[int, str] = {}  # batch -> digest of the first wave's reference scores
         self.context = RunContext(plan, self.run_dir, self.timings, self.fetch, self.record_error, self.prepare, self.check_reference, self.say_plain,
                                   self.dead, self.engine_died)
@@ -221,8 +223,11 @@ class Runner:
             self._finish_meta(infos)
             return self.run_dir.root
         t = time.time()
-        summary, nearest, alarms = self._reduce()
+        summary, nearest, alarms, floors = self._reduce()
         write_table(self.run_dir.summary, pa.Table.from_pandas(summary, preserve_index=False))
+        if not floors.empty:
+            write_table(self.run_dir.root / "noise.parquet", pa.Table.from_pandas(floors, preserve_index=False))
+        self._check_expectations(floors)
         if nearest is not None:
             write_table(self.run_dir.root / "nearest.parquet", pa.Table.from_pandas(nearest, preserve_index=False))
         write_table(self.run_dir.root / "alarms.parquet", pa.Table.from_pandas(alarms, preserve_index=False))
@@ -231,6 +236,16 @@ class Runner:
         self._finish_meta(infos)
         self._write_report()
         return self.run_dir.root
+
+    def _check_expectations(self, floors: pd.DataFrame) -> None:
+        """`expect: bitwise` claims against the floors measured: a failure names the first token that differs (the run exits 1)."""
+        from crossengine.compare.floor import expectations
+        from crossengine.experiment.schema import CONTROL_SUFFIX
+
+        names = self.plan.names()
+        claims = {i.name: (f"{i.name}{CONTROL_SUFFIX}" if f"{i.name}{CONTROL_SUFFIX}" in names else None) for i in self.plan.instances if i.spec.expect}
+        if claims and not self.dead:
+            self.expect_failures, self.expect_notes = expectations(floors, claims)
 
     def _write_report(self) -> None:
         """report.html, built in a Ray worker like the summary; a failure is a note, never a failed run."""
@@ -253,7 +268,7 @@ class Runner:
         expected = [(c.cand_engine, c.variant) for c in self.plan.candidates]
         exp = self.plan.experiment
         dense = reference_is_dense(self.plan.reference)
-        return self.fetch("summary", task.remote(str(self.run_dir.tokens), self.plan.reference.name, expected, exp.alarms, dense), "summarising the run")
+        return self.fetch("summary", task.remote(str(self.run_dir.root), self.plan.reference.name, expected, exp.alarms, dense), "summarising the run")
 
     # ---------------------------------------------------------------- engine calls
 
@@ -384,6 +399,8 @@ class Runner:
         meta.status, meta.engines, meta.timings = ("incomplete" if self.dead else "complete"), infos, self.timings
         meta.finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         meta.errors = meta.errors + self.errors
+        if self.expect_failures or self.expect_notes:
+            meta.expectations = {"failed": self.expect_failures, "notes": self.expect_notes}
         self.run_dir.write_meta(meta)
 
 
@@ -402,16 +419,19 @@ def reference_is_dense(ref: EngineInstance) -> bool | None:
     return None if fields is None else model_is_dense(fields)
 
 
-def _reduce_tokens(tokens_dir: str, reference: str, expected: list[tuple[str, str]], alarm_limits: dict | None = None, dense: bool | None = None):
-    """Runs in a Ray worker (see Runner._reduce): summary, nearest engines, alarms."""
-    summary = summarize(Path(tokens_dir), expected)
+def _reduce_tokens(root: str, reference: str, expected: list[tuple[str, str]], alarm_limits: dict | None = None, dense: bool | None = None):
+    """Runs in a Ray worker (see Runner._reduce): summary, nearest engines, alarms, noise floors."""
     from crossengine.compare.alarms import run_alarms
+    from crossengine.compare.floor import floor_table
     from crossengine.identity import SAMPLED
 
-    alarms = run_alarms(Path(tokens_dir), summary, alarm_limits, dense)
+    tokens_dir = Path(root) / "tokens"
+    summary = summarize(tokens_dir, expected)
+    alarms = run_alarms(tokens_dir, summary, alarm_limits, dense)
+    floors = floor_table(Path(root) / "noise")
     scored = summary[(summary["modality"] == "all") & (summary["n_tokens"] > 0) & (summary["variant"] != SAMPLED)] if len(summary) else summary
     if len(scored) < 2:  # nearest needs two candidates with token rows (the generator's own sampling is not one)
-        return summary, None, alarms
+        return summary, None, alarms, floors
     from crossengine.compare.nearest import nearest_table
 
-    return summary, nearest_table(Path(tokens_dir), reference), alarms
+    return summary, nearest_table(tokens_dir, reference), alarms, floors
