@@ -87,6 +87,8 @@ class TokenLogprobs:
     scored: np.ndarray | None = None  # bool [T]: the positions this side has a number for (a dump scores its responses); None: all from 1
     noise: np.ndarray | None = None  # float32 [T]: this engine's own floor, max |Δlp| between its noise conditions (crossengine/compare/noise.py)
     noise_kl: np.ndarray | None = None  # float32 [T]: max KL(base ‖ condition) over those conditions, where it gives full logits
+    routing: np.ndarray | None = None  # int16 [T, L, k]: the experts each MoE layer chose for each input position (`routing: true`; adapters/routing.py)
+    router_margin: np.ndarray | None = None  # float32 [T, L]: router logit of the k-th choice minus the (k+1)-th
 
     @property
     def full_vocab(self) -> bool:
@@ -141,6 +143,8 @@ class EngineTraits:
     environment_hint: str | None = None  # it usually runs in its own Python environment; how to build one (said when env.python is missing)
     uses_gpu: bool = True  # on a GPU cluster it asks for one GPU unless num_gpus says otherwise; False: never (a file of numbers)
     has_records: bool = False  # holds samples of its own: `samples: [{dump: NAME}]` takes them (`Engine.records`)
+    reports_routing: bool = False  # `routing: true` gives each MoE layer's expert choice (`Engine.report_routing`)
+    replays_routing: bool = False  # routes with another engine's expert choice (`Engine.replay_routing`; its Spec's `replays_reference_routing`)
     batching: bool = False  # its Spec has the run conditions batching/padding_side/micro_batch_size, read at every `score` call (the noise floor switches them)
 
     def gives_full_logits(self, spec: Any) -> bool:
@@ -331,6 +335,14 @@ class Engine(abc.ABC):
     def audit(self) -> list[dict[str, Any]]:
         """Every registered buffer checked against a fresh construction (adapters/inspect.py)."""
         raise NotImplementedError(f"engine {self.name!r} does not expose its buffers")
+
+    def report_routing(self) -> None:
+        """From now on, every score carries `routing` and `router_margin` (a MoE model; traits.reports_routing)."""
+        raise NotImplementedError(f"engine {self.name!r} cannot report routing")
+
+    def replay_routing(self, routing: dict[str, np.ndarray]) -> None:
+        """Route the next scores' samples (by id) with these expert choices [T, L, k] instead of its own (traits.replays_routing)."""
+        raise NotImplementedError(f"engine {self.name!r} cannot replay routing")
 
     def close(self) -> None:
         """Release the model (and device memory) before the worker exits."""

@@ -112,6 +112,12 @@ class EngineSpec(Strict):
         imports each where the workers will, so a typo is a file:line error before anything loads."""
         return []
 
+    @property
+    def replays_reference_routing(self) -> bool:
+        """Whether this engine routes with the reference's expert choices (torch engines' `routing: replay`): its
+        worker then waits for the reference's scores before its own forward instead of after."""
+        return False
+
     def named_paths(self) -> list[tuple[tuple, str]]:
         """(field location, path) of every file this spec reads besides the model: the plan resolves
         each against the experiment's folder, checks it exists, and fingerprints it for resume."""

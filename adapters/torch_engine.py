@@ -56,6 +56,14 @@ class TorchSpec(EngineSpec):
     )
     padding_side: Literal["right", "left"] = Field("right", description="batching: padded: where the padding goes (position ids follow the mask).")
     micro_batch_size: int = Field(1, ge=1, description="batching: padded or packed: samples per forward pass.")
+    routing: Literal["own", "replay"] = Field(
+        "own", description="replay: a MoE model routes with the reference's expert choices (Rollout Routing Replay, the trainer side); "
+        "needs the experiment's `routing: true`."
+    )
+
+    @property
+    def replays_reference_routing(self) -> bool:
+        return self.routing == "replay"
 
     @model_validator(mode="after")
     def _batching_fields(self) -> "TorchSpec":
@@ -63,6 +71,8 @@ class TorchSpec(EngineSpec):
             raise ValueError("micro_batch_size needs batching: padded or packed (single runs one sample per forward)")
         if self.batching != "padded" and self.padding_side != "right":
             raise ValueError("padding_side goes with batching: padded")
+        if self.routing == "replay" and self.batching != "single":
+            raise ValueError("routing: replay needs batching: single (routing is read per sample)")
         return self
 
     @field_validator("patches")
@@ -298,12 +308,54 @@ class TorchEngine(Engine):
         groups = [[i] for i in todo] if single else [todo[j : j + self.spec.micro_batch_size] for j in range(0, len(todo), self.spec.micro_batch_size)]
         for group in groups:
             try:
+                if self.routers is not None:  # one sample per forward: its routers' rows are its tokens
+                    out[group[0]] = self._score_routed(samples[group[0]], top_k, full_vocab)
+                    continue
                 logits = [self.forward_logits(samples[group[0]])] if single else self.forward_batch([samples[i] for i in group])
                 for i, row in zip(group, logits):
                     out[i] = self._to_arrays(samples[i], row, top_k, full_vocab)
+            except SampleError as exc:
+                out[group[0]] = exc
             except Exception as exc:  # noqa: BLE001 - one line naming engine and sample; traceback to the run log
                 for i in group:
                     out[i] = SampleError.from_exception(samples[i].sample_id, self.instance, exc)
+        self._replay = {}
+        return out
+
+    routers: list | None = None  # the MoE routers in forward order, once report_routing found them
+    _replay: dict = {}
+
+    def report_routing(self) -> None:
+        """Find the routers by what they return (adapters/routing.py) with one forward of a short probe; a model without any says so."""
+        import torch
+
+        from .routing import find_routers
+
+        if self.spec.batching != "single":
+            raise ValueError(f"engine {self.instance!r}: routing is read per sample: give it batching: single")
+        probe = Sample("probe", np.array([0, 1, 2, 3], dtype=np.int64), np.zeros(4, np.int8))
+        with torch.inference_mode():
+            self.routers = find_routers(self.model, lambda: self.forward_logits(probe))
+        if not self.routers:
+            raise ValueError(f"engine {self.instance!r}: no module of {self.model_path} returns router logits, weights and expert ids "
+                             "(a transformers 5 mixture-of-experts router): it cannot report routing")
+
+    def replay_routing(self, routing: dict[str, np.ndarray]) -> None:
+        self._replay = dict(routing)
+
+    def _score_routed(self, s: Sample, top_k: int, full_vocab: bool) -> TokenLogprobs:
+        from .routing import captured
+
+        replay = self._replay.get(s.sample_id) if self.spec.routing == "replay" else None
+        if self.spec.routing == "replay":
+            want = (len(s), len(self.routers))
+            if replay is None or replay.shape[:2] != want:
+                raise SampleError(s.sample_id, f"engine {self.instance!r} replays the reference's routing, and it has "
+                                  f"{'none' if replay is None else f'shape {replay.shape[:2]}'} for this sample (needs {want}: tokens, MoE layers)")
+        with captured(self.routers, replay) as got:
+            logits = self.forward_logits(s)
+        out = self._to_arrays(s, logits, top_k, full_vocab)
+        out.routing, out.router_margin = got[0]
         return out
 
     def _unbatchable(self, s: Sample) -> SampleError | None:

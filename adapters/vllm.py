@@ -79,7 +79,7 @@ class VLLMEngine(Engine):
     Spec = VLLMSpec
     traits = EngineTraits(
         full_logits=False, full_logits_option="full_vocab", memory_share_option="gpu_memory_utilization", loads_first=True,
-        needs_kv_cache=True, expands_images=True, lora=True, environment_hint="build it with scripts/setup-vllm-env.sh",
+        needs_kv_cache=True, expands_images=True, lora=True, environment_hint="build it with scripts/setup-vllm-env.sh", reports_routing=True,
     )
 
     def __init__(self, spec, model_path: str, instance: str, seed: int = 0):
@@ -111,6 +111,7 @@ class VLLMEngine(Engine):
             rank = json.loads((Path(spec.lora) / "adapter_config.json").read_text())["r"]
             kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=next(r for r in _LORA_RANKS if r >= rank))
             self.lora_request = LoRARequest("adapter", 1, spec.lora)
+        kwargs["worker_extension_cls"] = "crossengine.adapters.vllm_routing.RoutingExtension"  # routing capture, called by name (adapters/vllm_routing.py)
         kwargs.update({k: getattr(spec, k) for k in RUN_CONDITIONS if getattr(spec, k) is not None})
         kwargs.update(spec.options)
         self.llm = vllm.LLM(**kwargs)
@@ -144,6 +145,27 @@ class VLLMEngine(Engine):
                 **({"lora": lora_info(self.spec.lora)} if self.spec.lora else {}),
             },
         )
+
+    routing_layers: int = 0  # MoE gates hooked by report_routing; 0: routing off
+
+    def report_routing(self) -> None:
+        """Hook each MoE gate inside vLLM's worker (adapters/vllm_routing.py); a model without one says so."""
+        fields = {**self.hf_config.to_dict(), **(self.hf_config.to_dict().get("text_config") or {})}
+        experts = next((fields[k] for k in ("num_experts", "num_local_experts", "n_routed_experts") if isinstance(fields.get(k), int)), None)
+        k = fields.get("num_experts_per_tok")
+        names = self.llm.collective_rpc("crossengine_routing_install", args=(experts, k))[0] if experts and k else []
+        if not names:
+            raise ValueError(f"engine {self.instance!r}: found no MoE gate with {experts} experts in {self.model_path}: it cannot report routing")
+        self.routing_layers = len(names)
+
+    def _routing_of(self, s: Sample, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """The routing of the prompt just scored (alone): [T, L, k] ids and [T, L] margins."""
+        layers = [(np.asarray(ids, np.int16), np.asarray(m, np.float32)) for ids, m in self.llm.collective_rpc("crossengine_routing_take")[0]]
+        rows = {len(ids) for ids, _ in layers}
+        if len(layers) != self.routing_layers or rows != {n_tokens}:
+            raise SampleError(s.sample_id, f"vLLM's gates saw {sorted(rows)} rows in {len(layers)} layers for {n_tokens} tokens in {self.routing_layers}: "
+                              "its routing cannot be matched to the tokens (a prefix-cache hit or a chunk of another prompt?)")
+        return np.stack([ids for ids, _ in layers], axis=1), np.stack([m for _, m in layers], axis=1)
 
     def _run_conditions(self) -> dict[str, Any]:
         """How this vLLM batches, as it resolved its defaults: part of what it computes (README, 'Noise floor')."""
@@ -252,8 +274,19 @@ class VLLMEngine(Engine):
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=-1 if whole else k, flat_logprobs=True, detokenize=False)
         out: list[TokenLogprobs | SampleError] = []
         t0 = time.perf_counter()
-        results = self._run(samples, params)
-        for s, r in zip(samples, results):
+        routing: dict[int, Any] = {}
+        if self.routing_layers:  # one prompt per call: the gates' rows are its tokens
+            results = []
+            for i, s in enumerate(samples):
+                results.append(self._run([s], params)[0])
+                if not isinstance(results[-1], SampleError):
+                    try:
+                        routing[i] = self._routing_of(s, len(results[-1].prompt_token_ids))
+                    except SampleError as exc:
+                        results[-1] = exc
+        else:
+            results = self._run(samples, params)
+        for i, (s, r) in enumerate(zip(samples, results)):
             if isinstance(r, SampleError):
                 out.append(r)
                 continue
@@ -277,6 +310,8 @@ class VLLMEngine(Engine):
                     scored_ids=ids if s.images else None,
                     logits=logprobs,
                     logits_are_logprobs=whole,
+                    routing=routing[i][0] if i in routing else None,
+                    router_margin=routing[i][1] if i in routing else None,
                 )
             )
         self.score_s += time.perf_counter() - t0

@@ -29,8 +29,9 @@ from crossengine.compare.tokens import TokenRows
 from crossengine.run_meta import RunMeta
 from crossengine.compare.metrics import METRIC_COLUMNS
 from crossengine.compare.noise import NOISE_COLUMNS
+from crossengine.compare.routing import ROUTING_COLUMNS
 
-SCHEMA_VERSION = 3  # 2: + nonfinite; 3: + noise_ref, noise_cand, noise_kl_ref, noise_kl_cand, above_noise
+SCHEMA_VERSION = 3  # 2: + nonfinite; 3: + noise_ref, noise_cand, noise_kl_ref, noise_kl_cand, above_noise, routing_flips
 _DICT = pa.dictionary(pa.int32(), pa.string())
 KEY_COLUMNS: dict[str, pa.DataType] = {
     "run_id": _DICT,
@@ -50,7 +51,8 @@ KEY_COLUMNS: dict[str, pa.DataType] = {
 TOKEN_SCHEMA = pa.schema(
     [pa.field(k, t) for k, t in KEY_COLUMNS.items()]
     + [pa.field(k, pa.type_for_alias(t)) for k, t in METRIC_COLUMNS.items()]
-    + [pa.field(k, pa.type_for_alias(t)) for k, t in NOISE_COLUMNS.items()],
+    + [pa.field(k, pa.type_for_alias(t)) for k, t in NOISE_COLUMNS.items()]
+    + [pa.field(k, pa.type_for_alias(t)) for k, t in ROUTING_COLUMNS.items()],
     metadata={"crossengine.schema_version": str(SCHEMA_VERSION)},
 )
 WORST_SCHEMA = pa.schema([
@@ -151,6 +153,9 @@ def token_table(rows: list[TokenRows], run_id: str, ref: str, cand: str, variant
     for name, typ in NOISE_COLUMNS.items():  # NaN: that side has no floor (no `noise:`), null in the table
         values = np.concatenate([r.metrics[name] for r in rows]).astype(np.float32) if rows else np.empty(0, np.float32)
         cols[name] = pa.array(values, from_pandas=True) if typ == "float32" else pa.array(values == 1, mask=np.isnan(values))
+    for name in ROUTING_COLUMNS:  # -1: no routing on a side, null
+        values = np.concatenate([r.metrics[name] for r in rows]).astype(np.int32) if rows else np.empty(0, np.int32)
+        cols[name] = pa.array(values, mask=values < 0)
     return pa.table(cols, schema=TOKEN_SCHEMA)
 
 
@@ -188,6 +193,40 @@ def noise_table(rows: list, engine: str, vocab_text: pa.Array) -> pa.Table:
         "abs_diff": pa.array(np.abs(cat["lp"] - cat["lp_base"]).astype(np.float32)),
         "kl": pa.array(cat["kl"].astype(np.float32), from_pandas=True),
     }, schema=NOISE_SCHEMA)
+
+
+# routing/: one row per (candidate, sample, input position, MoE layer) where both sides report routing (compare/routing.py)
+ROUTING_SCHEMA = pa.schema([
+    ("cand_engine", _DICT), ("variant", _DICT), ("sample_id", _DICT), ("position", pa.int32()), ("token_id", pa.int32()), ("layer", pa.int16()),
+    ("ref_experts", pa.list_(pa.int16())), ("cand_experts", pa.list_(pa.int16())), ("flip", pa.bool_()),
+    ("margin_ref", pa.float32()), ("margin_cand", pa.float32()),
+])
+
+
+def routing_table(rows: list, cand_engine: str, variant: str) -> pa.Table:
+    """routing.RoutingRows of one candidate and batch as ROUTING_SCHEMA rows."""
+    sids, pos, tok, layer, ref, cand, flip, mref, mcand = [], [], [], [], [], [], [], [], []
+    for n, r in enumerate(rows):
+        t, L, k = r.ref.shape
+        sids.append(np.full(t * L, n, np.int32))
+        pos.append(np.repeat(np.arange(t, dtype=np.int32), L))
+        tok.append(np.repeat(r.token_ids[:t].astype(np.int32), L))
+        layer.append(np.tile(np.arange(L, dtype=np.int16), t))
+        ref.append(r.ref.reshape(t * L, k))
+        cand.append(r.cand.reshape(t * L, k))
+        flip.append(r.flip.reshape(-1))
+        mref.append(r.margin_ref.reshape(-1))
+        mcand.append(r.margin_cand.reshape(-1))
+    cat = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.empty(0, dtype)  # noqa: E731
+    n = sum(len(x) for x in sids)
+    lists = lambda parts: pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate(parts).reshape(-1).astype(np.int16)), parts[0].shape[1]).cast(pa.list_(pa.int16())) if parts else pa.array([], pa.list_(pa.int16()))  # noqa: E731
+    return pa.table({
+        "cand_engine": _constant(cand_engine, n), "variant": _constant(variant, n),
+        "sample_id": pa.DictionaryArray.from_arrays(pa.array(cat(sids, np.int32)), pa.array([r.sample_id for r in rows], pa.string())),
+        "position": pa.array(cat(pos, np.int32)), "token_id": pa.array(cat(tok, np.int32)), "layer": pa.array(cat(layer, np.int16)),
+        "ref_experts": lists(ref), "cand_experts": lists(cand), "flip": pa.array(cat(flip, bool)),
+        "margin_ref": pa.array(cat(mref, np.float32)), "margin_cand": pa.array(cat(mcand, np.float32)),
+    }, schema=ROUTING_SCHEMA)
 
 
 class RunDir:
@@ -301,6 +340,10 @@ class RunDir:
 
     def part(self, instance: str, batch: int) -> Path:
         return self.tokens / f"part-{instance}-{batch:05d}.parquet"
+
+    def routing_part(self, instance: str, batch: int) -> Path:
+        """Both sides' expert choices for one candidate and batch (compare/routing.py)."""
+        return self.root / "routing" / f"part-{instance}-{batch:05d}.parquet"
 
     def noise_part(self, instance: str, batch: int) -> Path:
         """An engine's own floor for one batch: its scores under each noise condition (compare/noise.py)."""

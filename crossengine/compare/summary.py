@@ -24,7 +24,7 @@ _NEEDED = [
 ]
 
 
-_OPTIONAL = ["above_noise"]  # columns a run of an older schema version lacks
+_OPTIONAL = ["above_noise", "routing_flips"]  # columns a run of an older schema version lacks
 
 
 def read_tokens(tokens_dir: Path, columns: list[str] | None = None) -> pd.DataFrame:
@@ -75,6 +75,14 @@ def summarize_group(g: pd.DataFrame) -> dict[str, float]:
         "first_divergent_position": int(first.min()) if len(first) else -1,
         "n_samples_diverged": int(len(first)),
     }
+    if "routing_flips" in g and g["routing_flips"].notna().any():  # `routing: true`: the gap where routing flipped and where it did not
+        routed = g[g["routing_flips"].notna()]
+        flipped = routed["routing_flips"].to_numpy() > 0
+        klr = routed["kl_ref_cand"] if full else routed["topk_kl"]
+        row["frac_tokens_flipped"] = float(flipped.mean())
+        for name, sel in (("flipped", flipped), ("unflipped", ~flipped)):
+            row[f"abs_mean_{name}"] = float(routed["lp_diff"].abs()[sel].mean()) if sel.any() else np.nan
+            row[f"kl_mean_{name}"] = float(klr[sel].mean()) if sel.any() else np.nan
     if "above_noise" in g:  # a run with a noise floor (older runs have no such column)
         known = g["above_noise"].dropna().astype(bool)
         row["n_above_noise"] = int(known.sum())

@@ -25,6 +25,7 @@ from crossengine.adapters.base import Sample, SampleError, TokenLogprobs
 from crossengine.compare.align import check_scores
 from crossengine.compare.metrics import token_metrics
 from crossengine.compare.noise import floor_columns
+from crossengine.compare.routing import routing_column, routing_rows
 
 WORST_PER_PART = 20
 
@@ -68,6 +69,7 @@ class Part:
     metrics_s: float = 0.0
     noise: list = field(default_factory=list)  # this candidate's noise.NoiseRows (its floor), when it has one
     noise_s: float = 0.0
+    routing: list = field(default_factory=list)  # routing.RoutingRows per sample, where both sides report routing
 
 
 @dataclass
@@ -112,6 +114,9 @@ def compare_batch(batch: list[Sample | SampleError], ref_out: list, cand_out: li
             part.errors.append(misaligned)
             continue
         part.rows.append(token_rows(sample, r, c, options.tie_eps, options.completion_only, options.noise_margin))
+        routed = routing_rows(sample.sample_id, c.scored_ids if c.scored_ids is not None else sample.input_ids, r, c)
+        if routed is not None:
+            part.routing.append(routed)
         scored.append((r, c))
     part.worst = worst_rows(part.rows, scored, options.cand_engine, options.variant)
     part.metrics_s = time.perf_counter() - t
@@ -137,6 +142,7 @@ def token_rows(sample: Sample, ref: TokenLogprobs, cand: TokenLogprobs, tie_eps:
     nonfinite = metrics.pop("nonfinite")
     floors = floor_columns(ref, cand, np.concatenate([[np.nan], metrics["lp_diff"]]), noise_margin)
     metrics.update({k: v[1:] for k, v in floors.items()})
+    metrics["routing_flips"] = routing_column(ref, cand, len(sample))[1:]
     return TokenRows(
         sample_id=sample.sample_id,
         positions=positions[keep],

@@ -110,8 +110,7 @@ _TEXT_SIZES = dict(
 def _build_causal_lm(out: Path, seed: int, config_cls, model_cls, **extra) -> None:
     tokenizer = _fast_tokenizer(["<pad>", "<bos>", "<eos>"], vocab_size=508)
     config = config_cls(
-        **_TEXT_SIZES,
-        **extra,
+        **{**_TEXT_SIZES, **extra},
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -129,6 +128,24 @@ def _build_tiny_text(out: Path, seed: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     _build_causal_lm(out, seed, LlamaConfig, LlamaForCausalLM, head_dim=64)
+
+
+_MOE = dict(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts_per_tok=2)  # head_dim 32: vLLM-CPU runs it
+
+
+def _build_tiny_moe(out: Path, seed: int) -> None:
+    """Qwen3-MoE family: 8 experts, top-2 (normalised), a router in every layer; head_dim 32."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    _build_causal_lm(out, seed, Qwen3MoeConfig, Qwen3MoeForCausalLM, num_experts=8, moe_intermediate_size=64, decoder_sparse_step=1,
+                     norm_topk_prob=True, **_MOE)
+
+
+def _build_tiny_mixtral(out: Path, seed: int) -> None:
+    """Mixtral family: 8 local experts, top-2; head_dim 32."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    _build_causal_lm(out, seed, MixtralConfig, MixtralForCausalLM, num_local_experts=8, **_MOE)
 
 
 def _build_tiny_olmo2(out: Path, seed: int) -> None:
@@ -390,6 +407,8 @@ FIXTURES: dict[str, Callable[[Path, int], None]] = {
     "tiny-text": _build_tiny_text,
     "tiny-vision": _build_tiny_vision,
     "tiny-olmo2": _build_tiny_olmo2,
+    "tiny-moe": _build_tiny_moe,
+    "tiny-mixtral": _build_tiny_mixtral,
     "tiny-remote": _build_tiny_remote,
     "tiny-molmo": _build_tiny_molmo,
     "tiny-text-lora": _build_tiny_text_lora,

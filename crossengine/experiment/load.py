@@ -85,6 +85,7 @@ def _check_references(exp: Experiment, path: Path, root: yaml.Node | None) -> No
         fail(("generator",), f"{exp.generator!r} is not one of the engines {engines}")
     _check_variants(exp, path, root)
     _check_noise(exp, fail)
+    _check_routing(exp, fail)
     ref_spec = exp.resolved_engines()[exp.reference][2]
     if ref_spec.inputs == "own":
         fail(("engines", exp.reference, "inputs"), "the reference always prepares the inputs; `inputs: own` is for candidates")
@@ -109,6 +110,27 @@ def _check_noise(exp: Experiment, fail) -> None:
                  "(README, 'Noise floor') with conditions for this engine")
         if spec.negative_control is not False and f"{name}{CONTROL_SUFFIX}" in names:
             fail((*section, "negative_control"), f"its control runs as {name}{CONTROL_SUFFIX!s}, which names another engine or variant; rename that one")
+
+
+def _check_routing(exp: Experiment, fail) -> None:
+    """`routing: true` needs engines that report it; `routing: replay` needs the reference's routing, so it is a candidate's."""
+    from crossengine.adapters import engine_class
+
+    for name, (_, variant, spec) in exp.resolved_engines().items():
+        section = ("engines" if variant == BASE else "variants", name)
+        if exp.routing and not engine_class(spec.type).traits.reports_routing:
+            fail(("routing",), f"engine {name!r} ({spec.type}) cannot report routing; the engines that can: "
+                 f"{', '.join(k for k in _builtin_types() if engine_class(k).traits.reports_routing)}")
+        if spec.replays_reference_routing and (not exp.routing or name == exp.reference):
+            fail((*section, "routing"), "routing: replay routes a candidate with the reference's expert choices: it needs the experiment's "
+                 "`routing: true`, and the reference routes by itself" if name == exp.reference else
+                 "routing: replay needs the experiment's `routing: true` (the reference's expert choices are what it replays)")
+
+
+def _builtin_types() -> list[str]:
+    from crossengine.adapters import BUILTIN
+
+    return sorted(BUILTIN)
 
 
 def _check_variants(exp: Experiment, path: Path, root: yaml.Node | None) -> None:

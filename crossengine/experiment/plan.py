@@ -220,6 +220,18 @@ def control(exp: Experiment, experiment_path: Path, inst: EngineInstance) -> Eng
     return EngineInstance(name, inst.cand_engine, name, spec, inst.model_path, False)
 
 
+def check_routable(exp: Experiment, experiment_path: Path, instances: list[EngineInstance]) -> None:
+    """`routing: true` on a model without experts is a one-line error before anything loads (its config.json says so)."""
+    from crossengine.adapters.base import config_fields
+    from crossengine.compare.alarms import model_is_dense
+
+    for inst in instances:
+        fields = config_fields(inst.model_path, inst.spec.revision)
+        if fields is not None and model_is_dense(fields):
+            raise experiment_error(experiment_path, ("routing",), f"engine {inst.name!r} runs {inst.model_path}, a dense model (no experts in its "
+                                   "config.json): there is no routing to record")
+
+
 def make_plan(exp: Experiment, experiment_path: Path, run_id: str | None = None, output_dir: Path | None = None) -> Plan:
     instances = []
     for name, (cand_engine, variant, spec) in exp.resolved_engines().items():
@@ -244,6 +256,8 @@ def make_plan(exp: Experiment, experiment_path: Path, run_id: str | None = None,
         spec = resolve_named_paths(spec, experiment_path.parent, lambda loc, msg, at=(section, name): experiment_error(experiment_path, (*at, *loc), msg))
         instances.append(EngineInstance(name, cand_engine, variant, spec, path, name == exp.reference))
     instances += [control(exp, experiment_path, i) for i in instances if i.spec.negative_control is not False]
+    if exp.routing:
+        check_routable(exp, experiment_path, instances)
     if run_id is not None and not NAME.match(run_id):
         raise CrossengineError(f"--run-id {run_id!r}: must match {NAME.pattern} (it names a folder under the output folder)")
     run_id = run_id or exp.run_id or f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"

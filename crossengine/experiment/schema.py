@@ -241,6 +241,10 @@ class Experiment(Strict):
     run_id: Optional[str] = None
     localize: Optional[LocalizeSpec] = Field(None, description="Also localise divergence layer by layer after the run (or: crossengine localize).")
     placement: PlacementSpec = Field(default_factory=PlacementSpec, description="GPU memory, headroom and timeouts for putting engines on the cluster.")
+    routing: bool = Field(
+        False, description="Record each MoE layer's expert choice on every engine (routing/ parts, routing_flips, README 'MoE routing'); "
+        "an engine that cannot report routing, or a dense model, is a one-line error before anything loads."
+    )
     noise: Optional[NoiseSpec] = Field(
         None, description="Measure each engine's own noise floor (README, 'Noise floor'): noise/ parts, noise_* and above_noise token columns, "
         "frac_above_noise; `noise: true` takes the defaults."

@@ -128,6 +128,8 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
         sections.append(("Along the sequence", _per_sample_section(tokens)))
     if (run_dir / "noise.parquet").exists():
         sections.append(("Noise floor", _noise_section(summary, pd.read_parquet(run_dir / "noise.parquet"), meta)))
+    if (run_dir / "routing.parquet").exists():
+        sections.append(("MoE routing", _routing_section(run_dir, summary, meta, tokens)))
     if (run_dir / "alarms.parquet").exists():
         sections.append(("Alarms", _alarms_section(pd.read_parquet(run_dir / "alarms.parquet"), tokens)))
     sections.append(("Breakdown", _breakdown_section(summary)))
@@ -272,6 +274,38 @@ def _per_sample_section(tokens: pd.DataFrame) -> str:
     if binned:
         note += f"Long samples are binned to {MAX_POINTS} points (max per bin). "
     return note + "</p>" + _fig(fig, "per-sample")
+
+
+def _routing_section(run_dir: Path, summary: pd.DataFrame, meta: RunMeta, tokens: pd.DataFrame) -> str:
+    """Per candidate: its router disagreement per layer, and a layers × positions flip map of its sample with the most flips, |Δlp| above it."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from crossengine.compare.routing_summary import read_routing, routing_lines
+
+    table = pd.read_parquet(run_dir / "routing.parquet")
+    lines = "".join(f"<li>{html.escape(x)}</li>" for x in routing_lines(table, summary, meta.reference))
+    out = ("<p class='note'>a flip: the two engines' routers chose different sets of experts for that input position and layer; "
+           "the margin is the reference's k-th minus (k+1)-th router logit (README, 'MoE routing')</p>" + f"<ul>{lines}</ul>" + _table(table))
+    routing = read_routing(run_dir / "routing")
+    if routing is None or not routing["flip"].any():
+        return out + "<p class='note'>no flips: every candidate routed every position as the reference did</p>"
+    for n, (cand, g) in enumerate(routing[routing["flip"]].groupby("candidate", sort=False)):
+        if n >= MAX_SAMPLES:
+            break
+        sid = g["sample_id"].value_counts().idxmax()
+        one = routing[(routing["candidate"] == cand) & (routing["sample_id"] == sid)]
+        grid = one.pivot_table(index="layer", columns="position", values="flip", aggfunc="max").astype(float)
+        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.35, 0.65], vertical_spacing=0.06,
+                            subplot_titles=(f"|Δ log-prob| of the token each position predicts ({cand}, sample {sid})", "routing flips (layer × input position)"))
+        rows = tokens[(tokens["instance"] == cand) & (tokens["sample_id"].astype(str) == sid)].sort_values("position") if not tokens.empty else tokens
+        if len(rows):
+            fig.add_trace(go.Scatter(x=rows["position"] - 1, y=rows["abs_lp_diff"], mode="lines+markers", name="|Δlp|", marker=dict(size=4)), row=1, col=1)
+        fig.add_trace(go.Heatmap(z=grid.to_numpy(), x=grid.columns.to_numpy(), y=grid.index.to_numpy(), colorscale=[[0, "#f4f4f4"], [1, "#c0392b"]],
+                                 showscale=False, hovertemplate="layer %{y}, position %{x}: flip %{z}<extra></extra>"), row=2, col=1)
+        fig.update_layout(height=420, showlegend=False)
+        out += _fig(fig, f"routing-{n}")
+    return out
 
 
 def _noise_section(summary: pd.DataFrame, floors: pd.DataFrame, meta: RunMeta) -> str:

@@ -85,6 +85,11 @@ def print_summary(run_dir: Path, console) -> None:
 
         for line in pair_lines(summary, pd.read_parquet(run_dir / "noise.parquet"), reference):
             console.print(line, highlight=False, markup=False, soft_wrap=True)
+    if (run_dir / "routing.parquet").exists():
+        from crossengine.compare.routing_summary import routing_lines
+
+        for line in routing_lines(pd.read_parquet(run_dir / "routing.parquet"), summary, reference):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
     for line in meta.expectations.get("notes", []):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
     for line in meta.expectations.get("failed", []):

@@ -29,7 +29,7 @@ from crossengine.errors import EngineDied
 from crossengine.identity import SAMPLED
 from crossengine.experiment.plan import EngineInstance, Plan
 from crossengine.compare.inputs import first_differences
-from crossengine.results import INPUTS_SCHEMA, WORST_SCHEMA, RunDir, noise_table, token_table, write_table
+from crossengine.results import INPUTS_SCHEMA, WORST_SCHEMA, RunDir, noise_table, routing_table, token_table, write_table
 
 if TYPE_CHECKING:  # the runner imports this module; this is for type names only
     from crossengine.run.pool import EnginePool
@@ -192,6 +192,8 @@ class Mode:
                 run.say_plain(f"inputs of {name!r}, {line}")
         if name in self.plan.names():  # not the generator's own sampling, which has no floor
             self.write_noise(name, b, part.noise, part.noise_s)
+        if self.exp.routing:
+            write_table(run.run_dir.routing_part(name, b), routing_table(part.routing, options.cand_engine, options.variant))
         write_table(run.run_dir.worst_part(name, b), pa.Table.from_pylist(part.worst, schema=WORST_SCHEMA))
         write_table(run.run_dir.part(name, b), token_table(part.rows, self.plan.run_id, self.plan.reference.name, options.cand_engine, options.variant, run.vocab_text))
 

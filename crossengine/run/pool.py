@@ -72,7 +72,7 @@ def _worker_class():
             finally:
                 self.output.remove()
 
-        def load(self, kind: str, spec: dict, model_path: str, instance: str, seed: int, threads: int, gpu_share: float | None) -> dict:
+        def load(self, kind: str, spec: dict, model_path: str, instance: str, seed: int, threads: int, gpu_share: float | None, routing: bool = False) -> dict:
             import torch
 
             torch.set_num_threads(threads)
@@ -84,6 +84,8 @@ def _worker_class():
             if gpu_share is not None and option and torch.cuda.is_available():  # an engine that takes its memory up front, on a shared real GPU
                 spec = spec.model_copy(update={"options": {option: gpu_share, **spec.options}})
             self.engine = self._guarded(cls, spec, model_path, instance, seed)
+            if routing:  # the experiment's `routing: true`: every score carries each MoE layer's choice
+                self._guarded(self.engine.report_routing)
             return self.info()
 
         def info(self) -> dict:
@@ -128,6 +130,11 @@ def _worker_class():
             from crossengine.compare.tokens import compare_batch
 
             rows, to_score, own = self._guarded(self._own_inputs, batch, raw)
+            if self.engine.spec.replays_reference_routing:  # routing replay: the reference's choices are needed before this forward
+                from crossengine.adapters.base import TokenLogprobs
+
+                ref = ray.get(ref_out[0])
+                self.engine.replay_routing({s.sample_id: r.routing for s, r in zip(batch, ref) if isinstance(r, TokenLogprobs) and r.routing is not None})
             mine = self._guarded(self.engine.score, to_score, top_k, full_vocab)
             if raw is not None:
                 from crossengine.compare.inputs import own_prompt_effect
@@ -181,7 +188,8 @@ class EnginePool:
     is one line naming the engine.
     """
 
-    def __init__(self, instances: list[EngineInstance], placement, seed: int, base: Path, timeouts, console=None, keeper: "EngineKeeper | None" = None):
+    def __init__(self, instances: list[EngineInstance], placement, seed: int, base: Path, timeouts, console=None, keeper: "EngineKeeper | None" = None,
+                 routing: bool = False):
         worker = _worker_class()
         members = [i.name for i in instances]
         cpus = {name: placement.cpu_share(name, members) for name in members}  # its part of its node's CPUs
@@ -192,7 +200,7 @@ class EnginePool:
         self.console = console
         self.keeper = keeper
         slots = placement.slots
-        self.keys = {i.name: EngineKeeper.key(i, seed, slots[i.name].gpus, placement.node_id(i.name), cpus[i.name]) for i in instances}
+        self.keys = {i.name: EngineKeeper.key(i, seed, slots[i.name].gpus, placement.node_id(i.name), cpus[i.name]) + f"|routing={routing}" for i in instances}
         if keeper is not None:
             keeper.evict_except(set(self.keys.values()))  # kept engines no member of this wave uses give their resources back first
             for inst in instances:
@@ -221,7 +229,7 @@ class EnginePool:
                 loads = {
                     i.name: self.actors[i.name].load.remote(
                         i.spec.type, i.spec.model_dump(mode="json"), i.model_path, i.name, seed, max(1, int(cpus[i.name])),
-                        slots[i.name].gpu_memory_utilization
+                        slots[i.name].gpu_memory_utilization, routing
                     )
                     for i in group
                 }

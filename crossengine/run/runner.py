@@ -196,7 +196,7 @@ class Runner:
         for w, wave in enumerate(waves):
             t = time.time()
             members = [self.plan.reference, *[m for m in always if m is not self.plan.reference and m not in wave], *wave]
-            pool = EnginePool(members, self.placement, exp.seed, self.plan.experiment_path.parent, exp.placement, self.console, self.keeper)
+            pool = EnginePool(members, self.placement, exp.seed, self.plan.experiment_path.parent, exp.placement, self.console, self.keeper, exp.routing)
             self.timings[f"engine_start_s_wave{w}"] = time.time() - t
             self.timings.update({f"{name}.ready_after_s": v for name, v in pool.start_s.items()})
             infos.update(pool.infos)
@@ -227,6 +227,10 @@ class Runner:
         write_table(self.run_dir.summary, pa.Table.from_pandas(summary, preserve_index=False))
         if not floors.empty:
             write_table(self.run_dir.root / "noise.parquet", pa.Table.from_pandas(floors, preserve_index=False))
+        if exp.routing:
+            from crossengine.compare.routing_summary import routing_table
+
+            write_table(self.run_dir.root / "routing.parquet", pa.Table.from_pandas(routing_table(self.run_dir.root / "routing"), preserve_index=False))
         self._check_expectations(floors)
         if nearest is not None:
             write_table(self.run_dir.root / "nearest.parquet", pa.Table.from_pandas(nearest, preserve_index=False))
