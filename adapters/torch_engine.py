@@ -304,7 +304,7 @@ class TorchEngine(Engine):
             out[i] = self.invalid(s) or self._unbatchable(s)
             if out[i] is None:
                 todo.append(i)
-        single = self.spec.batching == "single"
+        single = self.spec.batching == "single" or self.routers is not None  # routing is read per sample
         groups = [[i] for i in todo] if single else [todo[j : j + self.spec.micro_batch_size] for j in range(0, len(todo), self.spec.micro_batch_size)]
         for group in groups:
             try:

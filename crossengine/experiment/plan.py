@@ -68,7 +68,8 @@ class Plan:
         noise = self.experiment.noise
         if noise is None or inst.traits.has_records:  # a dump's numbers are a file: nothing to vary
             return None
-        names = [c for c in self.experiment.noise_conditions(inst.name) if c not in BATCHINGS or inst.traits.batching]
+        batchings = inst.traits.batching and not self.experiment.routing  # routing is read one sample per forward
+        names = [c for c in self.experiment.noise_conditions(inst.name) if c not in BATCHINGS or batchings]
         expanded = tuple(x for c in names for x in ([f"repeat{k}" for k in range(1, noise.repeats + 1)] if c == "repeat" else [c]))
         return NoisePlan(expanded, noise.fillers, noise.seed) if expanded else None
 
@@ -82,8 +83,9 @@ class Plan:
         for inst in self.instances:
             plan = self.noise_plan(inst)
             asked = self.experiment.noise_conditions(inst.name)
-            left = [c for c in asked if c in BATCHINGS and not inst.traits.batching]
-            why = f" ({', '.join(left)} do{'es' if len(left) == 1 else ''} not apply: {inst.spec.type} engines have no batching field)" if left else ""
+            left = [c for c in asked if c in BATCHINGS and (not inst.traits.batching or self.experiment.routing)]
+            cause = "routing: true reads routing one sample per forward" if inst.traits.batching else f"{inst.spec.type} engines have no batching field"
+            why = f" ({', '.join(left)} do{'es' if len(left) == 1 else ''} not apply: {cause})" if left else ""
             if inst.traits.has_records and asked:
                 why = " (its numbers are a file: nothing to vary)"
             out.append(f"noise floor: {inst.name}: {', '.join(plan.conditions) if plan else 'none'}{why}")
