@@ -319,7 +319,6 @@ class TorchEngine(Engine):
             except Exception as exc:  # noqa: BLE001 - one line naming engine and sample; traceback to the run log
                 for i in group:
                     out[i] = SampleError.from_exception(samples[i].sample_id, self.instance, exc)
-        self._replay = {}
         return out
 
     routers: list | None = None  # the MoE routers in forward order, once report_routing found them
@@ -341,7 +340,7 @@ class TorchEngine(Engine):
                              "(a transformers 5 mixture-of-experts router): it cannot report routing")
 
     def replay_routing(self, routing: dict[str, np.ndarray]) -> None:
-        self._replay = dict(routing)
+        self._replay = dict(routing)  # the batch's, kept for its noise conditions; the next batch's replaces it
 
     def _score_routed(self, s: Sample, top_k: int, full_vocab: bool) -> TokenLogprobs:
         from .routing import captured
