@@ -77,8 +77,9 @@ def test_replay_removes_a_difference_planted_only_in_the_router(routing_run):
     flipped = nudged["routing_flips"] > 0
     assert flipped.any() and nudged["abs_lp_diff"].max() > 1e-2, "the nudge flips routing and moves some log-prob"
     # what is left under replay is the nudged logits' softmax weights on the same experts, at every token alike
-    assert replayed.max() < nudged["abs_lp_diff"].max() / 5, (replayed.max(), nudged["abs_lp_diff"].max())
-    assert replayed[flipped].mean() < nudged.loc[flipped, "abs_lp_diff"].mean() / 5, "where routing flipped, replay removes the gap"
+    assert replayed.max() < nudged["abs_lp_diff"].max() / 2, (replayed.max(), nudged["abs_lp_diff"].max())
+    assert replayed[flipped].mean() < nudged.loc[flipped, "abs_lp_diff"].mean() / 3, "where routing flipped, replay removes most of the gap"
+    assert replayed[flipped].mean() < 2 * nudged.loc[~flipped, "abs_lp_diff"].mean(), "what is left there is what unflipped tokens carry anyway"
     assert not routing[routing["instance"] == "nudged-r3"]["flip"].any(), "it routed as the reference"
     bf16 = tokens[tokens["instance"] == "hf-bf16"]
     r3 = tokens[tokens["instance"] == "hf-bf16-r3"]
