@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +30,9 @@ from crossengine.run_meta import RunMeta
 from crossengine.compare.metrics import METRIC_COLUMNS
 from crossengine.compare.noise import NOISE_COLUMNS
 from crossengine.compare.routing import ROUTING_COLUMNS
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SCHEMA_VERSION = 3  # 2: + nonfinite; 3: + noise_ref, noise_cand, noise_kl_ref, noise_kl_cand, above_noise, routing_flips
 _DICT = pa.dictionary(pa.int32(), pa.string())
@@ -157,6 +160,20 @@ def token_table(rows: list[TokenRows], run_id: str, ref: str, cand: str, variant
         values = np.concatenate([r.metrics[name] for r in rows]).astype(np.int32) if rows else np.empty(0, np.int32)
         cols[name] = pa.array(values, mask=values < 0)
     return pa.table(cols, schema=TOKEN_SCHEMA)
+
+
+def read_parts(folder: Path, columns: list[str] | None = None, strings: tuple[str, ...] = ()) -> "pd.DataFrame | None":
+    """A folder of per-batch parts (noise/, routing/) as one frame, in file order (engine, then batch), the
+    `strings` columns as plain str; None where the folder holds none."""
+    import pandas as pd
+
+    files = sorted(Path(folder).glob("*.parquet")) if Path(folder).is_dir() else []
+    if not files:
+        return None
+    df = pd.concat([pd.read_parquet(f, columns=columns) for f in files], ignore_index=True)
+    for c in strings:
+        df[c] = df[c].astype(str)
+    return df
 
 
 def noise_table(rows: list, engine: str, vocab_text: pa.Array) -> pa.Table:

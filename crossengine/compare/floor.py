@@ -25,20 +25,11 @@ import pandas as pd
 ALL = "all"
 
 
-def read_noise(noise_dir: Path) -> pd.DataFrame | None:
-    files = sorted(Path(noise_dir).glob("*.parquet")) if Path(noise_dir).is_dir() else []
-    if not files:
-        return None
-    frames = [pd.read_parquet(f) for f in files]  # batch order: the first difference is the first in the run
-    df = pd.concat(frames, ignore_index=True)
-    for c in ("engine", "sample_id", "condition", "token_text"):
-        df[c] = df[c].astype(str)
-    return df
-
-
 def floor_table(noise_dir: Path) -> pd.DataFrame:
     """noise.parquet: see the module docstring; empty when no engine had a floor."""
-    df = read_noise(noise_dir)
+    from crossengine.results import read_parts
+
+    df = read_parts(noise_dir, strings=("engine", "sample_id", "condition", "token_text"))  # batch order: the first difference is the run's first
     if df is None or df.empty:
         return pd.DataFrame(columns=["engine", "condition"])
     rows = []

@@ -23,12 +23,12 @@ from crossengine.identity import display_names
 
 
 def read_routing(routing_dir: Path) -> pd.DataFrame | None:
-    files = sorted(Path(routing_dir).glob("*.parquet")) if Path(routing_dir).is_dir() else []
-    if not files:
-        return None
-    df = pd.concat([pd.read_parquet(f, columns=["cand_engine", "variant", "sample_id", "position", "layer", "flip", "margin_ref"]) for f in files], ignore_index=True)
-    df["candidate"] = display_names(df)
-    df["sample_id"] = df["sample_id"].astype(str)
+    """The routing/ parts' decisions, with each row's candidate by its display name."""
+    from crossengine.results import read_parts
+
+    df = read_parts(routing_dir, ["cand_engine", "variant", "sample_id", "position", "layer", "flip", "margin_ref"], strings=("sample_id",))
+    if df is not None:
+        df["candidate"] = display_names(df)
     return df
 
 
