@@ -12,6 +12,8 @@ Replay (the trainer side of Rollout Routing Replay) makes each router return the
 ids instead of its own top-k, with weights recomputed as the router computes them from its own
 logits: softmax probabilities at the given ids, normalised to sum 1 where the router's own
 weights do. Replaying an engine's own routing therefore gives bitwise its own scores (tested).
+A router whose weights are neither (sigmoid or grouped routing, DeepSeek-V3) is refused, not guessed.
+Found here in tiny Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE, GPT-OSS and GraniteMoE models.
 
 Imported by the torch engines in their worker.
 """
@@ -66,7 +68,12 @@ def captured(routers: list, replay: np.ndarray | None = None):
                 chosen = torch.as_tensor(replay[:, layer], device=ids.device, dtype=ids.dtype)
                 probs = torch.softmax(logits.float(), dim=-1)
                 mine = probs.gather(-1, ids)  # the router's own choice, to see how it turns probabilities into weights
-                normalises = (weights.float() - mine / mine.sum(-1, keepdim=True)).abs().max() <= (weights.float() - mine).abs().max()
+                err_normalised = (weights.float() - mine / mine.sum(-1, keepdim=True)).abs().max()
+                err_plain = (weights.float() - mine).abs().max()
+                if min(err_normalised, err_plain) > 1e-2:  # sigmoid or grouped routers (DeepSeek-V3): not softmax weights
+                    raise ValueError("this router's weights are not the softmax of its logits (renormalised or not): "
+                                     "replay cannot recompute them as it does")
+                normalises = err_normalised <= err_plain
                 new = probs.gather(-1, chosen)
                 if normalises:  # the router renormalises its top-k weights to sum 1 (Mixtral; Qwen-MoE with norm_topk_prob)
                     new = new / new.sum(dim=-1, keepdim=True)
