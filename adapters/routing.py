@@ -32,6 +32,14 @@ def _is_router_output(out) -> bool:
             and out[2].dim() == 2 and not out[2].is_floating_point() and out[1].shape == out[2].shape and out[0].shape[0] == out[2].shape[0])
 
 
+def router_margin(logits, k: int):
+    """Per row of router logits [N, E]: the k-th largest minus the (k+1)-th (inf where E == k): how near the router was to another choice."""
+    import torch
+
+    top = torch.topk(logits.float(), min(k + 1, logits.shape[1]), dim=-1).values
+    return top[:, k - 1] - top[:, k] if top.shape[1] > k else torch.full_like(top[:, 0], float("inf"))
+
+
 def find_routers(model, probe) -> list:
     """The router modules of `model` in forward order, found by running `probe()` (one forward) with a hook on every module."""
     found, handles = [], []
@@ -62,8 +70,7 @@ def captured(routers: list, replay: np.ndarray | None = None):
     def make_hook(layer: int):
         def hook(mod, args, out):
             logits, weights, ids = out
-            top = torch.topk(logits.float(), min(ids.shape[1] + 1, logits.shape[1]), dim=-1).values
-            margin = (top[:, ids.shape[1] - 1] - top[:, ids.shape[1]]) if top.shape[1] > ids.shape[1] else torch.full_like(top[:, 0], float("inf"))
+            margin = router_margin(logits, ids.shape[1])
             if replay is not None:
                 chosen = torch.as_tensor(replay[:, layer], device=ids.device, dtype=ids.dtype)
                 probs = torch.softmax(logits.float(), dim=-1)

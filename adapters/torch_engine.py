@@ -126,6 +126,8 @@ class TorchEngine(Engine):
         self.is_vision = getattr(self.config, "vision_config", None) is not None
         self.dropped_inputs = set(spec.drop_inputs)  # patches may add to it
         self.pixels_on_device = False  # set by the pixels_on_device patch
+        self.routers: list | None = None  # the MoE routers in forward order, once report_routing found them
+        self._replay: dict[str, np.ndarray] = {}  # sample id -> the reference's routing this engine replays (replay_routing)
         self.model = self._load_model(common)
         self.tokenizer, self.processor = self._load_tokenizer(common)
         from .patches import apply_patches  # built-in ones are HF-only: config rejects them on native engines
@@ -308,11 +310,10 @@ class TorchEngine(Engine):
         groups = [[i] for i in todo] if single else [todo[j : j + self.spec.micro_batch_size] for j in range(0, len(todo), self.spec.micro_batch_size)]
         for group in groups:
             try:
-                if self.routers is not None:  # one sample per forward: its routers' rows are its tokens
-                    out[group[0]] = self._score_routed(samples[group[0]], top_k, full_vocab)
+                if single:
+                    out[group[0]] = self._score_one(samples[group[0]], top_k, full_vocab)
                     continue
-                logits = [self.forward_logits(samples[group[0]])] if single else self.forward_batch([samples[i] for i in group])
-                for i, row in zip(group, logits):
+                for i, row in zip(group, self.forward_batch([samples[i] for i in group])):
                     out[i] = self._to_arrays(samples[i], row, top_k, full_vocab)
             except SampleError as exc:
                 out[group[0]] = exc
@@ -320,9 +321,6 @@ class TorchEngine(Engine):
                 for i in group:
                     out[i] = SampleError.from_exception(samples[i].sample_id, self.instance, exc)
         return out
-
-    routers: list | None = None  # the MoE routers in forward order, once report_routing found them
-    _replay: dict = {}
 
     def report_routing(self) -> None:
         """Find the routers by what they return (adapters/routing.py) with one forward of a short probe; a model without any says so."""
@@ -342,9 +340,12 @@ class TorchEngine(Engine):
     def replay_routing(self, routing: dict[str, np.ndarray]) -> None:
         self._replay = dict(routing)  # the batch's, kept for its noise conditions; the next batch's replaces it
 
-    def _score_routed(self, s: Sample, top_k: int, full_vocab: bool) -> TokenLogprobs:
+    def _score_one(self, s: Sample, top_k: int, full_vocab: bool) -> TokenLogprobs:
+        """One sample, one unpadded forward; with routing on, each MoE layer's choice (replayed where the spec says) rides along."""
         from .routing import captured
 
+        if self.routers is None:
+            return self._to_arrays(s, self.forward_logits(s), top_k, full_vocab)
         replay = self._replay.get(s.sample_id) if self.spec.routing == "replay" else None
         if self.spec.routing == "replay":
             want = (len(s), len(self.routers))

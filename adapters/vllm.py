@@ -150,7 +150,8 @@ class VLLMEngine(Engine):
 
     def report_routing(self) -> None:
         """Hook each MoE gate inside vLLM's worker (adapters/vllm_routing.py); a model without one says so."""
-        fields = {**self.hf_config.to_dict(), **(self.hf_config.to_dict().get("text_config") or {})}
+        config = self.hf_config.to_dict()
+        fields = {**config, **(config.get("text_config") or {})}
         experts = next((fields[k] for k in ("num_experts", "num_local_experts", "n_routed_experts") if isinstance(fields.get(k), int)), None)
         k = fields.get("num_experts_per_tok")
         names = self.llm.collective_rpc("crossengine_routing_install", args=(experts, k))[0] if experts and k else []

@@ -42,13 +42,13 @@ class RoutingExtension:
         hands numpy arrays back as raw (dtype, shape, data) triples when the caller gives no type."""
         import torch
 
+        from crossengine.adapters.routing import router_margin
+
         out = []
         k = self._crossengine_top_k
         for layer in sorted(self._crossengine_rows):
             logits = torch.cat(self._crossengine_rows[layer])
-            top = torch.topk(torch.softmax(logits, -1), min(k + 1, logits.shape[1]), dim=-1)
-            top_logits = torch.topk(logits, min(k + 1, logits.shape[1]), dim=-1).values
-            margin = top_logits[:, k - 1] - top_logits[:, k] if top_logits.shape[1] > k else torch.full((len(logits),), float("inf"))
-            out.append((top.indices[:, :k].tolist(), margin.tolist()))
+            ids = torch.topk(torch.softmax(logits, -1), k, dim=-1).indices  # as the router picks: top-k of the softmax
+            out.append((ids.tolist(), router_margin(logits, k).tolist()))
         self._crossengine_rows = {}
         return out

@@ -36,6 +36,19 @@ def random_samples(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
     return [[1] + rng.integers(3, min(vocab, 500), length - 1).tolist() for _ in range(n)]
 
 
+def bench_workload(samples: int, vocab: int = 32000):
+    """What the scoring benches share: `--samples` (default `samples`) and `--length` (256) from the command line, a
+    fresh folder, the bench model in it and that many random samples. (args, folder, model folder, samples)"""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=samples)
+    ap.add_argument("--length", type=int, default=256)
+    args = ap.parse_args()
+    d = tmpdir()
+    return args, d, build_bench_model(d / "model", vocab=vocab), random_samples(args.samples, args.length, vocab)
+
+
 def write_experiment(d: Path, model: str, engines: str, samples: list[list[int]], extra: str = "") -> Path:
     (d / "samples.jsonl").write_text("".join(json.dumps({"token_ids": s}) + "\n" for s in samples))
     path = d / "bench.yaml"

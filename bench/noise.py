@@ -12,9 +12,8 @@ every batch once more per condition on each engine with one, so scoring should t
 
 from __future__ import annotations
 
-import argparse
 
-from common import build_bench_model, random_samples, run_cli, tmpdir, write_experiment
+from common import bench_workload, run_cli, write_experiment
 
 ENGINES = "  ref: {type: hf, dtype: float32}\n  cand: {type: hf, dtype: bfloat16}"
 CASES = {
@@ -25,13 +24,7 @@ CASES = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--length", type=int, default=256)
-    args = ap.parse_args()
-    d = tmpdir()
-    model = build_bench_model(d / "model")
-    samples = random_samples(args.samples, args.length, 32000)
+    args, d, model, samples = bench_workload(16)
     base = None
     print(f"{args.samples} samples x {args.length} tokens, V = 32000; scoring_s from run.json")
     for k, (name, extra) in enumerate(CASES.items()):

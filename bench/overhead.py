@@ -13,13 +13,12 @@ Goals: full vocabulary ≤ 1.10× its bare script, top-k ≤ 1.05×. Both ratios
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import torch
 
-from common import build_bench_model, random_samples, run_cli, tmpdir, write_experiment
+from common import bench_workload, run_cli, write_experiment
 
 
 def bare_hf(model_dir, samples, threads: int, full: bool) -> float:
@@ -40,13 +39,7 @@ def bare_hf(model_dir, samples, threads: int, full: bool) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--samples", type=int, default=32)
-    ap.add_argument("--length", type=int, default=256)
-    args = ap.parse_args()
-    d = tmpdir()
-    model = build_bench_model(d / "model")
-    samples = random_samples(args.samples, args.length, 32000)
+    args, d, model, samples = bench_workload(32)
     bare = {full: bare_hf(model, samples, threads=os.cpu_count(), full=full) for full in (True, False)}  # a plain script uses every core
     engines = "  ref: {type: hf, attn_implementation: sdpa}\n  cand: {type: hf, attn_implementation: eager}"
     print(f"samples={args.samples} length={args.length} vocab=32000")

@@ -78,9 +78,9 @@ def _distinct_max(g: pd.DataFrame) -> int:
     return best
 
 
-def engine_line(row: pd.Series) -> str:
-    """How one engine's floor reads in a sentence."""
-    name, n = row["engine"], len(row["conditions"].split(", "))
+def engine_line(name: str, row: pd.Series) -> str:
+    """How one engine's floor (its pooled row of noise.parquet) reads in a sentence."""
+    n = len(row["conditions"].split(", "))
     if row["bitwise"]:
         return f"{name} is bitwise invariant over its {n} condition(s) ({row['conditions']}: 1 distinct result)"
     return (f"{name} is not batch-invariant (max |Δlp| {row['max_abs_diff']:.3g} between base and {row['worst_condition']}; "
@@ -89,20 +89,20 @@ def engine_line(row: pd.Series) -> str:
 
 def pair_lines(summary: pd.DataFrame, floors: pd.DataFrame, reference: str) -> list[str]:
     """One line per candidate with a floor on either side: the share of its tokens above both engines' noise, and each side's floor."""
+    from crossengine.compare.summary import pooled_rows
     from crossengine.identity import display_name
 
     if "frac_above_noise" not in summary or floors.empty:
         return []
     pooled = floors[floors["condition"] == ALL].set_index("engine")
-    rows = summary[(summary["modality"] == "all") & (summary["attention"] == "all") & (summary["segment"] == "all") & (summary["position_bucket"] == "all")]
     out = []
-    for _, r in rows.iterrows():
+    for _, r in pooled_rows(summary).iterrows():
         shown = display_name(r["cand_engine"], r["variant"])  # an engine's or variant's instance name
         frac = r["frac_above_noise"]
         if pd.isna(frac):
             continue
         sides = [shown, reference]
-        said = "; ".join(engine_line(pd.Series({**pooled.loc[s].to_dict(), "engine": s})) for s in sides if s in pooled.index)
+        said = "; ".join(engine_line(s, pooled.loc[s]) for s in sides if s in pooled.index)
         missing = [s for s in sides if s not in pooled.index]
         note = f"; {' and '.join(missing)} has no floor" if missing else ""
         out.append(f"{shown} vs {reference}: {100 * frac:.1f} % of tokens above both engines' noise ({int(r['n_above_noise'])} of {int(r['n_tokens'])}); {said}{note}")

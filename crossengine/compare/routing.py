@@ -40,17 +40,14 @@ def flips(ref: TokenLogprobs, cand: TokenLogprobs) -> np.ndarray | None:
     return (np.sort(ref.routing, -1) != np.sort(cand.routing, -1)).any(-1)
 
 
-def routing_column(ref: TokenLogprobs, cand: TokenLogprobs, n: int) -> np.ndarray:
-    """routing_flips at every row (row 0 included; token_rows slices): flips of position t − 1 at row t, −1 (null) unknown."""
-    f = flips(ref, cand)
+def routing_column(f: np.ndarray | None, n: int) -> np.ndarray:
+    """routing_flips at every row (row 0 included; token_rows slices) from `flips`: flips of position t − 1 at row t, −1 (null) unknown."""
     out = np.full(n, -1, np.int32)
     if f is not None:
         out[1:] = f.sum(-1)[: n - 1]
     return out
 
 
-def routing_rows(sample_id: str, token_ids: np.ndarray, ref: TokenLogprobs, cand: TokenLogprobs) -> RoutingRows | None:
-    f = flips(ref, cand)
-    if f is None:
-        return None
+def routing_rows(sample_id: str, token_ids: np.ndarray, ref: TokenLogprobs, cand: TokenLogprobs, f: np.ndarray) -> RoutingRows:
+    """The routing/ rows of one sample whose `flips` are `f`."""
     return RoutingRows(sample_id, token_ids, ref.routing, cand.routing, f, ref.router_margin, cand.router_margin)

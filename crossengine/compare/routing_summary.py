@@ -62,7 +62,9 @@ def routing_lines(table: pd.DataFrame, summary: pd.DataFrame, reference: str) ->
     """One line per candidate: its router disagreement and how much of the gap sits where routing flipped."""
     if table.empty:
         return []
-    pooled = summary[(summary["modality"] == "all") & (summary["attention"] == "all") & (summary["segment"] == "all") & (summary["position_bucket"] == "all")]
+    from crossengine.compare.summary import pooled_rows
+
+    pooled = pooled_rows(summary)
     by_name = dict(zip(display_names(pooled), pooled.to_dict("records")))
     out = []
     for _, r in table[table["layer"] == -1].iterrows():

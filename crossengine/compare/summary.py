@@ -27,6 +27,11 @@ _NEEDED = [
 _OPTIONAL = ["above_noise", "routing_flips"]  # columns a run of an older schema version lacks
 
 
+def pooled_rows(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary's pooled rows: every split key at "all" (one per candidate), categorical or str keys alike."""
+    return summary[np.logical_and.reduce([summary[k].astype(str) == "all" for k in SPLITS])]
+
+
 def read_tokens(tokens_dir: Path, columns: list[str] | None = None) -> pd.DataFrame:
     return ds.dataset(tokens_dir, format="parquet").to_table(columns=columns).to_pandas()
 

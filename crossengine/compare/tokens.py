@@ -25,7 +25,7 @@ from crossengine.adapters.base import Sample, SampleError, TokenLogprobs
 from crossengine.compare.align import check_scores
 from crossengine.compare.metrics import token_metrics
 from crossengine.compare.noise import floor_columns
-from crossengine.compare.routing import routing_column, routing_rows
+from crossengine.compare.routing import flips, routing_column, routing_rows
 
 WORST_PER_PART = 20
 
@@ -113,19 +113,21 @@ def compare_batch(batch: list[Sample | SampleError], ref_out: list, cand_out: li
         if misaligned is not None:
             part.errors.append(misaligned)
             continue
-        part.rows.append(token_rows(sample, r, c, options.tie_eps, options.completion_only, options.noise_margin))
-        routed = routing_rows(sample.sample_id, c.scored_ids if c.scored_ids is not None else sample.input_ids, r, c)
-        if routed is not None:
-            part.routing.append(routed)
+        f = flips(r, c)  # MoE routing, where both sides report it
+        part.rows.append(token_rows(sample, r, c, options.tie_eps, options.completion_only, options.noise_margin, f))
+        if f is not None:
+            part.routing.append(routing_rows(sample.sample_id, c.scored_ids if c.scored_ids is not None else sample.input_ids, r, c, f))
         scored.append((r, c))
     part.worst = worst_rows(part.rows, scored, options.cand_engine, options.variant)
     part.metrics_s = time.perf_counter() - t
     return part
 
 
-def token_rows(sample: Sample, ref: TokenLogprobs, cand: TokenLogprobs, tie_eps: float, completion_only: bool = False, noise_margin: float = 1.0) -> TokenRows:
+def token_rows(sample: Sample, ref: TokenLogprobs, cand: TokenLogprobs, tie_eps: float, completion_only: bool = False, noise_margin: float = 1.0,
+               routing_flips: np.ndarray | None = None) -> TokenRows:
     """Rows at the positions both sides scored: every position from 1, or a dump's scored
-    response tokens (`TokenLogprobs.scored`), where its response is the completion segment."""
+    response tokens (`TokenLogprobs.scored`), where its response is the completion segment.
+    `routing_flips`: routing.flips(ref, cand), where both sides report MoE routing."""
     positions = np.arange(1, len(sample), dtype=np.int32)
     segment = np.zeros(len(positions), dtype=np.int8)
     both = np.ones(len(sample), bool)
@@ -142,7 +144,7 @@ def token_rows(sample: Sample, ref: TokenLogprobs, cand: TokenLogprobs, tie_eps:
     nonfinite = metrics.pop("nonfinite")
     floors = floor_columns(ref, cand, np.concatenate([[np.nan], metrics["lp_diff"]]), noise_margin)
     metrics.update({k: v[1:] for k, v in floors.items()})
-    metrics["routing_flips"] = routing_column(ref, cand, len(sample))[1:]
+    metrics["routing_flips"] = routing_column(routing_flips, len(sample))[1:]
     return TokenRows(
         sample_id=sample.sample_id,
         positions=positions[keep],

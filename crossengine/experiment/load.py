@@ -114,23 +114,17 @@ def _check_noise(exp: Experiment, fail) -> None:
 
 def _check_routing(exp: Experiment, fail) -> None:
     """`routing: true` needs engines that report it; `routing: replay` needs the reference's routing, so it is a candidate's."""
-    from crossengine.adapters import engine_class
+    from crossengine.adapters import BUILTIN, engine_class
 
     for name, (_, variant, spec) in exp.resolved_engines().items():
         section = ("engines" if variant == BASE else "variants", name)
         if exp.routing and not engine_class(spec.type).traits.reports_routing:
             fail(("routing",), f"engine {name!r} ({spec.type}) cannot report routing; the engines that can: "
-                 f"{', '.join(k for k in _builtin_types() if engine_class(k).traits.reports_routing)}")
+                 f"{', '.join(k for k in sorted(BUILTIN) if engine_class(k).traits.reports_routing)}")
         if spec.replays_reference_routing and (not exp.routing or name == exp.reference):
             fail((*section, "routing"), "routing: replay routes a candidate with the reference's expert choices: it needs the experiment's "
                  "`routing: true`, and the reference routes by itself" if name == exp.reference else
                  "routing: replay needs the experiment's `routing: true` (the reference's expert choices are what it replays)")
-
-
-def _builtin_types() -> list[str]:
-    from crossengine.adapters import BUILTIN
-
-    return sorted(BUILTIN)
 
 
 def _check_variants(exp: Experiment, path: Path, root: yaml.Node | None) -> None:

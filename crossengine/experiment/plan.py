@@ -61,29 +61,38 @@ class Plan:
     def names(self) -> set[str]:
         return {i.name for i in self.instances}
 
+    def instance(self, name: str) -> EngineInstance:
+        """The engine or variant (or negative control) of that name."""
+        return next(i for i in self.instances if i.name == name)
+
     def noise_plan(self, inst: EngineInstance) -> "NoisePlan | None":
         """The noise conditions `inst` runs (crossengine/compare/noise.py), or None: no floor for it."""
-        from crossengine.compare.noise import BATCHINGS, NoisePlan
+        from crossengine.compare.noise import NoisePlan
 
         noise = self.experiment.noise
         if noise is None or inst.traits.has_records:  # a dump's numbers are a file: nothing to vary
             return None
-        batchings = inst.traits.batching and not self.experiment.routing  # routing is read one sample per forward
-        names = [c for c in self.experiment.noise_conditions(inst.name) if c not in BATCHINGS or batchings]
+        left = self._batchings_left(inst)
+        names = [c for c in self.experiment.noise_conditions(inst.name) if c not in left]
         expanded = tuple(x for c in names for x in ([f"repeat{k}" for k in range(1, noise.repeats + 1)] if c == "repeat" else [c]))
         return NoisePlan(expanded, noise.fillers, noise.seed) if expanded else None
 
-    def noise_lines(self) -> list[str]:
-        """What the noise floor will vary, per engine, said before anything loads (and what does not apply)."""
+    def _batchings_left(self, inst: EngineInstance) -> set[str]:
+        """The batching conditions `inst` cannot vary: all of them without the batching trait, or with `routing: true`
+        (routing is read one sample per forward)."""
         from crossengine.compare.noise import BATCHINGS
 
+        return set(BATCHINGS) if not inst.traits.batching or self.experiment.routing else set()
+
+    def noise_lines(self) -> list[str]:
+        """What the noise floor will vary, per engine, said before anything loads (and what does not apply)."""
         if self.experiment.noise is None:
             return []
         out = []
         for inst in self.instances:
             plan = self.noise_plan(inst)
             asked = self.experiment.noise_conditions(inst.name)
-            left = [c for c in asked if c in BATCHINGS and (not inst.traits.batching or self.experiment.routing)]
+            left = [c for c in asked if c in self._batchings_left(inst)]
             cause = "routing: true reads routing one sample per forward" if inst.traits.batching else f"{inst.spec.type} engines have no batching field"
             why = f" ({', '.join(left)} do{'es' if len(left) == 1 else ''} not apply: {cause})" if left else ""
             if inst.traits.has_records and asked:
@@ -95,7 +104,7 @@ class Plan:
         """The record source of engine `name` (samples taken from its dump), opened once per plan."""
         cache = self.__dict__.setdefault("_records", {})
         if name not in cache:
-            inst = next(i for i in self.instances if i.name == name)
+            inst = self.instance(name)
             source = engine_class(inst.spec.type).records(inst.spec)
             source.vocab_size = vocab_size_of(self.reference.model_path, self.reference.spec.revision)  # ids beyond it: refused, naming the record
             cache[name] = source

@@ -20,7 +20,7 @@ import pandas as pd
 
 from crossengine.identity import SAMPLED, display_name, display_names
 from crossengine.compare.inputs import differing_inputs, read_inputs
-from crossengine.compare.summary import SPLITS
+from crossengine.compare.summary import SPLITS, pooled_rows
 from crossengine.run_meta import RunMeta
 
 MAX_SAMPLES = 20
@@ -104,7 +104,7 @@ def _pooled(summary: pd.DataFrame) -> pd.DataFrame:
     df = summary.copy()
     for c in ("cand_engine", "variant", *SPLITS):
         df[c] = df[c].astype(str)
-    return df[np.logical_and.reduce([df[k] == "all" for k in SPLITS])]
+    return pooled_rows(df)
 
 
 # --------------------------------------------------------------------------- one run

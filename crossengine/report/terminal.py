@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from crossengine.compare.summary import pooled_rows
 from crossengine.identity import display_name, display_names
 
 COLUMNS = [
@@ -125,8 +126,7 @@ def ablation_table(summary: pd.DataFrame, reference: str, differing: dict[str, s
     df = summary.copy()
     for col in ("modality", "attention", "segment", "position_bucket", "variant", "cand_engine"):
         df[col] = df[col].astype(str)
-    pooled = df[(df["modality"] == "all") & (df["attention"] == "all") & (df["segment"] == "all") & (df["position_bucket"] == "all")]
-    pooled = pooled.sort_values("kl_mean", ascending=False)
+    pooled = pooled_rows(df).sort_values("kl_mean", ascending=False)
     table = Table(title=f"ablation vs {reference} (largest KL first)", title_justify="left")
     table.add_column("variant", no_wrap=True)
     for _, header, _ in ABLATION:

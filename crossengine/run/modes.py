@@ -110,6 +110,7 @@ class Mode:
         self.run = run
         self.plan = run.plan
         self.exp = run.plan.experiment
+        self.noise_said: set[tuple[str, str]] = set()  # (engine, reason) of noise conditions a sample failed, said once
 
     def always_loaded(self) -> list[EngineInstance]:
         """Engines every wave needs (placed beside the reference)."""
@@ -167,14 +168,13 @@ class Mode:
 
     def write_noise(self, name: str, b: int, rows: list, seconds: float) -> None:
         """An engine's floor for one batch (noise/), where it has one; before its token part marks the batch done."""
-        if self.plan.noise_plan(next(i for i in self.plan.instances if i.name == name)) is None:
+        if self.plan.noise_plan(self.plan.instance(name)) is None:
             return
         self.run.timings[f"{name}.noise_s"] = self.run.timings.get(f"{name}.noise_s", 0.0) + seconds
-        said = self.__dict__.setdefault("_noise_said", set())
         for r in rows:
             for why in r.skipped:  # e.g. a batching that takes text samples only: that condition is left out of this sample's floor
-                if (name, why) not in said:  # once per engine and reason, naming the first sample
-                    said.add((name, why))
+                if (name, why) not in self.noise_said:  # once per engine and reason, naming the first sample
+                    self.noise_said.add((name, why))
                     self.run.say_plain(f"noise floor of {name!r}: condition {why} (first at sample {r.sample_id}; left out of the floor where it fails)")
         write_table(self.run.run_dir.noise_part(name, b), noise_table(rows, name, self.run.vocab_text))
 
@@ -244,8 +244,7 @@ class GenerateMode(_Decoding):
     """The generator samples; everyone rescores; its own sampling-time log-probs are a candidate too."""
 
     def generator(self) -> EngineInstance:
-        name = self.exp.generator or self.plan.reference.name
-        return next(i for i in self.plan.instances if i.name == name)
+        return self.plan.instance(self.exp.generator or self.plan.reference.name)
 
     def always_loaded(self) -> list[EngineInstance]:
         gen = self.generator()

@@ -223,14 +223,12 @@ class Runner:
             self._finish_meta(infos)
             return self.run_dir.root
         t = time.time()
-        summary, nearest, alarms, floors = self._reduce()
+        summary, nearest, alarms, floors, routing = self._reduce()
         write_table(self.run_dir.summary, pa.Table.from_pandas(summary, preserve_index=False))
         if not floors.empty:
             write_table(self.run_dir.root / "noise.parquet", pa.Table.from_pandas(floors, preserve_index=False))
-        if exp.routing:
-            from crossengine.compare.routing_summary import routing_table
-
-            write_table(self.run_dir.root / "routing.parquet", pa.Table.from_pandas(routing_table(self.run_dir.root / "routing"), preserve_index=False))
+        if routing is not None:
+            write_table(self.run_dir.root / "routing.parquet", pa.Table.from_pandas(routing, preserve_index=False))
         self._check_expectations(floors)
         if nearest is not None:
             write_table(self.run_dir.root / "nearest.parquet", pa.Table.from_pandas(nearest, preserve_index=False))
@@ -247,7 +245,8 @@ class Runner:
         from crossengine.experiment.schema import CONTROL_SUFFIX
 
         names = self.plan.names()
-        claims = {i.name: (f"{i.name}{CONTROL_SUFFIX}" if f"{i.name}{CONTROL_SUFFIX}" in names else None) for i in self.plan.instances if i.spec.expect}
+        controls = {i.name: f"{i.name}{CONTROL_SUFFIX}" for i in self.plan.instances if i.spec.expect}
+        claims = {name: control if control in names else None for name, control in controls.items()}
         if claims and not self.dead:
             self.expect_failures, self.expect_notes = expectations(floors, claims)
 
@@ -272,7 +271,7 @@ class Runner:
         expected = [(c.cand_engine, c.variant) for c in self.plan.candidates]
         exp = self.plan.experiment
         dense = reference_is_dense(self.plan.reference)
-        return self.fetch("summary", task.remote(str(self.run_dir.root), self.plan.reference.name, expected, exp.alarms, dense), "summarising the run")
+        return self.fetch("summary", task.remote(str(self.run_dir.root), self.plan.reference.name, expected, exp.alarms, dense, exp.routing), "summarising the run")
 
     # ---------------------------------------------------------------- engine calls
 
@@ -423,19 +422,22 @@ def reference_is_dense(ref: EngineInstance) -> bool | None:
     return None if fields is None else model_is_dense(fields)
 
 
-def _reduce_tokens(root: str, reference: str, expected: list[tuple[str, str]], alarm_limits: dict | None = None, dense: bool | None = None):
-    """Runs in a Ray worker (see Runner._reduce): summary, nearest engines, alarms, noise floors."""
+def _reduce_tokens(root: str, reference: str, expected: list[tuple[str, str]], alarm_limits: dict | None = None, dense: bool | None = None,
+                   routing: bool = False):
+    """Runs in a Ray worker (see Runner._reduce): summary, nearest engines, alarms, noise floors, routing rates (with `routing`)."""
     from crossengine.compare.alarms import run_alarms
     from crossengine.compare.floor import floor_table
+    from crossengine.compare.routing_summary import routing_table
     from crossengine.identity import SAMPLED
 
     tokens_dir = Path(root) / "tokens"
     summary = summarize(tokens_dir, expected)
     alarms = run_alarms(tokens_dir, summary, alarm_limits, dense)
     floors = floor_table(Path(root) / "noise")
+    rates = routing_table(Path(root) / "routing") if routing else None
     scored = summary[(summary["modality"] == "all") & (summary["n_tokens"] > 0) & (summary["variant"] != SAMPLED)] if len(summary) else summary
     if len(scored) < 2:  # nearest needs two candidates with token rows (the generator's own sampling is not one)
-        return summary, None, alarms, floors
+        return summary, None, alarms, floors, rates
     from crossengine.compare.nearest import nearest_table
 
-    return summary, nearest_table(tokens_dir, reference), alarms, floors
+    return summary, nearest_table(tokens_dir, reference), alarms, floors, rates
