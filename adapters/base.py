@@ -448,6 +448,15 @@ def vocab_size_of(model_path: str, revision: str | None = None) -> int | None:
     return int(v) if v else None
 
 
+def shifted_rows(pred) -> np.ndarray:
+    """float32 [T, V] numpy from a torch [T-1, V] whose row t-1 predicts token t: row 0 NaN (it predicts nothing),
+    in one allocation and one copy (full-vocabulary logits are the largest array a run moves)."""
+    out = np.empty((pred.shape[0] + 1, pred.shape[1]), np.float32)
+    out[0] = np.nan
+    out[1:] = pred.detach().float().cpu().numpy()
+    return out
+
+
 def topk_from_logprobs(logprobs, k: int):
     """Top-k of a [T, V] torch tensor of log-probs, as numpy (shared by torch engines)."""
     values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)

@@ -36,6 +36,7 @@ from .base import (
     TokenLogprobs,
     mask_kinds,
     render_chat,
+    shifted_rows,
     text_modality,
     tokenizer_fingerprint,
     vocab_error,
@@ -451,7 +452,7 @@ class TorchEngine(Engine):
             topk_ids=pad_row(topk_ids, -1),
             topk_logprobs=pad_row(topk_lp.astype(np.float32).reshape(-1, k), np.nan),
             attention=mask_kinds(self.config.model_type, s.input_ids, used),
-            logits=pad_row(pred.cpu().numpy().astype(np.float32), np.nan) if full_vocab else None,
+            logits=shifted_rows(pred) if full_vocab else None,
         )
 
     def close(self) -> None:

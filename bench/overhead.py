@@ -40,10 +40,12 @@ def bare_hf(model_dir, samples, threads: int, full: bool) -> float:
 
 def main() -> None:
     args, d, model, samples = bench_workload(32)
-    bare = {full: bare_hf(model, samples, threads=os.cpu_count(), full=full) for full in (True, False)}  # a plain script uses every core
     engines = "  ref: {type: hf, attn_implementation: sdpa}\n  cand: {type: hf, attn_implementation: eager}"
     print(f"samples={args.samples} length={args.length} vocab=32000")
+    bare = {}
     for full in (True, False):
+        # each ratio's two sides run back to back: this VM's speed drifts by 10-20 % over minutes
+        bare[full] = bare_hf(model, samples, threads=os.cpu_count(), full=full)  # a plain script uses every core
         meta = run_cli(write_experiment(d, str(model), engines, samples, f"batch_size: 8\nfull_vocab: {str(full).lower()}\n"), d / f"results-{full}")
         tm = meta["timings"]
         ce = tm["scoring_s"] + tm["summary_s"]

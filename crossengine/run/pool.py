@@ -9,6 +9,7 @@ import dataclasses
 import os
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ def runtime_env(inst: EngineInstance, base: Path) -> dict[str, Any]:
 def _worker_class():
     import ray
 
-    @ray.remote
+    @ray.remote(concurrency_groups={COMPARE_GROUP: 1})
     class EngineWorker:
         """Hosts one engine; the adapter is imported here, in the worker's own environment.
 
@@ -45,12 +46,20 @@ def _worker_class():
         steps with their own timeouts: a pending actor is a placement problem, a slow load
         is not. Engine methods are forwarded by name through `call`, so a new engine method
         needs no edit here.
+
+        Two threads: Ray's default one runs everything that touches the engine, in the order
+        the driver submits it; the "compare" group's runs the metrics of a batch the engine has
+        scored (`compare_scored`), so batch n is compared while the engine already computes
+        batch n+1 (a candidate's metric time overlaps its forwards instead of adding to them).
         """
 
         def __init__(self):
             from crossengine.adapters.base import OutputCapture
 
             self.output = OutputCapture()  # the engine's own output, for the error that names its root cause
+            self.scored: dict[str, _Scored] = {}  # batch key -> what score_for_compare left for compare_scored
+            self.scored_lock = threading.Lock()
+            self.warming: threading.Thread | None = None  # the metric kernel's compile, beside the model's load
 
         def _guarded(self, fn, *args):
             """fn(*args); an exception comes back as an EngineError ending with the root cause the
@@ -72,10 +81,14 @@ def _worker_class():
             finally:
                 self.output.remove()
 
-        def load(self, kind: str, spec: dict, model_path: str, instance: str, seed: int, threads: int, gpu_share: float | None, routing: bool = False) -> dict:
+        def load(self, kind: str, spec: dict, model_path: str, instance: str, seed: int, threads: int, gpu_share: float | None, routing: bool = False,
+                 warm_vocab: int | None = None) -> dict:
             import torch
 
             torch.set_num_threads(threads)
+            if warm_vocab:  # this worker will compare full vocabularies: compile the kernel while the model loads
+                self.warming = threading.Thread(target=_warm_metrics, args=(warm_vocab,), daemon=True)
+                self.warming.start()
             from crossengine.adapters import engine_class
 
             cls = engine_class(kind)
@@ -84,6 +97,9 @@ def _worker_class():
             if gpu_share is not None and option and torch.cuda.is_available():  # an engine that takes its memory up front, on a shared real GPU
                 spec = spec.model_copy(update={"options": {option: gpu_share, **spec.options}})
             self.engine = self._guarded(cls, spec, model_path, instance, seed)
+            if self.warming is not None:  # ready means ready to compare at full speed: no compile left for the first batch
+                self.warming.join()
+                self.warming = None
             if routing:  # the experiment's `routing: true`: every score carries each MoE layer's choice
                 self._guarded(self.engine.report_routing)
             return self.info()
@@ -120,30 +136,55 @@ def _worker_class():
             t = time.perf_counter()
             return self._guarded(measure, self.engine, batch, out, noise, top_k, full_vocab), time.perf_counter() - t
 
-        def score_and_compare(self, batch, ref_out: list, top_k: int, full_vocab: bool, options, raw=None, noise=None):
-            """Score, then compare with the reference's scores right here, next to this engine's logits.
+        def score_for_compare(self, key: str, batch, ref_out: list, top_k: int, full_vocab: bool, raw=None, noise=None) -> None:
+            """Score a batch (and this engine's noise floor) and leave it, under `key`, for `compare_scored`.
 
             `ref_out` is `[ObjectRef]`: nested, so that Ray does not wait for the reference
-            before this engine starts scoring; it is fetched (worker to worker) only after. With
+            before this engine starts scoring; only a routing replay fetches it here. With
             `raw` (an engine with `inputs: own`) it prepares the samples itself first and compares
-            its inputs with the reference's (crossengine/inputs.py)."""
+            its inputs with the reference's (crossengine/inputs.py). Never raises: a failure is
+            handed to `compare_scored`, which the driver waits on."""
+            slot = self._slot(key)
+            try:
+                rows, to_score, own = self._guarded(self._own_inputs, batch, raw)
+                if self.engine.spec.replays_reference_routing:  # routing replay: the reference's choices are needed before this forward
+                    from crossengine.adapters.base import TokenLogprobs
+
+                    ref = ray.get(ref_out[0])
+                    self.engine.replay_routing({s.sample_id: r.routing for s, r in zip(batch, ref) if isinstance(r, TokenLogprobs) and r.routing is not None})
+                mine = self._guarded(self.engine.score, to_score, top_k, full_vocab)
+                if raw is not None:
+                    from crossengine.compare.inputs import own_prompt_effect
+
+                    own_prompt_effect(rows, to_score, mine, own, self.engine)
+                slot.value = (rows, mine, *self._floor(to_score, mine, noise, top_k, full_vocab))
+            except BaseException as exc:  # noqa: BLE001 - reaches the driver through compare_scored
+                slot.error = exc
+            finally:
+                slot.done.set()
+
+        @ray.method(concurrency_group=COMPARE_GROUP)
+        def compare_scored(self, key: str, batch, ref_out: list, options):
+            """The `compare.Part` of the batch `score_for_compare` scored under `key`: compared with the
+            reference's scores (fetched worker to worker) right here, next to this engine's logits, on
+            the compare thread while the engine goes on to the next batch."""
             from crossengine.compare.tokens import compare_batch
 
-            rows, to_score, own = self._guarded(self._own_inputs, batch, raw)
-            if self.engine.spec.replays_reference_routing:  # routing replay: the reference's choices are needed before this forward
-                from crossengine.adapters.base import TokenLogprobs
-
-                ref = ray.get(ref_out[0])
-                self.engine.replay_routing({s.sample_id: r.routing for s, r in zip(batch, ref) if isinstance(r, TokenLogprobs) and r.routing is not None})
-            mine = self._guarded(self.engine.score, to_score, top_k, full_vocab)
-            if raw is not None:
-                from crossengine.compare.inputs import own_prompt_effect
-
-                own_prompt_effect(rows, to_score, mine, own, self.engine)
-            floor, seconds = self._floor(to_score, mine, noise, top_k, full_vocab)
-            part = compare_batch(batch, ray.get(ref_out[0]), mine, options)
+            slot = self._slot(key)
+            slot.done.wait()
+            with self.scored_lock:
+                self.scored.pop(key, None)
+            if slot.error is not None:
+                raise slot.error
+            rows, mine, floor, seconds = slot.value
+            with _side_stream():
+                part = compare_batch(batch, ray.get(ref_out[0]), mine, options)
             part.inputs, part.noise, part.noise_s = rows, floor, seconds
             return part
+
+        def _slot(self, key: str) -> "_Scored":
+            with self.scored_lock:
+                return self.scored.setdefault(key, _Scored())
 
         def capture(self, batch, patterns, max_positions: int, raw=None):
             """Module outputs per sample (localisation); with `raw` (an engine with `inputs: own`)
@@ -160,13 +201,43 @@ def _worker_class():
             own = self.engine.prepare(raw)
             return (*compare_inputs(batch, own, self.engine), own)
 
-        def warm_metrics(self, vocab: int) -> float:
-            """Compile the full-vocabulary metric kernel before the first batch (seconds, once per worker)."""
-            from crossengine.compare.metrics import warm_up
-
-            return warm_up(vocab)
-
     return EngineWorker
+
+
+COMPARE_GROUP = "compare"  # the worker's second thread: metrics of scored batches
+
+
+@dataclasses.dataclass
+class _Scored:
+    """One batch between a worker's two threads: set by score_for_compare, taken by compare_scored."""
+
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    value: tuple | None = None
+    error: BaseException | None = None
+
+
+def _warm_metrics(vocab: int) -> None:
+    """Compile the full-vocabulary metric kernel (metrics.warm_up) on the side while the model loads. Imports torch
+    only: transformers' lazy module must not be imported from two threads at once. Best effort: where it fails,
+    the first batch compiles it or runs it eagerly."""
+    from crossengine.compare.metrics import warm_up
+
+    try:
+        warm_up(vocab)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+@contextlib.contextmanager
+def _side_stream():
+    """On a GPU the compare thread queues its kernels on a stream of its own, so they overlap the engine's forward."""
+    import torch
+
+    if not torch.cuda.is_available():
+        yield
+        return
+    with torch.cuda.stream(torch.cuda.Stream()):
+        yield
 
 
 def one_line(exc: BaseException) -> str:
@@ -189,7 +260,7 @@ class EnginePool:
     """
 
     def __init__(self, instances: list[EngineInstance], placement, seed: int, base: Path, timeouts, console=None, keeper: "EngineKeeper | None" = None,
-                 routing: bool = False):
+                 routing: bool = False, warm: dict[str, int] | None = None):
         worker = _worker_class()
         members = [i.name for i in instances]
         cpus = {name: placement.cpu_share(name, members) for name in members}  # its part of its node's CPUs
@@ -229,7 +300,7 @@ class EnginePool:
                 loads = {
                     i.name: self.actors[i.name].load.remote(
                         i.spec.type, i.spec.model_dump(mode="json"), i.model_path, i.name, seed, max(1, int(cpus[i.name])),
-                        slots[i.name].gpu_memory_utilization, routing
+                        slots[i.name].gpu_memory_utilization, routing, (warm or {}).get(i.name)
                     )
                     for i in group
                 }
@@ -287,17 +358,16 @@ class EnginePool:
         return self.actors[name].score_reference.remote(batch, top_k, full_vocab, noise)
 
     def score_and_compare(self, name: str, batch, ref_out, top_k: int, full_vocab: bool, options, raw=None, noise=None):
-        """ObjectRef of the candidate's `compare.Part` for one batch; `ref_out` goes worker to worker."""
-        return self.actors[name].score_and_compare.remote(batch, [ref_out], top_k, full_vocab, options, raw, noise)
+        """ObjectRef of the candidate's `compare.Part` for one batch; `ref_out` goes worker to worker. Two calls: the
+        engine scores on the worker's main thread, its compare thread turns the scores into a Part (see EngineWorker)."""
+        key = uuid.uuid4().hex
+        actor = self.actors[name]
+        actor.score_for_compare.remote(key, batch, [ref_out], top_k, full_vocab, raw, noise)
+        return actor.compare_scored.remote(key, batch, [ref_out], options)
 
     def capture(self, name: str, batch, patterns, max_positions: int, raw=None):
         """ObjectRef of the per-sample module captures of engine `name` (see the worker's `capture`)."""
         return self.actors[name].capture.remote(batch, patterns, max_positions, raw)
-
-    def warm_metrics(self, names: list[str], vocab: int) -> None:
-        """Start compiling the metric kernel in these workers; their first batch queues behind it."""
-        for name in names:
-            self.actors[name].warm_metrics.remote(vocab)
 
     def engine_timings(self, skip=()) -> dict[str, dict[str, float]]:
         """Each live engine's own timings (run.json); an engine in `skip` (dead) or that cannot answer has none."""

@@ -25,9 +25,9 @@ import pandas as pd
 import pyarrow as pa
 
 from crossengine import __version__
-from crossengine.adapters.base import Sample, SampleError
-from crossengine.errors import CrossengineError, EngineDied, EngineFailure
+from crossengine.adapters.base import Sample, SampleError, vocab_size_of
 from crossengine.compare.metrics import WARM_UP_FROM_VOCAB
+from crossengine.errors import CrossengineError, EngineDied, EngineFailure
 from crossengine.run.modes import MODES, RunContext, raw_batch
 from crossengine.experiment.plan import EngineInstance, Plan
 from crossengine.run.pool import EnginePool, ensure_ray, one_line
@@ -108,6 +108,7 @@ class Runner:
         self.errors: list[dict[str, str]] = []
         self.dead: dict[str, str] = {}  # candidate -> why its engine died; the run goes on without it
         self.timings: dict[str, float] = {}
+        self.reducer = None  # the run's Reducer actor (_reducer_class), alive while the run is
         self.placement = None
         self.expect_failures: list[str] = []  # `expect: bitwise` claims the floors contradict (the CLI exits 1)
         self.expect_notes: list[str] = []  # claims that held, and what their negative controls showed
@@ -178,7 +179,17 @@ class Runner:
         ensure_ray(self.address, self.num_gpus)
         self.signals.install()  # ray.init replaced the SIGTERM handler with its own
         self.timings["ray_init_s"] = time.time() - t0
-        return self._run_engines(t0, resumed)
+        self.reducer = _reducer_class().remote()  # its imports happen while the engines load, not after the last batch
+        try:
+            return self._run_engines(t0, resumed)
+        finally:
+            import ray
+
+            try:
+                ray.kill(self.reducer)
+            except Exception:  # noqa: BLE001 - a stopped cluster took it already
+                pass
+            self.reducer = None
 
     def _run_engines(self, t0: float, resumed: RunMeta | None) -> Path:
         from crossengine.run.placement import make_placement
@@ -196,7 +207,8 @@ class Runner:
         for w, wave in enumerate(waves):
             t = time.time()
             members = [self.plan.reference, *[m for m in always if m is not self.plan.reference and m not in wave], *wave]
-            pool = EnginePool(members, self.placement, exp.seed, self.plan.experiment_path.parent, exp.placement, self.console, self.keeper, exp.routing)
+            pool = EnginePool(members, self.placement, exp.seed, self.plan.experiment_path.parent, exp.placement, self.console, self.keeper, exp.routing,
+                              self._warm_vocab(wave))
             self.timings[f"engine_start_s_wave{w}"] = time.time() - t
             self.timings.update({f"{name}.ready_after_s": v for name, v in pool.start_s.items()})
             infos.update(pool.infos)
@@ -206,9 +218,6 @@ class Runner:
                     self._start_meta(infos, resumed)
                     started = True
                 if not self.localize_only:
-                    full = [c.name for c in wave if exp.full_vocab and _full_logits(self.plan.reference) and _full_logits(c)]
-                    if full and len(self.context.vocab_text) >= WARM_UP_FROM_VOCAB:
-                        pool.warm_metrics(full, len(self.context.vocab_text))
                     self._run_wave(pool, wave, w)
                 if exp.localize is not None:
                     self._localize(pool)
@@ -254,10 +263,8 @@ class Runner:
         """report.html, built in a Ray worker like the summary; a failure is a note, never a failed run."""
         import ray
 
-        from crossengine.report.html import run_report
-
         try:
-            path = ray.get(ray.remote(num_cpus=0)(run_report).remote(self.run_dir.root), timeout=600)
+            path = ray.get((self.reducer or _reducer_class().remote()).report.remote(self.run_dir.root), timeout=600)
             self._say(f"report: {path}")
         except Exception as exc:  # noqa: BLE001
             self._say(f"[yellow]note[/yellow]: report.html was not written ({one_line(exc)}); try crossengine report {self.run_dir.root} --html")
@@ -265,13 +272,13 @@ class Runner:
     def _reduce(self):
         """Summary and nearest-engine tables, computed in a Ray worker from the token Parquet:
         the driver never holds a run's token rows, only these small tables."""
-        import ray
 
-        task = ray.remote(num_cpus=0)(_reduce_tokens)
         expected = [(c.cand_engine, c.variant) for c in self.plan.candidates]
         exp = self.plan.experiment
         dense = reference_is_dense(self.plan.reference)
-        return self.fetch("summary", task.remote(str(self.run_dir.root), self.plan.reference.name, expected, exp.alarms, dense, exp.routing), "summarising the run")
+        reducer = self.reducer or _reducer_class().remote()
+        return self.fetch("summary", reducer.reduce.remote(str(self.run_dir.root), self.plan.reference.name, expected, exp.alarms, dense, exp.routing),
+                          "summarising the run")
 
     # ---------------------------------------------------------------- engine calls
 
@@ -325,6 +332,17 @@ class Runner:
                 if not mode.pipelined:
                     pending = mode.submit(pool, *todo[n + 1]) if n + 1 < len(todo) else None
         self.timings["scoring_s"] = self.timings.get("scoring_s", 0.0) + time.time() - t
+
+    def _warm_vocab(self, wave: list[EngineInstance]) -> dict[str, int]:
+        """Candidates whose full-vocabulary metric kernel is worth compiling while they load, with the vocabulary
+        (the reference's config.json): those comparing full logits of a real vocabulary."""
+        exp = self.plan.experiment
+        if not exp.full_vocab or self.localize_only or not _full_logits(self.plan.reference):
+            return {}
+        vocab = vocab_size_of(self.plan.reference.model_path, self.plan.reference.spec.revision)
+        if vocab is None or vocab < WARM_UP_FROM_VOCAB:
+            return {}
+        return {c.name: vocab for c in wave if _full_logits(c)}
 
     def check_reference(self, b: int, w: int, digest: str) -> None:
         """Every wave re-runs the reference: its scores must be bitwise those of the first wave."""
@@ -420,6 +438,31 @@ def reference_is_dense(ref: EngineInstance) -> bool | None:
 
     fields = config_fields(ref.model_path, ref.spec.revision)
     return None if fields is None else model_is_dense(fields)
+
+
+def _reducer_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Reducer:
+        """Where a run's tables and report are computed from its Parquet: a worker of its own (the driver
+        never holds token rows), started with the engines so that its imports (pandas, pyarrow, plotly)
+        are paid while models load rather than after the last batch."""
+
+        def __init__(self):
+            import crossengine.compare.alarms  # noqa: F401
+            import crossengine.compare.nearest  # noqa: F401
+            import crossengine.report.html  # noqa: F401
+
+        def reduce(self, *args):
+            return _reduce_tokens(*args)
+
+        def report(self, root):
+            from crossengine.report.html import run_report
+
+            return run_report(root)
+
+    return Reducer
 
 
 def _reduce_tokens(root: str, reference: str, expected: list[tuple[str, str]], alarm_limits: dict | None = None, dense: bool | None = None,
