@@ -143,7 +143,7 @@ def _full_vocab_metrics(ref_logits: np.ndarray, cand_logits: np.ndarray, ids: np
 
 _FUSED_COLUMNS = ("lp_ref", "lp_cand", "kl_ref_cand", "kl_cand_ref", "cos_sim", "top1_ref", "top1_cand", "rank_in_cand")
 _COMPILE_FROM_ELEMENTS = 1 << 20  # below ~4 MiB per side, compiling costs more than it saves
-_compiled = None  # the torch.compile'd _fused_rows, once per process; False where compiling failed
+_compiled = None  # the torch.compile'd _fused_rows, once per process and vocabulary size; False where compiling failed
 
 
 def fused_kernel(elements: int, compiled: bool | None = None):
@@ -161,7 +161,9 @@ def fused_kernel(elements: int, compiled: bool | None = None):
     if _compiled is None:
         import torch
 
-        _compiled = torch.compile(_fused_rows, dynamic=True)
+        # the vocabulary is static (one compile per model: 30 % faster code on CPU than all-dynamic), rows are
+        # dynamic (every block size, one compile)
+        _compiled = torch.compile(_fused_rows, dynamic=None)
     return _run_or_fall_back
 
 
@@ -182,6 +184,11 @@ def warm_up(vocab: int) -> float:
 
 def _run_or_fall_back(*args):
     global _compiled
+    import torch
+
+    for a in args:
+        if a is not None:
+            torch._dynamo.maybe_mark_dynamic(a, 0)
     try:
         return _compiled(*args)
     except Exception as exc:  # noqa: BLE001 - a compiler problem must not lose the run: same numbers, eagerly

@@ -211,6 +211,10 @@ class PlacementSpec(Strict):
     timeout_s: float = Field(120.0, gt=0, description="How long an engine may wait for the cluster to place it before the run stops with an error.")
     env_timeout_s: float = Field(1800.0, gt=0, description="The same for an engine whose own environment is built first (pip/python).")
     load_timeout_s: float = Field(3600.0, gt=0, description="How long an engine may take to load its model once placed.")
+    logits_transport: Literal["auto", "object_store", "gloo", "nccl"] = Field(
+        "auto", description="How the reference's full logits reach candidate workers: object_store (host arrays through Ray's object store), "
+        "gloo or nccl (torch tensors worker to worker, Ray Direct Transport); auto: nccl between torch engines on GPUs, else object_store. "
+        "A candidate that cannot take tensors (its own environment, vLLM, a dump, a routing replay) keeps the object store.")
 
 
 class Experiment(Strict):
