@@ -146,6 +146,7 @@ class EngineTraits:
     reports_routing: bool = False  # `routing: true` gives each MoE layer's expert choice (`Engine.report_routing`)
     replays_routing: bool = False  # routes with another engine's expert choice (`Engine.replay_routing`; its Spec's `replays_reference_routing`)
     batching: bool = False  # its Spec has the run conditions batching/padding_side/micro_batch_size, read at every `score` call (the noise floor switches them)
+    tensor_logits: bool = False  # keeps full logits as torch tensors on its device when `Engine.logits_as_tensors` is set (Ray Direct Transport moves them)
 
     def gives_full_logits(self, spec: Any) -> bool:
         """Whether an engine with this spec hands over full-vocabulary logits."""
@@ -297,6 +298,7 @@ class Engine(abc.ABC):
     name: str = "engine"
     traits: EngineTraits = EngineTraits()
     Spec: type = None  # type: ignore[assignment] - the engine's pydantic options model (adapters/spec.py); set by each engine
+    logits_as_tensors: bool = False  # set by the worker (traits.tensor_logits): `TokenLogprobs.logits` a torch tensor on the engine's device, not host numpy
 
     def __init__(self, spec: Any, model_path: str, instance: str, seed: int = 0):
         self.spec = spec
@@ -448,9 +450,17 @@ def vocab_size_of(model_path: str, revision: str | None = None) -> int | None:
     return int(v) if v else None
 
 
-def shifted_rows(pred) -> np.ndarray:
-    """float32 [T, V] numpy from a torch [T-1, V] whose row t-1 predicts token t: row 0 NaN (it predicts nothing),
-    in one allocation and one copy (full-vocabulary logits are the largest array a run moves)."""
+def shifted_rows(pred, as_tensor: bool = False):
+    """float32 [T, V] from a torch [T-1, V] whose row t-1 predicts token t: row 0 NaN (it predicts nothing), in one
+    allocation and one copy (full-vocabulary logits are the largest array a run moves). Host numpy, or with
+    `as_tensor` a torch tensor where `pred` is (a GPU's logits stay on it for Ray Direct Transport)."""
+    if as_tensor:
+        import torch
+
+        out = torch.empty((pred.shape[0] + 1, pred.shape[1]), dtype=torch.float32, device=pred.device)
+        out[0] = float("nan")
+        out[1:] = pred
+        return out
     out = np.empty((pred.shape[0] + 1, pred.shape[1]), np.float32)
     out[0] = np.nan
     out[1:] = pred.detach().float().cpu().numpy()

@@ -30,7 +30,8 @@ class HFSpec(TorchSpec):
 class HFEngine(TorchEngine):
     name = "hf"
     Spec = HFSpec
-    traits = EngineTraits(captures_modules=True, audits_buffers=True, lora=True, batching=True, reports_routing=True, replays_routing=True)
+    traits = EngineTraits(captures_modules=True, audits_buffers=True, lora=True, batching=True, reports_routing=True, replays_routing=True,
+                          tensor_logits=True)
 
     def _load_model(self, common: dict):
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText

@@ -452,7 +452,7 @@ class TorchEngine(Engine):
             topk_ids=pad_row(topk_ids, -1),
             topk_logprobs=pad_row(topk_lp.astype(np.float32).reshape(-1, k), np.nan),
             attention=mask_kinds(self.config.model_type, s.input_ids, used),
-            logits=shifted_rows(pred) if full_vocab else None,
+            logits=shifted_rows(pred, self.logits_as_tensors) if full_vocab else None,
         )
 
     def close(self) -> None:

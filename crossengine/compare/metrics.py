@@ -132,8 +132,8 @@ def _full_vocab_metrics(ref_logits: np.ndarray, cand_logits: np.ndarray, ids: np
     step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
     cols: dict[str, list[np.ndarray]] = {}
     for start in range(0, n, step):
-        r = torch.as_tensor(np.asarray(ref_logits[start : start + step], dtype=np.float32), device=device)
-        c = torch.as_tensor(np.asarray(cand_logits[start : start + step], dtype=np.float32), device=device)
+        r = torch.as_tensor(ref_logits[start : start + step], dtype=torch.float32, device=device)  # host numpy or a tensor (Ray Direct Transport)
+        c = torch.as_tensor(cand_logits[start : start + step], dtype=torch.float32, device=device)
         tok = torch.as_tensor(np.asarray(ids[start : start + step], dtype=np.int64), device=device)[:, None]
         shift = torch.logsumexp(r.double(), -1) - torch.logsumexp(c.double(), -1) if centre else None
         for k, v in fused_kernel(r.numel())(r, c, tok, shift).items():

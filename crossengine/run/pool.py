@@ -15,6 +15,7 @@ from typing import Any
 
 from crossengine.errors import CrossengineError
 from crossengine.experiment.plan import EngineInstance
+from crossengine.run.transport import OBJECT_STORE
 
 
 def runtime_env(inst: EngineInstance, base: Path) -> dict[str, Any]:
@@ -38,7 +39,7 @@ def runtime_env(inst: EngineInstance, base: Path) -> dict[str, Any]:
 def _worker_class():
     import ray
 
-    @ray.remote(concurrency_groups={COMPARE_GROUP: 1})
+    @ray.remote(concurrency_groups={COMPARE_GROUP: 1}, enable_tensor_transport=True)
     class EngineWorker:
         """Hosts one engine; the adapter is imported here, in the worker's own environment.
 
@@ -60,6 +61,7 @@ def _worker_class():
             self.scored: dict[str, _Scored] = {}  # batch key -> what score_for_compare left for compare_scored
             self.scored_lock = threading.Lock()
             self.warming: threading.Thread | None = None  # the metric kernel's compile, beside the model's load
+            self.checks: list = []  # reference checks of tensor-transported scores, for take_reference_check
 
         def _guarded(self, fn, *args):
             """fn(*args); an exception comes back as an EngineError ending with the root cause the
@@ -114,16 +116,29 @@ def _worker_class():
             return self._guarded(getattr(self.engine, method), *args)
 
         @ray.method(num_returns=2)
-        def score_reference(self, batch, top_k: int, full_vocab: bool, noise=None):
+        def score_reference(self, batch, top_k: int, full_vocab: bool, noise=None, tensors: bool = False):
             """The reference's scores (an ObjectRef the candidates read, with its noise floor where `noise`
-            gives conditions) and the little the driver needs of them."""
+            gives conditions) and the little the driver needs of them.
+
+            With `tensors` (called with one return and a Ray Direct Transport) its full logits stay
+            torch tensors on its device and only the scores are returned: the driver takes the check
+            from `take_reference_check`, since an RDT object is read by the actors it is sent to, never
+            with ray.get."""
             from crossengine.compare.tokens import reference_check
 
+            self.engine.logits_as_tensors = tensors
             out = self._guarded(self.engine.score, batch, top_k, full_vocab)
             rows, seconds = self._floor(batch, out, noise, top_k, full_vocab)
             check = reference_check(out)
             check.noise, check.noise_s = rows, seconds
+            if tensors:
+                self.checks.append(check)
+                return out
             return out, check
+
+        def take_reference_check(self):
+            """The check of the oldest `score_reference(tensors=True)` not yet taken (the driver asks right after each)."""
+            return self.checks.pop(0)
 
         def _floor(self, batch, out, noise, top_k: int, full_vocab: bool):
             """(noise.NoiseRows, seconds): this engine's own floor under its noise conditions; none without them."""
@@ -136,7 +151,7 @@ def _worker_class():
             t = time.perf_counter()
             return self._guarded(measure, self.engine, batch, out, noise, top_k, full_vocab), time.perf_counter() - t
 
-        def score_for_compare(self, key: str, batch, ref_out: list, top_k: int, full_vocab: bool, raw=None, noise=None) -> None:
+        def score_for_compare(self, key: str, batch, ref_out: list | None, top_k: int, full_vocab: bool, raw=None, noise=None, tensors: bool = False) -> None:
             """Score a batch (and this engine's noise floor) and leave it, under `key`, for `compare_scored`.
 
             `ref_out` is `[ObjectRef]`: nested, so that Ray does not wait for the reference
@@ -146,6 +161,7 @@ def _worker_class():
             handed to `compare_scored`, which the driver waits on."""
             slot = self._slot(key)
             try:
+                self.engine.logits_as_tensors = tensors  # its logits beside the reference's tensors: no host copy
                 rows, to_score, own = self._guarded(self._own_inputs, batch, raw)
                 if self.engine.spec.replays_reference_routing:  # routing replay: the reference's choices are needed before this forward
                     from crossengine.adapters.base import TokenLogprobs
@@ -164,10 +180,12 @@ def _worker_class():
                 slot.done.set()
 
         @ray.method(concurrency_group=COMPARE_GROUP)
-        def compare_scored(self, key: str, batch, ref_out: list, options):
+        def compare_scored(self, key: str, batch, ref_out, options, direct: bool = False):
             """The `compare.Part` of the batch `score_for_compare` scored under `key`: compared with the
-            reference's scores (fetched worker to worker) right here, next to this engine's logits, on
-            the compare thread while the engine goes on to the next batch."""
+            reference's scores right here, next to this engine's logits, on the compare thread while
+            the engine goes on to the next batch. `ref_out`: `[ObjectRef]` fetched from the object
+            store here, or with `direct` the scores themselves, which Ray Direct Transport delivered
+            as this call's argument."""
             from crossengine.compare.tokens import compare_batch
 
             slot = self._slot(key)
@@ -178,7 +196,7 @@ def _worker_class():
                 raise slot.error
             rows, mine, floor, seconds = slot.value
             with _side_stream():
-                part = compare_batch(batch, ray.get(ref_out[0]), mine, options)
+                part = compare_batch(batch, ref_out if direct else ray.get(ref_out[0]), mine, options)
             part.inputs, part.noise, part.noise_s = rows, floor, seconds
             return part
 
@@ -205,6 +223,14 @@ def _worker_class():
 
 
 COMPARE_GROUP = "compare"  # the worker's second thread: metrics of scored batches
+
+
+def _attempt(fn, *args, **kwargs):
+    """fn(...)'s result, or the exception it raised (for a call made on a watched thread, or best effort)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        return exc
 
 
 @dataclasses.dataclass
@@ -260,7 +286,7 @@ class EnginePool:
     """
 
     def __init__(self, instances: list[EngineInstance], placement, seed: int, base: Path, timeouts, console=None, keeper: "EngineKeeper | None" = None,
-                 routing: bool = False, warm: dict[str, int] | None = None):
+                 routing: bool = False, warm: dict[str, int] | None = None, transports: tuple[dict[str, str], str | None] = ({}, None)):
         worker = _worker_class()
         members = [i.name for i in instances]
         cpus = {name: placement.cpu_share(name, members) for name in members}  # its part of its node's CPUs
@@ -270,6 +296,8 @@ class EnginePool:
         self.start_s: dict[str, float] = {}
         self.console = console
         self.keeper = keeper
+        self.paths, self.backend = transports  # candidate -> how the reference's logits reach it (run/transport.py)
+        self.group = None  # the Ray Direct Transport collective group of this wave, where it has one
         slots = placement.slots
         self.keys = {i.name: EngineKeeper.key(i, seed, slots[i.name].gpus, placement.node_id(i.name), cpus[i.name]) + f"|routing={routing}" for i in instances}
         if keeper is not None:
@@ -307,9 +335,27 @@ class EnginePool:
                 for inst in group:
                     self.infos[inst.name] = self._get(inst, loads[inst.name], timeouts.load_timeout_s, "failed to load")
                     self.start_s[inst.name] = time.time() - t0
+            if self.backend:
+                self._join_group(instances[0].name, timeouts.timeout_s)
         except BaseException:
             self.close()
             raise
+
+    def _join_group(self, reference: str, timeout: float) -> None:
+        """One collective group (Ray Direct Transport) over the reference and the candidates that take its tensors;
+        a group that does not form within `timeout` (placement.timeout_s) is one line."""
+        from ray.experimental.collective import create_collective_group
+
+        members = [self.actors[reference], *(self.actors[n] for n, path in self.paths.items() if path == self.backend)]
+        done: list = []
+        worker = threading.Thread(target=lambda: done.append(_attempt(create_collective_group, members, backend=self.backend)), daemon=True)
+        worker.start()
+        worker.join(timeout)
+        outcome = done[0] if done else TimeoutError(f"not formed within {timeout:g}s (placement.timeout_s)")
+        if isinstance(outcome, BaseException):
+            raise CrossengineError(f"placement.logits_transport {self.backend}: the collective group of {reference!r} and its candidates failed: "
+                                   f"{one_line(outcome)} (placement.logits_transport: object_store avoids it)")
+        self.group = outcome
 
     def _await_placement(self, inst: EngineInstance, placement, timeouts, t0: float) -> None:
         import ray
@@ -354,16 +400,22 @@ class EnginePool:
         return self.actors[name].call.remote(method, *args)
 
     def score_reference(self, name: str, batch, top_k: int, full_vocab: bool, noise=None):
-        """(ObjectRef of the reference's scores, ObjectRef of its ReferenceCheck); nothing is fetched."""
-        return self.actors[name].score_reference.remote(batch, top_k, full_vocab, noise)
+        """(ObjectRef of the reference's scores, ObjectRef of its ReferenceCheck); nothing is fetched. With a tensor
+        transport the scores are an RDT object the candidates' compare calls receive as an argument."""
+        actor = self.actors[name]
+        if self.backend is None:
+            return actor.score_reference.remote(batch, top_k, full_vocab, noise)
+        out = actor.score_reference.options(num_returns=1, tensor_transport=self.backend).remote(batch, top_k, full_vocab, noise, True)
+        return out, actor.take_reference_check.remote()
 
     def score_and_compare(self, name: str, batch, ref_out, top_k: int, full_vocab: bool, options, raw=None, noise=None):
         """ObjectRef of the candidate's `compare.Part` for one batch; `ref_out` goes worker to worker. Two calls: the
         engine scores on the worker's main thread, its compare thread turns the scores into a Part (see EngineWorker)."""
         key = uuid.uuid4().hex
         actor = self.actors[name]
-        actor.score_for_compare.remote(key, batch, [ref_out], top_k, full_vocab, raw, noise)
-        return actor.compare_scored.remote(key, batch, [ref_out], options)
+        direct = self.paths.get(name, OBJECT_STORE) != OBJECT_STORE  # an RDT object goes as an argument, never nested
+        actor.score_for_compare.remote(key, batch, None if direct else [ref_out], top_k, full_vocab, raw, noise, direct)
+        return actor.compare_scored.remote(key, batch, ref_out if direct else [ref_out], options, direct)
 
     def capture(self, name: str, batch, patterns, max_positions: int, raw=None):
         """ObjectRef of the per-sample module captures of engine `name` (see the worker's `capture`)."""
@@ -388,6 +440,11 @@ class EnginePool:
         With a keeper, loaded engines that did not die (`dead`) are handed to it instead, still loaded."""
         import ray
 
+        if self.group is not None:  # a kept engine joins the next wave's group: an actor can be in one per backend
+            from ray.experimental.collective import destroy_collective_group
+
+            _attempt(destroy_collective_group, self.group)
+            self.group = None
         for name, actor in self.actors.items():
             if graceful and self.keeper is not None and name in self.infos and name not in dead:
                 self.keeper.give(self.keys[name], actor, self.infos[name])

@@ -32,6 +32,7 @@ from crossengine.run.modes import MODES, RunContext, raw_batch
 from crossengine.experiment.plan import EngineInstance, Plan
 from crossengine.run.pool import EnginePool, ensure_ray, one_line
 from crossengine.run.progress import engine_progress
+from crossengine.run.transport import choose_transports
 from crossengine.results import SCHEMA_VERSION, RunDir, git_sha, host_info, write_table
 from crossengine.run_meta import RunMeta
 from crossengine.compare.summary import summarize
@@ -109,6 +110,7 @@ class Runner:
         self.dead: dict[str, str] = {}  # candidate -> why its engine died; the run goes on without it
         self.timings: dict[str, float] = {}
         self.reducer = None  # the run's Reducer actor (_reducer_class), alive while the run is
+        self.logits_transport: dict[str, str] = {}  # candidate -> object_store | gloo | nccl (run.json)
         self.placement = None
         self.expect_failures: list[str] = []  # `expect: bitwise` claims the floors contradict (the CLI exits 1)
         self.expect_notes: list[str] = []  # claims that held, and what their negative controls showed
@@ -207,8 +209,9 @@ class Runner:
         for w, wave in enumerate(waves):
             t = time.time()
             members = [self.plan.reference, *[m for m in always if m is not self.plan.reference and m not in wave], *wave]
+            transports = self._transports(wave)
             pool = EnginePool(members, self.placement, exp.seed, self.plan.experiment_path.parent, exp.placement, self.console, self.keeper, exp.routing,
-                              self._warm_vocab(wave))
+                              self._warm_vocab(wave), transports)
             self.timings[f"engine_start_s_wave{w}"] = time.time() - t
             self.timings.update({f"{name}.ready_after_s": v for name, v in pool.start_s.items()})
             infos.update(pool.infos)
@@ -333,6 +336,18 @@ class Runner:
                     pending = mode.submit(pool, *todo[n + 1]) if n + 1 < len(todo) else None
         self.timings["scoring_s"] = self.timings.get("scoring_s", 0.0) + time.time() - t
 
+    def _transports(self, wave: list[EngineInstance]) -> tuple[dict[str, str], str | None]:
+        """How the reference's logits reach each candidate of this wave (run/transport.py); said where a requested
+        tensor path is not taken, recorded in run.json."""
+        exp, ref = self.plan.experiment, self.plan.reference
+        full = [c for c in wave if exp.full_vocab and _full_logits(ref) and _full_logits(c)]
+        paths, backend, note = choose_transports(exp.placement.logits_transport, exp.mode, ref, wave, full,
+                                                 lambda i: self.placement.slots[i.name].gpus > 0)
+        if note:
+            self._say(note)
+        self.logits_transport.update(paths)
+        return paths, backend
+
     def _warm_vocab(self, wave: list[EngineInstance]) -> dict[str, int]:
         """Candidates whose full-vocabulary metric kernel is worth compiling while they load, with the vocabulary
         (the reference's config.json): those comparing full logits of a real vocabulary."""
@@ -418,6 +433,7 @@ class Runner:
         assert meta is not None, "run.json is written when the engines start"
         # an engine that died leaves batches owed: the run is resumable, not complete
         meta.status, meta.engines, meta.timings = ("incomplete" if self.dead else "complete"), infos, self.timings
+        meta.logits_transport = {**meta.logits_transport, **self.logits_transport}  # a resumed run keeps what earlier batches used
         meta.finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         meta.errors = meta.errors + self.errors
         if self.expect_failures or self.expect_notes:

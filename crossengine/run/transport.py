@@ -1,0 +1,58 @@
+"""How the reference's full logits reach each candidate's worker: `placement.logits_transport`.
+
+object_store: the reference's worker hands host numpy arrays to Ray's object store and every
+candidate's worker maps them (the default on CPUs, and for any candidate that cannot take
+tensors). gloo / nccl: Ray Direct Transport (RDT) - the reference keeps its logits as torch
+tensors where it computed them and Ray sends them worker to worker over a collective group
+(gloo between CPU workers, NCCL between GPUs), so a GPU's logits never touch the host.
+
+Decided per wave before any batch runs, from what the plan knows (engine traits,
+environments, placement); run.json records the path of every candidate (`logits_transport`).
+The numbers are the same either way: the tensors carry the very float32 values the arrays do
+(tests/test_transport.py checks the token columns bitwise).
+"""
+
+from __future__ import annotations
+
+from crossengine.experiment.plan import EngineInstance
+
+OBJECT_STORE = "object_store"
+TENSOR_TRANSPORTS = ("gloo", "nccl")
+
+
+def _cannot_take_tensors(inst: EngineInstance) -> str | None:
+    """Why this engine's logits cannot travel as RDT tensors, or None."""
+    if not inst.traits.tensor_logits:
+        return f"({inst.spec.type}) hands over host arrays"
+    if inst.spec.env is not None:
+        return "runs in its own Python environment"
+    if inst.spec.replays_reference_routing:
+        return "replays the reference's routing (it reads the reference's scores before its own forward)"
+    return None
+
+
+def choose_transports(requested: str, mode: str, reference: EngineInstance, wave: list[EngineInstance], full: list[EngineInstance],
+                      on_gpus) -> tuple[dict[str, str], str | None, str | None]:
+    """(candidate -> path, the RDT backend the wave uses or None, a note where a requested tensor path is not taken).
+
+    `full`: the wave's candidates that compare full logits with the reference; `on_gpus(inst)`:
+    whether the placement gives that engine a GPU. One backend per wave: a collective group
+    spans the reference and every tensor candidate, and where one of them cannot take tensors
+    the reference's logits go through the object store for all (it hands them over once)."""
+    paths = {c.name: OBJECT_STORE for c in wave}
+    if not full or requested == OBJECT_STORE:
+        return paths, None, None
+    backend = requested
+    if requested == "auto":
+        if not all(on_gpus(i) for i in [reference, *full]):
+            return paths, None, None  # CPU workers: the object store maps the arrays without a copy, gloo would send them
+        backend = "nccl"
+    if mode != "score":
+        blocker = f"the {mode} mode compares the reference's decode outside the engines' workers"
+    else:
+        blocker = next((f"engine {i.name!r} {why}" for i in [reference, *full] if (why := _cannot_take_tensors(i))), None)
+    if blocker is not None:
+        note = f"logits_transport {backend}: the reference's logits go through the object store to every candidate of this wave: {blocker}"
+        return paths, None, note if requested != "auto" else None
+    paths.update({c.name: backend for c in full})
+    return paths, backend, None
