@@ -147,6 +147,7 @@ class EngineTraits:
     replays_routing: bool = False  # routes with another engine's expert choice (`Engine.replay_routing`; its Spec's `replays_reference_routing`)
     batching: bool = False  # its Spec has the run conditions batching/padding_side/micro_batch_size, read at every `score` call (the noise floor switches them)
     tensor_logits: bool = False  # keeps full logits as torch tensors on its device when `Engine.logits_as_tensors` is set (Ray Direct Transport moves them)
+    chunks_logits: bool = False  # with `Engine.limit_logits(bytes)`, a longer sample's logits come as a LogitRows, computed a block of positions at a time
 
     def gives_full_logits(self, spec: Any) -> bool:
         """Whether an engine with this spec hands over full-vocabulary logits."""
@@ -299,6 +300,7 @@ class Engine(abc.ABC):
     traits: EngineTraits = EngineTraits()
     Spec: type = None  # type: ignore[assignment] - the engine's pydantic options model (adapters/spec.py); set by each engine
     logits_as_tensors: bool = False  # set by the worker (traits.tensor_logits): `TokenLogprobs.logits` a torch tensor on the engine's device, not host numpy
+    logits_budget: int | None = None  # bytes of full logits its worker may hold at once (`limit_logits`, traits.chunks_logits)
 
     def __init__(self, spec: Any, model_path: str, instance: str, seed: int = 0):
         self.spec = spec
@@ -345,6 +347,12 @@ class Engine(abc.ABC):
     def replay_routing(self, routing: dict[str, np.ndarray]) -> None:
         """Route the next scores' samples (by id) with these expert choices [T, L, k] instead of its own (traits.replays_routing)."""
         raise NotImplementedError(f"engine {self.name!r} cannot replay routing")
+
+    def limit_logits(self, budget: int) -> None:
+        """From now on a sample whose full logits exceed `budget` bytes is scored in position blocks and its
+        `TokenLogprobs.logits` is a LogitRows (traits.chunks_logits); raises where this model's logits cannot be
+        reproduced that way."""
+        raise NotImplementedError(f"engine {self.name!r} cannot score in position chunks")
 
     def close(self) -> None:
         """Release the model (and device memory) before the worker exits."""
@@ -448,6 +456,52 @@ def vocab_size_of(model_path: str, revision: str | None = None) -> int | None:
     fields = config_fields(model_path, revision) or {}
     v = (fields.get("text_config") or {}).get("vocab_size") or fields.get("vocab_size")
     return int(v) if v else None
+
+
+class LogitRows:
+    """Full-vocabulary logits [T, V] of one sample that are never held whole: `rows(a, b)` gives rows a..b-1
+    (row t predicts token t, row 0 NaN, as `TokenLogprobs.logits`) computed or fetched on demand. An engine
+    hands one over for a sample whose logits exceed its worker's budget (`placement.logits_budget_gb`);
+    `block` is how many rows a consumer should ask for at a time to stay within it."""
+
+    shape: tuple[int, int]
+    block: int
+
+    def rows(self, a: int, b: int):
+        raise NotImplementedError
+
+
+class HeadRows(LogitRows):
+    """Logits computed a block at a time from the last hidden states and the model's output layer (`head`)."""
+
+    def __init__(self, hidden, head, vocab: int, block: int):
+        self.hidden, self.head = hidden, head  # hidden [T-1, H]: position t-1's state predicts token t
+        self.shape, self.block = (hidden.shape[0] + 1, vocab), block
+
+    def rows(self, a: int, b: int):
+        import torch
+
+        out = torch.empty((b - a, self.shape[1]), dtype=torch.float32, device=self.hidden.device)
+        lo = max(a, 1)
+        if a == 0:
+            out[0] = float("nan")
+        if b > lo:
+            out[lo - a :] = self.head(self.hidden[lo - 1 : b - 1])
+        return out
+
+
+def logit_block(logits, a: int, b: int):
+    """Rows a..b-1 of full logits: an array, a tensor, or a LogitRows computing them on demand."""
+    return logits.rows(a, b) if isinstance(logits, LogitRows) else logits[a:b]
+
+
+def blocks(n: int, step: int, start: int = 0) -> list[tuple[int, int]]:
+    """[start, n) in blocks of `step` rows; a last block of one row joins the one before (a one-row matrix product
+    takes another code path, whose numbers differ in the last bit)."""
+    edges = list(range(start, n, max(1, step))) + [n]
+    if len(edges) > 2 and edges[-1] - edges[-2] == 1:
+        del edges[-2]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def shifted_rows(pred, as_tensor: bool = False):

@@ -31,7 +31,7 @@ class HFEngine(TorchEngine):
     name = "hf"
     Spec = HFSpec
     traits = EngineTraits(captures_modules=True, audits_buffers=True, lora=True, batching=True, reports_routing=True, replays_routing=True,
-                          tensor_logits=True)
+                          tensor_logits=True, chunks_logits=True)
 
     def _load_model(self, common: dict):
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -71,6 +71,45 @@ class HFEngine(TorchEngine):
             logits = self.model(**self._inputs(sample)).logits[0].float()
         self.forward_s = getattr(self, "forward_s", 0.0) + time.perf_counter() - t
         return logits
+
+    def forward_hidden(self, sample: Sample):
+        """(last hidden states [T, H], head) from one forward: a pre-hook on the output layer keeps its input and
+        hands it the last position only, so the [T, V] logits are never made; head() is that layer, with the
+        final soft-capping where the config has one (Gemma), in the model's dtype, then float32 as forward_logits."""
+        import torch
+
+        import threading
+
+        layer = self.model.get_output_embeddings()
+        seen: dict[str, Any] = {}
+        me = threading.get_ident()
+
+        def keep(module, args):
+            if threading.get_ident() != me:  # another thread's call of this layer (its worker serves blocks while this forward runs)
+                return None
+            seen["h"] = args[0]
+            return (args[0][..., -1:, :], *args[1:])
+
+        import time
+
+        t = time.perf_counter()
+        hook = layer.register_forward_pre_hook(keep)
+        try:
+            with torch.inference_mode():
+                self.model(**self._inputs(sample))
+        finally:
+            hook.remove()
+        self.forward_s = getattr(self, "forward_s", 0.0) + time.perf_counter() - t
+        cap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
+
+        def head(rows):
+            with torch.inference_mode():
+                y = layer.forward(rows)  # not layer(): hooks (this one, on a later forward) are for forwards only
+                if cap:
+                    y = torch.tanh(y / cap) * cap
+                return y.float()
+
+        return seen["h"][0], head
 
     def _forward_rows(self, input_ids, attention_mask, position_ids):
         import torch

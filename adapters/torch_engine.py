@@ -90,6 +90,12 @@ class TorchSpec(EngineSpec):
         return [(("patches", j), p) for j, p in enumerate(self.patches) if CALLABLE_REF.match(p)]
 
 
+# blocks of logits a candidate's worker may hold at once: on its main thread the next batch's scoring (a block and
+# its log-softmax), on its compare thread its own block and the reference's (one more prefetched), and slack for the
+# allocator and the kernel (measured: 6 blocks' worth peaks at 93 % of the budget, tests/test_scale.py)
+CHUNK_COPIES = 8
+
+
 def resolve_device(device: str | None) -> str:
     """auto -> cuda when torch sees one, else cpu (as nanoGPT does)."""
     import torch
@@ -346,7 +352,7 @@ class TorchEngine(Engine):
         from .routing import captured
 
         if self.routers is None:
-            return self._to_arrays(s, self.forward_logits(s), top_k, full_vocab)
+            return self._scores(s, top_k, full_vocab)
         replay = self._replay.get(s.sample_id) if self.spec.routing == "replay" else None
         if self.spec.routing == "replay":
             want = (len(s), len(self.routers))
@@ -354,10 +360,65 @@ class TorchEngine(Engine):
                 raise SampleError(s.sample_id, f"engine {self.instance!r} replays the reference's routing, and it has "
                                   f"{'none' if replay is None else f'shape {replay.shape[:2]}'} for this sample (needs {want}: tokens, MoE layers)")
         with captured(self.routers, replay) as got:
-            logits = self.forward_logits(s)
-        out = self._to_arrays(s, logits, top_k, full_vocab)
+            out = self._scores(s, top_k, full_vocab)
         out.routing, out.router_margin = got[0]
         return out
+
+    def _scores(self, s: Sample, top_k: int, full_vocab: bool) -> TokenLogprobs:
+        """One sample's scores from one forward: its whole logits, or where they exceed `logits_budget`, a block
+        of positions at a time from its last hidden states (`forward_hidden`), never all of them at once."""
+        block = self._block_rows(len(s)) if full_vocab else None
+        if block is None:
+            return self._to_arrays(s, self.forward_logits(s), top_k, full_vocab)
+        import torch
+
+        from .base import HeadRows, blocks
+
+        hidden, head = self.forward_hidden(s)
+        logits = HeadRows(hidden[:-1], head, self.vocab_size, block)
+        ids = torch.as_tensor(s.input_ids, device=hidden.device)
+        lps, tops = [np.full(1, np.nan, np.float32)], [(np.full((1, top_k), -1), np.full((1, top_k), np.nan, np.float32))]
+        for a, b in blocks(len(s), block, start=1):
+            lp = logits.rows(a, b).log_softmax(-1)
+            lps.append(lp.gather(-1, ids[a:b, None])[:, 0].float().cpu().numpy())
+            tops.append(topk_from_logprobs(lp, top_k))
+            del lp
+        k = tops[-1][0].shape[1]
+        used = {k_: v for k_, v in s.model_inputs.items() if k_ not in self.dropped_inputs}
+        return TokenLogprobs(
+            token_logprobs=np.concatenate(lps).astype(np.float32),
+            topk_ids=np.concatenate([t[0][:, :k] for t in tops]).astype(np.int64),
+            topk_logprobs=np.concatenate([t[1][:, :k] for t in tops]).astype(np.float32),
+            attention=mask_kinds(self.config.model_type, s.input_ids, used),
+            logits=logits,
+        )
+
+    def _block_rows(self, tokens: int) -> int | None:
+        """Rows of logits per block where a sample of `tokens` exceeds the budget, else None (whole logits).
+        A worker holds fewer than CHUNK_COPIES blocks at once (see there)."""
+        if self.logits_budget is None or tokens * self.vocab_size * 4 <= self.logits_budget:
+            return None
+        return max(2, self.logits_budget // (CHUNK_COPIES * 4 * self.vocab_size))
+
+    def limit_logits(self, budget: int) -> None:
+        """Score longer samples in blocks (Engine.limit_logits), once a short probe shows that the output layer
+        applied to the captured hidden states gives this model's own logits."""
+        import torch
+
+        probe = Sample("probe", np.arange(8, dtype=np.int64) % max(self.vocab_size, 1), np.zeros(8, np.int8))
+        whole = self.forward_logits(probe)
+        hidden, head = self.forward_hidden(probe)
+        rebuilt = head(hidden)
+        if rebuilt.shape != whole.shape or not torch.allclose(rebuilt, whole, rtol=1e-4, atol=1e-4):
+            gap = (rebuilt - whole).abs().max().item() if rebuilt.shape == whole.shape else f"shape {tuple(rebuilt.shape)} vs {tuple(whole.shape)}"
+            raise ValueError(f"engine {self.instance!r}: its logits are not its output layer applied to its last hidden states (differ by {gap}: "
+                             "a scaling or soft-capping after it?), so it cannot score in position chunks; unset placement.logits_budget_gb")
+        self.logits_budget = int(budget)
+
+    def forward_hidden(self, sample: Sample):
+        """(last hidden states [T, H], head): one forward whose output layer sees a single position; head(rows)
+        gives the logits of any rows as `forward_logits` would (traits.chunks_logits)."""
+        raise NotImplementedError(f"engine {self.name!r} cannot score in position chunks")
 
     def _unbatchable(self, s: Sample) -> SampleError | None:
         """Padded and packed micro-batches hold token ids only: a sample with other model inputs (pixels) is refused."""

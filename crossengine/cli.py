@@ -125,7 +125,7 @@ def run(
 
     plan, signals = _plan_interruptibly(experiment, run_id, output_dir)
     console.print(f"run [bold]{plan.run_id}[/bold]: reference {plan.reference.name}, candidates {', '.join(c.name for c in plan.candidates)}; {len(plan.experiment.samples)} samples")
-    for line in plan.noise_lines():
+    for line in plan.lines():
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     runner = Runner(plan, console=console, address=address, overwrite=overwrite, num_gpus=num_gpus, signals=signals)
     out = _execute(runner)
@@ -348,7 +348,7 @@ def validate(experiment: Path = typer.Argument(..., help="Experiment YAML file, 
         _fail(exc)
     exp = plan.experiment
     console.print(f"{experiment}: ok ({len(exp.engines)} engines, {len(exp.variants)} variants, {len(exp.samples)} samples)")
-    for line in plan.noise_lines():
+    for line in plan.lines():
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 

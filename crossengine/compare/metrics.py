@@ -75,7 +75,7 @@ def token_metrics(ref: TokenLogprobs, cand: TokenLogprobs, token_ids: np.ndarray
     full = ref.full_vocab and cand.full_vocab
     if full:
         shifted = ref.logits_are_logprobs != cand.logits_are_logprobs  # raw logits vs log-probs: rows differ by log Z
-        fv = _full_vocab_metrics(ref.logits[rows], cand.logits[rows], ids, centre=shifted)
+        fv = _full_vocab_metrics(ref.logits, cand.logits, token_ids, centre=shifted)
         lr, lc = fv.pop("lp_ref"), fv.pop("lp_cand")
         if ref.logits_are_logprobs or cand.logits_are_logprobs:  # KL and rank are shift-invariant; a cosine is not
             fv["cos_sim"] = np.full(len(ids), np.nan)
@@ -118,26 +118,31 @@ def _mask_nonfinite(out: dict[str, np.ndarray], lr: np.ndarray, lc: np.ndarray) 
     return code
 
 
-def _full_vocab_metrics(ref_logits: np.ndarray, cand_logits: np.ndarray, ids: np.ndarray, centre: bool = False) -> dict[str, np.ndarray]:
-    """KL both ways, cosine of logits, argmaxes and exact rank, from raw logits, in row chunks.
+def _full_vocab_metrics(ref_logits, cand_logits, token_ids: np.ndarray, centre: bool = False) -> dict[str, np.ndarray]:
+    """KL both ways, cosine of logits, argmaxes and exact rank at positions 1..T-1, from raw logits, in row blocks.
 
     Runs where it is called: in a candidate's Ray worker (crossengine/compare.py), on that
-    worker's GPU when it has one. With `centre` (one side gives log-probs, the other raw
-    logits) the rows differ by log Z, which is removed first (see `_fused_rows`).
+    worker's GPU when it has one. Each side is an array, a tensor, or a LogitRows (a long sample
+    whose logits are computed or fetched a block at a time: never whole). With `centre` (one
+    side gives log-probs, the other raw logits) the rows differ by log Z, which is removed first
+    (see `_fused_rows`).
     """
     import torch
 
+    from crossengine.adapters.base import blocks, logit_block
+
     n, vocab = ref_logits.shape
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    step = min([max(1, _CHUNK_ELEMENTS // max(vocab, 1))] + [getattr(x, "block", n) for x in (ref_logits, cand_logits)])
     cols: dict[str, list[np.ndarray]] = {}
-    for start in range(0, n, step):
-        r = torch.as_tensor(ref_logits[start : start + step], dtype=torch.float32, device=device)  # host numpy or a tensor (Ray Direct Transport)
-        c = torch.as_tensor(cand_logits[start : start + step], dtype=torch.float32, device=device)
-        tok = torch.as_tensor(np.asarray(ids[start : start + step], dtype=np.int64), device=device)[:, None]
+    for a, b in blocks(n, step, start=1):
+        r = torch.as_tensor(logit_block(ref_logits, a, b), dtype=torch.float32, device=device)  # host numpy or a tensor (Ray Direct Transport)
+        c = torch.as_tensor(logit_block(cand_logits, a, b), dtype=torch.float32, device=device)
+        tok = torch.as_tensor(np.asarray(token_ids[a:b], dtype=np.int64), device=device)[:, None]
         shift = torch.logsumexp(r.double(), -1) - torch.logsumexp(c.double(), -1) if centre else None
         for k, v in fused_kernel(r.numel())(r, c, tok, shift).items():
             cols.setdefault(k, []).append(v.cpu().numpy())
+        del r, c
     return {k: np.concatenate(v) for k, v in cols.items()} if cols else {k: np.empty(0) for k in _FUSED_COLUMNS}
 
 

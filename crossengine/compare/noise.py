@@ -139,21 +139,30 @@ def run_conditions(engine, cond: str, fillers: int):
 
 
 def kl_rows(p: TokenLogprobs, q: TokenLogprobs) -> np.ndarray:
-    """KL(p ‖ q) at every position, from both sides' full-vocabulary scores (nan where either has none)."""
+    """KL(p ‖ q) at every position, from both sides' full-vocabulary scores (nan where either has none), a block
+    of positions at a time (a long sample's logits are never whole: adapters.base.LogitRows)."""
     import torch
 
-    a, b = _log_probs(p), _log_probs(q)
-    with torch.no_grad():
-        kl = (a.exp() * (a - b)).nan_to_num(nan=0.0).sum(-1)
-    kl = kl.numpy().astype(np.float32)
+    from crossengine.adapters.base import blocks
+
+    n, vocab = p.logits.shape
+    step = min([max(1, (1 << 22) // max(vocab, 1))] + [getattr(t.logits, "block", n) for t in (p, q)])
+    parts = []
+    for lo, hi in blocks(n, step):
+        a, b = _log_probs(p, lo, hi), _log_probs(q, lo, hi)
+        with torch.no_grad():
+            parts.append((a.exp() * (a - b)).nan_to_num(nan=0.0).sum(-1).cpu().numpy())
+    kl = np.concatenate(parts).astype(np.float32)
     kl[np.isnan(p.token_logprobs) | np.isnan(q.token_logprobs)] = np.nan
     return kl
 
 
-def _log_probs(t: TokenLogprobs):
+def _log_probs(t: TokenLogprobs, lo: int, hi: int):
     import torch
 
-    x = torch.as_tensor(t.logits).double()
+    from crossengine.adapters.base import logit_block
+
+    x = torch.as_tensor(logit_block(t.logits, lo, hi)).double()
     return x if t.logits_are_logprobs else torch.log_softmax(x, -1)
 
 

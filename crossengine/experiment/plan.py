@@ -84,6 +84,25 @@ class Plan:
 
         return set(BATCHINGS) if not inst.traits.batching or self.experiment.routing else set()
 
+    def lines(self) -> list[str]:
+        """What the run will do that the plan already knows, said by `run` and `validate` before anything loads."""
+        return [*self.noise_lines(), *self.budget_lines()]
+
+    def budget_lines(self) -> list[str]:
+        """Where placement.logits_budget_gb splits samples into position blocks, and which engines cannot."""
+        exp = self.experiment
+        budget = exp.placement.logits_budget_gb
+        if budget is None or not exp.full_vocab:
+            return []
+        vocab = vocab_size_of(self.reference.model_path, self.reference.spec.revision)
+        beyond = f"beyond {int(budget * 2**30 // (4 * vocab)):,} tokens (V = {vocab:,})" if vocab else "whose logits exceed it"
+        able = [i.name for i in self.instances if i.traits.chunks_logits]
+        out = [f"logits budget {budget:g} GiB per worker: {', '.join(able) or 'no engine'} score{'s' if len(able) == 1 else ''} samples {beyond} "
+               "in position blocks"]
+        out += [f"logits budget: engine {i.name!r} ({i.spec.type}) cannot score in blocks: it holds a whole sample's logits"
+                for i in self.instances if not i.traits.chunks_logits and i.traits.gives_full_logits(i.spec)]
+        return out
+
     def noise_lines(self) -> list[str]:
         """What the noise floor will vary, per engine, said before anything loads (and what does not apply)."""
         if self.experiment.noise is None:

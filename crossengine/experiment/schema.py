@@ -215,6 +215,9 @@ class PlacementSpec(Strict):
         "auto", description="How the reference's full logits reach candidate workers: object_store (host arrays through Ray's object store), "
         "gloo or nccl (torch tensors worker to worker, Ray Direct Transport); auto: nccl between torch engines on GPUs, else object_store. "
         "A candidate that cannot take tensors (its own environment, vLLM, a dump, a routing replay) keeps the object store.")
+    logits_budget_gb: Optional[float] = Field(
+        None, gt=0, description="Most full-vocabulary logits one worker holds at once (GiB): a sample whose logits exceed it is scored and "
+        "compared a block of positions at a time (engines with the chunks_logits trait: hf). Default: whole samples.")
 
 
 class Experiment(Strict):

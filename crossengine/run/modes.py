@@ -17,6 +17,7 @@ decode, then add what they sampled or decoded (`write_extra`).
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -99,6 +100,7 @@ class Pending:
     ref_check: Any  # compare.ReferenceCheck
     parts: dict[str, Any]  # candidate name -> compare.Part
     decoded: Decoded | None = None
+    release: Callable[[], None] | None = None  # the reference may drop what it held for this batch (long samples' hidden states)
 
 
 class Mode:
@@ -111,6 +113,7 @@ class Mode:
         self.plan = run.plan
         self.exp = run.plan.experiment
         self.noise_said: set[tuple[str, str]] = set()  # (engine, reason) of noise conditions a sample failed, said once
+        self._prepared: dict[int, tuple[Any, list]] = {}  # batch -> (ObjectRef of its prepared samples, raw samples), submitted ahead
 
     def always_loaded(self) -> list[EngineInstance]:
         """Engines every wave needs (placed beside the reference)."""
@@ -119,23 +122,31 @@ class Mode:
     def owed(self, wave: list[EngineInstance], b: int) -> list[EngineInstance]:
         return [c for c in wave if c.name not in self.run.dead and not self.run.run_dir.done(c.name, b)]
 
-    def submit(self, pool: EnginePool, b: int, idx: list[int], cands: list[EngineInstance]) -> Pending:
-        """Nothing waits: the reference's prepared samples go to every engine as an ObjectRef."""
-        ref = self.plan.reference.name
+    def submit(self, pool: EnginePool, b: int, idx: list[int], cands: list[EngineInstance], ahead: tuple[int, list[int]] | None = None) -> Pending:
+        """Nothing waits: the reference's prepared samples go to every engine as an ObjectRef. `ahead`: the next
+        batch (number, samples), prepared now, before this batch's scores on the reference's thread, so that a candidate
+        that finished this batch's forward starts the next at once instead of waiting for the reference."""
+        batch, raw = self._prepared.pop(b, None) or self._prepare(pool, idx)
+        if ahead is not None:
+            self._prepared[ahead[0]] = self._prepare(pool, ahead[1])
+        return self._score(pool, b, idx, cands, batch, raw=raw)
+
+    def _prepare(self, pool: EnginePool, idx: list[int]) -> tuple[Any, list]:
         raw = raw_batch(self.plan, idx, self.run.record_error)
-        return self._score(pool, b, idx, cands, pool.call(ref, "prepare", raw), raw=raw)
+        return pool.call(self.plan.reference.name, "prepare", raw), raw
 
     def _score(self, pool: EnginePool, b: int, idx: list[int], cands: list[EngineInstance], batch, decoded: Decoded | None = None, raw=None) -> Pending:
         ref = self.plan.reference.name
         cands = [c for c in cands if c.name not in self.run.dead]
         # the reference's floor is measured in every wave (each wave's candidates read it with its scores), written once
-        ref_out, ref_check = pool.score_reference(ref, batch, self.exp.top_k, self.exp.full_vocab, self.plan.noise_plan(self.plan.reference))
+        key = uuid.uuid4().hex
+        ref_out, ref_check = pool.score_reference(ref, batch, self.exp.top_k, self.exp.full_vocab, self.plan.noise_plan(self.plan.reference), key)
         parts = {
             c.name: pool.score_and_compare(c.name, batch, ref_out, self.exp.top_k, self.exp.full_vocab, self.options(c),
                                            raw if c.spec.inputs == "own" else None, self.plan.noise_plan(c))
             for c in cands
         }
-        return Pending(b, idx, cands, batch, ref_out, ref_check, parts, decoded)
+        return Pending(b, idx, cands, batch, ref_out, ref_check, parts, decoded, lambda: pool.release(ref, key))
 
     def write(self, p: Pending, w: int, progress) -> None:
         run, ref = self.run, self.plan.reference.name
@@ -158,6 +169,8 @@ class Mode:
             self.write_part(p.b, self.options(inst), part)
             progress.advance(inst.name, len(p.idx))
         self.write_extra(p)
+        if p.release is not None:
+            p.release()
 
     def write_extra(self, p: Pending) -> None:
         """Files a batch writes besides the candidates' token parts (none when scoring)."""
@@ -215,7 +228,7 @@ class _Decoding(Mode):
         """(generator, every engine that decodes, sampling parameters)."""
         raise NotImplementedError
 
-    def submit(self, pool: EnginePool, b: int, idx: list[int], cands: list[EngineInstance]) -> Pending:
+    def submit(self, pool: EnginePool, b: int, idx: list[int], cands: list[EngineInstance], ahead: tuple[int, list[int]] | None = None) -> Pending:
         import ray
 
         prompts = self.run.prepare(pool, idx, f"preparing batch {b}")

@@ -13,19 +13,25 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from crossengine.adapters.base import LogitRows
 from crossengine.errors import CrossengineError
 from crossengine.experiment.plan import EngineInstance
 from crossengine.run.transport import OBJECT_STORE
 
 
-def runtime_env(inst: EngineInstance, base: Path) -> dict[str, Any]:
-    """Ray runtime_env: the driver's import path always; pip or another interpreter where the engine names one."""
+def runtime_env(inst: EngineInstance, base: Path, logits_budget: int | None = None) -> dict[str, Any]:
+    """Ray runtime_env: the driver's import path always; pip or another interpreter where the engine names one.
+    Under a logits budget, glibc returns every freed block over 1 MiB to the system at once: by default it raises
+    that threshold to the largest block freed and keeps later ones in its heap, so a worker that frees each
+    block of logits after use would still grow by several (measured: 193 MB peak vs 22 MB for 8 MB blocks)."""
     env = inst.spec.env
     from crossengine.adapters import user_code_paths
 
     # user code named as "module:function" or an engine's "module:Class" imports from where the driver imports it
     paths = [*user_code_paths(base), os.environ.get("PYTHONPATH", "")]
     out: dict[str, Any] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}}
+    if logits_budget:
+        out["env_vars"]["MALLOC_MMAP_THRESHOLD_"] = os.environ.get("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     if env is None:
         return out
     if env.pip:
@@ -39,7 +45,7 @@ def runtime_env(inst: EngineInstance, base: Path) -> dict[str, Any]:
 def _worker_class():
     import ray
 
-    @ray.remote(concurrency_groups={COMPARE_GROUP: 1}, enable_tensor_transport=True)
+    @ray.remote(concurrency_groups={COMPARE_GROUP: 1, SERVE_GROUP: 1}, enable_tensor_transport=True)
     class EngineWorker:
         """Hosts one engine; the adapter is imported here, in the worker's own environment.
 
@@ -48,10 +54,12 @@ def _worker_class():
         is not. Engine methods are forwarded by name through `call`, so a new engine method
         needs no edit here.
 
-        Two threads: Ray's default one runs everything that touches the engine, in the order
+        Three threads: Ray's default one runs everything that touches the engine, in the order
         the driver submits it; the "compare" group's runs the metrics of a batch the engine has
         scored (`compare_scored`), so batch n is compared while the engine already computes
-        batch n+1 (a candidate's metric time overlaps its forwards instead of adding to them).
+        batch n+1 (a candidate's metric time overlaps its forwards instead of adding to them);
+        the "serve" group's hands candidates blocks of the reference's logits of long samples
+        (`logit_rows`) while its engine goes on.
         """
 
         def __init__(self):
@@ -62,6 +70,7 @@ def _worker_class():
             self.scored_lock = threading.Lock()
             self.warming: threading.Thread | None = None  # the metric kernel's compile, beside the model's load
             self.checks: list = []  # reference checks of tensor-transported scores, for take_reference_check
+            self.held: dict[str, dict] = {}  # batch key -> sample id -> LogitRows of the reference's long samples, until `release`
 
         def _guarded(self, fn, *args):
             """fn(*args); an exception comes back as an EngineError ending with the root cause the
@@ -84,7 +93,7 @@ def _worker_class():
                 self.output.remove()
 
         def load(self, kind: str, spec: dict, model_path: str, instance: str, seed: int, threads: int, gpu_share: float | None, routing: bool = False,
-                 warm_vocab: int | None = None) -> dict:
+                 warm_vocab: int | None = None, logits_budget: int | None = None) -> dict:
             import torch
 
             torch.set_num_threads(threads)
@@ -104,7 +113,16 @@ def _worker_class():
                 self.warming = None
             if routing:  # the experiment's `routing: true`: every score carries each MoE layer's choice
                 self._guarded(self.engine.report_routing)
+            if logits_budget and cls.traits.chunks_logits:  # placement.logits_budget_gb: longer samples in position blocks
+                self._guarded(self.engine.limit_logits, logits_budget)
+            if getattr(self, "memory", None) is None:
+                self.memory = _MemoryWatch()  # from here the peak is the run's, not the load's
             return self.info()
+
+        def timings(self) -> dict:
+            """The engine's own timings, and this worker's memory (GiB, Linux) since its model loaded: what
+            placement.logits_budget_gb bounds."""
+            return {**self.engine.timings(), **self.memory.report()}
 
         def info(self) -> dict:
             info = self.engine.info()
@@ -116,7 +134,7 @@ def _worker_class():
             return self._guarded(getattr(self.engine, method), *args)
 
         @ray.method(num_returns=2)
-        def score_reference(self, batch, top_k: int, full_vocab: bool, noise=None, tensors: bool = False):
+        def score_reference(self, batch, top_k: int, full_vocab: bool, noise=None, tensors: bool = False, key: str = ""):
             """The reference's scores (an ObjectRef the candidates read, with its noise floor where `noise`
             gives conditions) and the little the driver needs of them.
 
@@ -131,10 +149,31 @@ def _worker_class():
             rows, seconds = self._floor(batch, out, noise, top_k, full_vocab)
             check = reference_check(out)
             check.noise, check.noise_s = rows, seconds
+            self._hold(key, out)
             if tensors:
                 self.checks.append(check)
                 return out
             return out, check
+
+        def _hold(self, key: str, out: list) -> None:
+            """Keep the LogitRows of long samples here and send candidates a RemoteRows that fetches their blocks."""
+            from crossengine.adapters.base import LogitRows, TokenLogprobs
+
+            for r in out:
+                if isinstance(r, TokenLogprobs) and isinstance(r.logits, LogitRows):
+                    sid = str(len(self.held.setdefault(key, {})))
+                    self.held[key][sid] = r.logits
+                    r.logits = RemoteRows(ray.get_runtime_context().current_actor, key, sid, r.logits.shape, r.logits.block)
+
+        @ray.method(concurrency_group=SERVE_GROUP)
+        def logit_rows(self, key: str, sid: str, a: int, b: int):
+            """Rows a..b-1 of a held long sample's logits, as host float32 (through the object store)."""
+            return self.held[key][sid].rows(a, b).cpu().numpy()
+
+        @ray.method(concurrency_group=SERVE_GROUP)
+        def release(self, key: str) -> None:
+            """The candidates have compared this batch: its held hidden states go."""
+            self.held.pop(key, None)
 
         def take_reference_check(self):
             """The check of the oldest `score_reference(tensors=True)` not yet taken (the driver asks right after each)."""
@@ -223,6 +262,73 @@ def _worker_class():
 
 
 COMPARE_GROUP = "compare"  # the worker's second thread: metrics of scored batches
+SERVE_GROUP = "serve"  # its third: blocks of a reference's held logits for the candidates
+
+
+class RemoteRows(LogitRows):
+    """A candidate's view of the reference's logits of a long sample (adapters.base.LogitRows): each block is
+    fetched from the reference's worker, which computes it from the hidden states it holds until the batch
+    is released; neither worker ever holds the sample's whole logits."""
+
+    def __init__(self, actor, key: str, sid: str, shape: tuple[int, int], block: int):
+        self.actor, self.key, self.sid, self.shape, self.block = actor, key, sid, shape, block
+
+    def rows(self, a: int, b: int):
+        """Rows a..b-1; the next block of the same size is requested at once, so it is computed while this one is compared."""
+        import ray
+
+        ahead = getattr(self, "ahead", None)
+        ref = ahead[1] if ahead is not None and ahead[0] == (a, b) else self.actor.logit_rows.remote(self.key, self.sid, a, b)
+        nxt = (b, min(self.shape[0], 2 * b - a))
+        self.ahead = (nxt, self.actor.logit_rows.remote(self.key, self.sid, *nxt)) if b < self.shape[0] else None
+        return ray.get(ref)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "ahead"}
+
+
+def _status(*fields: str) -> dict[str, int]:
+    """Fields of /proc/self/status in bytes (Linux; empty elsewhere)."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in fields:
+                out[name] = int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+class _MemoryWatch:
+    """A worker's memory since its model loaded. Private memory (RssAnon: tensors, arrays, activations) is
+    sampled every 10 ms, since resident size also counts the pages of Ray's object store a worker writes or
+    maps, which are the node's store, not this worker's; VmHWM (reset here) gives the resident peak with them."""
+
+    def __init__(self):
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resident peak := now
+        except OSError:
+            pass
+        now = _status("RssAnon", "VmRSS")
+        self.base, self.rss = now.get("RssAnon"), now.get("VmRSS")
+        self.peak = self.base
+        if self.base is not None:
+            threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while True:
+            value = _status("RssAnon").get("RssAnon", 0)
+            if value > self.peak:
+                self.peak = value
+            time.sleep(0.01)
+
+    def report(self) -> dict[str, float]:
+        if self.base is None:
+            return {}
+        gb = 2**30
+        return {"rss_after_load_gb": self.rss / gb, "peak_rss_gb": _status("VmHWM").get("VmHWM", 0) / gb,
+                "private_after_load_gb": self.base / gb, "peak_above_load_gb": (self.peak - self.base) / gb}
 
 
 def _attempt(fn, *args, **kwargs):
@@ -286,7 +392,8 @@ class EnginePool:
     """
 
     def __init__(self, instances: list[EngineInstance], placement, seed: int, base: Path, timeouts, console=None, keeper: "EngineKeeper | None" = None,
-                 routing: bool = False, warm: dict[str, int] | None = None, transports: tuple[dict[str, str], str | None] = ({}, None)):
+                 routing: bool = False, warm: dict[str, int] | None = None, transports: tuple[dict[str, str], str | None] = ({}, None),
+                 logits_budget: int | None = None):
         worker = _worker_class()
         members = [i.name for i in instances]
         cpus = {name: placement.cpu_share(name, members) for name in members}  # its part of its node's CPUs
@@ -299,7 +406,7 @@ class EnginePool:
         self.paths, self.backend = transports  # candidate -> how the reference's logits reach it (run/transport.py)
         self.group = None  # the Ray Direct Transport collective group of this wave, where it has one
         slots = placement.slots
-        self.keys = {i.name: EngineKeeper.key(i, seed, slots[i.name].gpus, placement.node_id(i.name), cpus[i.name]) + f"|routing={routing}" for i in instances}
+        self.keys = {i.name: EngineKeeper.key(i, seed, slots[i.name].gpus, placement.node_id(i.name), cpus[i.name]) + f"|routing={routing}|budget={logits_budget}" for i in instances}
         if keeper is not None:
             keeper.evict_except(set(self.keys.values()))  # kept engines no member of this wave uses give their resources back first
             for inst in instances:
@@ -312,7 +419,7 @@ class EnginePool:
             for inst in [i for i in instances if i.name not in self.actors]:
                 # its part of its node's CPUs, pinned to the node the plan chose: Ray never has to find room the plan did not see
                 options: dict[str, Any] = {"num_cpus": min(1.0, cpus[inst.name]), "num_gpus": slots[inst.name].gpus,
-                                           "runtime_env": runtime_env(inst, base)}
+                                           "runtime_env": runtime_env(inst, base, logits_budget)}
                 node = placement.node_id(inst.name)
                 if node:
                     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -328,7 +435,7 @@ class EnginePool:
                 loads = {
                     i.name: self.actors[i.name].load.remote(
                         i.spec.type, i.spec.model_dump(mode="json"), i.model_path, i.name, seed, max(1, int(cpus[i.name])),
-                        slots[i.name].gpu_memory_utilization, routing, (warm or {}).get(i.name)
+                        slots[i.name].gpu_memory_utilization, routing, (warm or {}).get(i.name), logits_budget
                     )
                     for i in group
                 }
@@ -399,14 +506,19 @@ class EnginePool:
         """An ObjectRef for `engine.method(*args)` in engine `name`'s worker."""
         return self.actors[name].call.remote(method, *args)
 
-    def score_reference(self, name: str, batch, top_k: int, full_vocab: bool, noise=None):
+    def score_reference(self, name: str, batch, top_k: int, full_vocab: bool, noise=None, key: str = ""):
         """(ObjectRef of the reference's scores, ObjectRef of its ReferenceCheck); nothing is fetched. With a tensor
-        transport the scores are an RDT object the candidates' compare calls receive as an argument."""
+        transport the scores are an RDT object the candidates' compare calls receive as an argument. `key`: the
+        batch, for `release` (long samples' logits are held in the reference's worker until then)."""
         actor = self.actors[name]
         if self.backend is None:
-            return actor.score_reference.remote(batch, top_k, full_vocab, noise)
-        out = actor.score_reference.options(num_returns=1, tensor_transport=self.backend).remote(batch, top_k, full_vocab, noise, True)
+            return actor.score_reference.remote(batch, top_k, full_vocab, noise, False, key)
+        out = actor.score_reference.options(num_returns=1, tensor_transport=self.backend).remote(batch, top_k, full_vocab, noise, True, key)
         return out, actor.take_reference_check.remote()
+
+    def release(self, name: str, key: str) -> None:
+        """Every candidate has compared batch `key`: the reference drops what it held for it."""
+        self.actors[name].release.remote(key)
 
     def score_and_compare(self, name: str, batch, ref_out, top_k: int, full_vocab: bool, options, raw=None, noise=None):
         """ObjectRef of the candidate's `compare.Part` for one batch; `ref_out` goes worker to worker. Two calls: the
@@ -430,7 +542,7 @@ class EnginePool:
             if name in skip:
                 continue
             try:
-                out[name] = ray.get(self.call(name, "timings"), timeout=60)
+                out[name] = ray.get(self.actors[name].timings.remote(), timeout=60)
             except Exception:  # noqa: BLE001 - timings are a report, never a reason to fail a finished run
                 pass
         return out

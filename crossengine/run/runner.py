@@ -211,7 +211,7 @@ class Runner:
             members = [self.plan.reference, *[m for m in always if m is not self.plan.reference and m not in wave], *wave]
             transports = self._transports(wave)
             pool = EnginePool(members, self.placement, exp.seed, self.plan.experiment_path.parent, exp.placement, self.console, self.keeper, exp.routing,
-                              self._warm_vocab(wave), transports)
+                              self._warm_vocab(wave), transports, _budget_bytes(exp.placement.logits_budget_gb))
             self.timings[f"engine_start_s_wave{w}"] = time.time() - t
             self.timings.update({f"{name}.ready_after_s": v for name, v in pool.start_s.items()})
             infos.update(pool.infos)
@@ -325,15 +325,17 @@ class Runner:
         todo = [(b, idx, owed) for b, idx in enumerate(self.plan.batches) if (owed := mode.owed(wave, b))]
         progress = engine_progress(self.console, [self.plan.reference, *wave], len(exp.samples), self.plan, self.run_dir)
         t = time.time()
+        ahead = lambda n: todo[n + 1][:2] if n + 1 < len(todo) else None  # noqa: E731 - the next batch (number, samples)
+        submit = lambda n: mode.submit(pool, *todo[n], ahead=ahead(n)) if n < len(todo) else None  # noqa: E731
         with progress:
-            pending = mode.submit(pool, *todo[0]) if todo else None
+            pending = submit(0)
             for n in range(len(todo)):
                 current = pending
                 if mode.pipelined:  # engines start on the next batch while this one is written
-                    pending = mode.submit(pool, *todo[n + 1]) if n + 1 < len(todo) else None
+                    pending = submit(n + 1)
                 mode.write(current, w, progress)
                 if not mode.pipelined:
-                    pending = mode.submit(pool, *todo[n + 1]) if n + 1 < len(todo) else None
+                    pending = submit(n + 1)
         self.timings["scoring_s"] = self.timings.get("scoring_s", 0.0) + time.time() - t
 
     def _transports(self, wave: list[EngineInstance]) -> tuple[dict[str, str], str | None]:
@@ -454,6 +456,10 @@ def reference_is_dense(ref: EngineInstance) -> bool | None:
 
     fields = config_fields(ref.model_path, ref.spec.revision)
     return None if fields is None else model_is_dense(fields)
+
+
+def _budget_bytes(gib: float | None) -> int | None:
+    return None if gib is None else int(gib * 2**30)
 
 
 def _reducer_class():
