@@ -173,6 +173,7 @@ def test_two_gpus_four_engines_run_in_waves_and_one_too_big_for_every_gpu_fails_
     waves_of = {e["engine"]: e["wave"] for e in meta["placement"]["engines"]}
     assert waves_of == {"ref": -1, "eager": 0, "bf16": 1, "same": 2}
     assert meta["placement"]["cluster"]["gpu_memory_gb"] == 3
+    assert set(meta["logits_transport"].values()) == {"object_store"}, "advertised GPUs without NCCL (cupy): auto keeps the object store"
     pd.testing.assert_frame_equal(_tokens(out / "g2"), no_gpu_tokens, check_categorical=False)
 
 

@@ -119,3 +119,26 @@ def test_the_plan_says_where_the_budget_splits_samples(write_experiment):
     assert out.exit_code == 0, out.output
     assert "logits budget 0.001 GiB per worker: a scores samples beyond 524 tokens (V = 512) in position blocks" in out.output
     assert "engine 'n' (native) cannot score in blocks" in out.output
+
+
+def test_the_tensor_path_is_chosen_from_what_the_plan_knows(write_experiment, tmp_path):
+    from crossengine.experiment.load import load_experiment
+    from crossengine.experiment.plan import make_plan
+    from crossengine.run.transport import choose_transports
+
+    path = write_experiment("model: tiny-text\nreference: a\nengines:\n  a: {type: hf}\n  b: {type: hf, dtype: bfloat16}\n"
+                            "  s: {type: 'tests.custom_engine:ScaledHF'}\nsamples:\n  - text: hi\n")
+    plan = make_plan(load_experiment(path), path, run_id="x", output_dir=tmp_path / "out")
+    ref, b, s = plan.reference, plan.instance("b"), plan.instance("s")
+    on_gpu, on_cpu = (lambda i: True), (lambda i: False)
+    # auto: NCCL between torch engines on GPUs, only where it imports (a cluster may advertise GPUs it lacks)
+    assert choose_transports("auto", "score", ref, [b], [b], on_gpu, nccl=lambda: True)[:2] == ({"b": "nccl"}, "nccl")
+    assert choose_transports("auto", "score", ref, [b], [b], on_gpu, nccl=lambda: False)[:2] == ({"b": "object_store"}, None)
+    assert choose_transports("auto", "score", ref, [b], [b], on_cpu, nccl=lambda: True)[:2] == ({"b": "object_store"}, None)
+    assert choose_transports("gloo", "score", ref, [b], [], on_cpu)[:2] == ({"b": "object_store"}, None), "no full logits move"
+    # one candidate that cannot take tensors keeps the wave on the object store, said in one line
+    paths, backend, note = choose_transports("gloo", "score", ref, [b, s], [b, s], on_cpu)
+    assert backend is None and set(paths.values()) == {"object_store"}
+    assert note == ("logits_transport gloo: the reference's logits go through the object store to every candidate of this wave: "
+                    "engine 's' (tests.custom_engine:ScaledHF) hands over host arrays")
+    assert "the generate mode" in choose_transports("gloo", "generate", ref, [b], [b], on_cpu)[2]

@@ -200,7 +200,7 @@ def _worker_class():
             handed to `compare_scored`, which the driver waits on."""
             slot = self._slot(key)
             try:
-                self.engine.logits_as_tensors = tensors  # its logits beside the reference's tensors: no host copy
+                self.engine.logits_as_tensors = tensors  # its own logits are compared here: no host copy
                 rows, to_score, own = self._guarded(self._own_inputs, batch, raw)
                 if self.engine.spec.replays_reference_routing:  # routing replay: the reference's choices are needed before this forward
                     from crossengine.adapters.base import TokenLogprobs
@@ -450,7 +450,7 @@ class EnginePool:
 
     def _join_group(self, reference: str, timeout: float) -> None:
         """One collective group (Ray Direct Transport) over the reference and the candidates that take its tensors;
-        a group that does not form within `timeout` (placement.timeout_s) is one line."""
+        where it does not form within `timeout` (placement.timeout_s) or fails, the object store carries the logits."""
         from ray.experimental.collective import create_collective_group
 
         members = [self.actors[reference], *(self.actors[n] for n, path in self.paths.items() if path == self.backend)]
@@ -459,9 +459,13 @@ class EnginePool:
         worker.start()
         worker.join(timeout)
         outcome = done[0] if done else TimeoutError(f"not formed within {timeout:g}s (placement.timeout_s)")
-        if isinstance(outcome, BaseException):
-            raise CrossengineError(f"placement.logits_transport {self.backend}: the collective group of {reference!r} and its candidates failed: "
-                                   f"{one_line(outcome)} (placement.logits_transport: object_store avoids it)")
+        if isinstance(outcome, BaseException):  # the same numbers go through the object store: said, never a lost run
+            if self.console is not None:
+                self.console.print(f"logits_transport {self.backend}: the collective group of {reference!r} and its candidates did not form "
+                                   f"({one_line(outcome)}); the object store carries the logits instead", markup=False, highlight=False)
+            self.paths = {name: OBJECT_STORE for name in self.paths}
+            self.backend = None
+            return
         self.group = outcome
 
     def _await_placement(self, inst: EngineInstance, placement, timeouts, t0: float) -> None:
@@ -526,7 +530,8 @@ class EnginePool:
         key = uuid.uuid4().hex
         actor = self.actors[name]
         direct = self.paths.get(name, OBJECT_STORE) != OBJECT_STORE  # an RDT object goes as an argument, never nested
-        actor.score_for_compare.remote(key, batch, None if direct else [ref_out], top_k, full_vocab, raw, noise, direct)
+        # its own logits never leave its worker: kept as tensors on its device (a GPU's are not copied to the host and back)
+        actor.score_for_compare.remote(key, batch, None if direct else [ref_out], top_k, full_vocab, raw, noise, True)
         return actor.compare_scored.remote(key, batch, ref_out if direct else [ref_out], options, direct)
 
     def capture(self, name: str, batch, patterns, max_positions: int, raw=None):

@@ -213,6 +213,7 @@ class Runner:
             pool = EnginePool(members, self.placement, exp.seed, self.plan.experiment_path.parent, exp.placement, self.console, self.keeper, exp.routing,
                               self._warm_vocab(wave), transports, _budget_bytes(exp.placement.logits_budget_gb))
             self.timings[f"engine_start_s_wave{w}"] = time.time() - t
+            self.logits_transport.update(pool.paths)  # as the wave runs: a group that did not form fell back
             self.timings.update({f"{name}.ready_after_s": v for name, v in pool.start_s.items()})
             infos.update(pool.infos)
             try:
@@ -344,10 +345,9 @@ class Runner:
         exp, ref = self.plan.experiment, self.plan.reference
         full = [c for c in wave if exp.full_vocab and _full_logits(ref) and _full_logits(c)]
         paths, backend, note = choose_transports(exp.placement.logits_transport, exp.mode, ref, wave, full,
-                                                 lambda i: self.placement.slots[i.name].gpus > 0)
+                                                 lambda i: self.placement.slots[i.name].gpus >= 1)  # NCCL: a GPU per rank
         if note:
             self._say(note)
-        self.logits_transport.update(paths)
         return paths, backend
 
     def _warm_vocab(self, wave: list[EngineInstance]) -> dict[str, int]:

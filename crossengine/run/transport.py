@@ -31,20 +31,33 @@ def _cannot_take_tensors(inst: EngineInstance) -> str | None:
     return None
 
 
+def nccl_available() -> bool:
+    """Whether Ray's NCCL collective imports in this (the driver's) environment: it needs cupy."""
+    try:
+        from ray.util.collective.collective import nccl_available as available
+
+        return bool(available())
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def choose_transports(requested: str, mode: str, reference: EngineInstance, wave: list[EngineInstance], full: list[EngineInstance],
-                      on_gpus) -> tuple[dict[str, str], str | None, str | None]:
+                      on_gpus, nccl=nccl_available) -> tuple[dict[str, str], str | None, str | None]:
     """(candidate -> path, the RDT backend the wave uses or None, a note where a requested tensor path is not taken).
 
     `full`: the wave's candidates that compare full logits with the reference; `on_gpus(inst)`:
-    whether the placement gives that engine a GPU. One backend per wave: a collective group
+    whether the placement gives that engine a GPU of its own (NCCL wants one per rank: engines
+    sharing a GPU keep the object store; CUDA IPC between them is not used yet). One backend per wave: a collective group
     spans the reference and every tensor candidate, and where one of them cannot take tensors
-    the reference's logits go through the object store for all (it hands them over once)."""
+    the reference's logits go through the object store for all (it hands them over once).
+    `auto` takes NCCL only where it imports (cupy), so a cluster that advertises GPUs it does
+    not have, or lacks cupy, keeps the object store."""
     paths = {c.name: OBJECT_STORE for c in wave}
     if not full or requested == OBJECT_STORE:
         return paths, None, None
     backend = requested
     if requested == "auto":
-        if not all(on_gpus(i) for i in [reference, *full]):
+        if not all(on_gpus(i) for i in [reference, *full]) or not nccl():
             return paths, None, None  # CPU workers: the object store maps the arrays without a copy, gloo would send them
         backend = "nccl"
     if mode != "score":
