@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 import os
 import shutil
 import signal
@@ -113,10 +114,8 @@ def test_a_killed_sweep_resumes_without_redoing_finished_members_and_a_bad_membe
         time.sleep(0.2)
     assert done is not None, first.communicate()[0] if first.poll() is not None else "no member finished in time"
     other = "2" if done == "1" else "1"
-    side_by_side = (root / other / "run.json").exists()  # written once its engines started: one at a time, it would not exist yet
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    assert side_by_side, "4 GPUs hold two members of 2 engines at once: the other member had started before this one finished"
     finished = {m for m in ("1", "2") if json.loads((root / m / "run.json").read_text())["status"] == "complete"}  # the other may have finished too
     before = {m: (root / m / "run.json").read_text() for m in finished}
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -132,3 +131,8 @@ def test_a_killed_sweep_resumes_without_redoing_finished_members_and_a_bad_membe
     assert status == {"1": "skipped" if "1" in finished else "complete", "2": "skipped" if "2" in finished else "complete", "bad": "failed"}, status
     assert _pooled(index[index["member"] == done])["n_tokens"].iloc[0] > 0, "a skipped member's rows are still in the index"
     assert "1 of 3 member(s) did not finish cleanly: bad" in out
+    # side by side: the other member's engines were up (run.json's started_at, kept on resume) within seconds of the
+    # first member finishing; one member at a time, it would have started only in the second sweep, or after a load
+    stamp = lambda m, key: datetime.strptime(json.loads((root / m / "run.json").read_text())[key], "%Y-%m-%dT%H:%M:%S%z")  # noqa: E731
+    assert (stamp(other, "started_at") - stamp(done, "finished_at")).total_seconds() < 5, \
+        "4 GPUs hold two members of 2 engines at once: the other member had started before this one finished"

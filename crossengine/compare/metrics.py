@@ -41,6 +41,7 @@ METRIC_COLUMNS: dict[str, str] = {
 }
 
 _CHUNK_ELEMENTS = 1 << 24  # rows × vocab per block: 64 MiB of float32 per side (fused: no T×V temporaries)
+EAGER_TEMPORARIES = 8  # the uncompiled kernel holds about this many block-sized temporaries at once
 
 
 def k3(x: np.ndarray) -> np.ndarray:
@@ -134,6 +135,8 @@ def _full_vocab_metrics(ref_logits, cand_logits, token_ids: np.ndarray, centre: 
     n, vocab = ref_logits.shape
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     step = min([max(1, _CHUNK_ELEMENTS // max(vocab, 1))] + [getattr(x, "block", n) for x in (ref_logits, cand_logits)])
+    if fused_kernel(step * vocab) is _fused_rows:
+        step = max(1, step // EAGER_TEMPORARIES)  # the eager form makes block-sized temporaries: smaller blocks, the same memory
     cols: dict[str, list[np.ndarray]] = {}
     for a, b in blocks(n, step, start=1):
         r = torch.as_tensor(logit_block(ref_logits, a, b), dtype=torch.float32, device=device)  # host numpy or a tensor (Ray Direct Transport)
@@ -159,8 +162,8 @@ def fused_kernel(elements: int, compiled: bool | None = None):
     Where it fails (no C++ compiler, an unsupported torch) the eager function is used instead.
     """
     global _compiled
-    if compiled is None:
-        compiled = elements >= _COMPILE_FROM_ELEMENTS
+    if compiled is None:  # once compiled (a worker warmed up for its vocabulary), every block size takes it: rows are dynamic
+        compiled = elements >= _COMPILE_FROM_ELEMENTS or bool(_compiled)
     if not compiled or _compiled is False:
         return _fused_rows
     if _compiled is None:
