@@ -142,3 +142,4 @@ def test_the_tensor_path_is_chosen_from_what_the_plan_knows(write_experiment, tm
     assert note == ("logits_transport gloo: the reference's logits go through the object store to every candidate of this wave: "
                     "engine 's' (tests.custom_engine:ScaledHF) hands over host arrays")
     assert "the generate mode" in choose_transports("gloo", "generate", ref, [b], [b], on_cpu)[2]
+    assert "NCCL group does not import" in choose_transports("nccl", "score", ref, [b], [b], on_gpu, nccl=lambda: False)[2]

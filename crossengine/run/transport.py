@@ -60,7 +60,9 @@ def choose_transports(requested: str, mode: str, reference: EngineInstance, wave
         if not all(on_gpus(i) for i in [reference, *full]) or not nccl():
             return paths, None, None  # CPU workers: the object store maps the arrays without a copy, gloo would send them
         backend = "nccl"
-    if mode != "score":
+    if backend == "nccl" and not nccl():
+        blocker = "Ray's NCCL group does not import in this environment (it needs cupy)"
+    elif mode != "score":
         blocker = f"the {mode} mode compares the reference's decode outside the engines' workers"
     else:
         blocker = next((f"engine {i.name!r} {why}" for i in [reference, *full] if (why := _cannot_take_tensors(i))), None)
