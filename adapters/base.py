@@ -495,6 +495,13 @@ def logit_block(logits, a: int, b: int):
     return logits.rows(a, b) if isinstance(logits, LogitRows) else logits[a:b]
 
 
+def block_rows(elements: int, *sources) -> int:
+    """Rows per block for reading these [T, V] sources together: `elements` logits per block at most, and no more
+    than any LogitRows among them asks for (its `block`)."""
+    n, vocab = sources[0].shape
+    return min([max(1, elements // max(vocab, 1))] + [getattr(x, "block", n) for x in sources])
+
+
 def blocks(n: int, step: int, start: int = 0) -> list[tuple[int, int]]:
     """[start, n) in blocks of `step` rows; a last block of one row joins the one before (a one-row matrix product
     takes another code path, whose numbers differ in the last bit)."""

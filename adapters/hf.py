@@ -62,23 +62,18 @@ class HFEngine(TorchEngine):
 
     def forward_logits(self, sample: Sample):
         """Raw logits [T, V] in float32 for one sample; the one place HF's forward is called."""
-        import time
-
         import torch
 
-        t = time.perf_counter()
-        with torch.inference_mode():
-            logits = self.model(**self._inputs(sample)).logits[0].float()
-        self.forward_s = getattr(self, "forward_s", 0.0) + time.perf_counter() - t
-        return logits
+        with self.forward_clock(), torch.inference_mode():
+            return self.model(**self._inputs(sample)).logits[0].float()
 
     def forward_hidden(self, sample: Sample):
         """(last hidden states [T, H], head) from one forward: a pre-hook on the output layer keeps its input and
         hands it the last position only, so the [T, V] logits are never made; head() is that layer, with the
         final soft-capping where the config has one (Gemma), in the model's dtype, then float32 as forward_logits."""
-        import torch
-
         import threading
+
+        import torch
 
         layer = self.model.get_output_embeddings()
         seen: dict[str, Any] = {}
@@ -90,16 +85,12 @@ class HFEngine(TorchEngine):
             seen["h"] = args[0]
             return (args[0][..., -1:, :], *args[1:])
 
-        import time
-
-        t = time.perf_counter()
         hook = layer.register_forward_pre_hook(keep)
         try:
-            with torch.inference_mode():
+            with self.forward_clock(), torch.inference_mode():
                 self.model(**self._inputs(sample))
         finally:
             hook.remove()
-        self.forward_s = getattr(self, "forward_s", 0.0) + time.perf_counter() - t
         cap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
 
         def head(rows):

@@ -155,18 +155,15 @@ class NativeEngine(TorchEngine):
         return import_ref(self.spec.chat_format) if self.spec.chat_format else super().chat_renderer()
 
     def forward_logits(self, sample):
-        import time
-
         import torch
 
-        t = time.perf_counter()
-        inputs = self._inputs(sample)
-        input_ids = inputs.pop("input_ids")
-        with torch.inference_mode():
-            out = self.model(input_ids, **inputs)
-        logits = getattr(out, "logits", out)
-        logits = logits[0] if logits.dim() == 3 else logits
-        self.forward_s = getattr(self, "forward_s", 0.0) + time.perf_counter() - t
+        with self.forward_clock():
+            inputs = self._inputs(sample)
+            input_ids = inputs.pop("input_ids")
+            with torch.inference_mode():
+                out = self.model(input_ids, **inputs)
+            logits = getattr(out, "logits", out)
+            logits = logits[0] if logits.dim() == 3 else logits
         return logits.float()
 
     def _forward_rows(self, input_ids, attention_mask, position_ids):

@@ -21,6 +21,8 @@ them alone, and the noise floor (crossengine/compare/noise.py) switches them per
 
 from __future__ import annotations
 
+import contextlib
+import time
 from typing import Any, Literal
 
 import numpy as np
@@ -291,7 +293,18 @@ class TorchEngine(Engine):
         raise NotImplementedError
 
     def timings(self) -> dict[str, float]:
-        return {"forward_s": getattr(self, "forward_s", 0.0)}
+        return {"forward_s": self.forward_s}
+
+    forward_s = 0.0  # seconds in the model's forwards (run.json's `<name>.forward_s`), added by `forward_clock`
+
+    @contextlib.contextmanager
+    def forward_clock(self):
+        """Adds the block's wall time to `forward_s`: every forward of a torch engine runs inside one."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.forward_s += time.perf_counter() - t
 
     def capture(self, samples: list[Sample], patterns: list[str] | None, max_positions: int = 512):
         from .inspect import capture_outputs
@@ -377,21 +390,16 @@ class TorchEngine(Engine):
         hidden, head = self.forward_hidden(s)
         logits = HeadRows(hidden[:-1], head, self.vocab_size, block)
         ids = torch.as_tensor(s.input_ids, device=hidden.device)
-        lps, tops = [np.full(1, np.nan, np.float32)], [(np.full((1, top_k), -1), np.full((1, top_k), np.nan, np.float32))]
+        k = min(top_k, self.vocab_size)
+        lps, top_ids, top_lps = [np.empty(0, np.float32)], [np.empty((0, k), np.int64)], [np.empty((0, k), np.float32)]
         for a, b in blocks(len(s), block, start=1):
             lp = logits.rows(a, b).log_softmax(-1)
-            lps.append(lp.gather(-1, ids[a:b, None])[:, 0].float().cpu().numpy())
-            tops.append(topk_from_logprobs(lp, top_k))
+            lps.append(lp.gather(-1, ids[a:b, None])[:, 0].cpu().numpy())
+            i, v = topk_from_logprobs(lp, top_k)
+            top_ids.append(i)
+            top_lps.append(v)
             del lp
-        k = tops[-1][0].shape[1]
-        used = {k_: v for k_, v in s.model_inputs.items() if k_ not in self.dropped_inputs}
-        return TokenLogprobs(
-            token_logprobs=np.concatenate(lps).astype(np.float32),
-            topk_ids=np.concatenate([t[0][:, :k] for t in tops]).astype(np.int64),
-            topk_logprobs=np.concatenate([t[1][:, :k] for t in tops]).astype(np.float32),
-            attention=mask_kinds(self.config.model_type, s.input_ids, used),
-            logits=logits,
-        )
+        return self._pack(s, np.concatenate(lps), np.concatenate(top_ids), np.concatenate(top_lps), logits)
 
     def _block_rows(self, tokens: int) -> int | None:
         """Rows of logits per block where a sample of `tokens` exceeds the budget, else None (whole logits).
@@ -430,11 +438,12 @@ class TorchEngine(Engine):
 
     def forward_batch(self, samples: list[Sample]) -> list:
         """Raw float32 logits [T_i, V] of each sample, run as one padded or packed micro-batch."""
-        import time
+        with self.forward_clock():
+            return self._forward_micro_batch(samples)
 
+    def _forward_micro_batch(self, samples: list[Sample]) -> list:
         import torch
 
-        t = time.perf_counter()
         lengths = [len(s) for s in samples]
         ids = [torch.as_tensor(s.input_ids, device=self.device) for s in samples]
         if self.spec.batching == "packed":
@@ -454,7 +463,6 @@ class TorchEngine(Engine):
             position_ids = (attention.cumsum(-1) - 1).clamp(min=0)  # as trainers compute them: left padding keeps positions from 0
             logits = self._forward_rows(input_ids, attention, position_ids)
             rows = [logits[r, width - k :] if left else logits[r, :k] for r, k in enumerate(lengths)]
-        self.forward_s = getattr(self, "forward_s", 0.0) + time.perf_counter() - t
         return rows
 
     @property
@@ -505,15 +513,18 @@ class TorchEngine(Engine):
         logprobs = pred.log_softmax(-1)
         token_lp = logprobs.gather(-1, ids[1:, None])[:, 0].cpu().numpy()
         topk_ids, topk_lp = topk_from_logprobs(logprobs, top_k)
-        k = topk_ids.shape[1]
+        return self._pack(s, token_lp, topk_ids, topk_lp, shifted_rows(pred, self.logits_as_tensors) if full_vocab else None)
+
+    def _pack(self, s: Sample, token_lp: np.ndarray, topk_ids: np.ndarray, topk_lp: np.ndarray, logits) -> TokenLogprobs:
+        """Scores of positions 1..T-1 as TokenLogprobs: row 0 (it predicts nothing) padded, the mask this engine applied."""
         pad_row = lambda a, fill: np.concatenate([np.full((1, *a.shape[1:]), fill, a.dtype), a])  # noqa: E731
         used = {k_: v for k_, v in s.model_inputs.items() if k_ not in self.dropped_inputs}
         return TokenLogprobs(
             token_logprobs=pad_row(token_lp.astype(np.float32), np.nan),
             topk_ids=pad_row(topk_ids, -1),
-            topk_logprobs=pad_row(topk_lp.astype(np.float32).reshape(-1, k), np.nan),
+            topk_logprobs=pad_row(topk_lp.astype(np.float32).reshape(-1, topk_ids.shape[1]), np.nan),
             attention=mask_kinds(self.config.model_type, s.input_ids, used),
-            logits=shifted_rows(pred, self.logits_as_tensors) if full_vocab else None,
+            logits=logits,
         )
 
     def close(self) -> None:

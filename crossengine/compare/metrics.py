@@ -130,11 +130,11 @@ def _full_vocab_metrics(ref_logits, cand_logits, token_ids: np.ndarray, centre: 
     """
     import torch
 
-    from crossengine.adapters.base import blocks, logit_block
+    from crossengine.adapters.base import block_rows, blocks, logit_block
 
     n, vocab = ref_logits.shape
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    step = min([max(1, _CHUNK_ELEMENTS // max(vocab, 1))] + [getattr(x, "block", n) for x in (ref_logits, cand_logits)])
+    step = block_rows(_CHUNK_ELEMENTS, ref_logits, cand_logits)
     if fused_kernel(step * vocab) is _fused_rows:
         step = max(1, step // EAGER_TEMPORARIES)  # the eager form makes block-sized temporaries: smaller blocks, the same memory
     cols: dict[str, list[np.ndarray]] = {}

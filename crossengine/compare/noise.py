@@ -143,12 +143,10 @@ def kl_rows(p: TokenLogprobs, q: TokenLogprobs) -> np.ndarray:
     of positions at a time (a long sample's logits are never whole: adapters.base.LogitRows)."""
     import torch
 
-    from crossengine.adapters.base import blocks
+    from crossengine.adapters.base import block_rows, blocks
 
-    n, vocab = p.logits.shape
-    step = min([max(1, (1 << 22) // max(vocab, 1))] + [getattr(t.logits, "block", n) for t in (p, q)])
     parts = []
-    for lo, hi in blocks(n, step):
+    for lo, hi in blocks(p.logits.shape[0], block_rows(1 << 22, p.logits, q.logits)):  # float64 blocks of 32 MiB
         a, b = _log_probs(p, lo, hi), _log_probs(q, lo, hi)
         with torch.no_grad():
             parts.append((a.exp() * (a - b)).nan_to_num(nan=0.0).sum(-1).cpu().numpy())

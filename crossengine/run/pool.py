@@ -207,8 +207,7 @@ class EnginePool:
         key = uuid.uuid4().hex
         actor = self.actors[name]
         direct = self.paths.get(name, OBJECT_STORE) != OBJECT_STORE  # an RDT object goes as an argument, never nested
-        # its own logits never leave its worker: kept as tensors on its device (a GPU's are not copied to the host and back)
-        actor.score_for_compare.remote(key, batch, None if direct else [ref_out], top_k, full_vocab, raw, noise, True)
+        actor.score_for_compare.remote(key, batch, None if direct else [ref_out], top_k, full_vocab, raw, noise)
         return actor.compare_scored.remote(key, batch, ref_out if direct else [ref_out], options, direct)
 
     def capture(self, name: str, batch, patterns, max_positions: int, raw=None):

@@ -268,7 +268,7 @@ class Runner:
         import ray
 
         try:
-            path = ray.get((self.reducer or _reducer_class().remote()).report.remote(self.run_dir.root), timeout=600)
+            path = ray.get(self.reducer.report.remote(self.run_dir.root), timeout=600)
             self._say(f"report: {path}")
         except Exception as exc:  # noqa: BLE001
             self._say(f"[yellow]note[/yellow]: report.html was not written ({one_line(exc)}); try crossengine report {self.run_dir.root} --html")
@@ -276,12 +276,10 @@ class Runner:
     def _reduce(self):
         """Summary and nearest-engine tables, computed in a Ray worker from the token Parquet:
         the driver never holds a run's token rows, only these small tables."""
-
         expected = [(c.cand_engine, c.variant) for c in self.plan.candidates]
         exp = self.plan.experiment
         dense = reference_is_dense(self.plan.reference)
-        reducer = self.reducer or _reducer_class().remote()
-        return self.fetch("summary", reducer.reduce.remote(str(self.run_dir.root), self.plan.reference.name, expected, exp.alarms, dense, exp.routing),
+        return self.fetch("summary", self.reducer.reduce.remote(str(self.run_dir.root), self.plan.reference.name, expected, exp.alarms, dense, exp.routing),
                           "summarising the run")
 
     # ---------------------------------------------------------------- engine calls
@@ -343,8 +341,7 @@ class Runner:
         """How the reference's logits reach each candidate of this wave (run/transport.py); said where a requested
         tensor path is not taken, recorded in run.json."""
         exp, ref = self.plan.experiment, self.plan.reference
-        full = [c for c in wave if exp.full_vocab and _full_logits(ref) and _full_logits(c)]
-        paths, backend, note = choose_transports(exp.placement.logits_transport, exp.mode, ref, wave, full,
+        paths, backend, note = choose_transports(exp.placement.logits_transport, exp.mode, ref, wave, self._full_vocab(wave),
                                                  lambda i: self.placement.slots[i.name].gpus >= 1)  # NCCL: a GPU per rank
         if note:
             self._say(note)
@@ -353,13 +350,14 @@ class Runner:
     def _warm_vocab(self, wave: list[EngineInstance]) -> dict[str, int]:
         """Candidates whose full-vocabulary metric kernel is worth compiling while they load, with the vocabulary
         (the reference's config.json): those comparing full logits of a real vocabulary."""
-        exp = self.plan.experiment
-        if not exp.full_vocab or self.localize_only or not _full_logits(self.plan.reference):
-            return {}
-        vocab = vocab_size_of(self.plan.reference.model_path, self.plan.reference.spec.revision)
-        if vocab is None or vocab < WARM_UP_FROM_VOCAB:
-            return {}
-        return {c.name: vocab for c in wave if _full_logits(c)}
+        full = [] if self.localize_only else self._full_vocab(wave)
+        vocab = vocab_size_of(self.plan.reference.model_path, self.plan.reference.spec.revision) if full else None
+        return {c.name: vocab for c in full} if vocab is not None and vocab >= WARM_UP_FROM_VOCAB else {}
+
+    def _full_vocab(self, wave: list[EngineInstance]) -> list[EngineInstance]:
+        """The wave's candidates compared with the reference over the full vocabulary (both hand over full logits)."""
+        exp, ref = self.plan.experiment, self.plan.reference
+        return [c for c in wave if exp.full_vocab and _full_logits(ref) and _full_logits(c)]
 
     def check_reference(self, b: int, w: int, digest: str) -> None:
         """Every wave re-runs the reference: its scores must be bitwise those of the first wave."""
@@ -468,8 +466,8 @@ def _reducer_class():
     @ray.remote(num_cpus=0)
     class Reducer:
         """Where a run's tables and report are computed from its Parquet: a worker of its own (the driver
-        never holds token rows), started with the engines so that its imports (pandas, pyarrow, plotly)
-        are paid while models load rather than after the last batch."""
+        never holds token rows), started with the engines so that its start and imports (pandas, pyarrow,
+        the compare and report modules) are paid while models load rather than after the last batch."""
 
         def __init__(self):
             import crossengine.compare.alarms  # noqa: F401

@@ -12,7 +12,6 @@ become one line naming the engine, ending with the root cause its processes prin
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import threading
@@ -137,7 +136,7 @@ def worker_class():
 
         def _hold(self, key: str, out: list) -> None:
             """Keep the LogitRows of long samples here and send candidates a RemoteRows that fetches their blocks."""
-            from crossengine.adapters.base import LogitRows, TokenLogprobs
+            from crossengine.adapters.base import TokenLogprobs
 
             for r in out:
                 if isinstance(r, TokenLogprobs) and isinstance(r.logits, LogitRows):
@@ -170,7 +169,7 @@ def worker_class():
             t = time.perf_counter()
             return self._guarded(measure, self.engine, batch, out, noise, top_k, full_vocab), time.perf_counter() - t
 
-        def score_for_compare(self, key: str, batch, ref_out: list | None, top_k: int, full_vocab: bool, raw=None, noise=None, tensors: bool = False) -> None:
+        def score_for_compare(self, key: str, batch, ref_out: list | None, top_k: int, full_vocab: bool, raw=None, noise=None) -> None:
             """Score a batch (and this engine's noise floor) and leave it, under `key`, for `compare_scored`.
 
             `ref_out` is `[ObjectRef]`: nested, so that Ray does not wait for the reference
@@ -180,7 +179,7 @@ def worker_class():
             handed to `compare_scored`, which the driver waits on."""
             slot = self._slot(key)
             try:
-                self.engine.logits_as_tensors = tensors  # its own logits are compared here: no host copy
+                self.engine.logits_as_tensors = True  # its own logits are compared here, on its device: never copied to the host
                 rows, to_score, own = self._guarded(self._own_inputs, batch, raw)
                 if self.engine.spec.replays_reference_routing:  # routing replay: the reference's choices are needed before this forward
                     from crossengine.adapters.base import TokenLogprobs
@@ -214,8 +213,7 @@ def worker_class():
             if slot.error is not None:
                 raise slot.error
             rows, mine, floor, seconds = slot.value
-            with _side_stream():
-                part = compare_batch(batch, ref_out if direct else ray.get(ref_out[0]), mine, options)
+            part = compare_batch(batch, ref_out if direct else ray.get(ref_out[0]), mine, options)
             part.inputs, part.noise, part.noise_s = rows, floor, seconds
             return part
 
@@ -225,7 +223,7 @@ def worker_class():
 
         def capture(self, batch, patterns, max_positions: int, raw=None):
             """Module outputs per sample (localisation); with `raw` (an engine with `inputs: own`)
-            on the samples it would score, chosen as score_and_compare chooses them."""
+            on the samples it would score, chosen as score_for_compare chooses them."""
             return self._guarded(lambda: self.engine.capture(self._own_inputs(batch, raw)[1], patterns, max_positions))
 
         def _own_inputs(self, batch, raw):
@@ -330,17 +328,3 @@ def _warm_metrics(vocab: int) -> None:
         warm_up(vocab)
     except Exception:  # noqa: BLE001
         pass
-
-
-@contextlib.contextmanager
-def _side_stream():
-    """On a GPU the compare thread queues its kernels on a stream of its own, so they overlap the engine's forward."""
-    import torch
-
-    if not torch.cuda.is_available():
-        yield
-        return
-    with torch.cuda.stream(torch.cuda.Stream()):
-        yield
-
-
