@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from crossengine.adapters.base import MODALITIES
+from crossengine.columns import MODALITIES
 from crossengine.compare.alarms import check, per_sample, rules, to_frame
 from crossengine.compare.frameworks import framework_metrics
 from crossengine.compare.metrics import sampled_token_metrics

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from crossengine.cli import app
 from crossengine.experiment.fixtures import ensure_fixture
-from crossengine.results import SCHEMA_VERSION
+from crossengine.columns import SCHEMA_VERSION
 from crossengine.run_meta import RunMeta
 
 from .conftest import run_experiment

@@ -61,13 +61,13 @@ RULES: dict[str, Rule] = {r.name: r for r in (
     Rule("token_mult_prob_error", "token_mult_prob_error", "above", 1.05,
          "NeMo-RL docs (model-support checklist): 1.0 is perfect, above 1.05 investigate"),
     Rule("gen_kl_error", "gen_kl_error", "above", 1e-3, "NeMo-RL CI gates: mean gen_kl_error < 1e-3"),
-    Rule("rollout_is_mean", "rollout_corr/rollout_is_mean", "outside", (0.5, 2.0), "verl docs/algo/rollout_corr.md: IS mean outside [0.5, 2]"),
+    Rule("rollout_is_mean", "rollout_corr/rollout_is_mean", "outside", (0.5, 2.0), "verl rollout_corr docs: IS mean outside [0.5, 2]"),
     # verl computes its ESS on weights clamped to [0.5, 2], which keeps it above 0.64: the published
     # limit is checked on the same ESS without the clamp, or it could never trip (README, 'Alarms')
     Rule("rollout_is_eff_sample_size", "is_eff_sample_size_untruncated", "below", 0.3,
-         "verl docs/algo/rollout_corr.md: ESS < 0.3 (on unclamped weights: verl's clamped ESS never goes below 0.64)"),
-    Rule("kl", "rollout_corr/kl", "abs_above", 0.1, "verl docs/algo/rollout_corr.md: |kl| > 0.1"),
-    Rule("chi2_token", "rollout_corr/chi2_token", "above", 1.0, "verl docs/algo/rollout_corr.md: chi2_token > 1"),
+         "verl rollout_corr docs: ESS < 0.3 (on unclamped weights: verl's clamped ESS never goes below 0.64)"),
+    Rule("kl", "rollout_corr/kl", "abs_above", 0.1, "verl rollout_corr docs: |kl| > 0.1"),
+    Rule("chi2_token", "rollout_corr/chi2_token", "above", 1.0, "verl rollout_corr docs: chi2_token > 1"),
     Rule("abs_lp_diff_dense", "rollout_train_logprobs_abs_diff_mean", "above", 0.03,
          "miles' rule of thumb: trainer vs engine within 0.03 mean |Δlp| at step 0 on a dense model", dense_only=True),
     Rule("template_mismatch", TURN_K3, "above", 0.4,

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from crossengine.adapters.base import MODALITIES, RawSample, Sample, SampleError
+from crossengine.columns import MODALITIES
+from crossengine.adapters.base import RawSample, Sample, SampleError
 
 CONTEXT_CHARS = 20
 IMAGE = MODALITIES.index("image")

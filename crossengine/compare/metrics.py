@@ -16,29 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from crossengine.adapters.base import TokenLogprobs
+from crossengine.columns import METRIC_COLUMNS
 
-# Column -> Arrow type; the public token schema's metric part (results.py adds the keys).
-METRIC_COLUMNS: dict[str, str] = {
-    "lp_ref": "float32",
-    "lp_cand": "float32",
-    "lp_diff": "float32",
-    "abs_lp_diff": "float32",
-    "prob_diff": "float32",
-    "mult_prob_error": "float32",
-    "gen_kl": "float32",
-    "policy_kl": "float32",
-    "js": "float32",
-    "kl_ref_cand": "float32",
-    "kl_cand_ref": "float32",
-    "cos_sim": "float32",
-    "topk_kl": "float32",
-    "topk_overlap": "float32",
-    "top1_ref": "int32",
-    "top1_cand": "int32",
-    "top1_match": "bool",
-    "top1_tie": "bool",
-    "rank_in_cand": "int32",
-}
 
 _CHUNK_ELEMENTS = 1 << 24  # rows × vocab per block: 64 MiB of float32 per side (fused: no T×V temporaries)
 EAGER_TEMPORARIES = 8  # the uncompiled kernel holds about this many block-sized temporaries at once
@@ -122,7 +101,7 @@ def _mask_nonfinite(out: dict[str, np.ndarray], lr: np.ndarray, lc: np.ndarray) 
 def _full_vocab_metrics(ref_logits, cand_logits, token_ids: np.ndarray, centre: bool = False) -> dict[str, np.ndarray]:
     """KL both ways, cosine of logits, argmaxes and exact rank at positions 1..T-1, from raw logits, in row blocks.
 
-    Runs where it is called: in a candidate's Ray worker (crossengine/compare.py), on that
+    Runs where it is called: in a candidate's Ray worker (crossengine/run/worker.py), on that
     worker's GPU when it has one. Each side is an array, a tensor, or a LogitRows (a long sample
     whose logits are computed or fetched a block at a time: never whole). With `centre` (one
     side gives log-probs, the other raw logits) the rows differ by log Z, which is removed first

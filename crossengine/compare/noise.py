@@ -41,8 +41,6 @@ BATCHINGS = {  # condition -> the run-condition fields it sets (micro_batch_size
 CALLS = ("alone", "shuffled", "repeat")
 CONDITIONS = (*CALLS, *BATCHINGS)
 BASE = "base"
-# The token table's floor columns (results.py), after the metric ones; null where a side has no floor.
-NOISE_COLUMNS: dict[str, str] = {"noise_ref": "float32", "noise_cand": "float32", "noise_kl_ref": "float32", "noise_kl_cand": "float32", "above_noise": "bool"}
 
 
 @dataclass(frozen=True)

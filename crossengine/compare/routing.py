@@ -17,7 +17,6 @@ import numpy as np
 
 from crossengine.adapters.base import TokenLogprobs
 
-ROUTING_COLUMNS: dict[str, str] = {"routing_flips": "int32"}  # the token table's routing column (results.py); null without routing
 
 
 @dataclass

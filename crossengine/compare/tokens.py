@@ -65,7 +65,7 @@ class Part:
     rows: list[TokenRows] = field(default_factory=list)
     worst: list[dict] = field(default_factory=list)  # WORST_SCHEMA rows
     errors: list[SampleError] = field(default_factory=list)  # samples this candidate could not compare
-    inputs: list[dict] | None = None  # `inputs: own`: its inputs vs the reference's (crossengine/inputs.py)
+    inputs: list[dict] | None = None  # `inputs: own`: its inputs vs the reference's (crossengine/compare/inputs.py)
     metrics_s: float = 0.0
     noise: list = field(default_factory=list)  # this candidate's noise.NoiseRows (its floor), when it has one
     noise_s: float = 0.0

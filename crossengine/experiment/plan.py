@@ -38,7 +38,7 @@ class EngineInstance:
 
     @property
     def traits(self) -> EngineTraits:
-        """What its engine can do (adapters/base.py); what the core reads instead of the engine's name."""
+        """What its engine can do (crossengine/adapters/base.py); what the core reads instead of the engine's name."""
         return engine_class(self.spec.type).traits
 
 

@@ -201,7 +201,7 @@ class NoiseSpec(Strict):
 
 
 class PlacementSpec(Strict):
-    """How engines are put on GPUs; decided before any engine loads (crossengine/placement.py)."""
+    """How engines are put on GPUs; decided before any engine loads (crossengine/run/placement.py)."""
 
     gpu_memory_gb: Optional[float] = Field(
         None, gt=0, description="Memory of one GPU, where Ray cannot tell (it never can for advertised GPUs); default: nvidia-smi on a cluster node, else unknown."

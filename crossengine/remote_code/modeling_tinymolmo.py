@@ -1,7 +1,7 @@
 """`tiny-molmo`, HF port: a Molmo-style vision-language model as a transformers remote-code model.
 
 It reproduces the choices of a real HF port that differ from the model's training code
-(crossengine/native/tinymolmo.py, same weights):
+(crossengine/training_code/tinymolmo.py, same weights):
 
 - it takes `pixel_values` that the processor rescaled and normalised in float32 on the CPU;
 - when `token_type_ids` reaches it, the tokens of each image attend to each other

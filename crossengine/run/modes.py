@@ -11,7 +11,7 @@ calls, error recording, timings), never the Runner:
 `pipelined` modes let the runner submit batch n+1 before writing batch n (scoring); the
 generative modes must sample before anyone scores, so their batches go one after another.
 Every mode scores the same way: the reference scores, each candidate compares in its own
-worker (crossengine/compare.py), the driver writes token rows. Generate and greedy first
+worker (crossengine/run/worker.py), the driver writes token rows. Generate and greedy first
 decode, then add what they sampled or decoded (`write_extra`).
 """
 
@@ -30,7 +30,9 @@ from crossengine.errors import EngineDied
 from crossengine.identity import SAMPLED
 from crossengine.experiment.plan import EngineInstance, Plan
 from crossengine.compare.inputs import first_differences
-from crossengine.results import INPUTS_SCHEMA, WORST_SCHEMA, RunDir, noise_table, routing_table, token_table, write_table
+from crossengine.columns import INPUTS_SCHEMA, WORST_SCHEMA
+from crossengine.compare.tables import noise_table, routing_part_table, token_table
+from crossengine.results import RunDir, write_table
 
 if TYPE_CHECKING:  # the runner imports this module; this is for type names only
     from crossengine.run.pool import EnginePool
@@ -206,7 +208,7 @@ class Mode:
         if name in self.plan.names():  # not the generator's own sampling, which has no floor
             self.write_noise(name, b, part.noise, part.noise_s)
         if self.exp.routing:
-            write_table(run.run_dir.routing_part(name, b), routing_table(part.routing, options.cand_engine, options.variant))
+            write_table(run.run_dir.routing_part(name, b), routing_part_table(part.routing, options.cand_engine, options.variant))
         write_table(run.run_dir.worst_part(name, b), pa.Table.from_pylist(part.worst, schema=WORST_SCHEMA))
         write_table(run.run_dir.part(name, b), token_table(part.rows, self.plan.run_id, self.plan.reference.name, options.cand_engine, options.variant, run.vocab_text))
 

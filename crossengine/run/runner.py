@@ -1,10 +1,10 @@
 """Runs a plan: one Ray actor per engine instance, batches streamed through, parts on disk.
 
 The run folder is locked first (before Ray: an unwritable or busy folder fails in a second),
-then engines are placed (crossengine/placement.py) and started wave by wave. For each batch
+then engines are placed (crossengine/run/placement.py) and started wave by wave. For each batch
 the reference prepares the samples (tokenises, expands images), every engine scores them
 concurrently, and each candidate compares its scores with the reference's in its own worker
-(crossengine/compare.py: the reference's logits go worker to worker, never to the driver).
+(crossengine/run/worker.py: the reference's logits go worker to worker, never to the driver).
 While the engines work on batch n+1 the driver writes batch n's token rows, one Parquet part
 per candidate. Logits never outlive their batch and never reach the driver (in score mode
 nor do the samples). A batch whose parts all exist is skipped, which
@@ -33,7 +33,8 @@ from crossengine.experiment.plan import EngineInstance, Plan
 from crossengine.run.pool import EnginePool, ensure_ray, one_line
 from crossengine.run.progress import engine_progress
 from crossengine.run.transport import choose_transports
-from crossengine.results import SCHEMA_VERSION, RunDir, git_sha, host_info, write_table
+from crossengine.columns import SCHEMA_VERSION
+from crossengine.results import RunDir, git_sha, host_info, write_table
 from crossengine.run_meta import RunMeta
 from crossengine.compare.summary import summarize
 

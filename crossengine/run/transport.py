@@ -9,7 +9,7 @@ tensors where it computed them and Ray sends them worker to worker over a collec
 Decided per wave before any batch runs, from what the plan knows (engine traits,
 environments, placement); run.json records the path of every candidate (`logits_transport`).
 The numbers are the same either way: the tensors carry the very float32 values the arrays do
-(tests/test_transport.py checks the token columns bitwise).
+(tests/test_scale.py checks the token columns bitwise).
 """
 
 from __future__ import annotations

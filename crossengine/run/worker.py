@@ -175,7 +175,7 @@ def worker_class():
             `ref_out` is `[ObjectRef]`: nested, so that Ray does not wait for the reference
             before this engine starts scoring; only a routing replay fetches it here. With
             `raw` (an engine with `inputs: own`) it prepares the samples itself first and compares
-            its inputs with the reference's (crossengine/inputs.py). Never raises: a failure is
+            its inputs with the reference's (crossengine/compare/inputs.py). Never raises: a failure is
             handed to `compare_scored`, which the driver waits on."""
             slot = self._slot(key)
             try:
@@ -228,7 +228,7 @@ def worker_class():
 
         def _own_inputs(self, batch, raw):
             """(input rows, samples to score, own samples): without `raw` the reference's batch as is;
-            with it this engine prepares its own and compares (crossengine/inputs.py)."""
+            with it this engine prepares its own and compares (crossengine/compare/inputs.py)."""
             if raw is None:
                 return None, batch, None
             from crossengine.compare.inputs import compare_inputs

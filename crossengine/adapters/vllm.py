@@ -111,7 +111,7 @@ class VLLMEngine(Engine):
             rank = json.loads((Path(spec.lora) / "adapter_config.json").read_text())["r"]
             kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=next(r for r in _LORA_RANKS if r >= rank))
             self.lora_request = LoRARequest("adapter", 1, spec.lora)
-        kwargs["worker_extension_cls"] = "crossengine.adapters.vllm_routing.RoutingExtension"  # routing capture, called by name (adapters/vllm_routing.py)
+        kwargs["worker_extension_cls"] = "crossengine.adapters.vllm_routing.RoutingExtension"  # routing capture, called by name (crossengine/adapters/vllm_routing.py)
         kwargs.update({k: getattr(spec, k) for k in RUN_CONDITIONS if getattr(spec, k) is not None})
         kwargs.update(spec.options)
         self.llm = vllm.LLM(**kwargs)
@@ -149,7 +149,7 @@ class VLLMEngine(Engine):
     routing_layers: int = 0  # MoE gates hooked by report_routing; 0: routing off
 
     def report_routing(self) -> None:
-        """Hook each MoE gate inside vLLM's worker (adapters/vllm_routing.py); a model without one says so."""
+        """Hook each MoE gate inside vLLM's worker (crossengine/adapters/vllm_routing.py); a model without one says so."""
         config = self.hf_config.to_dict()
         fields = {**config, **(config.get("text_config") or {})}
         experts = next((fields[k] for k in ("num_experts", "num_local_experts", "n_routed_experts") if isinstance(fields.get(k), int)), None)

@@ -16,7 +16,7 @@ Row t holds the prediction *for* token t, made from tokens < t; row 0 is padding
 every array is indexed by the position of the token it scores.
 
 What an engine can do is declared once, as its `traits` (EngineTraits below), and what it
-takes in the experiment file as its `Spec` (adapters/spec.py). Placement, the pool,
+takes in the experiment file as its `Spec` (crossengine/adapters/spec.py). Placement, the pool,
 preflight, localisation, the plan and the runner read those two and never an engine's name,
 so a new engine is one file plus a registry line (or an entry point, or `type: module:Class`).
 """
@@ -30,9 +30,8 @@ from typing import Any
 
 import numpy as np
 
-# Modality and attention codes; stored as dictionary-encoded strings in Parquet.
-MODALITIES = ("text", "image", "special")
-ATTENTIONS = ("causal", "bidirectional")
+from crossengine.columns import ATTENTIONS, MODALITIES
+
 
 
 @dataclass
@@ -87,7 +86,7 @@ class TokenLogprobs:
     scored: np.ndarray | None = None  # bool [T]: the positions this side has a number for (a dump scores its responses); None: all from 1
     noise: np.ndarray | None = None  # float32 [T]: this engine's own floor, max |Δlp| between its noise conditions (crossengine/compare/noise.py)
     noise_kl: np.ndarray | None = None  # float32 [T]: max KL(base ‖ condition) over those conditions, where it gives full logits
-    routing: np.ndarray | None = None  # int16 [T, L, k]: the experts each MoE layer chose for each input position (`routing: true`; adapters/routing.py)
+    routing: np.ndarray | None = None  # int16 [T, L, k]: the experts each MoE layer chose for each input position (`routing: true`; crossengine/adapters/routing.py)
     router_margin: np.ndarray | None = None  # float32 [T, L]: router logit of the k-th choice minus the (k+1)-th
 
     @property
@@ -169,7 +168,7 @@ def check_traits(cls: type) -> str | None:
     if t.full_logits_option and (t.full_logits or t.full_logits_option not in spec.model_fields):
         return f"{cls.__name__}.traits.full_logits_option {t.full_logits_option!r} must be a field of {spec.__name__}, with full_logits=False"
     if t.batching and not {"batching", "padding_side", "micro_batch_size"} <= set(spec.model_fields):
-        return f"{cls.__name__}.traits.batching needs the fields batching, padding_side and micro_batch_size in {spec.__name__} (adapters/torch_engine.py TorchSpec has them)"
+        return f"{cls.__name__}.traits.batching needs the fields batching, padding_side and micro_batch_size in {spec.__name__} (crossengine/adapters/torch_engine.py TorchSpec has them)"
     if t.loads_first and not t.memory_share_option:
         return f"{cls.__name__}.traits.loads_first needs memory_share_option (the option that tells it its share)"
     return None
@@ -291,14 +290,14 @@ class Engine(abc.ABC):
     """Load a model once, then score or generate batches of samples.
 
     Implementations take their options from `spec`, an instance of their `Spec` model
-    (adapters/spec.py), declare what they can do as `traits`, and must be deterministic for
+    (crossengine/adapters/spec.py), declare what they can do as `traits`, and must be deterministic for
     a fixed seed. They should free device memory in `close()`. A method an engine's traits say
     it lacks (capture, audit, generate, prepare) keeps the default that raises.
     """
 
     name: str = "engine"
     traits: EngineTraits = EngineTraits()
-    Spec: type = None  # type: ignore[assignment] - the engine's pydantic options model (adapters/spec.py); set by each engine
+    Spec: type = None  # type: ignore[assignment] - the engine's pydantic options model (crossengine/adapters/spec.py); set by each engine
     logits_as_tensors: bool = False  # set by the worker (traits.tensor_logits): `TokenLogprobs.logits` a torch tensor on the engine's device, not host numpy
     logits_budget: int | None = None  # bytes of full logits its worker may hold at once (`limit_logits`, traits.chunks_logits)
 
@@ -337,7 +336,7 @@ class Engine(abc.ABC):
         raise NotImplementedError(f"engine {self.name!r} does not expose its modules")
 
     def audit(self) -> list[dict[str, Any]]:
-        """Every registered buffer checked against a fresh construction (adapters/inspect.py)."""
+        """Every registered buffer checked against a fresh construction (crossengine/adapters/inspect.py)."""
         raise NotImplementedError(f"engine {self.name!r} does not expose its buffers")
 
     def report_routing(self) -> None:

@@ -217,7 +217,7 @@ class TorchEngine(Engine):
             raise SampleError(sid, "has fewer than 2 tokens; nothing to score")
         prompt_len = r.prompt_len if r.prompt_len is not None and r.prompt_len < len(ids) else None
         sample = Sample(sid, ids, self._modality(ids), text=text, images=[str(p) for p in image_paths], model_inputs=inputs, rendered=rendered, prompt_len=prompt_len)
-        if self.transforms_inputs:  # what input comparisons see of this engine's side (crossengine/inputs.py)
+        if self.transforms_inputs:  # what input comparisons see of this engine's side (crossengine/compare/inputs.py)
             sample.input_view = self.input_view(sample)
         return sample
 
@@ -343,7 +343,7 @@ class TorchEngine(Engine):
         return out
 
     def report_routing(self) -> None:
-        """Find the routers by what they return (adapters/routing.py) with one forward of a short probe; a model without any says so."""
+        """Find the routers by what they return (crossengine/adapters/routing.py) with one forward of a short probe; a model without any says so."""
         import torch
 
         from .routing import find_routers

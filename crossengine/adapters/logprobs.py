@@ -36,7 +36,9 @@ from typing import Any, Iterator, Literal
 import numpy as np
 from pydantic import Field
 
-from .base import ATTENTIONS, Engine, EngineInfo, EngineTraits, RawSample, Sample, SampleError, TokenLogprobs, text_modality, vocab_size_of
+from crossengine.columns import ATTENTIONS
+
+from .base import Engine, EngineInfo, EngineTraits, RawSample, Sample, SampleError, TokenLogprobs, text_modality, vocab_size_of
 from .spec import EngineSpec
 
 POSITIVE_TOLERANCE = 1e-6  # a log-prob above this is not a log-prob (float rounding gives at most ~1e-7 above 0)
