@@ -8,10 +8,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -19,7 +21,13 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from crossengine.adapters import BUILTIN, UnknownEngine, engine_class, registered
+from crossengine.adapters.spec import EngineSpec
 from crossengine.errors import CrossengineError
+from crossengine.experiment.fixtures import FIXTURES, ensure_fixture
+from crossengine.experiment.load import load_experiment
+from crossengine.experiment.schema import LocalizeSpec, json_schema
+from crossengine.experiment.sweep import is_sweep_file, load_sweep
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compare log-probabilities of one model across inference engines.")
 fixtures_app = typer.Typer(no_args_is_help=True, help="Tiny offline models (tiny-text, tiny-vision).")
@@ -35,8 +43,6 @@ def _fail(exc: Exception, code: int = 2) -> None:
 
 def _plan(experiment: Path, run_id: Optional[str], output_dir: Optional[Path], localize: bool = False, overrides: Optional[dict] = None):
     """Load, resolve and preflight an experiment (`overrides`: a sweep member's fields): every check that needs no Ray and no weights."""
-    from crossengine.experiment.load import load_experiment
-    from crossengine.experiment.schema import LocalizeSpec
     from crossengine.experiment.plan import make_plan
     from crossengine.experiment.preflight import preflight
 
@@ -55,7 +61,6 @@ def _plan_interruptibly(experiment: Path, run_id: Optional[str], output_dir: Opt
     """_plan, where Ctrl-C/SIGTERM end the command at once (130/143): the checks import transformers and
     user code, and a KeyboardInterrupt raised inside such an import was seen swallowed (the run went on to
     the end). Nothing is written and no cluster started yet, so the process just leaves. (plan, signals)."""
-    import threading
 
     from crossengine.run.runner import StopSignals
 
@@ -152,7 +157,6 @@ def sweep(
     num_gpus: Optional[float] = _NUM_GPUS,
 ) -> None:
     """Run every member of a sweep (base experiment × axes) over one cluster; index.parquet and report.html come out."""
-    from crossengine.experiment.sweep import load_sweep
     from crossengine.run.runner import StopSignals, Terminated
     from crossengine.run.sweep import SweepRunner
 
@@ -295,7 +299,6 @@ def monitor(
 @app.command()
 def schema() -> None:
     """Print the experiment file's JSON Schema (for editor completion and validation)."""
-    from crossengine.experiment.schema import json_schema
 
     sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
 
@@ -303,13 +306,10 @@ def schema() -> None:
 @app.command()
 def engines() -> None:
     """List every registered engine type (built-in, entry points of `crossengine.engines`) with its own fields and traits."""
-    import dataclasses
 
     from rich.table import Table
 
-    from crossengine.adapters import BUILTIN, UnknownEngine, engine_class, registered
     from crossengine.adapters.base import EngineTraits
-    from crossengine.adapters.spec import EngineSpec
 
     table = Table(title="engine types ('package.module:Class' also works as a type)", show_lines=True)
     for col in ("type", "class", "from", "its own fields", "traits (beyond the defaults)"):
@@ -331,7 +331,6 @@ def engines() -> None:
 @app.command()
 def validate(experiment: Path = typer.Argument(..., help="Experiment YAML file, or a sweep file (then every member).")) -> None:
     """Check an experiment as `run` would before starting anything: schema, files, user code, token ids, images."""
-    from crossengine.experiment.sweep import is_sweep_file, load_sweep
 
     try:
         if is_sweep_file(experiment):
@@ -355,7 +354,6 @@ def validate(experiment: Path = typer.Argument(..., help="Experiment YAML file, 
 @fixtures_app.command("build")
 def fixtures_build(names: Optional[list[str]] = typer.Argument(None, help="Fixture names (default: all).")) -> None:
     """Build the tiny offline fixtures (done automatically when an experiment names one)."""
-    from crossengine.experiment.fixtures import FIXTURES, ensure_fixture
 
     for name in names or list(FIXTURES):
         if name not in FIXTURES:

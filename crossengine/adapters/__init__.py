@@ -17,6 +17,7 @@ import importlib
 import os
 import sys
 from functools import lru_cache
+from importlib.metadata import entry_points
 from pathlib import Path
 
 BUILTIN: dict[str, str] = {
@@ -35,7 +36,6 @@ class UnknownEngine(ValueError):
 @lru_cache(maxsize=1)
 def registered() -> dict[str, str]:
     """Every engine type by name: the built-in ones, then installed packages' entry points (a built-in name wins)."""
-    from importlib.metadata import entry_points
 
     out = dict(BUILTIN)
     for ep in entry_points(group=ENTRY_POINT_GROUP):

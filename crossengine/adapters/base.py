@@ -24,14 +24,21 @@ so a new engine is one file plus a registry line (or an entry point, or `type: m
 from __future__ import annotations
 
 import abc
+import hashlib
+import json
+import os
 import re
+import tempfile
+import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from crossengine.columns import ATTENTIONS, MODALITIES
 
+from .spec import EngineSpec
 
 
 @dataclass
@@ -155,7 +162,6 @@ class EngineTraits:
 
 def check_traits(cls: type) -> str | None:
     """Why an engine class cannot run (one line), or None: a subclass of Engine with EngineTraits and a Spec model whose fields match them."""
-    from .spec import EngineSpec
 
     if not (isinstance(cls, type) and issubclass(cls, Engine)):
         return f"{cls!r} is not a subclass of crossengine.adapters.base.Engine"
@@ -189,7 +195,6 @@ class SampleError(ValueError):
     @classmethod
     def from_exception(cls, sample_id: str, engine: str, exc: BaseException) -> "SampleError":
         """An unexpected exception while running one sample: one line, traceback kept aside."""
-        import traceback
 
         lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
         msg = f"engine {engine!r} raised {type(exc).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
@@ -222,8 +227,6 @@ class OutputCapture:
     CAUSE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit)\b.*)$")
 
     def __init__(self):
-        import os
-        import tempfile
 
         # a temporary file, not the run folder: a run that fails to start leaves no folder behind;
         # on failure the driver copies what matters into the run's crossengine.log
@@ -233,7 +236,6 @@ class OutputCapture:
         os.close(fd)
 
     def remove(self) -> None:
-        import os
 
         try:
             os.unlink(self.path)
@@ -241,7 +243,6 @@ class OutputCapture:
             pass
 
     def size(self) -> int:
-        import os
 
         try:
             return os.path.getsize(self.path)
@@ -271,7 +272,6 @@ class OutputCapture:
         """`exc` with the root cause its process printed while the failing call ran (from offset
         `since`; for a dead engine, anything it printed before too), as an EngineError. A
         SampleError passes as it is."""
-        import traceback
 
         if isinstance(exc, (SampleError, EngineError)):
             return exc
@@ -378,7 +378,6 @@ def render_chat(renderer, sample: RawSample, template_path: str | None, engine: 
     engine's `chat_template`, replaces the model's own), or a native engine's `chat_format`
     function, called with the turns. Image parts become `{"type": "image"}`,
     where the template writes its placeholder."""
-    from pathlib import Path
 
     images: list[str] = []
     turns = []
@@ -535,8 +534,6 @@ def topk_from_logprobs(logprobs, k: int):
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """Short hash of a tokenizer's vocabulary and special tokens: equal ids need equal tokenizers."""
-    import hashlib
-    import json
 
     vocab = sorted(tokenizer.get_vocab().items())
     blob = json.dumps([vocab, sorted(tokenizer.all_special_tokens)], ensure_ascii=False)
@@ -545,9 +542,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def lora_info(path: str, merged: bool = False) -> dict[str, Any]:
     """What run.json records of a LoRA adapter: where, rank, alpha, targets, a content hash."""
-    import hashlib
-    import json
-    from pathlib import Path
 
     folder = Path(path)
     config = json.loads((folder / "adapter_config.json").read_text())

@@ -6,6 +6,7 @@ What it shares with the native engine (tokenisation, inputs, arrays) is in torch
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Optional
 
 from pydantic import Field, model_validator
@@ -71,7 +72,6 @@ class HFEngine(TorchEngine):
         """(last hidden states [T, H], head) from one forward: a pre-hook on the output layer keeps its input and
         hands it the last position only, so the [T, V] logits are never made; head() is that layer, with the
         final soft-capping where the config has one (Gemma), in the model's dtype, then float32 as forward_logits."""
-        import threading
 
         import torch
 

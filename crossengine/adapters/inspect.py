@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+
 def _first_tensor(value):
     """The tensor a module hands on: itself, the first of a tuple/list, or a ModelOutput's first field."""
     import torch

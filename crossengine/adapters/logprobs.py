@@ -38,7 +38,18 @@ from pydantic import Field
 
 from crossengine.columns import ATTENTIONS
 
-from .base import Engine, EngineInfo, EngineTraits, RawSample, Sample, SampleError, TokenLogprobs, text_modality, vocab_size_of
+from .base import (
+    Engine,
+    EngineInfo,
+    EngineTraits,
+    RawSample,
+    Sample,
+    SampleError,
+    TokenLogprobs,
+    text_modality,
+    tokenizer_fingerprint,
+    vocab_size_of,
+)
 from .spec import EngineSpec
 
 POSITIVE_TOLERANCE = 1e-6  # a log-prob above this is not a log-prob (float rounding gives at most ~1e-7 above 0)
@@ -280,7 +291,6 @@ class LogprobsEngine(Engine):
         return DumpFile(spec.path, spec.layout, spec.fields)
 
     def info(self) -> EngineInfo:
-        from .base import tokenizer_fingerprint
 
         return EngineInfo(
             name=self.instance, engine=self.name, versions={}, device="none (a file)", dtype="as recorded",

@@ -21,12 +21,16 @@ HF-only behaviour (transformers' loading, PEFT, generation) is not inherited.
 
 from __future__ import annotations
 
+import inspect
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Optional
 
+import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from . import import_ref
 from .base import EngineTraits
+from .patches import BUILTIN
 from .spec import check_callable_ref
 from .torch_engine import TorchEngine, TorchSpec
 
@@ -49,7 +53,6 @@ class NativeSpec(TorchSpec):
 
     @model_validator(mode="after")
     def _fits(self) -> "NativeSpec":
-        from .patches import BUILTIN
 
         if self.chat_format and self.chat_template:
             raise ValueError("give chat_format (native code) or chat_template (a Jinja file), not both")
@@ -136,14 +139,15 @@ class NativeEngine(TorchEngine):
     def _load_tokenizer(self, common: dict):
         if self.preprocess is None:
             return super()._load_tokenizer(common)
-        from transformers import AutoTokenizer  # the native pipeline processes images itself
+        from transformers import (
+            AutoTokenizer,  # the native pipeline processes images itself
+        )
 
         return AutoTokenizer.from_pretrained(self.model_path, **common), None
 
     def _encode(self, sid, text, images, add_special_tokens):
         if self.preprocess is None:
             return super()._encode(sid, text, images, add_special_tokens)
-        import numpy as np
 
         out = {k: np.asarray(v) for k, v in self.preprocess(text, images, self, add_special_tokens=add_special_tokens).items()}
         if "input_ids" not in out:
@@ -169,7 +173,6 @@ class NativeEngine(TorchEngine):
     def _forward_rows(self, input_ids, attention_mask, position_ids):
         """The training code's model with a mask and position ids, as its trainer calls it; a model whose
         forward takes neither cannot run padded or packed micro-batches (said once, per sample)."""
-        import inspect
 
         import torch
 
@@ -183,7 +186,6 @@ class NativeEngine(TorchEngine):
     def info(self):
         info = super().info()
         info.implementation = self.kind
-        from importlib.metadata import PackageNotFoundError, version
 
         try:
             info.versions["olmo_core"] = version("ai2-olmo-core")

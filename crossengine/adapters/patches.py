@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from . import import_ref
+
 PatchFn = Callable[[object], str]
 BUILTIN: dict[str, PatchFn] = {}
 ATTENTION_NAME = "crossengine_sdpa"
@@ -29,7 +31,6 @@ def register(name: str):
 
 
 def resolve(ref: str) -> PatchFn:
-    from . import import_ref
 
     if ref in BUILTIN:
         return BUILTIN[ref]

@@ -22,28 +22,36 @@ them alone, and the noise floor (crossengine/compare/noise.py) switches them per
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from typing import Any, Literal
 
 import numpy as np
-
 from pydantic import Field, field_validator, model_validator
 
 from .base import (
     Engine,
     EngineInfo,
+    HeadRows,
     RawSample,
     Sample,
     SampleError,
     TokenLogprobs,
+    blocks,
     mask_kinds,
     render_chat,
     shifted_rows,
     text_modality,
     tokenizer_fingerprint,
-    vocab_error,
     topk_from_logprobs,
+    vocab_error,
 )
+from .inspect import audit_buffers, audit_weights, capture_outputs
+from .patches import (
+    BUILTIN,
+    apply_patches,  # built-in ones are HF-only: config rejects them on native engines
+)
+from .routing import captured, find_routers
 from .spec import CALLABLE_REF, EngineSpec
 
 
@@ -81,7 +89,6 @@ class TorchSpec(EngineSpec):
     @field_validator("patches")
     @classmethod
     def _patch_names(cls, v: list[str]) -> list[str]:
-        from .patches import BUILTIN
 
         for ref in v:
             if ref not in BUILTIN and not CALLABLE_REF.match(ref):
@@ -139,7 +146,6 @@ class TorchEngine(Engine):
         self._replay: dict[str, np.ndarray] = {}  # sample id -> the reference's routing this engine replays (replay_routing)
         self.model = self._load_model(common)
         self.tokenizer, self.processor = self._load_tokenizer(common)
-        from .patches import apply_patches  # built-in ones are HF-only: config rejects them on native engines
 
         self.patch_report = apply_patches(self, spec.patches)
 
@@ -307,12 +313,10 @@ class TorchEngine(Engine):
             self.forward_s += time.perf_counter() - t
 
     def capture(self, samples: list[Sample], patterns: list[str] | None, max_positions: int = 512):
-        from .inspect import capture_outputs
 
         return [capture_outputs(self.model, lambda s=s: self.forward_logits(s), patterns, max_positions) for s in samples]
 
     def audit(self):
-        from .inspect import audit_buffers, audit_weights
 
         return audit_weights(self.model, getattr(self, "missing_keys", [])) + audit_buffers(self.model, self.config, self.device)
 
@@ -346,7 +350,6 @@ class TorchEngine(Engine):
         """Find the routers by what they return (crossengine/adapters/routing.py) with one forward of a short probe; a model without any says so."""
         import torch
 
-        from .routing import find_routers
 
         if self.spec.batching != "single":
             raise ValueError(f"engine {self.instance!r}: routing is read per sample: give it batching: single")
@@ -362,7 +365,6 @@ class TorchEngine(Engine):
 
     def _score_one(self, s: Sample, top_k: int, full_vocab: bool) -> TokenLogprobs:
         """One sample, one unpadded forward; with routing on, each MoE layer's choice (replayed where the spec says) rides along."""
-        from .routing import captured
 
         if self.routers is None:
             return self._scores(s, top_k, full_vocab)
@@ -385,7 +387,6 @@ class TorchEngine(Engine):
             return self._to_arrays(s, self.forward_logits(s), top_k, full_vocab)
         import torch
 
-        from .base import HeadRows, blocks
 
         hidden, head = self.forward_hidden(s)
         logits = HeadRows(hidden[:-1], head, self.vocab_size, block)
@@ -528,7 +529,6 @@ class TorchEngine(Engine):
         )
 
     def close(self) -> None:
-        import gc
 
         import torch
 

@@ -13,19 +13,34 @@ of raw logits is then null).
 
 from __future__ import annotations
 
+import gc
+import json
 import os
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from .base import (
-    Engine, EngineDead, EngineInfo, EngineTraits, Generation, RawSample, Sample, SampleError, TokenLogprobs, lora_info, mask_kinds, render_chat, text_modality,
-    tokenizer_fingerprint, vocab_error,
+    Engine,
+    EngineDead,
+    EngineInfo,
+    EngineTraits,
+    Generation,
+    RawSample,
+    Sample,
+    SampleError,
+    TokenLogprobs,
+    lora_info,
+    mask_kinds,
+    render_chat,
+    text_modality,
+    tokenizer_fingerprint,
+    vocab_error,
 )
 from .spec import EngineSpec
-from pydantic import Field, model_validator
 
 _CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2"}  # GiB; vLLM-CPU refuses to start without room
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
@@ -104,7 +119,6 @@ class VLLMEngine(Engine):
             kwargs["gpu_memory_utilization"] = 0.1
         self.lora_request = None
         if spec.lora:  # one adapter, every request: vLLM's LoRA kernels, as a rollout engine runs them
-            import json
 
             from vllm.lora.request import LoRARequest
 
@@ -355,7 +369,6 @@ class VLLMEngine(Engine):
         return out
 
     def close(self) -> None:
-        import gc
 
         del self.llm
         gc.collect()

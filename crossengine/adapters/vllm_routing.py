@@ -14,6 +14,8 @@ are that prompt's tokens in order (prompt_logprobs requests compute every prompt
 
 from __future__ import annotations
 
+from crossengine.adapters.routing import router_margin
+
 
 class RoutingExtension:
     """Methods added to vLLM's worker; `self.model_runner.model` is the loaded model."""
@@ -42,7 +44,6 @@ class RoutingExtension:
         hands numpy arrays back as raw (dtype, shape, data) triples when the caller gives no type."""
         import torch
 
-        from crossengine.adapters.routing import router_margin
 
         out = []
         k = self._crossengine_top_k

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from crossengine.compare.frameworks import SAFETY_BOUND, TIS_THRESHOLD
+from crossengine.identity import display_name
 
 SAMPLES_NAMED = 5  # an alarm line names this many samples, worst first; alarms.parquet keeps them all
 
@@ -178,7 +179,6 @@ def to_frame(tripped: list[Tripped]) -> pd.DataFrame:
 
 def lines(frame: pd.DataFrame) -> list[str]:
     """The terminal's `alarm:` lines from alarms.parquet."""
-    from crossengine.identity import display_name
 
     out = []
     for r in frame.itertuples(index=False):

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from crossengine.identity import display_name
+
 ALL = "all"
 
 
@@ -90,7 +92,6 @@ def engine_line(name: str, row: pd.Series) -> str:
 def pair_lines(summary: pd.DataFrame, floors: pd.DataFrame, reference: str) -> list[str]:
     """One line per candidate with a floor on either side: the share of its tokens above both engines' noise, and each side's floor."""
     from crossengine.compare.summary import pooled_rows
-    from crossengine.identity import display_name
 
     if "frac_above_noise" not in summary or floors.empty:
         return []

@@ -17,8 +17,8 @@ import dataclasses
 import numpy as np
 import pyarrow as pa
 
-from crossengine.columns import MODALITIES
 from crossengine.adapters.base import Generation, Sample, SampleError, TokenLogprobs
+from crossengine.columns import MODALITIES
 
 
 def extend_samples(batch: list[Sample], generations: list, special_ids: set[int]) -> tuple[list[Sample], list[Generation], list[SampleError]]:

@@ -20,12 +20,14 @@ as is ("reference"). Positions must line up to be compared. Runs in the candidat
 
 from __future__ import annotations
 
+from difflib import SequenceMatcher
 from pathlib import Path
 
 import numpy as np
 
-from crossengine.columns import MODALITIES
 from crossengine.adapters.base import RawSample, Sample, SampleError
+from crossengine.columns import MODALITIES
+from crossengine.identity import display_name
 
 CONTEXT_CHARS = 20
 IMAGE = MODALITIES.index("image")
@@ -83,7 +85,6 @@ def own_prompt_effect(rows: list[dict], scored: list, scores: list, own: list, e
     (difflib's matching blocks) and compares its log-probs of each shared token after the first
     difference, own prompt minus the reference's prompt; same engine, same pixels, only the prompt
     differs. Filled into the sample's input_ids row (own_prompt_*)."""
-    from difflib import SequenceMatcher
 
     by_id = {r["sample_id"]: r for r in rows if r["input"] == "input_ids" and r["status"] == "differs"}
     for sample, score, mine in zip(scored, scores, own):
@@ -203,7 +204,6 @@ def differing_inputs(inputs) -> dict[str, str]:
     """Per candidate (display name): the inputs that differ from the reference's on any sample,
     comma-separated, or "none" (input_ids with its own prompt's effect on the tokens both prompts
     share, mean |Δlp| weighted by tokens); empty where no candidate prepared its own inputs."""
-    from crossengine.identity import display_name
 
     if inputs is None:
         return {}

@@ -13,11 +13,13 @@ Outside generation mode the reference plays the trainer `t` and the candidate th
 
 from __future__ import annotations
 
+import time
+import warnings
+
 import numpy as np
 
-from crossengine.adapters.base import TokenLogprobs
+from crossengine.adapters.base import TokenLogprobs, block_rows, blocks, logit_block
 from crossengine.columns import METRIC_COLUMNS
-
 
 _CHUNK_ELEMENTS = 1 << 24  # rows × vocab per block: 64 MiB of float32 per side (fused: no T×V temporaries)
 EAGER_TEMPORARIES = 8  # the uncompiled kernel holds about this many block-sized temporaries at once
@@ -109,7 +111,6 @@ def _full_vocab_metrics(ref_logits, cand_logits, token_ids: np.ndarray, centre: 
     """
     import torch
 
-    from crossengine.adapters.base import block_rows, blocks, logit_block
 
     n, vocab = ref_logits.shape
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -159,7 +160,6 @@ WARM_UP_FROM_VOCAB = 8192  # real vocabularies; the tiny test fixtures (V = 512)
 
 def warm_up(vocab: int) -> float:
     """Compile the kernel on a small block of this vocabulary (seconds, once per worker); its time."""
-    import time
 
     import torch
 
@@ -179,7 +179,6 @@ def _run_or_fall_back(*args):
     try:
         return _compiled(*args)
     except Exception as exc:  # noqa: BLE001 - a compiler problem must not lose the run: same numbers, eagerly
-        import warnings
 
         warnings.warn(f"crossengine: torch.compile of the metric kernel failed ({type(exc).__name__}: {exc}); metrics run eagerly", stacklevel=2)
         _compiled = False

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from crossengine.identity import SAMPLED, display_names
-
 from crossengine.compare.summary import read_tokens
+from crossengine.identity import SAMPLED, display_names
 
 
 def nearest_table(tokens_dir: Path, reference: str) -> pd.DataFrame:

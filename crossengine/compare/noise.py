@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from crossengine.adapters.base import Sample, SampleError, TokenLogprobs
+from crossengine.adapters.base import (
+    Sample,
+    SampleError,
+    TokenLogprobs,
+    block_rows,
+    blocks,
+    logit_block,
+)
 
 BATCHINGS = {  # condition -> the run-condition fields it sets (micro_batch_size is added per plan)
     "single": {"batching": "single"},
@@ -141,7 +148,6 @@ def kl_rows(p: TokenLogprobs, q: TokenLogprobs) -> np.ndarray:
     of positions at a time (a long sample's logits are never whole: adapters.base.LogitRows)."""
     import torch
 
-    from crossengine.adapters.base import block_rows, blocks
 
     parts = []
     for lo, hi in blocks(p.logits.shape[0], block_rows(1 << 22, p.logits, q.logits)):  # float64 blocks of 32 MiB
@@ -156,7 +162,6 @@ def kl_rows(p: TokenLogprobs, q: TokenLogprobs) -> np.ndarray:
 def _log_probs(t: TokenLogprobs, lo: int, hi: int):
     import torch
 
-    from crossengine.adapters.base import logit_block
 
     x = torch.as_tensor(logit_block(t.logits, lo, hi)).double()
     return x if t.logits_are_logprobs else torch.log_softmax(x, -1)

@@ -18,7 +18,6 @@ import numpy as np
 from crossengine.adapters.base import TokenLogprobs
 
 
-
 @dataclass
 class RoutingRows:
     """One sample's routing on both sides, one entry per input position and MoE layer."""

@@ -11,8 +11,13 @@ the folder this module writes; a hub id or local path goes through the same engi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
+import sys
+import tempfile
+from importlib import import_module
 from pathlib import Path
 from typing import Callable
 
@@ -39,7 +44,15 @@ def fixtures_home() -> Path:
 
 
 def _train_tokenizer(vocab_size: int, special: list[str]):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -163,10 +176,6 @@ class _RemoteCode:
         self.out, self.files, self.pkg = out, files, f"crossengine_build_{out.name.strip('.').replace('-', '_')}"
 
     def __enter__(self):
-        import importlib.util
-        import shutil
-        import sys
-        from importlib import import_module
 
         code = Path(__file__).parent.parent / "remote_code"  # crossengine/remote_code: data, shipped as package data
         for f in self.files:
@@ -180,7 +189,6 @@ class _RemoteCode:
         return modules
 
     def __exit__(self, *exc):
-        import sys
 
         for name in list(sys.modules):
             if name.startswith(self.pkg):
@@ -345,7 +353,11 @@ def _build_lora(out: Path, seed: int, base: str, targets, b_std: float) -> None:
     identity); `b_std > 0` draws B at random so the adapter really changes the outputs."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+    )
 
     base_path = ensure_fixture(base, seed)
     config = AutoConfig.from_pretrained(base_path)
@@ -383,7 +395,6 @@ def _build_drift_step(step: int) -> Callable[[Path, int], None]:
     checkpoints drift further from tiny-text, step by step, like a policy under training."""
 
     def build(out: Path, seed: int) -> None:
-        import shutil
 
         import torch
         from transformers import AutoModelForCausalLM
@@ -428,8 +439,6 @@ def fixture_path(name: str, seed: int = 0) -> Path:
 
 def ensure_fixture(name: str, seed: int = 0) -> Path:
     """Build once; later calls reuse the folder. Written to a temp dir, then renamed (atomic)."""
-    import shutil
-    import tempfile
 
     out = fixture_path(name, seed)
     if (out / "crossengine-fixture.json").exists():  # written last: a finished build

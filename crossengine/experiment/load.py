@@ -16,12 +16,15 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from crossengine.adapters import importable_from
+from crossengine.adapters import BUILTIN, engine_class, importable_from
 from crossengine.errors import ExperimentError
-from crossengine.experiment.schema import Experiment, SampleSpec, engine_spec
+from crossengine.experiment.schema import (
+    CONTROL_SUFFIX,
+    Experiment,
+    SampleSpec,
+    engine_spec,
+)
 from crossengine.identity import BASE
-
-
 
 
 def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
@@ -97,7 +100,6 @@ def _check_references(exp: Experiment, path: Path, root: yaml.Node | None) -> No
 
 def _check_noise(exp: Experiment, fail) -> None:
     """`noise.engines` names engines; an `expect` needs conditions to be checked under; a negative control's name is free."""
-    from crossengine.experiment.schema import CONTROL_SUFFIX
 
     names = {*exp.engines, *exp.variants}
     for name in exp.noise.engines if exp.noise is not None else ():
@@ -114,7 +116,6 @@ def _check_noise(exp: Experiment, fail) -> None:
 
 def _check_routing(exp: Experiment, fail) -> None:
     """`routing: true` needs engines that report it; `routing: replay` needs the reference's routing, so it is a candidate's."""
-    from crossengine.adapters import BUILTIN, engine_class
 
     for name, (_, variant, spec) in exp.resolved_engines().items():
         section = ("engines" if variant == BASE else "variants", name)
@@ -185,7 +186,6 @@ def _check_paths(exp: Experiment, path: Path, root: yaml.Node | None) -> Experim
 def _dump_samples(exp: Experiment, name: str, path: Path, error) -> list[SampleSpec]:
     """One token_ids sample per record of engine `name`'s dump, holding only its id and where it is
     (its engine's `records().index()`): the records themselves are read a batch at a time."""
-    from crossengine.adapters import engine_class
 
     resolved = exp.resolved_engines()
     if name not in resolved:

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from crossengine.adapters import engine_class
+from crossengine.adapters.base import EngineTraits, config_fields, vocab_size_of
+from crossengine.errors import CrossengineError
+from crossengine.experiment.fixtures import ensure_fixture, is_fixture
 from crossengine.experiment.load import experiment_error, resolve_named_paths
 from crossengine.experiment.schema import CONTROL_SUFFIX, NAME, EngineSpec, Experiment
-from crossengine.adapters import engine_class
-from crossengine.adapters.base import EngineTraits, vocab_size_of
-from crossengine.errors import CrossengineError
 from crossengine.identity import BASE
-from crossengine.experiment.fixtures import ensure_fixture, is_fixture
 
 if TYPE_CHECKING:
     from crossengine.compare.noise import NoisePlan
@@ -252,7 +252,6 @@ def control(exp: Experiment, experiment_path: Path, inst: EngineInstance) -> Eng
 
 def check_routable(exp: Experiment, experiment_path: Path, instances: list[EngineInstance]) -> None:
     """`routing: true` on a model without experts is a one-line error before anything loads (its config.json says so)."""
-    from crossengine.adapters.base import config_fields
     from crossengine.compare.alarms import model_is_dense
 
     for inst in instances:

@@ -9,12 +9,14 @@ per-sample error of the run.
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
+from crossengine.adapters import import_ref, importable_from
 from crossengine.experiment.load import experiment_error
-from crossengine.experiment.schema import Experiment
 from crossengine.experiment.plan import Plan
+from crossengine.experiment.schema import Experiment
 
 
 def preflight(plan: Plan) -> list[str]:
@@ -31,7 +33,6 @@ def _check_remote_code(plan: Plan) -> None:
     """A model whose config names its own classes (auto_map) under a type transformers does not
     know runs only with trust_remote_code, which is off unless asked: say so before loading.
     Native engines read such a config as plain fields and run their own code instead."""
-    import json
 
     from transformers import CONFIG_MAPPING
 
@@ -52,7 +53,6 @@ def _section(exp: Experiment, name: str) -> str:
 
 def _check_user_code(exp: Experiment, path: Path) -> None:
     """Every 'module:function' the experiment names must import (that is all that runs of it here)."""
-    from crossengine.adapters import import_ref, importable_from
 
     for name, (_, _, spec) in exp.resolved_engines().items():
         for field, ref in spec.user_code():
@@ -66,8 +66,6 @@ def _check_user_code(exp: Experiment, path: Path) -> None:
 
 def adapter_modules(adapter: str) -> dict[str, tuple[list[int], list[int]]]:
     """module name -> (lora_A shape, lora_B shape), from the adapter's safetensors header."""
-    import json
-    import struct
 
     with open(Path(adapter) / "adapter_model.safetensors", "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
@@ -120,7 +118,11 @@ def _check_adapters(plan: Plan) -> None:
 def _meta_linears(inst) -> dict[str, tuple[int, int]] | None:
     try:
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoModelForImageTextToText,
+        )
 
         common = dict(trust_remote_code=inst.spec.trust_remote_code)
         config = AutoConfig.from_pretrained(inst.model_path, revision=inst.spec.revision, **common)

@@ -11,9 +11,25 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BeforeValidator, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from crossengine.adapters import (
+    BUILTIN,
+    UnknownEngine,
+    engine_class,
+    registered,
+    spec_model,
+)
 from crossengine.adapters.spec import Dtype, EngineSpec, EnvSpec, Strict
 from crossengine.identity import BASE
 from crossengine.identity import RESERVED as RESERVED_NAMES
@@ -32,7 +48,6 @@ def _field_error(loc: tuple, message: str, value: Any) -> ValidationError:
 
 def engine_spec(value: Any) -> Any:
     """One `engines.NAME` mapping validated by the model its `type` registers: the registry, not this module, knows engines."""
-    from crossengine.adapters import UnknownEngine, engine_class, spec_model
 
     if not isinstance(value, dict):
         return value  # an EngineSpec already, or pydantic's own type error
@@ -54,7 +69,6 @@ def engine_spec(value: Any) -> Any:
 
 def not_a_field(key: str, kind: str, model) -> str:
     """'x' is not a field of hf engines (native engines take it): names the engines that do, where a built-in one does."""
-    from crossengine.adapters import BUILTIN, spec_model
 
     takers = [k for k in sorted(BUILTIN) if k != kind and key in spec_model(k).model_fields]
     where = f" ({', '.join(takers)} engines take it)" if takers else ""
@@ -332,7 +346,6 @@ class Experiment(Strict):
 def json_schema() -> dict[str, Any]:
     """JSON Schema of the experiment file, for editors (`crossengine schema`): each registered engine's
     own fields, chosen by `type` (an engine that does not import here is left out)."""
-    from crossengine.adapters import UnknownEngine, registered, spec_model
 
     schema = Experiment.model_json_schema()
     defs = schema.setdefault("$defs", {})

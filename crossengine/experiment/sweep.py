@@ -27,6 +27,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from crossengine.adapters.spec import Strict
 from crossengine.errors import ExperimentError
+from crossengine.experiment.load import _first_error, read_mapping
 from crossengine.experiment.schema import NAME
 
 
@@ -103,7 +104,6 @@ def is_sweep_file(path: str | Path) -> bool:
 
 def load_sweep(path: str | Path) -> Sweep:
     """Read a sweep file (yaml.safe_load); one line naming the field on any problem, before anything runs."""
-    from crossengine.experiment.load import _first_error, read_mapping
 
     path = Path(path)
     data, root = read_mapping(path, "sweep", "a sweep is a YAML mapping with experiment and axes")

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from crossengine.compare.inputs import differing_inputs, first_differences, read_inputs
+from crossengine.compare.summary import SPLITS, pooled_rows, read_tokens
 from crossengine.identity import SAMPLED, display_name, display_names
-from crossengine.compare.inputs import differing_inputs, read_inputs
-from crossengine.compare.summary import SPLITS, pooled_rows
 from crossengine.run_meta import RunMeta
 
 MAX_SAMPLES = 20
@@ -149,7 +149,6 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
 
 
 def _read_tokens(tokens_dir: Path) -> pd.DataFrame:
-    from crossengine.compare.summary import read_tokens
 
     cols = ["sample_id", "position", "token_text", "modality", "attention", "segment", "cand_engine", "variant",
             "lp_ref", "lp_cand", "abs_lp_diff", "gen_kl", "kl_ref_cand", "topk_kl", "top1_ref", "top1_cand", "top1_match", "top1_tie", "nonfinite"]
@@ -376,7 +375,6 @@ def _nearest_section(nearest: pd.DataFrame) -> str:
 
 def _inputs_section(inputs: pd.DataFrame) -> str:
     """Candidates with `inputs: own`: every input that differs from the reference's, first difference per sample on top."""
-    from crossengine.compare.inputs import first_differences
 
     differ = inputs[inputs["status"] != "equal"]
     if differ.empty:
@@ -487,7 +485,6 @@ def _worst_section(tokens: pd.DataFrame, meta: RunMeta, worst_dir: Path, n: int 
     scored = tokens[tokens["variant"].astype(str) != SAMPLED]
     extra = {}
     if worst_dir.exists() and any(worst_dir.glob("*.parquet")):
-        from crossengine.compare.summary import read_tokens
 
         w = read_tokens(worst_dir)
         w = w[w["variant"].astype(str) != SAMPLED]
@@ -540,7 +537,6 @@ def monitor_report(out_dir: Path, out: Path | None = None) -> Path:
     from crossengine.monitor import read_thresholds
     from crossengine.report.monitor_view import SHOWN, read_steps
     from crossengine.results import write_text
-    from crossengine.compare.summary import read_tokens
 
     steps = read_steps(out_dir)
     thresholds = read_thresholds(out_dir)

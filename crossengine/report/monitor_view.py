@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from crossengine.errors import CrossengineError
 from crossengine.monitor import read_alarm_limits, read_thresholds
 
 SHOWN = ["gen_kl_error", "policy_kl_error", "js_divergence_error", "token_mult_prob_error", "rollout_probs_diff_max", "first/gen_kl_error"]
@@ -30,7 +31,6 @@ def read_steps(out_dir: Path) -> pd.DataFrame:
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
-    from crossengine.errors import CrossengineError
 
     steps = Path(out_dir) / "steps"
     files = sorted(steps.glob("part-*.parquet")) if steps.is_dir() else []

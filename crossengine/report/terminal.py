@@ -9,6 +9,7 @@ import pandas as pd
 
 from crossengine.compare.summary import pooled_rows
 from crossengine.identity import display_name, display_names
+from crossengine.run_meta import RunMeta
 
 COLUMNS = [
     ("n_tokens", "n", "{:d}"),
@@ -55,7 +56,6 @@ def summary_table(summary: pd.DataFrame, title: str, splits: bool = True):
 def print_summary(run_dir: Path, console) -> None:
     summary = pd.read_parquet(run_dir / "summary.parquet")
     console.print(summary_table(summary, f"crossengine summary: {run_dir}"))
-    from crossengine.run_meta import RunMeta
 
     meta = RunMeta.read(run_dir)
     reference = meta.reference

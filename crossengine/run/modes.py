@@ -17,6 +17,7 @@ decode, then add what they sampled or decoded (`write_extra`).
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,13 +26,18 @@ from typing import TYPE_CHECKING, Any, Callable
 import pyarrow as pa
 
 from crossengine.adapters.base import Generation, RawSample, Sample, SampleError
-from crossengine.compare.tokens import CompareOptions, Part, compare_batch, payload_bytes
-from crossengine.errors import EngineDied
-from crossengine.identity import SAMPLED
-from crossengine.experiment.plan import EngineInstance, Plan
-from crossengine.compare.inputs import first_differences
 from crossengine.columns import INPUTS_SCHEMA, WORST_SCHEMA
+from crossengine.compare.inputs import first_differences
 from crossengine.compare.tables import noise_table, routing_part_table, token_table
+from crossengine.compare.tokens import (
+    CompareOptions,
+    Part,
+    compare_batch,
+    payload_bytes,
+)
+from crossengine.errors import EngineDied
+from crossengine.experiment.plan import EngineInstance, Plan
+from crossengine.identity import SAMPLED
 from crossengine.results import RunDir, write_table
 
 if TYPE_CHECKING:  # the runner imports this module; this is for type names only
@@ -238,7 +244,6 @@ class _Decoding(Mode):
         return self._score(pool, b, idx, cands, ray.put(decoded.extended if decoded else []), decoded)
 
     def _decode(self, pool: EnginePool, prompts: list[Sample], cands: list[EngineInstance], b: int) -> Decoded:
-        import time
 
         from crossengine.compare.generation import extend_samples
 

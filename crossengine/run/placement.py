@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,7 +176,6 @@ def probe_gpu_memory_gb(timeout_s: float = 20.0) -> float | None:
 
     @ray.remote(num_cpus=0)
     def smi() -> float | None:
-        import subprocess
 
         try:
             out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)

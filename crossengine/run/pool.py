@@ -5,13 +5,17 @@ environment where the experiment names one, the adapter imported inside the acto
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
+import socket
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from crossengine.adapters import user_code_paths
 from crossengine.errors import CrossengineError
 from crossengine.experiment.plan import EngineInstance
 from crossengine.run.transport import OBJECT_STORE
@@ -24,7 +28,6 @@ def runtime_env(inst: EngineInstance, base: Path, logits_budget: int | None = No
     that threshold to the largest block freed and keeps later ones in its heap, so a worker that frees each
     block of logits after use would still grow by several (measured: 193 MB peak vs 22 MB for 8 MB blocks)."""
     env = inst.spec.env
-    from crossengine.adapters import user_code_paths
 
     # user code named as "module:function" or an engine's "module:Class" imports from where the driver imports it
     paths = [*user_code_paths(base), os.environ.get("PYTHONPATH", "")]
@@ -99,7 +102,9 @@ class EnginePool:
                                            "runtime_env": runtime_env(inst, base, logits_budget)}
                 node = placement.node_id(inst.name)
                 if node:
-                    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+                    from ray.util.scheduling_strategies import (
+                        NodeAffinitySchedulingStrategy,
+                    )
 
                     options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
                 self.actors[inst.name] = worker.options(**options).remote()
@@ -266,7 +271,6 @@ class EngineKeeper:
 
     @staticmethod
     def key(inst: EngineInstance, seed: int, gpus: float, node: str, cpus: float) -> str:
-        import json
 
         return json.dumps([inst.name, inst.spec.model_dump(mode="json"), inst.model_path, seed, gpus, node, round(cpus, 3)], sort_keys=True, default=str)
 
@@ -309,7 +313,6 @@ CONNECT_TIMEOUT_S = 10.0
 def check_reachable(address: str) -> None:
     """A cluster address nothing answers on is one line within CONNECT_TIMEOUT_S, not Ray's endless
     "Failed to connect to GCS" retries ('auto' and ray:// client addresses are left to Ray)."""
-    import socket
 
     if address in ("auto", "local") or "://" in address:
         return
@@ -327,7 +330,6 @@ def ensure_ray(address: str | None, num_gpus: float | None = None) -> None:
     """Join the cluster `--address` (or RAY_ADDRESS) names, else start a private local one (with
     `num_gpus` GPUs advertised, if given): never a cluster that `ray start` happens to have left
     on the machine, whose address file Ray would otherwise follow."""
-    import logging
 
     import ray
 

@@ -14,7 +14,13 @@ class Progress:
         self.tasks: dict[str, int] = {}
         if console is None:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.bar = Progress(TextColumn("{task.description:>16}"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"), TimeElapsedColumn(), console=console, transient=False)
         for name in names:

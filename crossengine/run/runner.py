@@ -15,6 +15,9 @@ prints the exact command that resumes.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shlex
 import signal
 import threading
 import time
@@ -25,19 +28,20 @@ import pandas as pd
 import pyarrow as pa
 
 from crossengine import __version__
-from crossengine.adapters.base import Sample, SampleError, vocab_size_of
+from crossengine.adapters.base import Sample, SampleError, config_fields, vocab_size_of
+from crossengine.columns import SCHEMA_VERSION
 from crossengine.compare.metrics import WARM_UP_FROM_VOCAB
+from crossengine.compare.summary import summarize
 from crossengine.errors import CrossengineError, EngineDied, EngineFailure
-from crossengine.run.modes import MODES, RunContext, raw_batch
 from crossengine.experiment.plan import EngineInstance, Plan
+from crossengine.experiment.schema import CONTROL_SUFFIX
+from crossengine.identity import SAMPLED
+from crossengine.results import RunDir, git_sha, host_info, write_table
+from crossengine.run.modes import MODES, RunContext, raw_batch
 from crossengine.run.pool import EnginePool, ensure_ray, one_line
 from crossengine.run.progress import engine_progress
 from crossengine.run.transport import choose_transports
-from crossengine.columns import SCHEMA_VERSION
-from crossengine.results import RunDir, git_sha, host_info, write_table
 from crossengine.run_meta import RunMeta
-from crossengine.compare.summary import summarize
-
 
 SAMPLES_IN_RUN_JSON = 1000
 
@@ -46,8 +50,6 @@ def samples_fingerprint(exp, files: dict[str, str]) -> str:
     """Hash of every sample (ids, texts, images, token ids): two runs of the same samples share it.
     Images count by content (`files`: the plan's SHA-256 of each, not read again), so the same
     experiment copied elsewhere has the same samples."""
-    import hashlib
-    import json
 
     h = hashlib.sha256()
     for s in exp.samples:
@@ -131,7 +133,6 @@ class Runner:
 
     @property
     def resume_command(self) -> str:
-        import shlex
 
         cmd = ["crossengine", "localize" if self.localize_only else "run", str(self.plan.experiment_path), "--run-id", self.plan.run_id,
                "--output-dir", str(self.plan.run_dir.parent)]
@@ -256,7 +257,6 @@ class Runner:
     def _check_expectations(self, floors: pd.DataFrame) -> None:
         """`expect: bitwise` claims against the floors measured: a failure names the first token that differs (the run exits 1)."""
         from crossengine.compare.floor import expectations
-        from crossengine.experiment.schema import CONTROL_SUFFIX
 
         names = self.plan.names()
         controls = {i.name: f"{i.name}{CONTROL_SUFFIX}" for i in self.plan.instances if i.spec.expect}
@@ -450,7 +450,6 @@ def _full_logits(inst: EngineInstance) -> bool:
 def reference_is_dense(ref: EngineInstance) -> bool | None:
     """Whether the reference's model is dense (no experts in its config.json); None where it does not read
     (the dense-only alarm then stays on)."""
-    from crossengine.adapters.base import config_fields
     from crossengine.compare.alarms import model_is_dense
 
     fields = config_fields(ref.model_path, ref.spec.revision)
@@ -492,7 +491,6 @@ def _reduce_tokens(root: str, reference: str, expected: list[tuple[str, str]], a
     from crossengine.compare.alarms import run_alarms
     from crossengine.compare.floor import floor_table
     from crossengine.compare.routing_summary import routing_table
-    from crossengine.identity import SAMPLED
 
     tokens_dir = Path(root) / "tokens"
     summary = summarize(tokens_dir, expected)

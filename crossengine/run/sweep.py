@@ -27,10 +27,11 @@ import pandas as pd
 import pyarrow as pa
 
 from crossengine.errors import CrossengineError
+from crossengine.experiment.load import load_experiment
 from crossengine.experiment.schema import PlacementSpec
 from crossengine.experiment.sweep import Member, Sweep
 from crossengine.results import write_table
-from crossengine.run.pool import EngineKeeper
+from crossengine.run.pool import EngineKeeper, ensure_ray, one_line
 from crossengine.run_meta import RunMeta
 
 POLL_S = 0.1
@@ -75,7 +76,6 @@ class SweepRunner:
 
     def plan(self, member: Member):
         """The member's plan: its base experiment with its axes' values, validated like any experiment."""
-        from crossengine.experiment.load import load_experiment
         from crossengine.experiment.plan import make_plan
 
         if member.name not in self._plans:
@@ -85,7 +85,6 @@ class SweepRunner:
 
     def run(self) -> list[Outcome]:
         from crossengine.run.placement import cluster_view
-        from crossengine.run.pool import ensure_ray
 
         self.root.mkdir(parents=True, exist_ok=True)
         members = self.sweep.members()
@@ -179,7 +178,6 @@ class SweepRunner:
             r.failure = exc
 
     def _finish(self, r: _Running) -> None:
-        from crossengine.run.pool import one_line
 
         runner = r.runner
         seconds = time.time() - r.started

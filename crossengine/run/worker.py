@@ -18,7 +18,8 @@ import threading
 import time
 from pathlib import Path
 
-from crossengine.adapters.base import LogitRows
+from crossengine.adapters import engine_class
+from crossengine.adapters.base import LogitRows, OutputCapture, TokenLogprobs
 
 
 def worker_class():
@@ -42,7 +43,6 @@ def worker_class():
         """
 
         def __init__(self):
-            from crossengine.adapters.base import OutputCapture
 
             self.output = OutputCapture()  # the engine's own output, for the error that names its root cause
             self.scored: dict[str, _Scored] = {}  # batch key -> what score_for_compare left for compare_scored
@@ -79,7 +79,6 @@ def worker_class():
             if warm_vocab:  # this worker will compare full vocabularies: compile the kernel while the model loads
                 self.warming = threading.Thread(target=_warm_metrics, args=(warm_vocab,), daemon=True)
                 self.warming.start()
-            from crossengine.adapters import engine_class
 
             cls = engine_class(kind)
             spec = cls.Spec.model_validate(spec)
@@ -136,7 +135,6 @@ def worker_class():
 
         def _hold(self, key: str, out: list) -> None:
             """Keep the LogitRows of long samples here and send candidates a RemoteRows that fetches their blocks."""
-            from crossengine.adapters.base import TokenLogprobs
 
             for r in out:
                 if isinstance(r, TokenLogprobs) and isinstance(r.logits, LogitRows):
@@ -160,7 +158,6 @@ def worker_class():
 
         def _floor(self, batch, out, noise, top_k: int, full_vocab: bool):
             """(noise.NoiseRows, seconds): this engine's own floor under its noise conditions; none without them."""
-            import time
 
             from crossengine.compare.noise import measure
 
@@ -182,7 +179,6 @@ def worker_class():
                 self.engine.logits_as_tensors = True  # its own logits are compared here, on its device: never copied to the host
                 rows, to_score, own = self._guarded(self._own_inputs, batch, raw)
                 if self.engine.spec.replays_reference_routing:  # routing replay: the reference's choices are needed before this forward
-                    from crossengine.adapters.base import TokenLogprobs
 
                     ref = ray.get(ref_out[0])
                     self.engine.replay_routing({s.sample_id: r.routing for s, r in zip(batch, ref) if isinstance(r, TokenLogprobs) and r.routing is not None})
