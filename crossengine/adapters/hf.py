@@ -11,7 +11,8 @@ from typing import Any, Optional
 
 from pydantic import Field, model_validator
 
-from .base import EngineInfo, EngineTraits, Generation, Sample, SampleError, lora_info
+from .base import EngineInfo, EngineTraits, Generation, Sample, SampleError
+from .checkpoint import lora_info
 from .torch_engine import TorchEngine, TorchSpec
 
 

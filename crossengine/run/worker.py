@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 from crossengine.adapters import engine_class
-from crossengine.adapters.base import LogitRows, OutputCapture, TokenLogprobs
+from crossengine.adapters.base import TokenLogprobs
+from crossengine.adapters.blocks import LogitRows
+from crossengine.adapters.capture import OutputCapture
 
 
 def worker_class():
