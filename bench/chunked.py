@@ -16,7 +16,6 @@ import argparse
 import time
 
 import numpy as np
-
 from common import run_cli, tmpdir, write_experiment
 
 
@@ -24,13 +23,13 @@ def build_model(out, vocab: int, max_len: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from crossengine.experiment.fixtures import _fast_tokenizer
+    from crossengine.experiment.fixture_builders import fast_tokenizer
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=1,
                          num_key_value_heads=1, head_dim=64, max_position_embeddings=max_len, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(out)
-    _fast_tokenizer(["<pad>", "<bos>", "<eos>"], vocab_size=508).save_pretrained(out)
+    fast_tokenizer(["<pad>", "<bos>", "<eos>"], vocab_size=508).save_pretrained(out)
     return out
 
 

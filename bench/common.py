@@ -18,7 +18,7 @@ def build_bench_model(out: Path, vocab: int = 32000, hidden: int = 512, layers: 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from crossengine.experiment.fixtures import _fast_tokenizer
+    from crossengine.experiment.fixture_builders import fast_tokenizer
 
     if (out / "config.json").exists():
         return out
@@ -27,7 +27,7 @@ def build_bench_model(out: Path, vocab: int = 32000, hidden: int = 512, layers: 
                          num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128, head_dim=64,
                          max_position_embeddings=4096, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(out)
-    _fast_tokenizer(["<pad>", "<bos>", "<eos>"], vocab_size=508).save_pretrained(out)
+    fast_tokenizer(["<pad>", "<bos>", "<eos>"], vocab_size=508).save_pretrained(out)
     return out
 
 

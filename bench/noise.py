@@ -12,7 +12,6 @@ every batch once more per condition on each engine with one, so scoring should t
 
 from __future__ import annotations
 
-
 from common import bench_workload, run_cli, write_experiment
 
 ENGINES = "  ref: {type: hf, dtype: float32}\n  cand: {type: hf, dtype: bfloat16}"

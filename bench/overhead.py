@@ -17,7 +17,6 @@ import os
 import time
 
 import torch
-
 from common import bench_workload, run_cli, write_experiment
 
 

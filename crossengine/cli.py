@@ -62,7 +62,7 @@ def _plan_interruptibly(experiment: Path, run_id: Optional[str], output_dir: Opt
     user code, and a KeyboardInterrupt raised inside such an import was seen swallowed (the run went on to
     the end). Nothing is written and no cluster started yet, so the process just leaves. (plan, signals)."""
 
-    from crossengine.run.runner import StopSignals
+    from crossengine.run.signals import StopSignals
 
     def leave_now(signum, frame):  # nothing started, nothing written: no need to wait for the import under way
         sys.stderr.write("interrupted before anything started; nothing was written\n")
@@ -85,7 +85,7 @@ def _plan_interruptibly(experiment: Path, run_id: Optional[str], output_dir: Opt
 
 def _execute(runner) -> Path:
     """Run; one line and exit 2 on any crossengine error, 130 on Ctrl-C, 143 on SIGTERM."""
-    from crossengine.run.runner import Terminated
+    from crossengine.run.signals import Terminated
 
     try:
         return runner.run()
@@ -157,7 +157,7 @@ def sweep(
     num_gpus: Optional[float] = _NUM_GPUS,
 ) -> None:
     """Run every member of a sweep (base experiment × axes) over one cluster; index.parquet and report.html come out."""
-    from crossengine.run.runner import StopSignals, Terminated
+    from crossengine.run.signals import StopSignals, Terminated
     from crossengine.run.sweep import SweepRunner
 
     try:

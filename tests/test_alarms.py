@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from crossengine.adapters.checkpoint import model_is_dense
 from crossengine.cli import app
-from crossengine.compare.alarms import RULES, TURN_K3, check, model_is_dense, per_sample, rules
+from crossengine.compare.alarms import RULES, TURN_K3, check, per_sample, rules
 from crossengine.compare.frameworks import framework_metrics
 
 RNG = np.random.default_rng(7)

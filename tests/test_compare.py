@@ -38,10 +38,10 @@ def _in_process_tokens(path, run_dir) -> pd.DataFrame:
     import torch
 
     from crossengine.adapters.hf import HFEngine
+    from crossengine.compare.tables import token_table
     from crossengine.compare.tokens import CompareOptions, compare_batch
     from crossengine.experiment.load import load_experiment
     from crossengine.experiment.plan import make_plan
-    from crossengine.compare.tables import token_table
     from crossengine.run.modes import raw_sample
 
     plan = make_plan(load_experiment(path), path, run_id="in-process", output_dir=run_dir.parent)

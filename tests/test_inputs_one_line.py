@@ -10,8 +10,8 @@ import pandas as pd
 from typer.testing import CliRunner
 
 from crossengine.cli import app
-from crossengine.experiment.fixtures import ensure_fixture
 from crossengine.columns import SCHEMA_VERSION
+from crossengine.experiment.fixtures import ensure_fixture
 from crossengine.run_meta import RunMeta
 
 from .conftest import run_experiment

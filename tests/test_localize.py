@@ -91,8 +91,7 @@ def test_a_capture_that_matches_nothing_says_why(ray_cluster, tmp_path):
 
 
 def _engine_captures(kind: str, fixture: str):
-    from crossengine.adapters import engine_class
-    from crossengine.adapters import make_spec
+    from crossengine.adapters import engine_class, make_spec
 
     engine = engine_class(kind)(make_spec(dict(type=kind, dtype="float32", device="cpu")), str(ensure_fixture(fixture)), kind)
     sample = engine.prepare([RawSample("s", "The quick brown fox jumps over the lazy dog.")])[0]
@@ -124,8 +123,8 @@ def test_a_key_missing_from_the_checkpoint_is_flagged_by_name(tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from crossengine.adapters.hf import HFEngine
     from crossengine.adapters import make_spec
+    from crossengine.adapters.hf import HFEngine
 
     src = ensure_fixture("tiny-text")
     shutil.copytree(src, tmp_path / "m")

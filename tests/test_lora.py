@@ -80,8 +80,8 @@ def test_run_json_records_the_adapter(lora_run):
 def test_the_vision_adapter_covers_the_vision_tower():
     import torch
 
-    from crossengine.adapters.hf import HFEngine
     from crossengine.adapters import make_spec
+    from crossengine.adapters.hf import HFEngine
     from crossengine.experiment.preflight import adapter_modules
 
     adapter = ensure_fixture("tiny-vision-lora")

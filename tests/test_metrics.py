@@ -8,10 +8,10 @@ import shutil
 import numpy as np
 import pytest
 
-from crossengine.compare import metrics
 from crossengine.adapters.base import TokenLogprobs
-from crossengine.compare.frameworks import framework_metrics
 from crossengine.columns import METRIC_COLUMNS
+from crossengine.compare import metrics
+from crossengine.compare.frameworks import framework_metrics
 from crossengine.compare.metrics import token_metrics
 
 T, V, K = 40, 300, 8

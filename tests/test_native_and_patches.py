@@ -8,10 +8,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from crossengine.adapters import make_spec
 from crossengine.adapters.base import RawSample
 from crossengine.adapters.hf import HFEngine
 from crossengine.cli import app
-from crossengine.adapters import make_spec
 from crossengine.experiment.fixtures import ensure_fixture
 
 from .conftest import EXPERIMENTS, REPO, run_experiment

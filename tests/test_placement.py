@@ -18,9 +18,15 @@ from typer.testing import CliRunner
 
 from crossengine.cli import app
 from crossengine.experiment.load import load_experiment
-from crossengine.experiment.schema import PlacementSpec
-from crossengine.run.placement import Cluster, Node, PlacementError, plan_placement, safetensors_parameters
 from crossengine.experiment.plan import make_plan
+from crossengine.experiment.schema import PlacementSpec
+from crossengine.run.placement import (
+    Cluster,
+    Node,
+    PlacementError,
+    plan_placement,
+    safetensors_parameters,
+)
 
 from .conftest import REPO, run_experiment
 

@@ -22,7 +22,6 @@ from crossengine.experiment.load import load_experiment
 from crossengine.results import RunDir
 
 from .conftest import REPO, run_experiment
-
 from .test_config_errors import GOOD as BASE  # noqa: E402 - one valid experiment, edited per test
 
 
@@ -125,8 +124,9 @@ samples:
 
 @pytest.fixture(scope="module")
 def faulty_run(ray_cluster, tmp_path_factory):
-    from crossengine.experiment.fixtures import ensure_fixture
     from transformers import AutoConfig
+
+    from crossengine.experiment.fixtures import ensure_fixture
 
     limit = AutoConfig.from_pretrained(ensure_fixture("tiny-text")).max_position_embeddings
     d = tmp_path_factory.mktemp("faulty")

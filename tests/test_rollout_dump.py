@@ -121,8 +121,8 @@ def test_each_bad_record_is_one_line_and_its_sample_is_skipped(ray_cluster, tmp_
 def test_samples_given_as_token_ids_are_matched_to_records_by_id(crossengine_home):
     """The engine itself (no Ray): a record by id, a differing id sequence, an id the dump lacks."""
     from crossengine.adapters.base import Sample
-    from crossengine.adapters.tokens import text_modality
     from crossengine.adapters.logprobs import LogprobsEngine, LogprobsSpec
+    from crossengine.adapters.tokens import text_modality
     from crossengine.experiment.fixtures import ensure_fixture
 
     engine = LogprobsEngine(LogprobsSpec(type="logprobs", path=str(DUMP)), str(ensure_fixture("tiny-text")), "rollout")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 import pandas as pd
 import pytest

@@ -198,7 +198,7 @@ def test_a_vllm_engine_that_dies_is_one_error_with_its_root_cause(ray_cluster, t
     the terminal once, no sample is blamed, the other candidate finishes, and the run can be resumed."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from crossengine.experiment.fixtures import _build_causal_lm
+    from crossengine.experiment.fixture_builders import _build_causal_lm
 
     model = tmp_path / "hd16"
     _build_causal_lm(model, 0, LlamaConfig, LlamaForCausalLM, head_dim=16)

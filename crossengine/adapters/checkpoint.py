@@ -43,3 +43,10 @@ def lora_info(path: str, merged: bool = False) -> dict[str, Any]:
         "path": str(folder), "rank": config.get("r"), "alpha": config.get("lora_alpha"), "target_modules": config.get("target_modules"),
         "sha256": h.hexdigest()[:16], "merged": merged,
     }
+
+
+def model_is_dense(config: dict[str, Any]) -> bool:
+    """Whether a model's config.json describes a dense model: no field counting experts above 1
+    (num_experts, num_local_experts, n_routed_experts, moe_num_experts, ... in the text config too)."""
+    fields = {**config, **(config.get("text_config") or {})}
+    return not any("expert" in k and isinstance(v, int) and not isinstance(v, bool) and v > 1 for k, v in fields.items())

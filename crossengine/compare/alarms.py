@@ -188,13 +188,6 @@ def lines(frame: pd.DataFrame) -> list[str]:
     return out
 
 
-def model_is_dense(config: dict[str, Any]) -> bool:
-    """Whether a model's config.json describes a dense model: no field counting experts above 1
-    (num_experts, num_local_experts, n_routed_experts, moe_num_experts, ... in the text config too)."""
-    fields = {**config, **(config.get("text_config") or {})}
-    return not any("expert" in k and isinstance(v, int) and not isinstance(v, bool) and v > 1 for k, v in fields.items())
-
-
 def run_alarms(tokens_dir, summary: pd.DataFrame, limits: dict[str, Any] | None, dense: bool | None) -> pd.DataFrame:
     """Every candidate's alarms (alarms.parquet), one candidate's token rows read at a time."""
     import pyarrow.dataset as ds

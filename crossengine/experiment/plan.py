@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from crossengine.adapters import engine_class
 from crossengine.adapters.base import EngineTraits
-from crossengine.adapters.checkpoint import config_fields, vocab_size_of
+from crossengine.adapters.checkpoint import config_fields, model_is_dense, vocab_size_of
 from crossengine.errors import CrossengineError
 from crossengine.experiment.fixtures import ensure_fixture, is_fixture
 from crossengine.experiment.load import experiment_error, resolve_named_paths
@@ -42,6 +42,17 @@ class EngineInstance:
         """What its engine can do (crossengine/adapters/base.py); what the core reads instead of the engine's name."""
         return engine_class(self.spec.type).traits
 
+    @property
+    def full_logits(self) -> bool:
+        """Whether it gives full-vocabulary logits (its traits, and the option they name)."""
+        return self.traits.gives_full_logits(self.spec)
+
+    def is_dense(self) -> bool | None:
+        """Whether its model is dense (no experts in its config.json); None where that does not read
+        (the dense-only alarms then stay on)."""
+        fields = config_fields(self.model_path, self.spec.revision)
+        return None if fields is None else model_is_dense(fields)
+
 
 @dataclass
 class Plan:
@@ -56,6 +67,9 @@ class Plan:
     files: dict[str, str]  # every file the experiment names (images, chat templates, adapters) -> hash of its content
 
     @property
+    def samples_fingerprint(self) -> str:
+        return samples_fingerprint(self.experiment, self.files)
+
     def instances(self) -> list[EngineInstance]:
         return [self.reference, *self.candidates]
 
@@ -205,6 +219,18 @@ def resolve_adapter(lora: str, experiment_path: Path, loc: tuple) -> str:
     raise experiment_error(experiment_path, loc, f"no such adapter folder: {lora}")
 
 
+def samples_fingerprint(exp: Experiment, files: dict[str, str]) -> str:
+    """Hash of every sample (ids, texts, images, token ids): two runs of the same samples share it.
+    Images count by content (`files`: the plan's SHA-256 of each, not read again), so the same
+    experiment copied elsewhere has the same samples."""
+    h = hashlib.sha256()
+    for s in exp.samples:
+        h.update(json.dumps(s.model_dump(mode="json", exclude={"images"}), sort_keys=True).encode())
+        for img in s.images:
+            h.update(bytes.fromhex(files[str(img)]))
+    return h.hexdigest()[:16]
+
+
 def fingerprint(exp: Experiment, files: dict[str, str]) -> str:
     """What a resumed run must share with the run it continues (run_id/output excluded): the
     experiment and the content of every file it names, so that an image replaced between a stop
@@ -253,7 +279,7 @@ def control(exp: Experiment, experiment_path: Path, inst: EngineInstance) -> Eng
 
 def check_routable(exp: Experiment, experiment_path: Path, instances: list[EngineInstance]) -> None:
     """`routing: true` on a model without experts is a one-line error before anything loads (its config.json says so)."""
-    from crossengine.compare.alarms import model_is_dense
+    from crossengine.adapters.checkpoint import model_is_dense
 
     for inst in instances:
         fields = config_fields(inst.model_path, inst.spec.revision)

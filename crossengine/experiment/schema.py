@@ -233,6 +233,10 @@ class PlacementSpec(Strict):
         None, gt=0, description="Most full-vocabulary logits one worker holds at once (GiB): a sample whose logits exceed it is scored and "
         "compared a block of positions at a time (engines with the chunks_logits trait: hf). Default: whole samples.")
 
+    @property
+    def logits_budget_bytes(self) -> int | None:
+        return None if self.logits_budget_gb is None else int(self.logits_budget_gb * 2**30)
+
 
 class Experiment(Strict):
     """An experiment: one model, a reference engine, candidates, variants and samples."""

@@ -15,80 +15,32 @@ prints the exact command that resumes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shlex
 import signal
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 
 from crossengine import __version__
 from crossengine.adapters.base import Sample, SampleError
-from crossengine.adapters.checkpoint import config_fields, vocab_size_of
+from crossengine.adapters.checkpoint import vocab_size_of
 from crossengine.columns import SCHEMA_VERSION
 from crossengine.compare.metrics import WARM_UP_FROM_VOCAB
-from crossengine.compare.summary import summarize
 from crossengine.errors import CrossengineError, EngineDied, EngineFailure
 from crossengine.experiment.plan import EngineInstance, Plan
 from crossengine.experiment.schema import CONTROL_SUFFIX
-from crossengine.identity import SAMPLED
 from crossengine.results import RunDir, git_sha, host_info, write_table
 from crossengine.run.modes import MODES, RunContext, raw_batch
 from crossengine.run.pool import EnginePool, ensure_ray, one_line
 from crossengine.run.progress import engine_progress
+from crossengine.run.reducer import reducer_class
+from crossengine.run.signals import StopSignals
 from crossengine.run.transport import choose_transports
 from crossengine.run_meta import RunMeta
 
 SAMPLES_IN_RUN_JSON = 1000
-
-
-def samples_fingerprint(exp, files: dict[str, str]) -> str:
-    """Hash of every sample (ids, texts, images, token ids): two runs of the same samples share it.
-    Images count by content (`files`: the plan's SHA-256 of each, not read again), so the same
-    experiment copied elsewhere has the same samples."""
-
-    h = hashlib.sha256()
-    for s in exp.samples:
-        h.update(json.dumps(s.model_dump(mode="json", exclude={"images"}), sort_keys=True).encode())
-        for img in s.images:
-            h.update(bytes.fromhex(files[str(img)]))
-    return h.hexdigest()[:16]
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what schedulers send before killing a job), handled exactly like Ctrl-C."""
-
-
-class StopSignals:
-    """Ctrl-C and SIGTERM become KeyboardInterrupt / Terminated wherever they land, and the signal is
-    remembered, so the exit code says which one came (130 or 143) even where a library in between
-    (Ray's ray.get) turns the exception into another. `install()` again after ray.init, which sets
-    its own SIGTERM handler."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handler(self, signum, frame):
-        self.received = signum
-        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous = signal.signal(sig, self._handler)
-            self._previous.setdefault(sig, previous)
-
-    def restore(self) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous = {}
 
 
 class Runner:
@@ -113,7 +65,7 @@ class Runner:
         self.errors: list[dict[str, str]] = []
         self.dead: dict[str, str] = {}  # candidate -> why its engine died; the run goes on without it
         self.timings: dict[str, float] = {}
-        self.reducer = None  # the run's Reducer actor (_reducer_class), alive while the run is
+        self.reducer = None  # the run's Reducer actor (reducer_class), alive while the run is
         self.logits_transport: dict[str, str] = {}  # candidate -> object_store | gloo | nccl (run.json)
         self.placement = None
         self.expect_failures: list[str] = []  # `expect: bitwise` claims the floors contradict (the CLI exits 1)
@@ -184,7 +136,7 @@ class Runner:
         ensure_ray(self.address, self.num_gpus)
         self.signals.install()  # ray.init replaced the SIGTERM handler with its own
         self.timings["ray_init_s"] = time.time() - t0
-        self.reducer = _reducer_class().remote()  # its imports happen while the engines load, not after the last batch
+        self.reducer = reducer_class().remote()  # its imports happen while the engines load, not after the last batch
         try:
             return self._run_engines(t0, resumed)
         finally:
@@ -214,7 +166,7 @@ class Runner:
             members = [self.plan.reference, *[m for m in always if m is not self.plan.reference and m not in wave], *wave]
             transports = self._transports(wave)
             pool = EnginePool(members, self.placement, exp.seed, self.plan.experiment_path.parent, exp.placement, self.console, self.keeper, exp.routing,
-                              self._warm_vocab(wave), transports, _budget_bytes(exp.placement.logits_budget_gb))
+                              self._warm_vocab(wave), transports, exp.placement.logits_budget_bytes)
             self.timings[f"engine_start_s_wave{w}"] = time.time() - t
             self.logits_transport.update(pool.paths)  # as the wave runs: a group that did not form fell back
             self.timings.update({f"{name}.ready_after_s": v for name, v in pool.start_s.items()})
@@ -280,7 +232,7 @@ class Runner:
         the driver never holds a run's token rows, only these small tables."""
         expected = [(c.cand_engine, c.variant) for c in self.plan.candidates]
         exp = self.plan.experiment
-        dense = reference_is_dense(self.plan.reference)
+        dense = self.plan.reference.is_dense()
         return self.fetch("summary", self.reducer.reduce.remote(str(self.run_dir.root), self.plan.reference.name, expected, exp.alarms, dense, exp.routing),
                           "summarising the run")
 
@@ -359,7 +311,7 @@ class Runner:
     def _full_vocab(self, wave: list[EngineInstance]) -> list[EngineInstance]:
         """The wave's candidates compared with the reference over the full vocabulary (both hand over full logits)."""
         exp, ref = self.plan.experiment, self.plan.reference
-        return [c for c in wave if exp.full_vocab and _full_logits(ref) and _full_logits(c)]
+        return [c for c in wave if exp.full_vocab and ref.full_logits and c.full_logits]
 
     def check_reference(self, b: int, w: int, digest: str) -> None:
         """Every wave re-runs the reference: its scores must be bitwise those of the first wave."""
@@ -404,7 +356,7 @@ class Runner:
     def _start_meta(self, infos: dict, resumed: RunMeta | None) -> None:
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if resumed is None:
-            fingerprint_of_samples = samples_fingerprint(self.plan.experiment, self.plan.files)
+            fingerprint_of_samples = self.plan.samples_fingerprint()
             meta = RunMeta(
                 run_id=self.plan.run_id, schema_version=SCHEMA_VERSION, crossengine_version=__version__, git_sha=git_sha(),
                 experiment_file=str(self.plan.experiment_path), experiment=self._experiment_json(fingerprint_of_samples),
@@ -441,66 +393,3 @@ class Runner:
         if self.expect_failures or self.expect_notes:
             meta.expectations = {"failed": self.expect_failures, "notes": self.expect_notes}
         self.run_dir.write_meta(meta)
-
-
-def _full_logits(inst: EngineInstance) -> bool:
-    """Whether an engine gives full-vocabulary logits (its traits, and the option they name)."""
-    return inst.traits.gives_full_logits(inst.spec)
-
-
-def reference_is_dense(ref: EngineInstance) -> bool | None:
-    """Whether the reference's model is dense (no experts in its config.json); None where it does not read
-    (the dense-only alarm then stays on)."""
-    from crossengine.compare.alarms import model_is_dense
-
-    fields = config_fields(ref.model_path, ref.spec.revision)
-    return None if fields is None else model_is_dense(fields)
-
-
-def _budget_bytes(gib: float | None) -> int | None:
-    return None if gib is None else int(gib * 2**30)
-
-
-def _reducer_class():
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class Reducer:
-        """Where a run's tables and report are computed from its Parquet: a worker of its own (the driver
-        never holds token rows), started with the engines so that its start and imports (pandas, pyarrow,
-        the compare and report modules) are paid while models load rather than after the last batch."""
-
-        def __init__(self):
-            import crossengine.compare.alarms  # noqa: F401
-            import crossengine.compare.nearest  # noqa: F401
-            import crossengine.report.html  # noqa: F401
-
-        def reduce(self, *args):
-            return _reduce_tokens(*args)
-
-        def report(self, root):
-            from crossengine.report.html import run_report
-
-            return run_report(root)
-
-    return Reducer
-
-
-def _reduce_tokens(root: str, reference: str, expected: list[tuple[str, str]], alarm_limits: dict | None = None, dense: bool | None = None,
-                   routing: bool = False):
-    """Runs in a Ray worker (see Runner._reduce): summary, nearest engines, alarms, noise floors, routing rates (with `routing`)."""
-    from crossengine.compare.alarms import run_alarms
-    from crossengine.compare.floor import floor_table
-    from crossengine.compare.routing_summary import routing_table
-
-    tokens_dir = Path(root) / "tokens"
-    summary = summarize(tokens_dir, expected)
-    alarms = run_alarms(tokens_dir, summary, alarm_limits, dense)
-    floors = floor_table(Path(root) / "noise")
-    rates = routing_table(Path(root) / "routing") if routing else None
-    scored = summary[(summary["modality"] == "all") & (summary["n_tokens"] > 0) & (summary["variant"] != SAMPLED)] if len(summary) else summary
-    if len(scored) < 2:  # nearest needs two candidates with token rows (the generator's own sampling is not one)
-        return summary, None, alarms, floors, rates
-    from crossengine.compare.nearest import nearest_table
-
-    return summary, nearest_table(tokens_dir, reference), alarms, floors, rates
