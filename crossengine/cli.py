@@ -241,7 +241,7 @@ def compare(
 ) -> None:
     """Two runs of the same samples side by side: every metric per candidate/variant and split, with the change."""
     from crossengine.compare.runs import compare_runs
-    from crossengine.report.html import compare_report
+    from crossengine.report.runs_html import compare_report
     from crossengine.report.terminal import compare_view
 
     for d in (run_a, run_b):
@@ -275,7 +275,7 @@ def monitor(
     try:
         overrides = monitor_view.parse_alarm_options(alarm)
         if page is not None:
-            from crossengine.report.html import monitor_report
+            from crossengine.report.monitor_html import monitor_report
 
             console.print(f"report: {monitor_report(out_dir, page)}")
         elif step is not None:

@@ -13,7 +13,7 @@ import pandas as pd
 
 from crossengine.compare.summary import SPLITS
 from crossengine.identity import display_names
-from crossengine.report.html import _fig, _page, _table
+from crossengine.report.page import figure, html_table, page
 
 METRICS = ("gen_kl_error", "abs_mean", "kl_mean", "top1_agreement", "token_mult_prob_error", "mismatch_kl")
 NOT_AXES = {"member", "status", "message", "run_dir"}
@@ -34,7 +34,7 @@ def sweep_report(root: Path, out: Path | None = None) -> Path:
     index = pd.read_parquet(root / "index.parquet")
     axes = axes_of(index)
     members = index.drop_duplicates("member")[["member", *axes, "status", "message"]]
-    sections = [("Members", _table(members))]
+    sections = [("Members", html_table(members))]
     pooled = index[index["n_tokens"].notna()] if "n_tokens" in index else index.iloc[0:0]
     if len(pooled):
         pooled = pooled[(pooled[list(SPLITS)] == "all").all(axis=1)].copy()
@@ -53,9 +53,9 @@ def sweep_report(root: Path, out: Path | None = None) -> Path:
                 label = " ".join([str(key[0]), *(f"{n}={v}" for n, v in zip(others, key[1:]))])
                 fig.add_trace(go.Scatter(x=order, y=g[metric], mode="lines+markers", name=label))
             fig.update_layout(title=f"{metric} by {axis}", xaxis_title=axis, yaxis_title=metric, height=340)
-            charts.append(_fig(fig, f"{metric}-by-{axis}".replace("/", "-")))
+            charts.append(figure(fig, f"{metric}-by-{axis}".replace("/", "-")))
     note = f"<p class='note'>pooled rows (every split at all) of {len(pooled)} member × candidate pairs; one line per candidate and the other axes' values.</p>"
     sections.append(("Metrics by axis", note + "".join(charts) if charts else "<p class='note'>no member finished: nothing to plot.</p>"))
     out = Path(out) if out else root / "report.html"
-    write_text(out, _page(f"crossengine sweep: {html.escape(root.name)}", sections))
+    write_text(out, page(f"crossengine sweep: {html.escape(root.name)}", sections))
     return out

@@ -24,7 +24,7 @@ COLUMNS = [
 ]
 
 
-def _fmt(value, pattern: str) -> str:
+def fmt_cell(value, pattern: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if pattern.endswith("d}"):
@@ -49,7 +49,7 @@ def summary_table(summary: pd.DataFrame, title: str, splits: bool = True):
         split = ", ".join(f"{k}={r[k]}" for k in ("modality", "attention", "segment", "position_bucket") if str(r[k]) != "all") or "all"
         variant = str(r["variant"])
         name = display_name(r["cand_engine"], variant)
-        table.add_row(name, split, *[_fmt(r[c], p) for c, _, p in COLUMNS])
+        table.add_row(name, split, *[fmt_cell(r[c], p) for c, _, p in COLUMNS])
     return table
 
 
@@ -135,7 +135,7 @@ def ablation_table(summary: pd.DataFrame, reference: str, differing: dict[str, s
         table.add_column("inputs differ")
     for _, r in pooled.iterrows():
         name = display_name(r["cand_engine"], r["variant"])
-        table.add_row(name, *[_fmt(r[c], p) for c, _, p in ABLATION], *([differing.get(str(name), "-")] if differing else []))
+        table.add_row(name, *[fmt_cell(r[c], p) for c, _, p in ABLATION], *([differing.get(str(name), "-")] if differing else []))
     return table
 
 
@@ -150,7 +150,7 @@ def compare_view(table: pd.DataFrame, run_a: Path, run_b: Path):
     for _, r in table.iterrows():
         diff = r["kl_mean_change"]
         changed += int(r["status"] != "both" or (pd.notna(diff) and diff != 0))
-        t.add_row(r["candidate"], r["split"], r["status"], _fmt(r["top1_agreement_a"], "{:.4f}"), _fmt(r["top1_agreement_b"], "{:.4f}"),
-                  _fmt(r["kl_mean_a"], "{:.3g}"), _fmt(r["kl_mean_b"], "{:.3g}"), _fmt(diff, "{:+.3g}"), _fmt(r["abs_max_a"], "{:.3g}"), _fmt(r["abs_max_b"], "{:.3g}"))
+        t.add_row(r["candidate"], r["split"], r["status"], fmt_cell(r["top1_agreement_a"], "{:.4f}"), fmt_cell(r["top1_agreement_b"], "{:.4f}"),
+                  fmt_cell(r["kl_mean_a"], "{:.3g}"), fmt_cell(r["kl_mean_b"], "{:.3g}"), fmt_cell(diff, "{:+.3g}"), fmt_cell(r["abs_max_a"], "{:.3g}"), fmt_cell(r["abs_max_b"], "{:.3g}"))
     t.caption = f"{changed} of {len(table)} rows changed" if changed else "no changes"
     return t
