@@ -13,7 +13,8 @@ from pydantic import Field, model_validator
 
 from .base import EngineInfo, EngineTraits, Generation, Sample, SampleError
 from .checkpoint import lora_info
-from .torch_engine import TorchEngine, TorchSpec
+from .torch_engine import TorchEngine
+from .torch_spec import TorchSpec
 
 
 class HFSpec(TorchSpec):

@@ -32,7 +32,8 @@ from . import import_ref
 from .base import EngineTraits
 from .patches import BUILTIN
 from .spec import check_callable_ref
-from .torch_engine import TorchEngine, TorchSpec
+from .torch_engine import TorchEngine
+from .torch_spec import TorchSpec
 
 OLMO_CORE_TYPES = ("olmo2",)
 

@@ -24,67 +24,22 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+
+from crossengine.adapters.torch_spec import resolve_device, torch_dtype, versions
 
 from .base import Engine, EngineInfo, RawSample, Sample, SampleError, TokenLogprobs
 from .blocks import HeadRows, blocks, shifted_rows, topk_from_logprobs
 from .chat import render_chat
 from .inspect import audit_buffers, audit_weights, capture_outputs
+from .micro_batches import MicroBatches
 from .patches import (
-    BUILTIN,
     apply_patches,  # built-in ones are HF-only: config rejects them on native engines
 )
 from .routing import captured, find_routers
-from .spec import CALLABLE_REF, EngineSpec
 from .tokens import mask_kinds, text_modality, tokenizer_fingerprint, vocab_error
-
-
-class TorchSpec(EngineSpec):
-    """Fields of the engines that run a torch module in the worker (hf, native)."""
-
-    drop_inputs: list[str] = Field(default_factory=list, description="Model inputs to withhold, e.g. token_type_ids.")
-    patches: list[str] = Field(default_factory=list, description="Built-in patch names (hf) or 'module:function' refs.")
-
-    batching: Literal["single", "padded", "packed"] = Field(
-        "single", description="single: one unpadded forward per sample; padded: micro-batches of padded rows; packed: each micro-batch "
-        "concatenated into one row (position ids restart per sample, block-diagonal mask), as remove-padding trainers run."
-    )
-    padding_side: Literal["right", "left"] = Field("right", description="batching: padded: where the padding goes (position ids follow the mask).")
-    micro_batch_size: int = Field(1, ge=1, description="batching: padded or packed: samples per forward pass.")
-    routing: Literal["own", "replay"] = Field(
-        "own", description="replay: a MoE model routes with the reference's expert choices (Rollout Routing Replay, the trainer side); "
-        "needs the experiment's `routing: true`."
-    )
-
-    @property
-    def replays_reference_routing(self) -> bool:
-        return self.routing == "replay"
-
-    @model_validator(mode="after")
-    def _batching_fields(self) -> "TorchSpec":
-        if self.batching == "single" and self.micro_batch_size > 1:
-            raise ValueError("micro_batch_size needs batching: padded or packed (single runs one sample per forward)")
-        if self.batching != "padded" and self.padding_side != "right":
-            raise ValueError("padding_side goes with batching: padded")
-        if self.routing == "replay" and self.batching != "single":
-            raise ValueError("routing: replay needs batching: single (routing is read per sample)")
-        return self
-
-    @field_validator("patches")
-    @classmethod
-    def _patch_names(cls, v: list[str]) -> list[str]:
-
-        for ref in v:
-            if ref not in BUILTIN and not CALLABLE_REF.match(ref):
-                raise ValueError(f"unknown patch {ref!r}; built-in patches: {', '.join(sorted(BUILTIN))}, or 'package.module:function'")
-        return v
-
-    def user_code(self) -> list[tuple[tuple, str]]:
-        return [(("patches", j), p) for j, p in enumerate(self.patches) if CALLABLE_REF.match(p)]
-
 
 # blocks of logits a candidate's worker may hold at once: on its main thread the next batch's scoring (a block and
 # its log-softmax), on its compare thread its own block and the reference's (one more prefetched), and slack for the
@@ -92,29 +47,7 @@ class TorchSpec(EngineSpec):
 CHUNK_COPIES = 8
 
 
-def resolve_device(device: str | None) -> str:
-    """auto -> cuda when torch sees one, else cpu (as nanoGPT does)."""
-    import torch
-
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__}
-
-
-class TorchEngine(Engine):
+class TorchEngine(MicroBatches, Engine):
     """A torch model scoring one unpadded sample per forward; see the module docstring."""
 
     def __init__(self, spec, model_path: str, instance: str, seed: int = 0):
@@ -415,64 +348,6 @@ class TorchEngine(Engine):
         """(last hidden states [T, H], head): one forward whose output layer sees a single position; head(rows)
         gives the logits of any rows as `forward_logits` would (traits.chunks_logits)."""
         raise NotImplementedError(f"engine {self.name!r} cannot score in position chunks")
-
-    def _unbatchable(self, s: Sample) -> SampleError | None:
-        """Padded and packed micro-batches hold token ids only: a sample with other model inputs (pixels) is refused."""
-        extra = [k for k in s.model_inputs if k not in self.dropped_inputs]
-        if self.spec.batching != "single" and extra:
-            return SampleError(s.sample_id, f"has model inputs besides token ids ({', '.join(sorted(extra))}); engine {self.instance!r} "
-                               f"with batching: {self.spec.batching} takes text samples only (batching: single scores it)")
-        return None
-
-    def forward_batch(self, samples: list[Sample]) -> list:
-        """Raw float32 logits [T_i, V] of each sample, run as one padded or packed micro-batch."""
-        with self.forward_clock():
-            return self._forward_micro_batch(samples)
-
-    def _forward_micro_batch(self, samples: list[Sample]) -> list:
-        import torch
-
-        lengths = [len(s) for s in samples]
-        ids = [torch.as_tensor(s.input_ids, device=self.device) for s in samples]
-        if self.spec.batching == "packed":
-            n = sum(lengths)
-            seg = torch.repeat_interleave(torch.arange(len(samples), device=self.device), torch.as_tensor(lengths, device=self.device))
-            mask = (seg[:, None] == seg[None, :]) & torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
-            position_ids = torch.cat([torch.arange(k, device=self.device) for k in lengths])[None]
-            logits = self._forward_rows(torch.cat(ids)[None], self._mask_4d(mask[None, None]), position_ids)[0]
-            rows = list(logits.split(lengths))
-        else:
-            width, left = max(lengths), self.spec.padding_side == "left"
-            input_ids = torch.full((len(samples), width), self._pad_id, dtype=torch.long, device=self.device)
-            attention = torch.zeros_like(input_ids)
-            for r, (x, k) in enumerate(zip(ids, lengths)):
-                span = slice(width - k, width) if left else slice(0, k)
-                input_ids[r, span], attention[r, span] = x, 1
-            position_ids = (attention.cumsum(-1) - 1).clamp(min=0)  # as trainers compute them: left padding keeps positions from 0
-            logits = self._forward_rows(input_ids, attention, position_ids)
-            rows = [logits[r, width - k :] if left else logits[r, :k] for r, k in enumerate(lengths)]
-        return rows
-
-    @property
-    def _pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
-
-    def _mask_4d(self, allowed):
-        """A packed row's block-diagonal mask as this model's attention takes it: boolean (SDPA), additive
-        (eager), or none (flash-attention reads the restarting position ids)."""
-        import torch
-
-        impl = str(getattr(getattr(self.model, "config", None), "_attn_implementation", "") or "")
-        if "flash" in impl:
-            return None
-        if impl == "eager":
-            return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(~allowed, torch.finfo(self.dtype).min)
-        return allowed
-
-    def _forward_rows(self, input_ids, attention_mask, position_ids):
-        """Logits [B, N, V] (float32) of a padded or packed micro-batch: how this engine's model takes a mask and position ids."""
-        raise NotImplementedError(f"engine {self.name!r} does not run padded or packed micro-batches")
 
     @property
     def max_positions(self) -> int | None:
