@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from crossengine.cli import app
-from crossengine.columns import TOKEN_SCHEMA
+from crossengine.schemas import TOKEN_SCHEMA
 
 from .conftest import run_experiment, run_text
 

@@ -10,9 +10,9 @@ import pandas as pd
 from typer.testing import CliRunner
 
 from crossengine.cli import app
-from crossengine.columns import SCHEMA_VERSION
 from crossengine.experiment.fixtures import ensure_fixture
 from crossengine.run_meta import RunMeta
+from crossengine.schemas import SCHEMA_VERSION
 
 from .conftest import run_experiment
 from .test_config_errors import GOOD

@@ -15,14 +15,12 @@ from crossengine.columns import (
     METRIC_COLUMNS,
     MODALITIES,
     NOISE_COLUMNS,
-    NOISE_SCHEMA,
     NONFINITE,
     ROUTING_COLUMNS,
-    ROUTING_SCHEMA,
     SEGMENTS,
-    TOKEN_SCHEMA,
 )
 from crossengine.compare.tokens import TokenRows
+from crossengine.schemas import NOISE_SCHEMA, ROUTING_SCHEMA, TOKEN_SCHEMA
 
 
 def _codes(codes: np.ndarray, names: tuple[str, ...]) -> pa.DictionaryArray:

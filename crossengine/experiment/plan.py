@@ -66,10 +66,10 @@ class Plan:
     fingerprint: str
     files: dict[str, str]  # every file the experiment names (images, chat templates, adapters) -> hash of its content
 
-    @property
     def samples_fingerprint(self) -> str:
         return samples_fingerprint(self.experiment, self.files)
 
+    @property
     def instances(self) -> list[EngineInstance]:
         return [self.reference, *self.candidates]
 

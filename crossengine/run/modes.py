@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any, Callable
 import pyarrow as pa
 
 from crossengine.adapters.base import Generation, RawSample, Sample, SampleError
-from crossengine.columns import INPUTS_SCHEMA, WORST_SCHEMA
 from crossengine.compare.inputs import first_differences
 from crossengine.compare.tables import noise_table, routing_part_table, token_table
 from crossengine.compare.tokens import (
@@ -39,6 +38,7 @@ from crossengine.errors import EngineDied
 from crossengine.experiment.plan import EngineInstance, Plan
 from crossengine.identity import SAMPLED
 from crossengine.results import RunDir, write_table
+from crossengine.schemas import INPUTS_SCHEMA, WORST_SCHEMA
 
 if TYPE_CHECKING:  # the runner imports this module; this is for type names only
     from crossengine.run.pool import EnginePool

@@ -26,7 +26,6 @@ import pyarrow as pa
 from crossengine import __version__
 from crossengine.adapters.base import Sample, SampleError
 from crossengine.adapters.checkpoint import vocab_size_of
-from crossengine.columns import SCHEMA_VERSION
 from crossengine.compare.metrics import WARM_UP_FROM_VOCAB
 from crossengine.errors import CrossengineError, EngineDied, EngineFailure
 from crossengine.experiment.plan import EngineInstance, Plan
@@ -39,6 +38,7 @@ from crossengine.run.reducer import reducer_class
 from crossengine.run.signals import StopSignals
 from crossengine.run.transport import choose_transports
 from crossengine.run_meta import RunMeta
+from crossengine.schemas import SCHEMA_VERSION
 
 SAMPLES_IN_RUN_JSON = 1000
 
