@@ -26,8 +26,17 @@ def build_model(out, vocab: int, max_len: int):
     from crossengine.experiment.fixture_builders import fast_tokenizer
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=1,
-                         num_key_value_heads=1, head_dim=64, max_position_embeddings=max_len, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=max_len,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(config).save_pretrained(out)
     fast_tokenizer(["<pad>", "<bos>", "<eos>"], vocab_size=508).save_pretrained(out)
     return out
@@ -51,10 +60,11 @@ def main() -> None:
         wall = time.perf_counter() - t
         tm = meta["timings"]
         whole = n * args.vocab * 4 / 2**30
-        print(f"T={n}: one engine's whole logits {whole:.1f} GiB; "
-              + "; ".join(f"{e}: private peak +{tm[f'{e}.peak_above_load_gb']:.2f} GiB (resident peak {tm[f'{e}.peak_rss_gb']:.2f} GiB with mapped store pages)"
-                          for e in ("ref", "cand"))
-              + f"; scoring {tm['scoring_s']:.0f} s (metrics {tm.get('cand.metrics_s', 0):.0f} s), run {wall:.0f} s")
+        print(
+            f"T={n}: one engine's whole logits {whole:.1f} GiB; "
+            + "; ".join(f"{e}: private peak +{tm[f'{e}.peak_above_load_gb']:.2f} GiB (resident peak {tm[f'{e}.peak_rss_gb']:.2f} GiB with mapped store pages)" for e in ("ref", "cand"))
+            + f"; scoring {tm['scoring_s']:.0f} s (metrics {tm.get('cand.metrics_s', 0):.0f} s), run {wall:.0f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -23,9 +23,17 @@ def build_bench_model(out: Path, vocab: int = 32000, hidden: int = 512, layers: 
     if (out / "config.json").exists():
         return out
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128, head_dim=64,
-                         max_position_embeddings=4096, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 128,
+        head_dim=64,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(config).save_pretrained(out)
     fast_tokenizer(["<pad>", "<bos>", "<eos>"], vocab_size=508).save_pretrained(out)
     return out
@@ -58,8 +66,7 @@ def write_experiment(d: Path, model: str, engines: str, samples: list[list[int]]
 
 def run_cli(path: Path, out: Path) -> dict:
     """Run `crossengine run` in a fresh process; return run.json."""
-    subprocess.run([sys.executable, "-m", "crossengine.cli", "run", str(path), "--output-dir", str(out), "--run-id", "b"],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "crossengine.cli", "run", str(path), "--output-dir", str(out), "--run-id", "b"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads((out / "b" / "run.json").read_text())
 
 

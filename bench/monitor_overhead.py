@@ -46,8 +46,7 @@ def main() -> None:
         for row in ids:
             model(input_ids=row[None]).logits.float().log_softmax(-1)
     scoring = time.perf_counter() - start
-    print(f"{B} x {T} tokens: monitor step {1000 * per_step:.1f} ms (median of 10); tiny-text scoring pass {scoring:.2f}s; "
-          f"monitor = {100 * per_step / scoring:.2f}% of scoring  (goal < 5%)")
+    print(f"{B} x {T} tokens: monitor step {1000 * per_step:.1f} ms (median of 10); tiny-text scoring pass {scoring:.2f}s; monitor = {100 * per_step / scoring:.2f}% of scoring  (goal < 5%)")
 
 
 if __name__ == "__main__":

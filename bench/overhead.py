@@ -51,8 +51,10 @@ def main() -> None:
         forward = tm.get("ref.forward_s", 0) + tm.get("cand.forward_s", 0)
         label = "full_vocab: true (KL both ways, cos, rank over 32k)" if full else "full_vocab: false (top-k metrics only)"
         goal = 1.10 if full else 1.05
-        print(f"crossengine, {label}: {ce:.2f}s vs bare script {bare[full]:.2f}s = {ce / bare[full]:.2f}x  (goal <= {goal:.2f}x; "
-              f"engines' own forward time {forward:.2f}s, in parallel; candidate's metric time {tm.get('cand.metrics_s', 0):.2f}s)")
+        print(
+            f"crossengine, {label}: {ce:.2f}s vs bare script {bare[full]:.2f}s = {ce / bare[full]:.2f}x  (goal <= {goal:.2f}x; "
+            f"engines' own forward time {forward:.2f}s, in parallel; candidate's metric time {tm.get('cand.metrics_s', 0):.2f}s)"
+        )
 
 
 if __name__ == "__main__":

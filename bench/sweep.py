@@ -40,8 +40,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-c", _RUN_ONE, str(sweep.base), str(d / "one"), m.name, repr(m.overrides)], check=True, capture_output=True)
     serial = time.perf_counter() - t
     n = len(sweep.members())
-    print(f"{n} members: sweep {swept:.1f} s, one `crossengine run` after another {serial:.1f} s ({serial / swept:.2f}x); "
-          f"{(serial - swept) / n:.1f} s saved per member")
+    print(f"{n} members: sweep {swept:.1f} s, one `crossengine run` after another {serial:.1f} s ({serial / swept:.2f}x); {(serial - swept) / n:.1f} s saved per member")
 
 
 # One member as `crossengine run` would run it: its own process, its own local Ray cluster.

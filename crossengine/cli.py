@@ -1,9 +1,9 @@
 """The `crossengine` command.
 
-    crossengine run experiments/quickstart.yaml       # score, compare, write results/<run_id>/
-    crossengine report results/<run_id>              # print a finished run's summary
-    crossengine fixtures build                       # tiny offline models for tests and demos
-    crossengine schema > experiment.schema.json      # JSON Schema for editors
+crossengine run experiments/quickstart.yaml       # score, compare, write results/<run_id>/
+crossengine report results/<run_id>              # print a finished run's summary
+crossengine fixtures build                       # tiny offline models for tests and demos
+crossengine schema > experiment.schema.json      # JSON Schema for editors
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -41,7 +40,7 @@ def _fail(exc: Exception, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _plan(experiment: Path, run_id: Optional[str], output_dir: Optional[Path], localize: bool = False, overrides: Optional[dict] = None):
+def _plan(experiment: Path, run_id: str | None, output_dir: Path | None, localize: bool = False, overrides: dict | None = None):
     """Load, resolve and preflight an experiment (`overrides`: a sweep member's fields): every check that needs no Ray and no weights."""
     from crossengine.experiment.plan import make_plan
     from crossengine.experiment.preflight import preflight
@@ -57,7 +56,7 @@ def _plan(experiment: Path, run_id: Optional[str], output_dir: Optional[Path], l
     return plan
 
 
-def _plan_interruptibly(experiment: Path, run_id: Optional[str], output_dir: Optional[Path], localize: bool = False):
+def _plan_interruptibly(experiment: Path, run_id: str | None, output_dir: Path | None, localize: bool = False):
     """_plan, where Ctrl-C/SIGTERM end the command at once (130/143): the checks import transformers and
     user code, and a KeyboardInterrupt raised inside such an import was seen swallowed (the run went on to
     the end). Nothing is written and no cluster started yet, so the process just leaves. (plan, signals)."""
@@ -118,11 +117,11 @@ _NUM_GPUS = typer.Option(None, "--num-gpus", help="GPUs a local Ray cluster may 
 @app.command()
 def run(
     experiment: Path = typer.Argument(..., help="Experiment YAML file."),
-    run_id: Optional[str] = typer.Option(None, "--run-id", help="Name of the results folder; an unfinished run with this id is resumed."),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Where results/<run_id> goes (default: the experiment's output_dir)."),
-    address: Optional[str] = typer.Option(None, "--address", help="Join an existing Ray cluster (default: start a local one)."),
+    run_id: str | None = typer.Option(None, "--run-id", help="Name of the results folder; an unfinished run with this id is resumed."),
+    output_dir: Path | None = typer.Option(None, "--output-dir", help="Where results/<run_id> goes (default: the experiment's output_dir)."),
+    address: str | None = typer.Option(None, "--address", help="Join an existing Ray cluster (default: start a local one)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run of the same id."),
-    num_gpus: Optional[float] = _NUM_GPUS,
+    num_gpus: float | None = _NUM_GPUS,
 ) -> None:
     """Run an experiment: every engine scores the samples; per-token Parquet and a summary come out."""
     from crossengine.report.terminal import print_summary
@@ -137,8 +136,9 @@ def run(
     print_summary(out, console)
     console.print(f"results: {out}  (pandas: pd.read_parquet('{out}/tokens'))")
     if runner.dead:
-        err_console.print(f"engine(s) {', '.join(repr(n) for n in runner.dead)} died (see above); the others finished. "
-                          f"Resume with: {runner.resume_command}", markup=False, highlight=False, soft_wrap=True)
+        err_console.print(
+            f"engine(s) {', '.join(repr(n) for n in runner.dead)} died (see above); the others finished. Resume with: {runner.resume_command}", markup=False, highlight=False, soft_wrap=True
+        )
     if runner.errors:
         failed = sum(1 for e in runner.errors if e["sample_id"])
         if failed:
@@ -151,10 +151,10 @@ def run(
 @app.command()
 def sweep(
     sweep_file: Path = typer.Argument(..., help="Sweep YAML file: a base experiment and axes."),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Where <sweep name>/ goes (default: the sweep's output_dir)."),
-    address: Optional[str] = typer.Option(None, "--address", help="Join an existing Ray cluster (default: start a local one)."),
-    parallel: Optional[int] = typer.Option(None, "--parallel", min=1, help="At most this many members at once (default: as the cluster holds them)."),
-    num_gpus: Optional[float] = _NUM_GPUS,
+    output_dir: Path | None = typer.Option(None, "--output-dir", help="Where <sweep name>/ goes (default: the sweep's output_dir)."),
+    address: str | None = typer.Option(None, "--address", help="Join an existing Ray cluster (default: start a local one)."),
+    parallel: int | None = typer.Option(None, "--parallel", min=1, help="At most this many members at once (default: as the cluster holds them)."),
+    num_gpus: float | None = _NUM_GPUS,
 ) -> None:
     """Run every member of a sweep (base experiment × axes) over one cluster; index.parquet and report.html come out."""
     from crossengine.run.signals import StopSignals, Terminated
@@ -184,19 +184,18 @@ def sweep(
     failed = [o for o in outcomes if o.status in ("failed", "errors", "incomplete")]
     console.print(f"index: {runner.root / 'index.parquet'}  report: {page}", soft_wrap=True)
     if failed:
-        err_console.print(f"{len(failed)} of {len(outcomes)} member(s) did not finish cleanly: {', '.join(o.member.name for o in failed)}",
-                          markup=False, highlight=False, soft_wrap=True)
+        err_console.print(f"{len(failed)} of {len(outcomes)} member(s) did not finish cleanly: {', '.join(o.member.name for o in failed)}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
 @app.command()
 def localize(
     experiment: Path = typer.Argument(..., help="Experiment YAML file (its localize: section is used, or defaults)."),
-    run_id: Optional[str] = typer.Option(None, "--run-id"),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir"),
-    address: Optional[str] = typer.Option(None, "--address"),
+    run_id: str | None = typer.Option(None, "--run-id"),
+    output_dir: Path | None = typer.Option(None, "--output-dir"),
+    address: str | None = typer.Option(None, "--address"),
     overwrite: bool = typer.Option(False, "--overwrite"),
-    num_gpus: Optional[float] = _NUM_GPUS,
+    num_gpus: float | None = _NUM_GPUS,
 ) -> None:
     """Find the first module and token where each hf/native candidate leaves the reference; audit buffers."""
     from crossengine.run.runner import Runner
@@ -212,14 +211,14 @@ _HTML = typer.Option(False, "--html", help="Write the self-contained HTML page (
 _OUT = typer.Option(None, "--out", help="With --html: where the page goes.")
 
 
-def _html_path(html: bool, out: Optional[Path], default: Path) -> Optional[Path]:
+def _html_path(html: bool, out: Path | None, default: Path) -> Path | None:
     if not html and out is None:
         return None
     return out or default
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A results/<run_id> folder."), html: bool = _HTML, out: Optional[Path] = _OUT) -> None:
+def report(run_dir: Path = typer.Argument(..., help="A results/<run_id> folder."), html: bool = _HTML, out: Path | None = _OUT) -> None:
     """Print the summary table of a finished run; --html writes its report page (RUN/report.html, or --out PATH)."""
     from crossengine.report.terminal import print_summary
 
@@ -237,7 +236,7 @@ def report(run_dir: Path = typer.Argument(..., help="A results/<run_id> folder."
 def compare(
     run_a: Path = typer.Argument(..., help="The run before a change."),
     run_b: Path = typer.Argument(..., help="The same experiment after it."),
-    html: Optional[str] = typer.Option(None, "--html", help="Also write the comparison as an HTML page at this path."),
+    html: str | None = typer.Option(None, "--html", help="Also write the comparison as an HTML page at this path."),
 ) -> None:
     """Two runs of the same samples side by side: every metric per candidate/variant and split, with the change."""
     from crossengine.compare.runs import compare_runs
@@ -259,11 +258,11 @@ def compare(
 @app.command()
 def monitor(
     out_dir: Path = typer.Argument(..., help="A folder a KLMonitor writes to."),
-    step: Optional[int] = typer.Option(None, "--step", help="Show this step's worst tokens."),
+    step: int | None = typer.Option(None, "--step", help="Show this step's worst tokens."),
     follow: bool = typer.Option(False, "--follow", help="Keep watching as steps arrive (Ctrl-C stops)."),
     interval: float = typer.Option(2.0, "--interval", help="Seconds between checks with --follow."),
     html: bool = _HTML,
-    out: Optional[Path] = _OUT,
+    out: Path | None = _OUT,
     alarm: list[str] = typer.Option([], "--alarm", help="Change an alarm's limit: NAME=VALUE (a number, LOW,HIGH, or off); repeatable."),
 ) -> None:
     """Show an RL monitor's steps (metrics, sparklines, threshold marks) or one step's worst tokens, then its alarms."""
@@ -322,8 +321,7 @@ def engines() -> None:
             table.add_row(kind, ref, source, "", f"[red]{exc}[/red]")
             continue
         own = [f for f in cls.Spec.model_fields if f not in EngineSpec.model_fields]
-        traits = [f"{f.name}={getattr(cls.traits, f.name)}" for f in dataclasses.fields(EngineTraits)
-                  if getattr(cls.traits, f.name) != f.default]
+        traits = [f"{f.name}={getattr(cls.traits, f.name)}" for f in dataclasses.fields(EngineTraits) if getattr(cls.traits, f.name) != f.default]
         table.add_row(kind, ref, source, ", ".join(own) or "-", ", ".join(traits) or "-")
     console.print(table)
 
@@ -352,7 +350,7 @@ def validate(experiment: Path = typer.Argument(..., help="Experiment YAML file, 
 
 
 @fixtures_app.command("build")
-def fixtures_build(names: Optional[list[str]] = typer.Argument(None, help="Fixture names (default: all).")) -> None:
+def fixtures_build(names: list[str] | None = typer.Argument(None, help="Fixture names (default: all).")) -> None:
     """Build the tiny offline fixtures (done automatically when an experiment names one)."""
 
     for name in names or list(FIXTURES):

@@ -25,8 +25,9 @@ import json
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -172,7 +173,7 @@ class KLMonitor:
         if self._error is not None:
             raise RuntimeError(f"monitor writer failed: {self._error}") from self._error
 
-    def __enter__(self) -> "KLMonitor":
+    def __enter__(self) -> KLMonitor:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -185,10 +186,14 @@ class KLMonitor:
         import pandas as pd
 
         rows, cols = np.nonzero(mask)
-        tokens = pd.DataFrame({
-            "sample_id": [str(sample_ids[r]) for r in rows] if sample_ids is not None else rows.astype(str),
-            "segment": "completion", "lp_ref": t[rows, cols], "lp_cand": g[rows, cols],
-        })
+        tokens = pd.DataFrame(
+            {
+                "sample_id": [str(sample_ids[r]) for r in rows] if sample_ids is not None else rows.astype(str),
+                "segment": "completion",
+                "lp_ref": t[rows, cols],
+                "lp_cand": g[rows, cols],
+            }
+        )
         return check(metrics, per_sample(tokens), self.rules, dense=None)
 
     def _worst(self, step, g, t, k3, token_ids, sample_ids, modality) -> pa.Table:

@@ -63,7 +63,7 @@ def write_table(path: Path, table: pa.Table) -> None:
     _atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
-def read_parts(folder: Path, columns: list[str] | None = None, strings: tuple[str, ...] = ()) -> "pd.DataFrame | None":
+def read_parts(folder: Path, columns: list[str] | None = None, strings: tuple[str, ...] = ()) -> pd.DataFrame | None:
     """A folder of per-batch parts (noise/, routing/) as one frame, in file order (engine, then batch), the
     `strings` columns as plain str; None where the folder holds none."""
     import pandas as pd  # lazy: results is imported in engine environments, which need not have pandas

@@ -39,8 +39,9 @@ class RunMeta(BaseModel):
     engines: dict[str, dict[str, Any]] = Field(default_factory=dict, description="instance -> EngineInfo as its worker saw it")
     placement: dict[str, Any] | None = None
     timings: dict[str, float] = {}
-    logits_transport: dict[str, str] = Field(default_factory=dict, description="candidate -> how the reference's full logits reached its worker: "
-                                             "object_store, gloo or nccl (placement.logits_transport)")
+    logits_transport: dict[str, str] = Field(
+        default_factory=dict, description="candidate -> how the reference's full logits reached its worker: object_store, gloo or nccl (placement.logits_transport)"
+    )
     errors: list[dict[str, str]] = Field(default_factory=list, description="{sample_id, engine, error} per failed sample")
     expectations: dict[str, list[str]] = Field(default_factory=dict, description="`expect: bitwise` claims: {failed: [...], notes: [...]} lines")
 

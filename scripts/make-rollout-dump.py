@@ -28,8 +28,18 @@ from crossengine.experiment.fixtures import ensure_fixture
 TRAINER = "<|user|>\n{user}\n<|assistant|>\n"
 ROLLOUT = "### Instruction: {user}. Answer briefly, then stop.\n### Response:"
 PROMPTS = [
-    "Name a colour", "Count to three", "Say hello", "Give a fruit", "Name a planet", "Spell cat",
-    "Pick a number", "Name an animal", "Say goodbye", "Name a city", "Give a verb", "Name a tool",
+    "Name a colour",
+    "Count to three",
+    "Say hello",
+    "Give a fruit",
+    "Name a planet",
+    "Spell cat",
+    "Pick a number",
+    "Name an animal",
+    "Say goodbye",
+    "Name a city",
+    "Give a verb",
+    "Name a tool",
 ]
 TEMPLATE_MISMATCH = {3, 8}  # these records' log-probs were computed under ROLLOUT's prompt
 NEW_TOKENS = 12
@@ -46,14 +56,12 @@ def main(out: Path) -> None:
             trainer_ids = tok(TRAINER.format(user=user)).input_ids
             rollout_ids = tok(ROLLOUT.format(user=user)).input_ids if k in TEMPLATE_MISMATCH else trainer_ids
             with torch.no_grad():
-                gen = model.generate(torch.tensor([rollout_ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=True, top_k=0,
-                                     pad_token_id=tok.eos_token_id or 0)
-                response = gen[0, len(rollout_ids):].tolist()
+                gen = model.generate(torch.tensor([rollout_ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=True, top_k=0, pad_token_id=tok.eos_token_id or 0)
+                response = gen[0, len(rollout_ids) :].tolist()
                 full = rollout_ids + response
                 logp = torch.log_softmax(model(torch.tensor([full])).logits[0].float(), -1)
             lps = [float(logp[len(rollout_ids) + j - 1, t]) for j, t in enumerate(response)]
-            record = {"id": sid, "token_ids": trainer_ids + response, "prompt_len": len(trainer_ids), "logprobs": lps,
-                      "messages": [{"role": "user", "content": user}]}
+            record = {"id": sid, "token_ids": trainer_ids + response, "prompt_len": len(trainer_ids), "logprobs": lps, "messages": [{"role": "user", "content": user}]}
             f.write(json.dumps(record) + "\n")
     print(f"wrote {out}: {len(PROMPTS)} records, {len(TEMPLATE_MISMATCH)} with the rollout's own template")
 

@@ -88,10 +88,10 @@ def test_per_sample_numbers_equal_framework_metrics_of_each_sample():
     g = t + RNG.normal(0, 0.4, 60)
     got = per_sample(_tokens(t, g, 3))
     for i in range(3):
-        want = framework_metrics(g[20 * i: 20 * (i + 1)], t[20 * i: 20 * (i + 1)])
+        want = framework_metrics(g[20 * i : 20 * (i + 1)], t[20 * i : 20 * (i + 1)])
         for metric in got.columns.drop(TURN_K3):
             assert got.loc[f"s{i}", metric] == pytest.approx(want[metric], rel=1e-12, abs=1e-14), metric
-        r = t[20 * i: 20 * (i + 1)] - g[20 * i: 20 * (i + 1)]
+        r = t[20 * i : 20 * (i + 1)] - g[20 * i : 20 * (i + 1)]
         assert got.loc[f"s{i}", TURN_K3] == pytest.approx(np.median(np.exp(r) - r - 1), rel=1e-12)
 
 

@@ -111,7 +111,7 @@ def test_image_parts_go_where_the_template_puts_them(vision_run):
 
 
 def test_a_model_without_a_chat_template_is_a_per_sample_error(ray_cluster, write_experiment, tmp_path):
-    text = "model: tiny-text\nreference: a\nengines:\n  a: {type: hf}\n  b: {type: hf, attn_implementation: eager}\n" + TEXT[TEXT.index("samples:"):]
+    text = "model: tiny-text\nreference: a\nengines:\n  a: {type: hf}\n  b: {type: hf, attn_implementation: eager}\n" + TEXT[TEXT.index("samples:") :]
     run_dir, runner = run_experiment(write_experiment(text), tmp_path / "results")
     errors = {e["sample_id"]: e["error"] for e in runner.errors}
     assert "no chat template" in errors["chat"] and "chat_template: PATH" in errors["chat"], errors

@@ -74,12 +74,15 @@ def test_the_core_reads_the_engines_traits(custom_run, tmp_path):
     assert make_plan(plan.experiment, path).candidates[0].traits.needs_kv_cache
 
 
-@pytest.mark.parametrize("engine,words", [
-    ("{type: 'tests.custom_engine:NotAnEngine'}", ["engines.scaled.type", "NotAnEngine", "not a subclass"]),
-    ("{type: 'tests.custom_engine:ScaledHF', lora: tiny-text-lora}", ["engines.scaled.lora", "take no LoRA"]),
-    ("{type: 'tests.custom_engine:ScaledHF', temperature: 0}", ["engines.scaled.temperature", "greater than 0"]),
-    ("{type: 'tests.custom_engine:ScaledHF', full_vocab: true}", ["engines.scaled.full_vocab", "not a field of tests.custom_engine:ScaledHF", "vllm"]),
-])
+@pytest.mark.parametrize(
+    "engine,words",
+    [
+        ("{type: 'tests.custom_engine:NotAnEngine'}", ["engines.scaled.type", "NotAnEngine", "not a subclass"]),
+        ("{type: 'tests.custom_engine:ScaledHF', lora: tiny-text-lora}", ["engines.scaled.lora", "take no LoRA"]),
+        ("{type: 'tests.custom_engine:ScaledHF', temperature: 0}", ["engines.scaled.temperature", "greater than 0"]),
+        ("{type: 'tests.custom_engine:ScaledHF', full_vocab: true}", ["engines.scaled.full_vocab", "not a field of tests.custom_engine:ScaledHF", "vllm"]),
+    ],
+)
 def test_a_wrong_custom_engine_is_one_line_before_anything_starts(engine, words, write_experiment, tmp_path):
     path = write_experiment(CUSTOM.replace("{type: 'tests.custom_engine:ScaledHF', temperature: 2.0}", engine))
     result = CliRunner().invoke(app, ["validate", str(path)])
@@ -103,7 +106,7 @@ def test_an_installed_package_registers_an_engine_by_entry_point(tmp_path):
     assert listing.returncode == 0, listing.stderr
     lines = listing.stdout.splitlines()
     first = next(i for i, line in enumerate(lines) if line.startswith("│ scaled "))
-    row = " ".join(lines[first: next(i for i in range(first, len(lines)) if lines[i][0] in "├└")])  # the row, wrapped or not
+    row = " ".join(lines[first : next(i for i in range(first, len(lines)) if lines[i][0] in "├└")])  # the row, wrapped or not
     assert "entry point" in row and "temperature" in row and "needs_kv_cache=True" in row, row
     check = subprocess.run([sys.executable, "-m", "crossengine.cli", "validate", str(exp)], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert check.returncode == 0 and "ok" in check.stdout, check.stdout + check.stderr
@@ -126,7 +129,6 @@ def _literal_engine_comparisons(source: str) -> list[int]:
 
 
 def test_no_core_module_compares_an_engine_type_with_a_name():
-    found = {str(p.relative_to(REPO)): lines for p in sorted((REPO / "crossengine").rglob("*.py"))
-             if (lines := _literal_engine_comparisons(p.read_text()))}
+    found = {str(p.relative_to(REPO)): lines for p in sorted((REPO / "crossengine").rglob("*.py")) if (lines := _literal_engine_comparisons(p.read_text()))}
     assert not found, f"core modules that branch on an engine's name instead of its traits: {found}"
     assert _literal_engine_comparisons("if spec.type == 'vllm':\n    pass\nok = kind in ('hf', 'native')\n") == [1, 3], "the check itself finds them"

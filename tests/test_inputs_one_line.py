@@ -111,8 +111,20 @@ def test_a_resume_over_a_changed_image_is_refused_naming_it(write_experiment, tm
     runner.run_dir.root.mkdir(parents=True)
     runner.run_dir.acquire()
     # what a run stopped after its first batch leaves
-    meta = RunMeta(run_id="r", schema_version=SCHEMA_VERSION, crossengine_version="x", experiment_file=str(path), experiment={},
-                   fingerprint=plan.fingerprint, files=plan.files, reference="a", candidates={}, started_at="now", n_samples=1, n_batches=1)
+    meta = RunMeta(
+        run_id="r",
+        schema_version=SCHEMA_VERSION,
+        crossengine_version="x",
+        experiment_file=str(path),
+        experiment={},
+        fingerprint=plan.fingerprint,
+        files=plan.files,
+        reference="a",
+        candidates={},
+        started_at="now",
+        n_samples=1,
+        n_batches=1,
+    )
     runner.run_dir.write_meta(meta)
     runner.run_dir.release()
     Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "data" / "gradient.png")  # replaced between the stop and the resume

@@ -71,8 +71,7 @@ def test_run_json_records_the_adapter(lora_run):
         h.update(f.name.encode())
         h.update(f.read_bytes())
     lora = meta["engines"]["peft"]["extra"]["lora"]
-    assert lora == {"path": str(path), "rank": config["r"], "alpha": config["lora_alpha"], "target_modules": config["target_modules"],
-                    "sha256": h.hexdigest()[:16], "merged": False}
+    assert lora == {"path": str(path), "rank": config["r"], "alpha": config["lora_alpha"], "target_modules": config["target_modules"], "sha256": h.hexdigest()[:16], "merged": False}
     assert meta["engines"]["merged"]["extra"]["lora"]["merged"] is True
     assert "lora" not in meta["engines"]["plain"]["extra"]
 

@@ -47,8 +47,14 @@ def _reference_row(r_logits, c_logits, tok, ref: TokenLogprobs, cand: TokenLogpr
     pr, pc = math.exp(lr), math.exp(lc)
     m = math.log(0.5 * pr + 0.5 * pc)
     out = {
-        "lp_ref": lr, "lp_cand": lc, "lp_diff": lc - lr, "abs_lp_diff": abs(lc - lr), "prob_diff": pc - pr,
-        "mult_prob_error": math.exp(abs(lc - lr)), "gen_kl": _k3(lr - lc), "policy_kl": _k3(lc - lr),
+        "lp_ref": lr,
+        "lp_cand": lc,
+        "lp_diff": lc - lr,
+        "abs_lp_diff": abs(lc - lr),
+        "prob_diff": pc - pr,
+        "mult_prob_error": math.exp(abs(lc - lr)),
+        "gen_kl": _k3(lr - lc),
+        "policy_kl": _k3(lc - lr),
         "js": 0.5 * _k3(lr - m) + 0.5 * _k3(lc - m),
     }
     ref_ids, cand_ids = list(ref.topk_ids[t]), list(cand.topk_ids[t])

@@ -58,9 +58,10 @@ def _port_and_native():
     return processor, tinymolmo, image
 
 
-SKY = [{"role": "user", "content": [{"type": "text", "text": "Look at this picture "}, {"type": "image"},
-                                    {"type": "text", "text": " and tell me what the sky is like."}]},
-       {"role": "assistant", "content": "The sky is calm in the morning."}]
+SKY = [
+    {"role": "user", "content": [{"type": "text", "text": "Look at this picture "}, {"type": "image"}, {"type": "text", "text": " and tell me what the sky is like."}]},
+    {"role": "assistant", "content": "The sky is calm in the morning."},
+]
 
 
 def test_the_template_mismatch_is_found_at_its_first_token(fp32):
@@ -164,7 +165,6 @@ def test_the_shipped_ablation_says_which_difference_matters(shipped):
     assert differing["all-fixes"] == "none"
     assert "input_ids" in differing["hf-port"] and "input_ids" not in differing["fix-template"]
     assert "pixel_values" not in differing["fix-pixels"] and "token_type_ids" not in differing["fix-causal"]
-
 
 
 @needs_browser

@@ -94,7 +94,7 @@ def test_ablation_run_prints_and_writes_the_table(ray_cluster, tmp_path):
     for col in ("top1_agreement", "abs_max", "abs_mean", "cos_sim", "kl_mean"):
         assert pooled[col].notna().all(), col
     assert pooled.loc["hf-eager", "kl_mean"] > 0, "eager attention in bf16 is a real difference the table shows"
-    table = result.output[result.output.index("ablation vs olmo-core"):]
+    table = result.output[result.output.index("ablation vs olmo-core") :]
     shown = [line.split("│")[1].strip() for line in table.splitlines() if line.startswith("│")]
     from crossengine.identity import display_name
 

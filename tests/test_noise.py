@@ -106,8 +106,9 @@ def test_noise_table_equals_a_recomputation_from_the_conditions(noise_run):
         assert r["n_differ"] == len(differ) and bool(r["bitwise"]) == differ.empty and r["max_abs_diff"] == pytest.approx(np.abs(g["lp"] - g["lp_base"]).max())
     for engine, g in noise.groupby("engine"):
         r = table.loc[(engine, "all")]
-        distinct = max(len({s[s["condition"] == s["condition"].iloc[0]]["lp_base"].to_numpy().tobytes(),
-                             *(c["lp"].to_numpy().tobytes() for _, c in s.groupby("condition"))}) for _, s in g.groupby("sample_id"))
+        distinct = max(
+            len({s[s["condition"] == s["condition"].iloc[0]]["lp_base"].to_numpy().tobytes(), *(c["lp"].to_numpy().tobytes() for _, c in s.groupby("condition"))}) for _, s in g.groupby("sample_id")
+        )
         assert r["distinct_max"] == distinct, engine
         assert r["n_tokens"] == len(g.drop_duplicates(["sample_id", "position"]))
 
@@ -143,8 +144,10 @@ def test_a_planted_batch_effect_is_found_by_the_floor_and_not_by_one_condition(n
     assert not table.loc[("planted", "padded"), "bitwise"] and table.loc[("planted", "padded"), "max_abs_diff"] > 1e-3
     assert table.loc[("hf-fp32", "all"), "bitwise"], "the same engine without the planted module: invariant"
     first = table.loc[("planted", "all")]
-    line = (f"engine 'planted' expected bitwise results across its conditions (alone, shuffled, padded), but sample {first['first_sample']} "
-            f"position {int(first['first_position'])} (token {first['first_token']!r}) differs: base {first['first_lp_base']:.6f} vs padded {first['first_lp']:.6f}")
+    line = (
+        f"engine 'planted' expected bitwise results across its conditions (alone, shuffled, padded), but sample {first['first_sample']} "
+        f"position {int(first['first_position'])} (token {first['first_token']!r}) differs: base {first['first_lp_base']:.6f} vs padded {first['first_lp']:.6f}"
+    )
     assert result.exit_code == 1 and line in " ".join(result.output.split()), result.output[-3000:]
     meta = json.loads((run_dir / "run.json").read_text())
     assert meta["status"] == "complete" and meta["expectations"]["failed"] == [line]
@@ -219,8 +222,7 @@ def test_bad_noise_fields_are_one_line(tmp_path, change):
 
 def test_negative_control_true_needs_env_vars(tmp_path):
     path = tmp_path / "e.yaml"
-    path.write_text("model: tiny-text\nreference: a\nengines:\n  a: {type: hf}\n  b: {type: hf, expect: bitwise, negative_control: true}\n"
-                    "noise: true\nsamples: [{text: hello there}]\n")
+    path.write_text("model: tiny-text\nreference: a\nengines:\n  a: {type: hf}\n  b: {type: hf, expect: bitwise, negative_control: true}\nnoise: true\nsamples: [{text: hello there}]\n")
     result = CliRunner().invoke(app, ["validate", str(path)])
     assert result.exit_code == 2 and "engines.b" in result.output and "sets none" in result.output, result.output
 

@@ -107,8 +107,7 @@ def test_footprint_is_read_from_safetensors_headers():
 
 
 def _cli(args, timeout):
-    return subprocess.run([sys.executable, "-m", "crossengine.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run([sys.executable, "-m", "crossengine.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, "COLUMNS": "200"})
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +147,14 @@ def _several_runs(tmp_path, runs: list[list[str]], num_gpus: str = "-", address:
     """Several `crossengine run`s in one process, on one cluster: (stdout, [(exit code, the stderr lines of that run)])."""
     script = tmp_path / "several.py"
     script.write_text(prelude + SEVERAL_RUNS)
-    result = subprocess.run([sys.executable, str(script), address, num_gpus, *["\x1f".join(r) for r in runs]], cwd=REPO, capture_output=True,
-                            text=True, timeout=timeout, env={**os.environ, "COLUMNS": "200", "RAY_AUTH_MODE": "disabled"})
+    result = subprocess.run(
+        [sys.executable, str(script), address, num_gpus, *["\x1f".join(r) for r in runs]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200", "RAY_AUTH_MODE": "disabled"},
+    )
     per_run, lines = [], []
     for line in result.stderr.splitlines():
         if line.startswith("EXIT "):
@@ -168,8 +173,8 @@ def test_two_gpus_four_engines_run_in_waves_and_one_too_big_for_every_gpu_fails_
     waves = write_experiment(FOUR + "placement: {gpu_memory_gb: 3}\n", name="waves.yaml")
     out = tmp_path / "out"
     stdout, [(big_code, big_lines), (code, _)] = _several_runs(
-        tmp_path, [[str(too_big), "--output-dir", str(tmp_path / "big")],
-                   [str(waves), "--output-dir", str(out), "--run-id", "g2"]], num_gpus="2")
+        tmp_path, [[str(too_big), "--output-dir", str(tmp_path / "big")], [str(waves), "--output-dir", str(out), "--run-id", "g2"]], num_gpus="2"
+    )
     assert big_code == 2 and len(big_lines) == 1, big_lines
     assert "engine 'ref' (hf) needs 1 GPU" in big_lines[0] and "each of the cluster's 2 GPUs has 1 GiB" in big_lines[0]
     assert not (tmp_path / "big").exists(), "said before anything loads: no run folder at all"
@@ -273,8 +278,8 @@ def test_a_two_node_cluster_says_at_once_why_not_then_runs_five_engines(write_ex
     five = write_experiment(FIVE, name="five.yaml")
     out = tmp_path / "out"
     stdout, [(wide_code, wide_lines), (code, _)] = _several_runs(
-        tmp_path, [[str(too_wide), "--output-dir", str(out), "--run-id", "w"], [str(five), "--output-dir", str(out), "--run-id", "m"]],
-        address="set by the prelude", prelude=TWO_NODE_CLUSTER)
+        tmp_path, [[str(too_wide), "--output-dir", str(out), "--run-id", "w"], [str(five), "--output-dir", str(out), "--run-id", "m"]], address="set by the prelude", prelude=TWO_NODE_CLUSTER
+    )
     assert wide_code == 2 and "must be on one node" in wide_lines[-1] and "2 nodes of 1 GPU + 2 CPUs" in wide_lines[-1], wide_lines
     assert not (out / "w" / "run.json").exists(), "said before any engine loaded, not after a placement timeout"
     assert code == 0, stdout
@@ -308,8 +313,13 @@ def test_a_cluster_left_by_ray_start_is_not_joined_and_one_advertised_gpu_holds_
         port = s.getsockname()[1]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--include-dashboard=false"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--include-dashboard=false"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while subprocess.run(["ray", "status", f"--address=127.0.0.1:{port}"], capture_output=True, env=env, timeout=60).returncode != 0:

@@ -263,7 +263,11 @@ def test_interrupt_then_resume_is_bitwise_an_uninterrupted_run(sig, uninterrupte
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "crossengine.cli", "run", str(path), "--run-id", "i", "--output-dir", str(out)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
     )
     try:
@@ -298,12 +302,17 @@ def test_a_stop_while_the_checks_import_user_code_ends_the_command_at_once(write
     """Ctrl-C in the first seconds, while the checks before Ray import transformers or user code: the command
     ends with 130 and one line, nothing written (a KeyboardInterrupt raised inside such an import was seen
     swallowed, the run going on to the end)."""
-    path = write_experiment("model: tiny-text\nreference: a\nengines:\n  a: {type: hf}\n"
-                            "  slow: {type: native, factory: 'tests.slow_import:factory'}\nsamples:\n  - token_ids: [1, 2, 3]\n")
+    path = write_experiment("model: tiny-text\nreference: a\nengines:\n  a: {type: hf}\n  slow: {type: native, factory: 'tests.slow_import:factory'}\nsamples:\n  - token_ids: [1, 2, 3]\n")
     started = tmp_path / "importing"
-    proc = subprocess.Popen([sys.executable, "-m", "crossengine.cli", "run", str(path), "--output-dir", str(tmp_path / "out")], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "CROSSENGINE_TEST_SLOW_IMPORT": str(started)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crossengine.cli", "run", str(path), "--output-dir", str(tmp_path / "out")],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "CROSSENGINE_TEST_SLOW_IMPORT": str(started)},
+    )
     deadline = time.time() + 60
     while not started.exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -324,11 +333,17 @@ def test_a_stop_while_the_checks_import_user_code_ends_the_command_at_once(write
     [
         ("token id beyond vocab", ("- text: hello there", "- token_ids: [1, 60, 600]"), ["samples[0].token_ids[2]", "token id 600 >= vocab size 512"]),
         ("not an image", ("- text: hello there", "- {text: 'look <start_of_image>', images: [data/fake.png]}"), ["samples[0].images[0]", "fake.png is not an image"]),
-        ("two placeholders one image", ("- text: hello there", "- {text: 'a <start_of_image> b <start_of_image>', images: [data/gradient.png]}"),
-         ["samples[0].text", "2 <start_of_image> placeholder(s) for 1 image(s)"]),
+        (
+            "two placeholders one image",
+            ("- text: hello there", "- {text: 'a <start_of_image> b <start_of_image>', images: [data/gradient.png]}"),
+            ["samples[0].text", "2 <start_of_image> placeholder(s) for 1 image(s)"],
+        ),
         ("unknown patch", ("{type: hf, attn_implementation: eager}", "{type: hf, patches: [rope_on_cpu]}"), ["engines.b.patches", "unknown patch 'rope_on_cpu'"]),
-        ("factory that does not import", ("{type: hf, attn_implementation: eager}", "{type: native, factory: 'tests.no_such_module:f'}"),
-         ["engines.b.factory", "cannot import 'tests.no_such_module:f'"]),
+        (
+            "factory that does not import",
+            ("{type: hf, attn_implementation: eager}", "{type: native, factory: 'tests.no_such_module:f'}"),
+            ["engines.b.factory", "cannot import 'tests.no_such_module:f'"],
+        ),
     ],
     ids=lambda x: x if isinstance(x, str) else None,
 )

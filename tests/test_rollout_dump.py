@@ -44,7 +44,7 @@ def test_the_dump_engine_hands_over_the_files_numbers(shipped):
     for r in RECORDS:
         got = rows[rows["sample_id"] == r["id"]].sort_values("position")
         assert got["position"].tolist() == list(range(r["prompt_len"], len(r["token_ids"]))), "rows: exactly the scored response"
-        assert got["token_id"].tolist() == r["token_ids"][r["prompt_len"]:]
+        assert got["token_id"].tolist() == r["token_ids"][r["prompt_len"] :]
         np.testing.assert_array_equal(got["lp_cand"].to_numpy(), np.asarray(r["logprobs"], np.float32))
         assert set(got["segment"].astype(str)) == {"completion"}
     assert rows["top1_match"].isna().all() and rows["top1_cand"].isna().all(), "no top-k in the dump: top-1 is null, not a mismatch"
@@ -72,8 +72,7 @@ def test_other_engines_score_the_same_ids_alike_without_the_dump(shipped, tmp_pa
     d, run_dir, _ = shipped
     samples = "\n".join(f"  - {{id: {r['id']}, token_ids: {r['token_ids']}, prompt_len: {r['prompt_len']}}}" for r in RECORDS)
     path = tmp_path / "no-dump.yaml"
-    path.write_text(f"model: tiny-text\nreference: trainer\nengines:\n  trainer: {{type: hf, dtype: float32}}\n"
-                    f"variants:\n  trainer-bf16: {{engine: trainer, dtype: bfloat16}}\nsamples:\n{samples}\n")
+    path.write_text(f"model: tiny-text\nreference: trainer\nengines:\n  trainer: {{type: hf, dtype: float32}}\nvariants:\n  trainer-bf16: {{engine: trainer, dtype: bfloat16}}\nsamples:\n{samples}\n")
     other, _ = run_experiment(path, tmp_path / "results")
     cols = ["sample_id", "position", "token_id", "segment", "lp_ref", "lp_cand", "kl_ref_cand", "top1_cand"]
     a = pd.read_parquet(run_dir / "tokens")
@@ -103,8 +102,7 @@ def test_each_bad_record_is_one_line_and_its_sample_is_skipped(ray_cluster, tmp_
         lines.append(json.dumps(r))
     lines.append('{"id": "broken", "token_ids": [1, 2')
     (tmp_path / "dump.jsonl").write_text("\n".join(lines) + "\n")
-    (tmp_path / "e.yaml").write_text("model: tiny-text\nreference: trainer\nengines:\n  trainer: {type: hf}\n"
-                                     "  rollout: {type: logprobs, path: dump.jsonl}\nsamples:\n  - dump: rollout\n")
+    (tmp_path / "e.yaml").write_text("model: tiny-text\nreference: trainer\nengines:\n  trainer: {type: hf}\n  rollout: {type: logprobs, path: dump.jsonl}\nsamples:\n  - dump: rollout\n")
     result = CliRunner().invoke(app, ["run", str(tmp_path / "e.yaml"), "--output-dir", str(tmp_path / "out"), "--run-id", "t"])
     assert result.exit_code == 1, result.output
     meta = json.loads((tmp_path / "out" / "t" / "run.json").read_text())
@@ -132,7 +130,7 @@ def test_samples_given_as_token_ids_are_matched_to_records_by_id(crossengine_hom
     other = Sample(r["id"], np.where(np.arange(len(ids)) == 35, (ids + 1) % 500, ids), text_modality(ids, [], None))
     missing = Sample("nope", ids, text_modality(ids, [], None))
     got, differ, absent = engine.score([same, other, missing], top_k=5, full_vocab=False)
-    np.testing.assert_array_equal(got.token_logprobs[r["prompt_len"]:], np.asarray(r["logprobs"], np.float32))
+    np.testing.assert_array_equal(got.token_logprobs[r["prompt_len"] :], np.asarray(r["logprobs"], np.float32))
     assert np.isnan(got.token_logprobs[: r["prompt_len"]]).all() and got.scored.sum() == len(r["logprobs"])
     assert "rollout-dump.jsonl:2: token_ids: differ from the scored tokens at position 35" in differ.message
     assert "no record with id 'nope'" in absent.message
@@ -146,9 +144,16 @@ def test_prime_rl_layout_parquet_and_renamed_fields(tmp_path):
     from crossengine.adapters.logprobs import DumpFile
 
     n, p = 10, 4
-    rec = {"step": 3, "export_step": 3, "rank": 0, "export_sequence_idx": 7, "token_ids": list(range(1, n + 1)),
-           "loss_mask": [False] * p + [True, True, False, True, True, True],  # a masked tool token inside the response
-           "inference_logprobs": [0.0] * p + [-0.5, -1.0, 0.0, -1.5, -2.0, -2.5], "trainer_logprobs": [0.0] * p + [-0.6, -1.1, 0.0, -1.4, -2.1, -2.4]}
+    rec = {
+        "step": 3,
+        "export_step": 3,
+        "rank": 0,
+        "export_sequence_idx": 7,
+        "token_ids": list(range(1, n + 1)),
+        "loss_mask": [False] * p + [True, True, False, True, True, True],  # a masked tool token inside the response
+        "inference_logprobs": [0.0] * p + [-0.5, -1.0, 0.0, -1.5, -2.0, -2.5],
+        "trainer_logprobs": [0.0] * p + [-0.6, -1.1, 0.0, -1.4, -2.1, -2.4],
+    }
     (tmp_path / "rank_0.jsonl").write_text(json.dumps(rec) + "\n")
     inference = DumpFile(tmp_path / "rank_0.jsonl", "prime-rl")
     [(rid, pointer, where)] = list(inference.index())
@@ -191,10 +196,13 @@ def test_a_large_dump_streams_ids_not_records(tmp_path):
     assert all(s.token_ids is None and s._record is not None for s in exp.samples)
 
 
-@pytest.mark.parametrize("text, says", [
-    ("  - dump: nosuch\n", "samples[0].dump: 'nosuch' is not one of the engines"),
-    ("  - dump: t\n", "engine 't' (hf) holds no samples of its own"),
-])
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("  - dump: nosuch\n", "samples[0].dump: 'nosuch' is not one of the engines"),
+        ("  - dump: t\n", "engine 't' (hf) holds no samples of its own"),
+    ],
+)
 def test_dump_samples_name_an_engine_with_records(tmp_path, text, says):
     from crossengine.errors import ExperimentError
     from crossengine.experiment.load import load_experiment

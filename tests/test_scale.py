@@ -76,8 +76,17 @@ def big_vocab_model(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("big-vocab")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=BIG_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=1,
-                         num_key_value_heads=1, head_dim=64, max_position_embeddings=2 * LONG, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=BIG_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=2 * LONG,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(config).save_pretrained(out)
     fast_tokenizer(["<pad>", "<bos>", "<eos>"], vocab_size=508).save_pretrained(out)
     return out
@@ -87,8 +96,7 @@ def _memory_run(tmp_path_factory, model, name: str, budget: float | None):
     rng = np.random.default_rng(0)
     samples = "".join(f"  - token_ids: {[1] + rng.integers(3, 500, LONG - 1).tolist()}\n" for _ in range(2))
     placement = f"placement: {{logits_budget_gb: {budget}}}\n" if budget else ""
-    text = (f"model: {model}\nreference: ref\nengines:\n  ref: {{type: hf, attn_implementation: sdpa}}\n"
-            f"  cand: {{type: hf, attn_implementation: eager}}\nsamples:\n{samples}batch_size: 1\n{placement}")
+    text = f"model: {model}\nreference: ref\nengines:\n  ref: {{type: hf, attn_implementation: sdpa}}\n  cand: {{type: hf, attn_implementation: eager}}\nsamples:\n{samples}batch_size: 1\n{placement}"
     _, run_dir, _ = run_text(tmp_path_factory, name, text)
     return run_dir, json.loads((run_dir / "run.json").read_text())["timings"]
 
@@ -113,8 +121,9 @@ def test_the_plan_says_where_the_budget_splits_samples(write_experiment):
 
     from crossengine.cli import app
 
-    path = write_experiment("model: tiny-text\nreference: a\nengines:\n  a: {type: hf}\n  n: {type: native, factory: 'tests.native_factories:hf_as_native'}\n"
-                            "samples:\n  - text: hi\nplacement: {logits_budget_gb: 0.001}\n")
+    path = write_experiment(
+        "model: tiny-text\nreference: a\nengines:\n  a: {type: hf}\n  n: {type: native, factory: 'tests.native_factories:hf_as_native'}\nsamples:\n  - text: hi\nplacement: {logits_budget_gb: 0.001}\n"
+    )
     out = CliRunner().invoke(app, ["validate", str(path)])
     assert out.exit_code == 0, out.output
     assert "logits budget 0.001 GiB per worker: a scores samples beyond 524 tokens (V = 512) in position blocks" in out.output
@@ -126,8 +135,7 @@ def test_the_tensor_path_is_chosen_from_what_the_plan_knows(write_experiment, tm
     from crossengine.experiment.plan import make_plan
     from crossengine.run.transport import choose_transports
 
-    path = write_experiment("model: tiny-text\nreference: a\nengines:\n  a: {type: hf}\n  b: {type: hf, dtype: bfloat16}\n"
-                            "  s: {type: 'tests.custom_engine:ScaledHF'}\nsamples:\n  - text: hi\n")
+    path = write_experiment("model: tiny-text\nreference: a\nengines:\n  a: {type: hf}\n  b: {type: hf, dtype: bfloat16}\n  s: {type: 'tests.custom_engine:ScaledHF'}\nsamples:\n  - text: hi\n")
     plan = make_plan(load_experiment(path), path, run_id="x", output_dir=tmp_path / "out")
     ref, b, s = plan.reference, plan.instance("b"), plan.instance("s")
     on_gpu, on_cpu = (lambda i: True), (lambda i: False)
@@ -139,7 +147,6 @@ def test_the_tensor_path_is_chosen_from_what_the_plan_knows(write_experiment, tm
     # one candidate that cannot take tensors keeps the wave on the object store, said in one line
     paths, backend, note = choose_transports("gloo", "score", ref, [b, s], [b, s], on_cpu)
     assert backend is None and set(paths.values()) == {"object_store"}
-    assert note == ("logits_transport gloo: the reference's logits go through the object store to every candidate of this wave: "
-                    "engine 's' (tests.custom_engine:ScaledHF) hands over host arrays")
+    assert note == ("logits_transport gloo: the reference's logits go through the object store to every candidate of this wave: engine 's' (tests.custom_engine:ScaledHF) hands over host arrays")
     assert "the generate mode" in choose_transports("gloo", "generate", ref, [b], [b], on_cpu)[2]
     assert "NCCL group does not import" in choose_transports("nccl", "score", ref, [b], [b], on_gpu, nccl=lambda: False)[2]

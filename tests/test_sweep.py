@@ -60,8 +60,7 @@ def test_members_one_after_another_share_the_engine_they_have_in_common(drift):
     """No GPUs, so members run one at a time: the reference (the same spec, model and seed in every member)
     stays loaded from one member to the next, in one worker; each member's checkpoint engine is its own."""
     root, _ = drift
-    pids = {m.name: {e: info["extra"]["worker_pid"] for e, info in json.loads((m / "run.json").read_text())["engines"].items()}
-            for m in root.iterdir() if (m / "run.json").exists()}
+    pids = {m.name: {e: info["extra"]["worker_pid"] for e, info in json.loads((m / "run.json").read_text())["engines"].items()} for m in root.iterdir() if (m / "run.json").exists()}
     assert len(pids) == 6
     assert len({p["step0"] for p in pids.values()}) == 1, pids
     assert len({p["ckpt"] for p in pids.values()}) == 6, pids
@@ -134,5 +133,4 @@ def test_a_killed_sweep_resumes_without_redoing_finished_members_and_a_bad_membe
     # side by side: the other member's engines were up (run.json's started_at, kept on resume) within seconds of the
     # first member finishing; one member at a time, it would have started only in the second sweep, or after a load
     stamp = lambda m, key: datetime.strptime(json.loads((root / m / "run.json").read_text())[key], "%Y-%m-%dT%H:%M:%S%z")  # noqa: E731
-    assert (stamp(other, "started_at") - stamp(done, "finished_at")).total_seconds() < 5, \
-        "4 GPUs hold two members of 2 engines at once: the other member had started before this one finished"
+    assert (stamp(other, "started_at") - stamp(done, "finished_at")).total_seconds() < 5, "4 GPUs hold two members of 2 engines at once: the other member had started before this one finished"

@@ -94,8 +94,7 @@ def test_a_prompt_too_long_for_vllm_fails_alone(generate_run):
 )
 def test_bad_input_with_vllm_as_reference(ray_cluster, write_experiment, tmp_path, sample, words):
     path = write_experiment(
-        f"model: tiny-text\nreference: vllm\nengines:\n  vllm: {{type: vllm, env: {{python: {VLLM_PYTHON}}}, options: {{max_model_len: 96}}}}\n"
-        f"  hf: {{type: hf}}\nsamples:\n  - {sample}\n"
+        f"model: tiny-text\nreference: vllm\nengines:\n  vllm: {{type: vllm, env: {{python: {VLLM_PYTHON}}}, options: {{max_model_len: 96}}}}\n  hf: {{type: hf}}\nsamples:\n  - {sample}\n"
     )
     result = CliRunner().invoke(app, ["run", str(path), "--output-dir", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output

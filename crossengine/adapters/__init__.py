@@ -16,7 +16,7 @@ import contextlib
 import importlib
 import os
 import sys
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -47,7 +47,7 @@ def _known() -> str:
     return ", ".join(repr(k) for k in sorted(registered()))
 
 
-@lru_cache(maxsize=None)
+@cache
 def engine_class(kind: str):
     """The engine class of a type: a registered name or 'package.module:Class'; UnknownEngine (one line) otherwise."""
     from .base import check_traits

@@ -185,7 +185,7 @@ class SampleError(ValueError):
         return (SampleError, (self.sample_id, self.message, self.detail))
 
     @classmethod
-    def from_exception(cls, sample_id: str, engine: str, exc: BaseException) -> "SampleError":
+    def from_exception(cls, sample_id: str, engine: str, exc: BaseException) -> SampleError:
         """An unexpected exception while running one sample: one line, traceback kept aside."""
 
         lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
@@ -278,7 +278,7 @@ class Engine(abc.ABC):
         reproduced that way."""
         raise NotImplementedError(f"engine {self.name!r} cannot score in position chunks")
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (nothing to release by default)
         """Release the model (and device memory) before the worker exits."""
 
     @classmethod
@@ -294,5 +294,3 @@ class Engine(abc.ABC):
         tok = self.tokenizer  # type: ignore[attr-defined]
         n = max(len(tok), self.vocab_size)  # type: ignore[attr-defined]
         return [tok.decode([i]) for i in range(n)]
-
-

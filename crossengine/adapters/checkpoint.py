@@ -40,8 +40,12 @@ def lora_info(path: str, merged: bool = False) -> dict[str, Any]:
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return {
-        "path": str(folder), "rank": config.get("r"), "alpha": config.get("lora_alpha"), "target_modules": config.get("target_modules"),
-        "sha256": h.hexdigest()[:16], "merged": merged,
+        "path": str(folder),
+        "rank": config.get("r"),
+        "alpha": config.get("lora_alpha"),
+        "target_modules": config.get("target_modules"),
+        "sha256": h.hexdigest()[:16],
+        "merged": merged,
     }
 
 

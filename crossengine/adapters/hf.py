@@ -7,7 +7,7 @@ What it shares with the native engine (tokenisation, inputs, arrays) is in torch
 from __future__ import annotations
 
 import threading
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import Field, model_validator
 
@@ -20,11 +20,11 @@ from .torch_spec import TorchSpec
 class HFSpec(TorchSpec):
     """transformers' own fields; `options` are `from_pretrained` keyword arguments."""
 
-    attn_implementation: Optional[str] = Field(None, description="HF attention backend: eager, sdpa, flash_attention_2 ...")
+    attn_implementation: str | None = Field(None, description="HF attention backend: eager, sdpa, flash_attention_2 ...")
     lora_merge: bool = Field(False, description="Merge the LoRA adapter into the weights before scoring (PEFT merge_and_unload).")
 
     @model_validator(mode="after")
-    def _merge_needs_adapter(self) -> "HFSpec":
+    def _merge_needs_adapter(self) -> HFSpec:
         if self.lora_merge and not self.lora:
             raise ValueError("lora_merge needs a lora adapter")
         return self
@@ -33,8 +33,7 @@ class HFSpec(TorchSpec):
 class HFEngine(TorchEngine):
     name = "hf"
     Spec = HFSpec
-    traits = EngineTraits(captures_modules=True, audits_buffers=True, lora=True, batching=True, reports_routing=True, replays_routing=True,
-                          tensor_logits=True, chunks_logits=True)
+    traits = EngineTraits(captures_modules=True, audits_buffers=True, lora=True, batching=True, reports_routing=True, replays_routing=True, tensor_logits=True, chunks_logits=True)
 
     def _load_model(self, common: dict):
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -114,4 +113,3 @@ class HFEngine(TorchEngine):
         from .hf_generate import generate
 
         return generate(self, samples, sampling, top_k)
-

@@ -84,10 +84,18 @@ def audit_weights(model, missing_keys: list[str]) -> list[dict[str, Any]]:
             flagged.setdefault(name, []).append("still on the meta device (never loaded)")
     for name, issues in flagged.items():
         t = named.get(name)
-        rows.append({
-            "buffer": name, "kind": "parameter" if name in dict(model.named_parameters()) else "buffer", "module": name.rpartition(".")[0],
-            "persistent": True, "shape": list(t.shape) if t is not None else [], "max_abs_diff_vs_fresh": None, "issues": issues, "ok": False,
-        })
+        rows.append(
+            {
+                "buffer": name,
+                "kind": "parameter" if name in dict(model.named_parameters()) else "buffer",
+                "module": name.rpartition(".")[0],
+                "persistent": True,
+                "shape": list(t.shape) if t is not None else [],
+                "max_abs_diff_vs_fresh": None,
+                "issues": issues,
+                "ok": False,
+            }
+        )
     return rows
 
 

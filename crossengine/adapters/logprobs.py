@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -205,8 +206,8 @@ class DumpFile:
             if not true:
                 raise RecordError(where, self.names["mask"], "scores no token")
             prompt_len, span = true[0], (true[0], n)
-            mask = list(mask[true[0]:])
-            values = values[true[0]:] if isinstance(values, list) and len(values) == n else values
+            mask = list(mask[true[0] :])
+            values = values[true[0] :] if isinstance(values, list) and len(values) == n else values
         else:
             prompt_len = self._get(obj, "prompt_len", where)
             if not isinstance(prompt_len, int) or isinstance(prompt_len, bool) or not 1 <= prompt_len < n:
@@ -232,8 +233,18 @@ class DumpFile:
             lp[span[0] + j] = v
             scored[span[0] + j] = True
         top_ids, top_lp = self._top(obj, where, span, keep, n)
-        return Record(self._id(obj, where), np.asarray(ids, np.int64), prompt_len, scored, lp, top_ids, top_lp, where,
-                      self._get(obj, "messages", where, required=False), self._get(obj, "images", where, required=False))
+        return Record(
+            self._id(obj, where),
+            np.asarray(ids, np.int64),
+            prompt_len,
+            scored,
+            lp,
+            top_ids,
+            top_lp,
+            where,
+            self._get(obj, "messages", where, required=False),
+            self._get(obj, "images", where, required=False),
+        )
 
     def _top(self, obj: dict, where: str, span: tuple[int, int], keep: np.ndarray, n: int):
         ids = self._get(obj, "top_ids", where, required=False) if "top_ids" in self.names else None
@@ -292,9 +303,15 @@ class LogprobsEngine(Engine):
     def info(self) -> EngineInfo:
 
         return EngineInfo(
-            name=self.instance, engine=self.name, versions={}, device="none (a file)", dtype="as recorded",
-            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer), special_ids=list(self.tokenizer.all_special_ids),
-            implementation=str(self.dump.path), extra={"records": len(self.by_id), "layout": self.spec.layout},
+            name=self.instance,
+            engine=self.name,
+            versions={},
+            device="none (a file)",
+            dtype="as recorded",
+            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
+            special_ids=list(self.tokenizer.all_special_ids),
+            implementation=str(self.dump.path),
+            extra={"records": len(self.by_id), "layout": self.spec.layout},
         )
 
     def _record(self, sid: str) -> Record:
@@ -335,8 +352,7 @@ class LogprobsEngine(Engine):
         rec = self._record(s.sample_id)
         if len(rec.token_ids) != len(s) or not np.array_equal(rec.token_ids, s.input_ids):
             diff = next((i for i, (a, b) in enumerate(zip(rec.token_ids, s.input_ids)) if a != b), min(len(rec.token_ids), len(s)))
-            raise SampleError(s.sample_id, f"{rec.where}: {self.dump.names['token_ids']}: differ from the scored tokens at position {diff} "
-                              f"({len(rec.token_ids)} tokens in the dump, {len(s)} scored)")
+            raise SampleError(s.sample_id, f"{rec.where}: {self.dump.names['token_ids']}: differ from the scored tokens at position {diff} ({len(rec.token_ids)} tokens in the dump, {len(s)} scored)")
         if s.prompt_len is not None and s.prompt_len != rec.prompt_len:
             raise SampleError(s.sample_id, f"{rec.where}: prompt_len {rec.prompt_len} differs from the sample's prompt_len {s.prompt_len}")
         n = len(s)
@@ -351,4 +367,3 @@ class LogprobsEngine(Engine):
 
 
 __all__ = ["DumpFile", "LogprobsEngine", "LogprobsSpec", "Record", "RecordError", "LAYOUTS"]
-

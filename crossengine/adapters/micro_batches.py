@@ -18,8 +18,10 @@ class MicroBatches:
         """Padded and packed micro-batches hold token ids only: a sample with other model inputs (pixels) is refused."""
         extra = [k for k in s.model_inputs if k not in self.dropped_inputs]
         if self.spec.batching != "single" and extra:
-            return SampleError(s.sample_id, f"has model inputs besides token ids ({', '.join(sorted(extra))}); engine {self.instance!r} "
-                               f"with batching: {self.spec.batching} takes text samples only (batching: single scores it)")
+            return SampleError(
+                s.sample_id,
+                f"has model inputs besides token ids ({', '.join(sorted(extra))}); engine {self.instance!r} with batching: {self.spec.batching} takes text samples only (batching: single scores it)",
+            )
         return None
 
     def forward_batch(self, samples: list[Sample]) -> list:

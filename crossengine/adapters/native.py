@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -41,19 +41,17 @@ OLMO_CORE_TYPES = ("olmo2",)
 class NativeSpec(TorchSpec):
     """The training code's own fields: how to build the model, prepare inputs and render chats."""
 
-    factory: Optional[str] = Field(None, description="'module:function' returning the model (called with model_path, config, device, dtype, lora?, **options).")
-    preprocess: Optional[str] = Field(None, description="'module:function': the training code's input pipeline, (text, images, engine, add_special_tokens) -> inputs.")
-    chat_format: Optional[str] = Field(
-        None, description="'module:function' rendering `messages` (list of {role, content}) to the prompt text, as the training code does."
-    )
+    factory: str | None = Field(None, description="'module:function' returning the model (called with model_path, config, device, dtype, lora?, **options).")
+    preprocess: str | None = Field(None, description="'module:function': the training code's input pipeline, (text, images, engine, add_special_tokens) -> inputs.")
+    chat_format: str | None = Field(None, description="'module:function' rendering `messages` (list of {role, content}) to the prompt text, as the training code does.")
 
     @field_validator("factory", "preprocess", "chat_format")
     @classmethod
-    def _refs(cls, v: Optional[str]) -> Optional[str]:
+    def _refs(cls, v: str | None) -> str | None:
         return check_callable_ref(v)
 
     @model_validator(mode="after")
-    def _fits(self) -> "NativeSpec":
+    def _fits(self) -> NativeSpec:
 
         if self.chat_format and self.chat_template:
             raise ValueError("give chat_format (native code) or chat_template (a Jinja file), not both")
@@ -67,7 +65,7 @@ class NativeSpec(TorchSpec):
         return refs + super().user_code()
 
     @property
-    def input_pipeline(self) -> Optional[str]:
+    def input_pipeline(self) -> str | None:
         return self.preprocess
 
 
@@ -75,8 +73,7 @@ class NativeEngine(TorchEngine):
     name = "native"
     Spec = NativeSpec
     # reads a remote-code config as plain fields and runs its own code, never the port's
-    traits = EngineTraits(captures_modules=True, audits_buffers=True, lora=True, runs_model_code=False, batching=True, reports_routing=True,
-                          replays_routing=True, tensor_logits=True)
+    traits = EngineTraits(captures_modules=True, audits_buffers=True, lora=True, runs_model_code=False, batching=True, reports_routing=True, replays_routing=True, tensor_logits=True)
 
     def _load_config(self, common: dict):
         from transformers import PretrainedConfig
@@ -196,7 +193,3 @@ class NativeEngine(TorchEngine):
 
     def generate(self, samples, sampling: Any, top_k: int):
         raise NotImplementedError("native engines score teacher-forced; use an hf or vllm engine as the generator")
-
-
-
-

@@ -13,7 +13,7 @@ patches compose and no transformers code is monkey-patched.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from . import import_ref
 
@@ -65,9 +65,7 @@ def crossengine_sdpa(module, query, key, value, attention_mask, dropout=0.0, sca
         attention_mask, use_is_causal = None, True  # SDPA's own causal path, no materialised mask
     else:
         use_is_causal = bool(causal and attention_mask is None and q_len > 1)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=use_is_causal, **sdpa_kwargs
-    )
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=use_is_causal, **sdpa_kwargs)
     return out.transpose(1, 2).contiguous(), None
 
 

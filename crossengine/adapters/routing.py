@@ -28,8 +28,16 @@ import numpy as np
 def _is_router_output(out) -> bool:
     import torch
 
-    return (isinstance(out, tuple) and len(out) == 3 and all(torch.is_tensor(x) for x in out) and out[0].dim() == 2
-            and out[2].dim() == 2 and not out[2].is_floating_point() and out[1].shape == out[2].shape and out[0].shape[0] == out[2].shape[0])
+    return (
+        isinstance(out, tuple)
+        and len(out) == 3
+        and all(torch.is_tensor(x) for x in out)
+        and out[0].dim() == 2
+        and out[2].dim() == 2
+        and not out[2].is_floating_point()
+        and out[1].shape == out[2].shape
+        and out[0].shape[0] == out[2].shape[0]
+    )
 
 
 def router_margin(logits, k: int):
@@ -46,9 +54,11 @@ def find_routers(model, probe) -> list:
     if not hasattr(model, "modules"):  # a native factory's plain function: nothing to hook
         return found
     for module in model.modules():
+
         def hook(mod, args, out):
             if _is_router_output(out) and mod not in found:
                 found.append(mod)
+
         handles.append(module.register_forward_hook(hook))
     try:
         probe()
@@ -78,8 +88,7 @@ def captured(routers: list, replay: np.ndarray | None = None):
                 err_normalised = (weights.float() - mine / mine.sum(-1, keepdim=True)).abs().max()
                 err_plain = (weights.float() - mine).abs().max()
                 if min(err_normalised, err_plain) > 1e-2:  # sigmoid or grouped routers (DeepSeek-V3): not softmax weights
-                    raise ValueError("this router's weights are not the softmax of its logits (renormalised or not): "
-                                     "replay cannot recompute them as it does")
+                    raise ValueError("this router's weights are not the softmax of its logits (renormalised or not): replay cannot recompute them as it does")
                 normalises = err_normalised <= err_plain
                 new = probs.gather(-1, chosen)
                 if normalises:  # the router renormalises its top-k weights to sum 1 (Mixtral; Qwen-MoE with norm_topk_prob)
@@ -88,6 +97,7 @@ def captured(routers: list, replay: np.ndarray | None = None):
                 ids = chosen
             rows[layer] = (ids.detach().cpu().numpy().astype(np.int16), margin.detach().cpu().numpy().astype(np.float32))
             return out
+
         return hook
 
     handles = [r.register_forward_hook(make_hook(i)) for i, r in enumerate(routers)]

@@ -13,7 +13,7 @@ An engine adds fields by subclassing `EngineSpec` and naming the subclass as its
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -21,7 +21,7 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 CALLABLE_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
-def check_callable_ref(v: Optional[str]) -> Optional[str]:
+def check_callable_ref(v: str | None) -> str | None:
     """A user code reference must be spelled 'package.module:function' (nothing else is imported)."""
     if v is not None and not CALLABLE_REF.match(v):
         raise ValueError(f"{v!r} is not of the form 'package.module:function'")
@@ -35,12 +35,12 @@ class Strict(BaseModel):
 class EnvSpec(Strict):
     """Where an engine's worker runs: its own pip environment or an existing interpreter."""
 
-    pip: Optional[list[str]] = Field(None, description="Packages for a Ray runtime_env, e.g. ['transformers==4.57.6'].")
-    python: Optional[str] = Field(None, description="Path to another environment's python (Ray py_executable).")
+    pip: list[str] | None = Field(None, description="Packages for a Ray runtime_env, e.g. ['transformers==4.57.6'].")
+    python: str | None = Field(None, description="Path to another environment's python (Ray py_executable).")
     env_vars: dict[str, str] = Field(default_factory=dict, description="Environment variables for the worker.")
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "EnvSpec":
+    def _one_kind(self) -> EnvSpec:
         if self.pip and self.python:
             raise ValueError("give either pip or python, not both")
         return self
@@ -50,43 +50,42 @@ class EngineSpec(Strict):
     """The fields every engine takes. Fields left out inherit the experiment's model, dtype and device."""
 
     type: str = Field(description="Which adapter runs it: a registered engine (`crossengine engines`) or 'package.module:Class'.")
-    model: Optional[str] = Field(None, description="Fixture name, local path or hub id; default: the experiment's model.")
-    dtype: Optional[Dtype] = Field(None, description="Weights and compute dtype; default: the experiment's.")
-    device: Optional[str] = Field(None, description="auto (cuda if present, else cpu), cpu, cuda or cuda:N.")
-    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit).")
+    model: str | None = Field(None, description="Fixture name, local path or hub id; default: the experiment's model.")
+    dtype: Dtype | None = Field(None, description="Weights and compute dtype; default: the experiment's.")
+    device: str | None = Field(None, description="auto (cuda if present, else cpu), cpu, cuda or cuda:N.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(False, description="Run the model repo's own Python code. Off unless set.")
-    env: Optional[EnvSpec] = Field(None, description="Run this engine in its own Python environment.")
-    num_gpus: Optional[float] = Field(None, ge=0, description="GPUs for this engine's worker; default 1 on a GPU cluster, else 0.")
+    env: EnvSpec | None = Field(None, description="Run this engine in its own Python environment.")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs for this engine's worker; default 1 on a GPU cluster, else 0.")
     options: dict[str, Any] = Field(default_factory=dict, description="Engine-specific keyword arguments for its loader (from_pretrained, vllm.LLM, a factory).")
-    lora: Optional[str] = Field(
-        None, description="A PEFT LoRA adapter folder (or fixture name), for engines that take LoRA adapters (`crossengine engines`)."
-    )
-    chat_template: Optional[str] = Field(
-        None, description="A Jinja chat template file (relative to the experiment) used instead of the model's, for `messages` samples."
-    )
+    lora: str | None = Field(None, description="A PEFT LoRA adapter folder (or fixture name), for engines that take LoRA adapters (`crossengine engines`).")
+    chat_template: str | None = Field(None, description="A Jinja chat template file (relative to the experiment) used instead of the model's, for `messages` samples.")
     inputs: Literal["reference", "own"] = Field(
-        "reference", description="reference: score the reference's prepared samples (token ids, pixels); own: this engine renders, "
+        "reference",
+        description="reference: score the reference's prepared samples (token ids, pixels); own: this engine renders, "
         "tokenises and processes each sample itself, its inputs are compared with the reference's (inputs/), then it scores its own "
-        "where the token ids agree and the reference's where they do not."
+        "where the token ids agree and the reference's where they do not.",
     )
 
-    expect: Optional[Literal["bitwise"]] = Field(
-        None, description="bitwise: this engine claims bitwise-identical scores under every noise condition (`noise:`); the run checks it "
-        "and fails naming the first token that differs."
+    expect: Literal["bitwise"] | None = Field(
+        None, description="bitwise: this engine claims bitwise-identical scores under every noise condition (`noise:`); the run checks it and fails naming the first token that differs."
     )
     negative_control: bool | dict[str, Any] = Field(
-        False, description="With expect: also run this engine without the claimed setting, as candidate NAME.control, and say when it "
+        False,
+        description="With expect: also run this engine without the claimed setting, as candidate NAME.control, and say when it "
         "shows no difference either (a check that cannot fail). true: without env.env_vars (e.g. VLLM_BATCH_INVARIANT=1); "
-        "a mapping: these field overrides turn the setting off (e.g. {batching: padded})."
+        "a mapping: these field overrides turn the setting off (e.g. {batching: padded}).",
     )
 
     @model_validator(mode="after")
-    def _control_needs_claim(self) -> "EngineSpec":
+    def _control_needs_claim(self) -> EngineSpec:
         if self.negative_control is not False and self.expect is None:
             raise ValueError("negative_control goes with expect: bitwise (it checks that the claim's check can fail)")
         if self.negative_control is True and not (self.env and self.env.env_vars):
-            raise ValueError("negative_control: true runs the engine without its env.env_vars, and this engine sets none; "
-                             "give the fields that turn the claimed setting off instead, e.g. negative_control: {batching: padded}")
+            raise ValueError(
+                "negative_control: true runs the engine without its env.env_vars, and this engine sets none; "
+                "give the fields that turn the claimed setting off instead, e.g. negative_control: {batching: padded}"
+            )
         if isinstance(self.negative_control, dict) and {"type", "expect", "negative_control"} & set(self.negative_control):
             raise ValueError("negative_control overrides the engine's own fields (not type, expect or negative_control)")
         return self
@@ -102,7 +101,7 @@ class EngineSpec(Strict):
 
     @field_validator("device")
     @classmethod
-    def _device(cls, v: Optional[str]) -> Optional[str]:
+    def _device(cls, v: str | None) -> str | None:
         if v is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
             raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda or cuda:N")
         return v
@@ -124,7 +123,7 @@ class EngineSpec(Strict):
         return []
 
     @property
-    def input_pipeline(self) -> Optional[str]:
+    def input_pipeline(self) -> str | None:
         """The user code that prepares this engine's inputs (a native `preprocess`), or None for the
         checkpoint's own tokenizer/processor. Such code names image inputs its own way, which other
         engines cannot read: image candidates of such a reference must prepare their own inputs."""

@@ -270,15 +270,15 @@ class TorchEngine(MicroBatches, Engine):
         """Find the routers by what they return (crossengine/adapters/routing.py) with one forward of a short probe; a model without any says so."""
         import torch
 
-
         if self.spec.batching != "single":
             raise ValueError(f"engine {self.instance!r}: routing is read per sample: give it batching: single")
         probe = Sample("probe", np.array([0, 1, 2, 3], dtype=np.int64), np.zeros(4, np.int8))
         with torch.inference_mode():
             self.routers = find_routers(self.model, lambda: self.forward_logits(probe))
         if not self.routers:
-            raise ValueError(f"engine {self.instance!r}: no module of {self.model_path} returns router logits, weights and expert ids "
-                             "(a transformers 5 mixture-of-experts router): it cannot report routing")
+            raise ValueError(
+                f"engine {self.instance!r}: no module of {self.model_path} returns router logits, weights and expert ids (a transformers 5 mixture-of-experts router): it cannot report routing"
+            )
 
     def replay_routing(self, routing: dict[str, np.ndarray]) -> None:
         self._replay = dict(routing)  # the batch's, kept for its noise conditions; the next batch's replaces it
@@ -292,8 +292,11 @@ class TorchEngine(MicroBatches, Engine):
         if self.spec.routing == "replay":
             want = (len(s), len(self.routers))
             if replay is None or replay.shape[:2] != want:
-                raise SampleError(s.sample_id, f"engine {self.instance!r} replays the reference's routing, and it has "
-                                  f"{'none' if replay is None else f'shape {replay.shape[:2]}'} for this sample (needs {want}: tokens, MoE layers)")
+                raise SampleError(
+                    s.sample_id,
+                    f"engine {self.instance!r} replays the reference's routing, and it has "
+                    f"{'none' if replay is None else f'shape {replay.shape[:2]}'} for this sample (needs {want}: tokens, MoE layers)",
+                )
         with captured(self.routers, replay) as got:
             out = self._scores(s, top_k, full_vocab)
         out.routing, out.router_margin = got[0]
@@ -306,7 +309,6 @@ class TorchEngine(MicroBatches, Engine):
         if block is None:
             return self._to_arrays(s, self.forward_logits(s), top_k, full_vocab)
         import torch
-
 
         hidden, head = self.forward_hidden(s)
         logits = HeadRows(hidden[:-1], head, self.vocab_size, block)
@@ -340,8 +342,10 @@ class TorchEngine(MicroBatches, Engine):
         rebuilt = head(hidden)
         if rebuilt.shape != whole.shape or not torch.allclose(rebuilt, whole, rtol=1e-4, atol=1e-4):
             gap = (rebuilt - whole).abs().max().item() if rebuilt.shape == whole.shape else f"shape {tuple(rebuilt.shape)} vs {tuple(whole.shape)}"
-            raise ValueError(f"engine {self.instance!r}: its logits are not its output layer applied to its last hidden states (differ by {gap}: "
-                             "a scaling or soft-capping after it?), so it cannot score in position chunks; unset placement.logits_budget_gb")
+            raise ValueError(
+                f"engine {self.instance!r}: its logits are not its output layer applied to its last hidden states (differ by {gap}: "
+                "a scaling or soft-capping after it?), so it cannot score in position chunks; unset placement.logits_budget_gb"
+            )
         self.logits_budget = int(budget)
 
     def forward_hidden(self, sample: Sample):

@@ -22,14 +22,14 @@ class TorchSpec(EngineSpec):
     patches: list[str] = Field(default_factory=list, description="Built-in patch names (hf) or 'module:function' refs.")
 
     batching: Literal["single", "padded", "packed"] = Field(
-        "single", description="single: one unpadded forward per sample; padded: micro-batches of padded rows; packed: each micro-batch "
-        "concatenated into one row (position ids restart per sample, block-diagonal mask), as remove-padding trainers run."
+        "single",
+        description="single: one unpadded forward per sample; padded: micro-batches of padded rows; packed: each micro-batch "
+        "concatenated into one row (position ids restart per sample, block-diagonal mask), as remove-padding trainers run.",
     )
     padding_side: Literal["right", "left"] = Field("right", description="batching: padded: where the padding goes (position ids follow the mask).")
     micro_batch_size: int = Field(1, ge=1, description="batching: padded or packed: samples per forward pass.")
     routing: Literal["own", "replay"] = Field(
-        "own", description="replay: a MoE model routes with the reference's expert choices (Rollout Routing Replay, the trainer side); "
-        "needs the experiment's `routing: true`."
+        "own", description="replay: a MoE model routes with the reference's expert choices (Rollout Routing Replay, the trainer side); needs the experiment's `routing: true`."
     )
 
     @property
@@ -37,7 +37,7 @@ class TorchSpec(EngineSpec):
         return self.routing == "replay"
 
     @model_validator(mode="after")
-    def _batching_fields(self) -> "TorchSpec":
+    def _batching_fields(self) -> TorchSpec:
         if self.batching == "single" and self.micro_batch_size > 1:
             raise ValueError("micro_batch_size needs batching: padded or packed (single runs one sample per forward)")
         if self.batching != "padded" and self.padding_side != "right":

@@ -18,7 +18,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -67,16 +67,17 @@ class VLLMSpec(EngineSpec):
     """vLLM's own fields; `options` are `vllm.LLM` keyword arguments."""
 
     full_vocab: bool = Field(
-        False, description="Return the whole distribution at every position (prompt_logprobs=-1): exact full-vocabulary KL and rank "
-        "instead of top-k, at the cost of V log-probs per position through vLLM's output."
+        False,
+        description="Return the whole distribution at every position (prompt_logprobs=-1): exact full-vocabulary KL and rank "
+        "instead of top-k, at the cost of V log-probs per position through vLLM's output.",
     )
     # Run conditions (README, 'Noise floor'): how vLLM batches is part of what it computes.
-    max_num_seqs: Optional[int] = Field(None, ge=1, description="Sequences vLLM schedules at once (its batch size); default: vLLM's.")
-    max_num_batched_tokens: Optional[int] = Field(None, ge=1, description="Tokens per scheduler step: the chunked-prefill chunk; default: vLLM's.")
-    enable_prefix_caching: Optional[bool] = Field(None, description="Reuse the KV cache of a prompt prefix seen before; default: vLLM's.")
+    max_num_seqs: int | None = Field(None, ge=1, description="Sequences vLLM schedules at once (its batch size); default: vLLM's.")
+    max_num_batched_tokens: int | None = Field(None, ge=1, description="Tokens per scheduler step: the chunked-prefill chunk; default: vLLM's.")
+    enable_prefix_caching: bool | None = Field(None, description="Reuse the KV cache of a prompt prefix seen before; default: vLLM's.")
 
     @model_validator(mode="after")
-    def _conditions_once(self) -> "VLLMSpec":
+    def _conditions_once(self) -> VLLMSpec:
         twice = [k for k in RUN_CONDITIONS if getattr(self, k) is not None and k in self.options]
         if twice:
             raise ValueError(f"{twice[0]} is given both as a field and in options; give it once")
@@ -90,8 +91,15 @@ class VLLMEngine(Engine):
     name = "vllm"
     Spec = VLLMSpec
     traits = EngineTraits(
-        full_logits=False, full_logits_option="full_vocab", memory_share_option="gpu_memory_utilization", loads_first=True,
-        needs_kv_cache=True, expands_images=True, lora=True, environment_hint="build it with scripts/setup-vllm-env.sh", reports_routing=True,
+        full_logits=False,
+        full_logits_option="full_vocab",
+        memory_share_option="gpu_memory_utilization",
+        loads_first=True,
+        needs_kv_cache=True,
+        expands_images=True,
+        lora=True,
+        environment_hint="build it with scripts/setup-vllm-env.sh",
+        reports_routing=True,
     )
 
     def __init__(self, spec, model_path: str, instance: str, seed: int = 0):
@@ -116,7 +124,6 @@ class VLLMEngine(Engine):
             kwargs["gpu_memory_utilization"] = 0.1
         self.lora_request = None
         if spec.lora:  # one adapter, every request: vLLM's LoRA kernels, as a rollout engine runs them
-
             from vllm.lora.request import LoRARequest
 
             rank = json.loads((Path(spec.lora) / "adapter_config.json").read_text())["r"]
@@ -175,8 +182,11 @@ class VLLMEngine(Engine):
         layers = [(np.asarray(ids, np.int16), np.asarray(m, np.float32)) for ids, m in self.llm.collective_rpc("crossengine_routing_take")[0]]
         rows = {len(ids) for ids, _ in layers}
         if len(layers) != self.routing_layers or rows != {n_tokens}:
-            raise SampleError(s.sample_id, f"vLLM's gates saw {sorted(rows)} rows in {len(layers)} layers for {n_tokens} tokens in {self.routing_layers}: "
-                              "its routing cannot be matched to the tokens (a prefix-cache hit or a chunk of another prompt?)")
+            raise SampleError(
+                s.sample_id,
+                f"vLLM's gates saw {sorted(rows)} rows in {len(layers)} layers for {n_tokens} tokens in {self.routing_layers}: "
+                "its routing cannot be matched to the tokens (a prefix-cache hit or a chunk of another prompt?)",
+            )
         return np.stack([ids for ids, _ in layers], axis=1), np.stack([m for _, m in layers], axis=1)
 
     def _run_conditions(self) -> dict[str, Any]:

@@ -44,7 +44,6 @@ class RoutingExtension:
         hands numpy arrays back as raw (dtype, shape, data) triples when the caller gives no type."""
         import torch
 
-
         out = []
         k = self._crossengine_top_k
         for layer in sorted(self._crossengine_rows):

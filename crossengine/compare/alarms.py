@@ -14,8 +14,9 @@ run must not call `framework_metrics` 100k times); tests check them against
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -58,22 +59,21 @@ class Rule:
 
 
 TURN_K3 = "turn_k3_median"  # a sample's median per-token k3 over its completion (its turn)
-RULES: dict[str, Rule] = {r.name: r for r in (
-    Rule("token_mult_prob_error", "token_mult_prob_error", "above", 1.05,
-         "NeMo-RL docs (model-support checklist): 1.0 is perfect, above 1.05 investigate"),
-    Rule("gen_kl_error", "gen_kl_error", "above", 1e-3, "NeMo-RL CI gates: mean gen_kl_error < 1e-3"),
-    Rule("rollout_is_mean", "rollout_corr/rollout_is_mean", "outside", (0.5, 2.0), "verl rollout_corr docs: IS mean outside [0.5, 2]"),
-    # verl computes its ESS on weights clamped to [0.5, 2], which keeps it above 0.64: the published
-    # limit is checked on the same ESS without the clamp, or it could never trip (README, 'Alarms')
-    Rule("rollout_is_eff_sample_size", "is_eff_sample_size_untruncated", "below", 0.3,
-         "verl rollout_corr docs: ESS < 0.3 (on unclamped weights: verl's clamped ESS never goes below 0.64)"),
-    Rule("kl", "rollout_corr/kl", "abs_above", 0.1, "verl rollout_corr docs: |kl| > 0.1"),
-    Rule("chi2_token", "rollout_corr/chi2_token", "above", 1.0, "verl rollout_corr docs: chi2_token > 1"),
-    Rule("abs_lp_diff_dense", "rollout_train_logprobs_abs_diff_mean", "above", 0.03,
-         "miles' rule of thumb: trainer vs engine within 0.03 mean |Δlp| at step 0 on a dense model", dense_only=True),
-    Rule("template_mismatch", TURN_K3, "above", 0.4,
-         "miles' rule of thumb: per-token k3 near 0.8 over a whole turn is a chat-template mismatch (here: the turn's median above 0.4)", pooled=False),
-)}
+RULES: dict[str, Rule] = {
+    r.name: r
+    for r in (
+        Rule("token_mult_prob_error", "token_mult_prob_error", "above", 1.05, "NeMo-RL docs (model-support checklist): 1.0 is perfect, above 1.05 investigate"),
+        Rule("gen_kl_error", "gen_kl_error", "above", 1e-3, "NeMo-RL CI gates: mean gen_kl_error < 1e-3"),
+        Rule("rollout_is_mean", "rollout_corr/rollout_is_mean", "outside", (0.5, 2.0), "verl rollout_corr docs: IS mean outside [0.5, 2]"),
+        # verl computes its ESS on weights clamped to [0.5, 2], which keeps it above 0.64: the published
+        # limit is checked on the same ESS without the clamp, or it could never trip (README, 'Alarms')
+        Rule("rollout_is_eff_sample_size", "is_eff_sample_size_untruncated", "below", 0.3, "verl rollout_corr docs: ESS < 0.3 (on unclamped weights: verl's clamped ESS never goes below 0.64)"),
+        Rule("kl", "rollout_corr/kl", "abs_above", 0.1, "verl rollout_corr docs: |kl| > 0.1"),
+        Rule("chi2_token", "rollout_corr/chi2_token", "above", 1.0, "verl rollout_corr docs: chi2_token > 1"),
+        Rule("abs_lp_diff_dense", "rollout_train_logprobs_abs_diff_mean", "above", 0.03, "miles' rule of thumb: trainer vs engine within 0.03 mean |Δlp| at step 0 on a dense model", dense_only=True),
+        Rule("template_mismatch", TURN_K3, "above", 0.4, "miles' rule of thumb: per-token k3 near 0.8 over a whole turn is a chat-template mismatch (here: the turn's median above 0.4)", pooled=False),
+    )
+}
 
 
 def rules(overrides: dict[str, Any] | None = None) -> dict[str, Rule]:
@@ -103,11 +103,19 @@ def per_sample(tokens: pd.DataFrame) -> pd.DataFrame:
     w = np.exp(np.clip(t - g, -SAFETY_BOUND, SAFETY_BOUND))
     c = np.clip(w, 1 / TIS_THRESHOLD, TIS_THRESHOLD)
     k3 = np.expm1(t - g) - (t - g)
-    parts = pd.DataFrame({
-        "sample_id": df["sample_id"].astype(str).to_numpy(),
-        "token_mult_prob_error": np.exp(np.abs(g - t)), "gen_kl_error": k3, "rollout_corr/rollout_is_mean": w,
-        "c": c, "c2": c * c, "rollout_corr/kl": g - t, "w2": w * w, "rollout_train_logprobs_abs_diff_mean": np.abs(g - t),
-    })
+    parts = pd.DataFrame(
+        {
+            "sample_id": df["sample_id"].astype(str).to_numpy(),
+            "token_mult_prob_error": np.exp(np.abs(g - t)),
+            "gen_kl_error": k3,
+            "rollout_corr/rollout_is_mean": w,
+            "c": c,
+            "c2": c * c,
+            "rollout_corr/kl": g - t,
+            "w2": w * w,
+            "rollout_train_logprobs_abs_diff_mean": np.abs(g - t),
+        }
+    )
     means = parts.groupby("sample_id", sort=False).mean()
     means["rollout_corr/rollout_is_eff_sample_size"] = 1 / (means["c2"] / (means["c"] + 1e-8) ** 2)
     means["is_eff_sample_size_untruncated"] = means["rollout_corr/rollout_is_mean"] ** 2 / means["w2"]
@@ -146,8 +154,7 @@ def alarm_line(name: str, metric: str, who: str, value: float | None, says: str,
     return f"{head}{tail} [{source}]"
 
 
-def check(pooled: dict[str, float], samples: pd.DataFrame | None, active: Iterable[Rule], dense: bool | None,
-          cand_engine: str = "", variant: str = "") -> list[Tripped]:
+def check(pooled: dict[str, float], samples: pd.DataFrame | None, active: Iterable[Rule], dense: bool | None, cand_engine: str = "", variant: str = "") -> list[Tripped]:
     """The alarms one candidate trips: pooled on its summary numbers, each with the samples that trip it alone."""
     out = []
     for rule in active:
@@ -170,10 +177,20 @@ ALARM_COLUMNS = ["alarm", "metric", "cand_engine", "variant", "value", "limit", 
 
 def to_frame(tripped: list[Tripped]) -> pd.DataFrame:
     """alarms.parquet: one row per (alarm, candidate)."""
-    rows = [{
-        "alarm": a.rule.name, "metric": a.rule.metric, "cand_engine": a.cand_engine, "variant": a.variant, "value": a.value,
-        "limit": a.rule.says(), "source": a.rule.source, "samples": [s for s, _ in a.samples], "sample_values": [v for _, v in a.samples],
-    } for a in tripped]
+    rows = [
+        {
+            "alarm": a.rule.name,
+            "metric": a.rule.metric,
+            "cand_engine": a.cand_engine,
+            "variant": a.variant,
+            "value": a.value,
+            "limit": a.rule.says(),
+            "source": a.rule.source,
+            "samples": [s for s, _ in a.samples],
+            "sample_values": [v for _, v in a.samples],
+        }
+        for a in tripped
+    ]
     return pd.DataFrame(rows, columns=ALARM_COLUMNS)
 
 

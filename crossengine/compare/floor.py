@@ -85,8 +85,7 @@ def engine_line(name: str, row: pd.Series) -> str:
     n = len(row["conditions"].split(", "))
     if row["bitwise"]:
         return f"{name} is bitwise invariant over its {n} condition(s) ({row['conditions']}: 1 distinct result)"
-    return (f"{name} is not batch-invariant (max |Δlp| {row['max_abs_diff']:.3g} between base and {row['worst_condition']}; "
-            f"up to {int(row['distinct_max'])} distinct results per sample)")
+    return f"{name} is not batch-invariant (max |Δlp| {row['max_abs_diff']:.3g} between base and {row['worst_condition']}; up to {int(row['distinct_max'])} distinct results per sample)"
 
 
 def pair_lines(summary: pd.DataFrame, floors: pd.DataFrame, reference: str) -> list[str]:
@@ -133,8 +132,9 @@ def expectations(floors: pd.DataFrame, claims: dict[str, str | None]) -> tuple[l
         if control not in pooled.index:
             notes.append(f"negative control {control!r} has no floor: nothing says the check on {engine!r} could fail")
         elif pooled.loc[control, "bitwise"]:
-            notes.append(f"negative control {control!r} gave bitwise results too: the check on {engine!r} cannot fail under these conditions "
-                         "(too few or too alike, or the claimed setting changes nothing here)")
+            notes.append(
+                f"negative control {control!r} gave bitwise results too: the check on {engine!r} cannot fail under these conditions (too few or too alike, or the claimed setting changes nothing here)"
+            )
         else:
             notes.append(f"negative control {control!r} differs (max |Δlp| {pooled.loc[control, 'max_abs_diff']:.3g}): the check on {engine!r} can fail")
     return failures, notes

@@ -75,9 +75,7 @@ GREEDY_SCHEMA = pa.schema(
 )
 
 
-def greedy_divergence(
-    sample_id: str, prompt_len: int, ref: Generation, cand: Generation, ref_name: str, cand_engine: str, variant: str, vocab_text: list[str]
-) -> dict:
+def greedy_divergence(sample_id: str, prompt_len: int, ref: Generation, cand: Generation, ref_name: str, cand_engine: str, variant: str, vocab_text: list[str]) -> dict:
     """Where two greedy decodes of one prompt part ways (a length difference counts)."""
     n = min(len(ref.completion_ids), len(cand.completion_ids))
     diff = np.flatnonzero(ref.completion_ids[:n] != cand.completion_ids[:n])

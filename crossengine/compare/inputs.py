@@ -74,8 +74,13 @@ def _image_row(ref: Sample, own: Sample, scored: str) -> dict | None:
     n = min(len(a), len(b))
     diff = np.flatnonzero(a[:n] != b[:n])
     at = int(min(a[diff[0]], b[diff[0]])) if len(diff) else (None if len(a) == len(b) else int(a[n] if len(a) > n else b[n]))
-    fields = {"ref_shape": [len(a)], "cand_shape": [len(b)], "scored": scored, "first_difference": at,
-              "detail": f"{len(a)} vs {len(b)} image tokens" + ("" if at is None else f"; first differing image position {at}")}
+    fields = {
+        "ref_shape": [len(a)],
+        "cand_shape": [len(b)],
+        "scored": scored,
+        "first_difference": at,
+        "detail": f"{len(a)} vs {len(b)} image tokens" + ("" if at is None else f"; first differing image position {at}"),
+    }
     return _row(ref.sample_id, "image_tokens", "equal" if at is None else "differs", **fields)
 
 
@@ -96,21 +101,39 @@ def own_prompt_effect(rows: list[dict], scored: list, scores: list, own: list, e
             row["detail"] = f"{row['detail']}; its own prompt did not score: {theirs.message}"
             continue
         a, b = sample.input_ids.tolist(), mine.input_ids.tolist()
-        pairs = np.asarray([(i + k, j + k) for i, j, n in SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks() for k in range(n)
-                            if i + k > row["first_difference"] and j + k > 0], dtype=np.int64).reshape(-1, 2)
-        d = (theirs.token_logprobs[pairs[:, 1]].astype(np.float64) - score.token_logprobs[pairs[:, 0]].astype(np.float64))
+        pairs = np.asarray(
+            [(i + k, j + k) for i, j, n in SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks() for k in range(n) if i + k > row["first_difference"] and j + k > 0], dtype=np.int64
+        ).reshape(-1, 2)
+        d = theirs.token_logprobs[pairs[:, 1]].astype(np.float64) - score.token_logprobs[pairs[:, 0]].astype(np.float64)
         d = d[np.isfinite(d)]
         row["own_prompt_tokens"] = int(len(d))
         if len(d):
-            row.update(own_prompt_abs_lp_diff_mean=float(np.abs(d).mean()), own_prompt_abs_lp_diff_max=float(np.abs(d).max()),
-                       own_prompt_lp_sum_diff=float(d.sum()))
+            row.update(own_prompt_abs_lp_diff_mean=float(np.abs(d).mean()), own_prompt_abs_lp_diff_max=float(np.abs(d).max()), own_prompt_lp_sum_diff=float(d.sum()))
 
 
 def _row(sample_id: str, name: str, status: str, **fields) -> dict:
-    row = {"sample_id": sample_id, "input": name, "status": status, "first_difference": None, "ref_token": None, "cand_token": None,
-           "ref_context": None, "cand_context": None, "ref_shape": None, "cand_shape": None, "ref_dtype": None, "cand_dtype": None,
-           "max_abs_diff": None, "mean_abs_diff": None, "detail": None, "scored": None, "own_prompt_tokens": None,
-           "own_prompt_abs_lp_diff_mean": None, "own_prompt_abs_lp_diff_max": None, "own_prompt_lp_sum_diff": None}
+    row = {
+        "sample_id": sample_id,
+        "input": name,
+        "status": status,
+        "first_difference": None,
+        "ref_token": None,
+        "cand_token": None,
+        "ref_context": None,
+        "cand_context": None,
+        "ref_shape": None,
+        "cand_shape": None,
+        "ref_dtype": None,
+        "cand_dtype": None,
+        "max_abs_diff": None,
+        "mean_abs_diff": None,
+        "detail": None,
+        "scored": None,
+        "own_prompt_tokens": None,
+        "own_prompt_abs_lp_diff_mean": None,
+        "own_prompt_abs_lp_diff_max": None,
+        "own_prompt_lp_sum_diff": None,
+    }
     row.update(fields)
     return row
 
@@ -126,9 +149,16 @@ def _ids_row(ref: Sample, own: Sample, engine) -> dict:
     decode = engine.tokenizer.decode
     tok = lambda ids: decode([int(ids[pos])]) if pos < len(ids) else "<end>"  # noqa: E731
     return _row(
-        ref.sample_id, "input_ids", "differs", first_difference=pos, ref_token=tok(a), cand_token=tok(b),
-        ref_context=_context(ref.text, decode(a[:pos].tolist())), cand_context=_context(own.text, decode(b[:pos].tolist())),
-        detail=f"{len(a)} vs {len(b)} tokens", **shapes,
+        ref.sample_id,
+        "input_ids",
+        "differs",
+        first_difference=pos,
+        ref_token=tok(a),
+        cand_token=tok(b),
+        ref_context=_context(ref.text, decode(a[:pos].tolist())),
+        cand_context=_context(own.text, decode(b[:pos].tolist())),
+        detail=f"{len(a)} vs {len(b)} tokens",
+        **shapes,
     )
 
 
@@ -182,10 +212,15 @@ def first_differences(rows: list[dict]) -> list[str]:
         if r["input"] == "input_ids" and r["first_difference"] is not None and r["first_difference"] == r["first_difference"]:  # not NaN
             ctx = lambda c: (c or "").replace("\n", "\\n")  # noqa: E731 - one line in the terminal
             effect = r.get("own_prompt_abs_lp_diff_mean")
-            effect = (f"; its own prompt moves the {int(r['own_prompt_tokens'])} tokens both share by mean |Δlp| {effect:.3g} (max "
-                      f"{r['own_prompt_abs_lp_diff_max']:.3g})") if effect is not None and effect == effect else ""
-            lines.append(f"sample {r['sample_id']}: token ids differ at position {int(r['first_difference'])}: reference {r['ref_token']!r} vs "
-                         f"{r['cand_token']!r} (reference …{ctx(r['ref_context'])}… / candidate …{ctx(r['cand_context'])}…); scored on the reference's ids{effect}")
+            effect = (
+                (f"; its own prompt moves the {int(r['own_prompt_tokens'])} tokens both share by mean |Δlp| {effect:.3g} (max {r['own_prompt_abs_lp_diff_max']:.3g})")
+                if effect is not None and effect == effect
+                else ""
+            )
+            lines.append(
+                f"sample {r['sample_id']}: token ids differ at position {int(r['first_difference'])}: reference {r['ref_token']!r} vs "
+                f"{r['cand_token']!r} (reference …{ctx(r['ref_context'])}… / candidate …{ctx(r['cand_context'])}…); scored on the reference's ids{effect}"
+            )
         elif r["max_abs_diff"] is not None and r["max_abs_diff"] == r["max_abs_diff"]:
             lines.append(f"sample {r['sample_id']}: {r['input']} differs: max |Δ| {r['max_abs_diff']:.3g}, mean {r['mean_abs_diff']:.3g}")
         else:

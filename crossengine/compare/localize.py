@@ -146,9 +146,11 @@ def first_divergence(layers: pd.DataFrame, tol: float) -> pd.Series | None:
 
 def _unmatched(ref_name: str, cand_name: str, ref: list[dict], cand: list[dict]) -> str:
     few = lambda caps: ", ".join(c["name"] for c in caps[:5]) + (", ..." if len(caps) > 5 else "")  # noqa: E731
-    return (f"{cand_name}: no module matches the reference's (different shapes or nothing captured): "
-            f"{ref_name} has [{few(ref) or 'none'}], {cand_name} has [{few(cand) or 'none'}]; "
-            "set localize.modules to what both compute, or localize.module_map")
+    return (
+        f"{cand_name}: no module matches the reference's (different shapes or nothing captured): "
+        f"{ref_name} has [{few(ref) or 'none'}], {cand_name} has [{few(cand) or 'none'}]; "
+        "set localize.modules to what both compute, or localize.module_map"
+    )
 
 
 def localize_wave(pool, plan, samples, raw: dict) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
@@ -166,8 +168,10 @@ def localize_wave(pool, plan, samples, raw: dict) -> tuple[pd.DataFrame, pd.Data
     ref_name = plan.reference.name
     messages = []
     if ref_name not in captures:
-        messages.append(f"localisation skipped: the reference {ref_name!r} is a {plan.reference.spec.type} engine, which cannot capture its modules; "
-                        "localisation needs a reference that can (`crossengine engines`: capture modules)")
+        messages.append(
+            f"localisation skipped: the reference {ref_name!r} is a {plan.reference.spec.type} engine, which cannot capture its modules; "
+            "localisation needs a reference that can (`crossengine engines`: capture modules)"
+        )
         return pd.DataFrame(), pd.DataFrame(), messages
     long = [s.sample_id for s in traced if len(s) > spec.max_positions]
     if long:
@@ -219,13 +223,17 @@ def print_localization(layers: pd.DataFrame, buffers: pd.DataFrame, tol: float, 
             else:
                 where = "already present in its inputs (it came from outside the module)" if first["origin"] == "inputs" else "appearing inside it (its inputs agree)"
                 other = f" (candidate's {first['cand_module']})" if first["cand_module"] != first["module"] else ""
-                console.print(f"{name}: first divergence at module [bold]{first['module']}[/bold]{other}, token position {first['first_position']} "
-                              f"(sample {first['sample_id']}, max |Δ| {first['max_abs_diff']:.3g}), {where}", soft_wrap=True)
+                console.print(
+                    f"{name}: first divergence at module [bold]{first['module']}[/bold]{other}, token position {first['first_position']} "
+                    f"(sample {first['sample_id']}, max |Δ| {first['max_abs_diff']:.3g}), {where}",
+                    soft_wrap=True,
+                )
             table = Table(title=f"layers: {name} vs reference", title_justify="left")
             for col in ("module", "max |Δ|", "mean |Δ|", "cos", "first pos"):
                 table.add_column(col, justify="left" if col == "module" else "right")
-            per_module = g.groupby(["order", "module"], sort=True).agg(max_abs_diff=("max_abs_diff", "max"), mean_abs_diff=("mean_abs_diff", "mean"),
-                                                                        cos_sim=("cos_sim", "min"), first_position=("first_position", "max"))
+            per_module = g.groupby(["order", "module"], sort=True).agg(
+                max_abs_diff=("max_abs_diff", "max"), mean_abs_diff=("mean_abs_diff", "mean"), cos_sim=("cos_sim", "min"), first_position=("first_position", "max")
+            )
             for (_, module), r in per_module.iterrows():
                 mark = "[red]" if r["max_abs_diff"] > tol else ""
                 table.add_row(f"{mark}{module}", f"{r['max_abs_diff']:.3g}", f"{r['mean_abs_diff']:.3g}", f"{r['cos_sim']:.6f}", str(int(r["first_position"])))

@@ -112,7 +112,6 @@ def _full_vocab_metrics(ref_logits, cand_logits, token_ids: np.ndarray, centre: 
     """
     import torch
 
-
     n, vocab = ref_logits.shape
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     step = block_rows(_CHUNK_ELEMENTS, ref_logits, cand_logits)
@@ -180,7 +179,6 @@ def _run_or_fall_back(*args):
     try:
         return _compiled(*args)
     except Exception as exc:  # noqa: BLE001 - a compiler problem must not lose the run: same numbers, eagerly
-
         warnings.warn(f"crossengine: torch.compile of the metric kernel failed ({type(exc).__name__}: {exc}); metrics run eagerly", stacklevel=2)
         _compiled = False
         return _fused_rows(*args)

@@ -142,7 +142,6 @@ def kl_rows(p: TokenLogprobs, q: TokenLogprobs) -> np.ndarray:
     of positions at a time (a long sample's logits are never whole: adapters.base.LogitRows)."""
     import torch
 
-
     parts = []
     for lo, hi in blocks(p.logits.shape[0], block_rows(1 << 22, p.logits, q.logits)):  # float64 blocks of 32 MiB
         a, b = _log_probs(p, lo, hi), _log_probs(q, lo, hi)
@@ -155,7 +154,6 @@ def kl_rows(p: TokenLogprobs, q: TokenLogprobs) -> np.ndarray:
 
 def _log_probs(t: TokenLogprobs, lo: int, hi: int):
     import torch
-
 
     x = torch.as_tensor(logit_block(t.logits, lo, hi)).double()
     return x if t.logits_are_logprobs else torch.log_softmax(x, -1)

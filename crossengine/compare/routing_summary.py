@@ -40,8 +40,7 @@ def routing_table(routing_dir: Path) -> pd.DataFrame:
     for cand, g in df.groupby("candidate", sort=False):
         flipped_layers = g.loc[g["flip"], "layer"]
         per_position = g.groupby(["sample_id", "position"])["flip"].any()
-        rows.append({"candidate": cand, "layer": -1, **_stats(g), "frac_positions_flipped": float(per_position.mean()),
-                     "first_flip_layer": int(flipped_layers.min()) if len(flipped_layers) else -1})
+        rows.append({"candidate": cand, "layer": -1, **_stats(g), "frac_positions_flipped": float(per_position.mean()), "first_flip_layer": int(flipped_layers.min()) if len(flipped_layers) else -1})
         for layer, lg in g.groupby("layer", sort=True):
             rows.append({"candidate": cand, "layer": int(layer), **_stats(lg)})
     return pd.DataFrame(rows)
@@ -70,8 +69,13 @@ def routing_lines(table: pd.DataFrame, summary: pd.DataFrame, reference: str) ->
     for _, r in table[table["layer"] == -1].iterrows():
         s = by_name.get(r["candidate"], {})
         first = f"first flip in layer {int(r['first_flip_layer'])}" if r["first_flip_layer"] >= 0 else "no flip"
-        gap = (f"; mean |Δlp| {s['abs_mean_flipped']:.3g} where routing flipped vs {s['abs_mean_unflipped']:.3g} where it did not"
-               if s and pd.notna(s.get("abs_mean_flipped")) and pd.notna(s.get("abs_mean_unflipped")) else "")
-        out.append(f"routing: {r['candidate']} vs {reference}: {100 * r['router_disagreement']:.2f} % of router decisions differ, "
-                   f"{100 * r['frac_positions_flipped']:.1f} % of positions in at least one layer ({first}){gap}")
+        gap = (
+            f"; mean |Δlp| {s['abs_mean_flipped']:.3g} where routing flipped vs {s['abs_mean_unflipped']:.3g} where it did not"
+            if s and pd.notna(s.get("abs_mean_flipped")) and pd.notna(s.get("abs_mean_unflipped"))
+            else ""
+        )
+        out.append(
+            f"routing: {r['candidate']} vs {reference}: {100 * r['router_disagreement']:.2f} % of router decisions differ, "
+            f"{100 * r['frac_positions_flipped']:.1f} % of positions in at least one layer ({first}){gap}"
+        )
     return out

@@ -18,9 +18,26 @@ from crossengine.compare.frameworks import framework_metrics
 SPLITS = ("modality", "attention", "segment", "position_bucket")
 KEYS = ["cand_engine", "variant", *SPLITS]
 _NEEDED = [
-    "sample_id", "position", "modality", "attention", "segment", "cand_engine", "variant",
-    "lp_ref", "lp_cand", "lp_diff", "prob_diff", "kl_ref_cand", "cos_sim", "topk_kl", "topk_overlap",
-    "top1_match", "top1_tie", "top1_ref", "top1_cand", "nonfinite",
+    "sample_id",
+    "position",
+    "modality",
+    "attention",
+    "segment",
+    "cand_engine",
+    "variant",
+    "lp_ref",
+    "lp_cand",
+    "lp_diff",
+    "prob_diff",
+    "kl_ref_cand",
+    "cos_sim",
+    "topk_kl",
+    "topk_overlap",
+    "top1_match",
+    "top1_tie",
+    "top1_ref",
+    "top1_cand",
+    "nonfinite",
 ]
 
 
@@ -98,8 +115,7 @@ def summarize_group(g: pd.DataFrame) -> dict[str, float]:
 
 
 def _empty_group() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series([], dtype="bool" if c in ("top1_match", "top1_tie") else ("object" if c in ("sample_id", "nonfinite") else "float64"))
-                         for c in _NEEDED})
+    return pd.DataFrame({c: pd.Series([], dtype="bool" if c in ("top1_match", "top1_tie") else ("object" if c in ("sample_id", "nonfinite") else "float64")) for c in _NEEDED})
 
 
 def summarize(tokens_dir: Path, expected: list[tuple[str, str]] | None = None) -> pd.DataFrame:

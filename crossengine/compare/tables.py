@@ -99,18 +99,21 @@ def noise_table(rows: list, engine: str, vocab_text: pa.Array) -> pa.Table:
     cat = {k: np.concatenate(v) if v else np.empty(0, np.float32 if k in ("lp_base", "lp", "kl") else np.int32) for k, v in cols.items()}
     ids = cat["ids"]
     n = len(cat["position"])
-    return pa.table({
-        "engine": _constant(engine, n),
-        "sample_id": pa.DictionaryArray.from_arrays(pa.array(cat["sample"]), pa.array(names, pa.string())),
-        "condition": pa.DictionaryArray.from_arrays(pa.array(cat["condition"]), pa.array(conditions, pa.string())),
-        "position": pa.array(cat["position"]),
-        "token_id": pa.array(ids),
-        "token_text": pa.DictionaryArray.from_arrays(pa.array(np.clip(ids, 0, len(vocab_text) - 1)), vocab_text),
-        "lp_base": pa.array(cat["lp_base"].astype(np.float32)),
-        "lp": pa.array(cat["lp"].astype(np.float32)),
-        "abs_diff": pa.array(np.abs(cat["lp"] - cat["lp_base"]).astype(np.float32)),
-        "kl": pa.array(cat["kl"].astype(np.float32), from_pandas=True),
-    }, schema=NOISE_SCHEMA)
+    return pa.table(
+        {
+            "engine": _constant(engine, n),
+            "sample_id": pa.DictionaryArray.from_arrays(pa.array(cat["sample"]), pa.array(names, pa.string())),
+            "condition": pa.DictionaryArray.from_arrays(pa.array(cat["condition"]), pa.array(conditions, pa.string())),
+            "position": pa.array(cat["position"]),
+            "token_id": pa.array(ids),
+            "token_text": pa.DictionaryArray.from_arrays(pa.array(np.clip(ids, 0, len(vocab_text) - 1)), vocab_text),
+            "lp_base": pa.array(cat["lp_base"].astype(np.float32)),
+            "lp": pa.array(cat["lp"].astype(np.float32)),
+            "abs_diff": pa.array(np.abs(cat["lp"] - cat["lp_base"]).astype(np.float32)),
+            "kl": pa.array(cat["kl"].astype(np.float32), from_pandas=True),
+        },
+        schema=NOISE_SCHEMA,
+    )
 
 
 def routing_part_table(rows: list, cand_engine: str, variant: str) -> pa.Table:
@@ -129,11 +132,27 @@ def routing_part_table(rows: list, cand_engine: str, variant: str) -> pa.Table:
         mcand.append(r.margin_cand.reshape(-1))
     cat = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.empty(0, dtype)  # noqa: E731
     n = sum(len(x) for x in sids)
-    lists = lambda parts: pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate(parts).reshape(-1).astype(np.int16)), parts[0].shape[1]).cast(pa.list_(pa.int16())) if parts else pa.array([], pa.list_(pa.int16()))  # noqa: E731
-    return pa.table({
-        "cand_engine": _constant(cand_engine, n), "variant": _constant(variant, n),
-        "sample_id": pa.DictionaryArray.from_arrays(pa.array(cat(sids, np.int32)), pa.array([r.sample_id for r in rows], pa.string())),
-        "position": pa.array(cat(pos, np.int32)), "token_id": pa.array(cat(tok, np.int32)), "layer": pa.array(cat(layer, np.int16)),
-        "ref_experts": lists(ref), "cand_experts": lists(cand), "flip": pa.array(cat(flip, bool)),
-        "margin_ref": pa.array(cat(mref, np.float32)), "margin_cand": pa.array(cat(mcand, np.float32)),
-    }, schema=ROUTING_SCHEMA)
+
+    def lists(parts):
+        return (
+            pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate(parts).reshape(-1).astype(np.int16)), parts[0].shape[1]).cast(pa.list_(pa.int16()))
+            if parts
+            else pa.array([], pa.list_(pa.int16()))
+        )  # noqa: E731
+
+    return pa.table(
+        {
+            "cand_engine": _constant(cand_engine, n),
+            "variant": _constant(variant, n),
+            "sample_id": pa.DictionaryArray.from_arrays(pa.array(cat(sids, np.int32)), pa.array([r.sample_id for r in rows], pa.string())),
+            "position": pa.array(cat(pos, np.int32)),
+            "token_id": pa.array(cat(tok, np.int32)),
+            "layer": pa.array(cat(layer, np.int16)),
+            "ref_experts": lists(ref),
+            "cand_experts": lists(cand),
+            "flip": pa.array(cat(flip, bool)),
+            "margin_ref": pa.array(cat(mref, np.float32)),
+            "margin_cand": pa.array(cat(mcand, np.float32)),
+        },
+        schema=ROUTING_SCHEMA,
+    )

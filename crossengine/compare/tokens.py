@@ -123,8 +123,7 @@ def compare_batch(batch: list[Sample | SampleError], ref_out: list, cand_out: li
     return part
 
 
-def token_rows(sample: Sample, ref: TokenLogprobs, cand: TokenLogprobs, tie_eps: float, completion_only: bool = False, noise_margin: float = 1.0,
-               routing_flips: np.ndarray | None = None) -> TokenRows:
+def token_rows(sample: Sample, ref: TokenLogprobs, cand: TokenLogprobs, tie_eps: float, completion_only: bool = False, noise_margin: float = 1.0, routing_flips: np.ndarray | None = None) -> TokenRows:
     """Rows at the positions both sides scored: every position from 1, or a dump's scored
     response tokens (`TokenLogprobs.scored`), where its response is the completion segment.
     `routing_flips`: routing.flips(ref, cand), where both sides report MoE routing."""
@@ -174,11 +173,19 @@ def worst_rows(rows: list[TokenRows], scored: list[tuple[TokenLogprobs, TokenLog
     out = []
     for value, i, pos in zip(kl[top].tolist(), which[top].tolist(), positions[top].tolist()):
         r, c = scored[i]
-        out.append({
-            "sample_id": rows[i].sample_id, "position": pos, "cand_engine": cand_engine, "variant": variant, "kl": value,
-            "top5_ref_ids": r.topk_ids[pos, :5].tolist(), "top5_ref_lp": r.topk_logprobs[pos, :5].tolist(),
-            "top5_cand_ids": c.topk_ids[pos, :5].tolist(), "top5_cand_lp": c.topk_logprobs[pos, :5].tolist(),
-        })
+        out.append(
+            {
+                "sample_id": rows[i].sample_id,
+                "position": pos,
+                "cand_engine": cand_engine,
+                "variant": variant,
+                "kl": value,
+                "top5_ref_ids": r.topk_ids[pos, :5].tolist(),
+                "top5_ref_lp": r.topk_logprobs[pos, :5].tolist(),
+                "top5_cand_ids": c.topk_ids[pos, :5].tolist(),
+                "top5_cand_lp": c.topk_logprobs[pos, :5].tolist(),
+            }
+        )
     return out
 
 

@@ -54,9 +54,7 @@ def _train_tokenizer(vocab_size: int, special: list[str]):
     tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in _NEWLINE_RUNS])
     bos = tok.token_to_id("<bos>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)]
-    )
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)])
     return tok
 
 
@@ -64,9 +62,7 @@ def fast_tokenizer(special: list[str], vocab_size: int, **extra):
     from transformers import PreTrainedTokenizerFast
 
     tok = _train_tokenizer(vocab_size, special)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", **extra
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", **extra)
 
 
 def _save_tokenizer(tokenizer, out: Path) -> None:
@@ -138,8 +134,7 @@ def build_tiny_moe(out: Path, seed: int) -> None:
     """Qwen3-MoE family: 8 experts, top-2 (normalised), a router in every layer; head_dim 32."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    _build_causal_lm(out, seed, Qwen3MoeConfig, Qwen3MoeForCausalLM, num_experts=8, moe_intermediate_size=64, decoder_sparse_step=1,
-                     norm_topk_prob=True, **_MOE)
+    _build_causal_lm(out, seed, Qwen3MoeConfig, Qwen3MoeForCausalLM, num_experts=8, moe_intermediate_size=64, decoder_sparse_step=1, norm_topk_prob=True, **_MOE)
 
 
 def build_tiny_mixtral(out: Path, seed: int) -> None:
@@ -188,7 +183,9 @@ def build_tiny_remote(out: Path, seed: int) -> None:
     with _RemoteCode(out, ["configuration_tinyrope.py", "modeling_tinyrope.py"]) as (cfg_mod, model_mod):
         tokenizer = fast_tokenizer(["<pad>", "<bos>", "<eos>"], vocab_size=508)
         config = cfg_mod.TinyRopeConfig(
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
             auto_map={"AutoConfig": "configuration_tinyrope.TinyRopeConfig", "AutoModelForCausalLM": "modeling_tinyrope.TinyRopeForCausalLM"},
         )
         seed_all(seed)
@@ -222,10 +219,14 @@ def build_tiny_molmo(out: Path, seed: int) -> None:
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _MOLMO_SPECIAL}
         config = cfg_mod.TinyMolmoConfig(
             **{k: v for k, v in _TEXT_SIZES.items() if k not in ("initializer_range", "tie_word_embeddings")},
-            head_dim=64, image_patch_token_id=ids["<img_patch>"], image_start_token_id=ids["<img_start>"], image_end_token_id=ids["<img_end>"],
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            auto_map={"AutoConfig": "configuration_tinymolmo.TinyMolmoConfig",
-                      "AutoModelForImageTextToText": "modeling_tinymolmo.TinyMolmoForConditionalGeneration"},
+            head_dim=64,
+            image_patch_token_id=ids["<img_patch>"],
+            image_start_token_id=ids["<img_start>"],
+            image_end_token_id=ids["<img_end>"],
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            auto_map={"AutoConfig": "configuration_tinymolmo.TinyMolmoConfig", "AutoModelForImageTextToText": "modeling_tinymolmo.TinyMolmoForConditionalGeneration"},
         )
         seed_all(seed)
         model = model_mod.TinyMolmoForConditionalGeneration(config).eval()
@@ -302,12 +303,8 @@ def build_tiny_vision(out: Path, seed: int) -> None:
             p.normal_(0.0, 0.1)
     model.save_pretrained(out)
     _write_canonical_gemma3_weights(model, out)
-    image_processor = Gemma3ImageProcessorPil(
-        size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pan_and_scan=False
-    )
-    processor = Gemma3Processor(
-        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=tokens_per_image
-    )
+    image_processor = Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pan_and_scan=False)
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=tokens_per_image)
     processor.save_pretrained(out)
 
 

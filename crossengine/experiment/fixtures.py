@@ -15,8 +15,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from crossengine.experiment.fixture_builders import (
     build_tiny_mixtral,
@@ -36,8 +36,6 @@ def fixtures_home() -> Path:
     """Where fixtures live; outside the repo so a clean clone never carries weights."""
     root = os.environ.get("CROSSENGINE_HOME") or Path.home() / ".cache" / "crossengine"
     return Path(root) / "fixtures"
-
-
 
 
 # LoRA adapters (PEFT folders) on the text and vision fixtures; rank 8, alpha 16.

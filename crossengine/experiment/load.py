@@ -108,8 +108,10 @@ def _check_noise(exp: Experiment, fail) -> None:
     for name, (_, variant, spec) in exp.resolved_engines().items():
         section = ("engines" if variant == BASE else "variants", name)
         if spec.expect is not None and len(exp.noise_conditions(name)) == 0:
-            fail((*section, "expect"), f"expect: {spec.expect} is checked across the engine's noise conditions: give the experiment a `noise:` block "
-                 "(README, 'Noise floor') with conditions for this engine")
+            fail(
+                (*section, "expect"),
+                f"expect: {spec.expect} is checked across the engine's noise conditions: give the experiment a `noise:` block (README, 'Noise floor') with conditions for this engine",
+            )
         if spec.negative_control is not False and f"{name}{CONTROL_SUFFIX}" in names:
             fail((*section, "negative_control"), f"its control runs as {name}{CONTROL_SUFFIX!s}, which names another engine or variant; rename that one")
 
@@ -120,12 +122,14 @@ def _check_routing(exp: Experiment, fail) -> None:
     for name, (_, variant, spec) in exp.resolved_engines().items():
         section = ("engines" if variant == BASE else "variants", name)
         if exp.routing and not engine_class(spec.type).traits.reports_routing:
-            fail(("routing",), f"engine {name!r} ({spec.type}) cannot report routing; the engines that can: "
-                 f"{', '.join(k for k in sorted(BUILTIN) if engine_class(k).traits.reports_routing)}")
+            fail(("routing",), f"engine {name!r} ({spec.type}) cannot report routing; the engines that can: {', '.join(k for k in sorted(BUILTIN) if engine_class(k).traits.reports_routing)}")
         if spec.replays_reference_routing and (not exp.routing or name == exp.reference):
-            fail((*section, "routing"), "routing: replay routes a candidate with the reference's expert choices: it needs the experiment's "
-                 "`routing: true`, and the reference routes by itself" if name == exp.reference else
-                 "routing: replay needs the experiment's `routing: true` (the reference's expert choices are what it replays)")
+            fail(
+                (*section, "routing"),
+                "routing: replay routes a candidate with the reference's expert choices: it needs the experiment's `routing: true`, and the reference routes by itself"
+                if name == exp.reference
+                else "routing: replay needs the experiment's `routing: true` (the reference's expert choices are what it replays)",
+            )
 
 
 def _check_variants(exp: Experiment, path: Path, root: yaml.Node | None) -> None:
@@ -178,7 +182,7 @@ def _check_paths(exp: Experiment, path: Path, root: yaml.Node | None) -> Experim
                 loc = ("samples", i, "images", j)
                 raise ExperimentError(str(path), _line_of(root, loc), _field_path(loc), f"no such image file: {p}")
             images.append(p.resolve())
-        s = _message_images(s, base, lambda loc, msg: ExperimentError(str(path), _line_of(root, ("samples", i, *loc)), _field_path(("samples", i, *loc)), msg))
+        s = _message_images(s, base, lambda loc, msg: ExperimentError(str(path), _line_of(root, ("samples", i, *loc)), _field_path(("samples", i, *loc)), msg))  # noqa: B023 (called at once)
         samples.append(s.model_copy(update={"images": images}))
     return exp.model_copy(update={"samples": _with_ids(samples, path, root)})
 
@@ -285,7 +289,7 @@ def _read_jsonl(f: Path, index: int) -> list[SampleSpec]:
         for p in images:
             if not p.is_file():
                 raise ExperimentError(str(f), n, "images", f"no such image file: {p}")
-        spec = _message_images(spec, f.parent, lambda loc, msg: ExperimentError(str(f), n, _field_path(loc), msg))
+        spec = _message_images(spec, f.parent, lambda loc, msg: ExperimentError(str(f), n, _field_path(loc), msg))  # noqa: B023 (called at once)
         out.append(spec.model_copy(update={"images": [p.resolve() for p in images]}))
     if not out:
         raise ExperimentError(str(f), None, f"samples[{index}].file", "the file holds no samples")
@@ -299,8 +303,7 @@ def read_text(path: Path, field: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line_start = data.rfind(b"\n", 0, e.start) + 1
-        raise ExperimentError(str(path), data.count(b"\n", 0, e.start) + 1, field,
-                              f"not UTF-8 text: byte 0x{data[e.start]:02x} at column {e.start - line_start + 1}; save the file as UTF-8") from None
+        raise ExperimentError(str(path), data.count(b"\n", 0, e.start) + 1, field, f"not UTF-8 text: byte 0x{data[e.start]:02x} at column {e.start - line_start + 1}; save the file as UTF-8") from None
 
 
 def set_field(data: dict, dotted: str, value) -> None:
@@ -369,15 +372,18 @@ def _check_native_inputs(exp: Experiment, path: Path, root: yaml.Node | None) ->
     its own way (Molmo's `images`, `image_input_idx`): another engine given them would run without
     images, since models ignore inputs they do not know. Such candidates must prepare their own inputs."""
     ref_spec = exp.resolved_engines()[exp.reference][2]
-    has_images = any(s.images or any(isinstance(m.content, list) and any(p.type == "image" for p in m.content) for m in s.messages or [])
-                     for s in exp.samples)
+    has_images = any(s.images or any(isinstance(m.content, list) and any(p.type == "image" for p in m.content) for m in s.messages or []) for s in exp.samples)
     if ref_spec.input_pipeline is None or not has_images:
         return
     for name, (_, variant, spec) in exp.resolved_engines().items():
         if name != exp.reference and spec.inputs == "reference" and spec.input_pipeline != ref_spec.input_pipeline:
             loc = ("engines", name) if variant == BASE else ("variants", name)
-            raise ExperimentError(str(path), _line_of(root, loc), _field_path(loc), f"the reference {exp.reference!r} prepares images with its own "
-                                  f"preprocess ({ref_spec.input_pipeline}), whose inputs this engine cannot read: give it `inputs: own`")
+            raise ExperimentError(
+                str(path),
+                _line_of(root, loc),
+                _field_path(loc),
+                f"the reference {exp.reference!r} prepares images with its own preprocess ({ref_spec.input_pipeline}), whose inputs this engine cannot read: give it `inputs: own`",
+            )
 
 
 def experiment_error(path: Path, loc: tuple, message: str) -> ExperimentError:

@@ -80,7 +80,7 @@ class Plan:
         """The engine or variant (or negative control) of that name."""
         return next(i for i in self.instances if i.name == name)
 
-    def noise_plan(self, inst: EngineInstance) -> "NoisePlan | None":
+    def noise_plan(self, inst: EngineInstance) -> NoisePlan | None:
         """The noise conditions `inst` runs (crossengine/compare/noise.py), or None: no floor for it."""
         from crossengine.compare.noise import NoisePlan
 
@@ -112,10 +112,12 @@ class Plan:
         vocab = vocab_size_of(self.reference.model_path, self.reference.spec.revision)
         beyond = f"beyond {int(budget * 2**30 // (4 * vocab)):,} tokens (V = {vocab:,})" if vocab else "whose logits exceed it"
         able = [i.name for i in self.instances if i.traits.chunks_logits]
-        out = [f"logits budget {budget:g} GiB per worker: {', '.join(able) or 'no engine'} score{'s' if len(able) == 1 else ''} samples {beyond} "
-               "in position blocks"]
-        out += [f"logits budget: engine {i.name!r} ({i.spec.type}) cannot score in blocks: it holds a whole sample's logits"
-                for i in self.instances if not i.traits.chunks_logits and i.traits.gives_full_logits(i.spec)]
+        out = [f"logits budget {budget:g} GiB per worker: {', '.join(able) or 'no engine'} score{'s' if len(able) == 1 else ''} samples {beyond} in position blocks"]
+        out += [
+            f"logits budget: engine {i.name!r} ({i.spec.type}) cannot score in blocks: it holds a whole sample's logits"
+            for i in self.instances
+            if not i.traits.chunks_logits and i.traits.gives_full_logits(i.spec)
+        ]
         return out
 
     def noise_lines(self) -> list[str]:
@@ -189,9 +191,11 @@ def hub_problem(repo: str, revision: str | None = None) -> str | None:
         return f"model {repo!r} is not a local folder and the hub has no such repository (or it is private: log in with `hf auth login`)"
     except Exception as exc:  # noqa: BLE001 - no network, DNS, proxy, timeout: all mean the same here
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        return (f"model {repo!r} is not a local folder and not in the Hugging Face cache, and the hub "
-                f"({constants.ENDPOINT}) cannot be reached within {HUB_TIMEOUT_S:g}s ({type(exc).__name__}: {reason}): "
-                "download it where there is network or give a local path")
+        return (
+            f"model {repo!r} is not a local folder and not in the Hugging Face cache, and the hub "
+            f"({constants.ENDPOINT}) cannot be reached within {HUB_TIMEOUT_S:g}s ({type(exc).__name__}: {reason}): "
+            "download it where there is network or give a local path"
+        )
     return None
 
 
@@ -284,8 +288,7 @@ def check_routable(exp: Experiment, experiment_path: Path, instances: list[Engin
     for inst in instances:
         fields = config_fields(inst.model_path, inst.spec.revision)
         if fields is not None and model_is_dense(fields):
-            raise experiment_error(experiment_path, ("routing",), f"engine {inst.name!r} runs {inst.model_path}, a dense model (no experts in its "
-                                   "config.json): there is no routing to record")
+            raise experiment_error(experiment_path, ("routing",), f"engine {inst.name!r} runs {inst.model_path}, a dense model (no experts in its config.json): there is no routing to record")
 
 
 def make_plan(exp: Experiment, experiment_path: Path, run_id: str | None = None, output_dir: Path | None = None) -> Plan:

@@ -43,8 +43,12 @@ def _check_remote_code(plan: Plan) -> None:
             continue  # a hub id: transformers says it at load time
         fields = json.loads(config.read_text())
         if fields.get("auto_map") and fields.get("model_type") not in CONFIG_MAPPING:
-            raise experiment_error(plan.experiment_path, (_section(exp, inst.name), inst.name), f"engine {inst.name!r}: model {inst.spec.model} is remote code "
-                                   f"(model_type {fields.get('model_type')!r} with its own classes in config.json's auto_map); set trust_remote_code: true to run its code")
+            raise experiment_error(
+                plan.experiment_path,
+                (_section(exp, inst.name), inst.name),
+                f"engine {inst.name!r}: model {inst.spec.model} is remote code "
+                f"(model_type {fields.get('model_type')!r} with its own classes in config.json's auto_map); set trust_remote_code: true to run its code",
+            )
 
 
 def _section(exp: Experiment, name: str) -> str:
@@ -110,8 +114,9 @@ def _check_adapters(plan: Plan) -> None:
             fan_in, fan_out = linears[module]
             if len(a) == 2 and a[1] != fan_in or len(b) == 2 and b[0] != fan_out:
                 raise experiment_error(
-                    path, loc, f"engine {inst.name!r}: the adapter's {module} maps {a[1]} -> {b[0]} features but the model's maps {fan_in} -> {fan_out}: "
-                    "an adapter for another base model (hidden size)?"
+                    path,
+                    loc,
+                    f"engine {inst.name!r}: the adapter's {module} maps {a[1]} -> {b[0]} features but the model's maps {fan_in} -> {fan_out}: an adapter for another base model (hidden size)?",
                 )
 
 
@@ -153,8 +158,9 @@ def _check_with_tokenizer(plan: Plan) -> list[str]:
     if ref.traits.expands_images:
         for i, s in enumerate(exp.samples):
             if s.images:  # such an engine expands images inside itself; the reference's ids must come from a processor
-                raise experiment_error(path, ("samples", i), f"image prompts need a reference that prepares pixels (hf, native); {ref.spec.type} "
-                                       "expands images inside its engine, so it can only be a candidate for them")
+                raise experiment_error(
+                    path, ("samples", i), f"image prompts need a reference that prepares pixels (hf, native); {ref.spec.type} expands images inside its engine, so it can only be a candidate for them"
+                )
     common = dict(revision=ref.spec.revision, trust_remote_code=ref.spec.trust_remote_code)
     try:
         from transformers import AutoProcessor, AutoTokenizer, PretrainedConfig
@@ -189,6 +195,5 @@ def _check_with_tokenizer(plan: Plan) -> list[str]:
                     break
             else:
                 if marks:  # the processor would fail on it in the run, sample by sample
-                    raise experiment_error(path, ("samples", i, "text"), f"the text has no {marks[0]} placeholder for its {len(s.images)} image(s): "
-                                           "write one where each image goes")
+                    raise experiment_error(path, ("samples", i, "text"), f"the text has no {marks[0]} placeholder for its {len(s.images)} image(s): write one where each image goes")
     return []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BeforeValidator,
@@ -85,7 +85,7 @@ class VariantSpec(Strict):
     engine: str = Field(description="The engine this variant starts from.")
 
     @model_validator(mode="after")
-    def _no_type(self) -> "VariantSpec":
+    def _no_type(self) -> VariantSpec:
         if "type" in self.overrides():
             raise ValueError("a variant has its engine's type; make another engine for another type")
         return self
@@ -98,11 +98,11 @@ class MessagePart(Strict):
     """One piece of a chat message: text, or an image file (where the chat template puts its placeholder)."""
 
     type: Literal["text", "image"]
-    text: Optional[str] = None
-    path: Optional[Path] = Field(None, description="image: the file, relative to the experiment (or JSONL) file.")
+    text: str | None = None
+    path: Path | None = Field(None, description="image: the file, relative to the experiment (or JSONL) file.")
 
     @model_validator(mode="after")
-    def _fields(self) -> "MessagePart":
+    def _fields(self) -> MessagePart:
         if self.type == "text" and (self.text is None or self.path is not None):
             raise ValueError("a text part has `text` and no `path`")
         if self.type == "image" and (self.path is None or self.text is not None):
@@ -120,18 +120,18 @@ class Message(Strict):
 class SampleSpec(Strict):
     """A prompt: text (optionally with images), chat messages, raw token ids, or a JSONL file of these."""
 
-    id: Optional[str] = Field(None, description="Stable id; default: s<index>.")
-    text: Optional[str] = None
+    id: str | None = Field(None, description="Stable id; default: s<index>.")
+    text: str | None = None
     images: list[Path] = Field(default_factory=list, description="Image files; the text marks where each goes.")
-    token_ids: Optional[list[int]] = None
-    prompt_len: Optional[int] = Field(None, ge=1, description="With token_ids: where the response starts (its tokens are the completion segment).")
-    messages: Optional[list[Message]] = Field(None, description="Chat turns, rendered with the engine's chat template.")
-    file: Optional[Path] = Field(None, description="JSONL file, one sample object per line.")
-    dump: Optional[str] = Field(None, description="Every record of this engine's dump (a logprobs engine), in file order, as token_ids samples.")
+    token_ids: list[int] | None = None
+    prompt_len: int | None = Field(None, ge=1, description="With token_ids: where the response starts (its tokens are the completion segment).")
+    messages: list[Message] | None = Field(None, description="Chat turns, rendered with the engine's chat template.")
+    file: Path | None = Field(None, description="JSONL file, one sample object per line.")
+    dump: str | None = Field(None, description="Every record of this engine's dump (a logprobs engine), in file order, as token_ids samples.")
     _record: Any = PrivateAttr(None)  # where a dump sample's record is (its engine's `records().index()` pointer); the driver reads it per batch
 
     @model_validator(mode="after")
-    def _one_source(self) -> "SampleSpec":
+    def _one_source(self) -> SampleSpec:
         given = [k for k in ("text", "token_ids", "messages", "file", "dump") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of text, messages, token_ids, file or dump")
@@ -159,7 +159,7 @@ class SamplingSpec(Strict):
     top_k: int = Field(-1, ge=-1, description="-1: no top-k truncation.")
     max_tokens: int = Field(16, ge=1)
     n: int = Field(1, ge=1, description="Completions per prompt.")
-    seed: Optional[int] = None
+    seed: int | None = None
 
 
 class LocalizeSpec(Strict):
@@ -167,7 +167,7 @@ class LocalizeSpec(Strict):
 
     samples: int = Field(1, ge=1, description="How many samples (the first N) to trace.")
     tolerance: float = Field(1e-4, ge=0, description="A module diverges where max |Δ output| exceeds this.")
-    modules: Optional[list[str]] = Field(None, description="Regexes of module names to capture; default: every module whose forward returns a tensor.")
+    modules: list[str] | None = Field(None, description="Regexes of module names to capture; default: every module whose forward returns a tensor.")
     max_positions: int = Field(512, ge=1, description="Positions kept per module output (memory bound); the output says when a sample was longer.")
     module_map: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="engine -> {its module name: the reference's}; overrides the automatic alignment (forward order, shape, values; HF<->OLMo-core names built in)."
@@ -190,8 +190,8 @@ class NoiseSpec(Strict):
     seed: int = Field(0, description="Seeds where each sample goes among the fillers.")
     margin: float = Field(1.0, gt=0, description="above_noise: |lp_diff| > margin × the larger of the two engines' floors at that token.")
     engines: dict[str, list[str]] = Field(
-        default_factory=dict, description="Conditions for one engine or variant instead of `conditions` ([] gives it no floor); "
-        "engines not named use `conditions`.",
+        default_factory=dict,
+        description="Conditions for one engine or variant instead of `conditions` ([] gives it no floor); engines not named use `conditions`.",
     )
 
     @field_validator("conditions")
@@ -217,21 +217,24 @@ class NoiseSpec(Strict):
 class PlacementSpec(Strict):
     """How engines are put on GPUs; decided before any engine loads (crossengine/run/placement.py)."""
 
-    gpu_memory_gb: Optional[float] = Field(
-        None, gt=0, description="Memory of one GPU, where Ray cannot tell (it never can for advertised GPUs); default: nvidia-smi on a cluster node, else unknown."
-    )
+    gpu_memory_gb: float | None = Field(None, gt=0, description="Memory of one GPU, where Ray cannot tell (it never can for advertised GPUs); default: nvidia-smi on a cluster node, else unknown.")
     headroom_gb: float = Field(2.0, ge=0, description="Per-engine room beyond the weights: CUDA context, activations, logits.")
     vllm_kv_cache_gb: float = Field(4.0, ge=0, description="Extra room a vLLM engine gets for its KV cache.")
     timeout_s: float = Field(120.0, gt=0, description="How long an engine may wait for the cluster to place it before the run stops with an error.")
     env_timeout_s: float = Field(1800.0, gt=0, description="The same for an engine whose own environment is built first (pip/python).")
     load_timeout_s: float = Field(3600.0, gt=0, description="How long an engine may take to load its model once placed.")
     logits_transport: Literal["auto", "object_store", "gloo", "nccl"] = Field(
-        "auto", description="How the reference's full logits reach candidate workers: object_store (host arrays through Ray's object store), "
+        "auto",
+        description="How the reference's full logits reach candidate workers: object_store (host arrays through Ray's object store), "
         "gloo or nccl (torch tensors worker to worker, Ray Direct Transport); auto: nccl between torch engines on GPUs, else object_store. "
-        "A candidate that cannot take tensors (its own environment, vLLM, a dump, a routing replay) keeps the object store.")
-    logits_budget_gb: Optional[float] = Field(
-        None, gt=0, description="Most full-vocabulary logits one worker holds at once (GiB): a sample whose logits exceed it is scored and "
-        "compared a block of positions at a time (engines with the chunks_logits trait: hf). Default: whole samples.")
+        "A candidate that cannot take tensors (its own environment, vLLM, a dump, a routing replay) keeps the object store.",
+    )
+    logits_budget_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Most full-vocabulary logits one worker holds at once (GiB): a sample whose logits exceed it is scored and "
+        "compared a block of positions at a time (engines with the chunks_logits trait: hf). Default: whole samples.",
+    )
 
     @property
     def logits_budget_bytes(self) -> int | None:
@@ -241,7 +244,7 @@ class PlacementSpec(Strict):
 class Experiment(Strict):
     """An experiment: one model, a reference engine, candidates, variants and samples."""
 
-    name: Optional[str] = Field(None, description="Default: the file's stem.")
+    name: str | None = Field(None, description="Default: the file's stem.")
     model: str = Field(description="Fixture name (tiny-text, tiny-vision), local path or hub id.")
     reference: str = Field(description="Name of the engine every other one is compared against.")
     engines: dict[str, AnyEngineSpec] = Field(min_length=1)
@@ -252,7 +255,7 @@ class Experiment(Strict):
         description="score: teacher-forced prompts; generate: the generator samples, every engine rescores; "
         "greedy: every engine decodes greedily, first divergence per sample reported, the reference's decode rescored.",
     )
-    generator: Optional[str] = Field(None, description="generate mode: the sampling engine; default: the reference.")
+    generator: str | None = Field(None, description="generate mode: the sampling engine; default: the reference.")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     top_k: int = Field(20, ge=1, le=1000, description="Top-k ids and log-probs kept per position.")
     full_vocab: bool = Field(True, description="Use full-vocabulary logits where an engine gives them (KL, cos_sim).")
@@ -261,22 +264,22 @@ class Experiment(Strict):
     device: str = "auto"
     seed: int = 0
     batch_size: int = Field(8, ge=1, le=4096)
-    max_length: Optional[int] = Field(None, ge=2, description="Truncate prompts to this many tokens.")
+    max_length: int | None = Field(None, ge=2, description="Truncate prompts to this many tokens.")
     output_dir: Path = Path("results")
-    run_id: Optional[str] = None
-    localize: Optional[LocalizeSpec] = Field(None, description="Also localise divergence layer by layer after the run (or: crossengine localize).")
+    run_id: str | None = None
+    localize: LocalizeSpec | None = Field(None, description="Also localise divergence layer by layer after the run (or: crossengine localize).")
     placement: PlacementSpec = Field(default_factory=PlacementSpec, description="GPU memory, headroom and timeouts for putting engines on the cluster.")
     routing: bool = Field(
-        False, description="Record each MoE layer's expert choice on every engine (routing/ parts, routing_flips, README 'MoE routing'); "
-        "an engine that cannot report routing, or a dense model, is a one-line error before anything loads."
+        False,
+        description="Record each MoE layer's expert choice on every engine (routing/ parts, routing_flips, README 'MoE routing'); "
+        "an engine that cannot report routing, or a dense model, is a one-line error before anything loads.",
     )
-    noise: Optional[NoiseSpec] = Field(
-        None, description="Measure each engine's own noise floor (README, 'Noise floor'): noise/ parts, noise_* and above_noise token columns, "
-        "frac_above_noise; `noise: true` takes the defaults."
+    noise: NoiseSpec | None = Field(
+        None, description="Measure each engine's own noise floor (README, 'Noise floor'): noise/ parts, noise_* and above_noise token columns, frac_above_noise; `noise: true` takes the defaults."
     )
-    alarms: dict[str, Optional[float | list[float]]] = Field(
-        default_factory=dict, description="Change an alarm's limit by name (a number, [low, high] for a band) or switch it off (null); "
-        "the alarms and their published defaults are in README.md, 'Alarms'."
+    alarms: dict[str, float | list[float] | None] = Field(
+        default_factory=dict,
+        description="Change an alarm's limit by name (a number, [low, high] for a band) or switch it off (null); the alarms and their published defaults are in README.md, 'Alarms'.",
     )
 
     @field_validator("alarms")
@@ -309,7 +312,7 @@ class Experiment(Strict):
 
     @field_validator("run_id", "name")
     @classmethod
-    def _folder_name(cls, v: Optional[str], info) -> Optional[str]:
+    def _folder_name(cls, v: str | None, info) -> str | None:
         # both become a folder name under output_dir: nothing may climb out of it
         if v is not None and not NAME.match(v):
             raise ValueError(f"{info.field_name} {v!r} must match {NAME.pattern} (it names the results folder)")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -52,15 +52,15 @@ class Axis(Strict):
 
 
 class SweepSpec(Strict):
-    name: Optional[str] = Field(None, description="Default: the file's stem; names the sweep's folder.")
+    name: str | None = Field(None, description="Default: the file's stem; names the sweep's folder.")
     experiment: Path = Field(description="The base experiment file, relative to the sweep file.")
     axes: dict[str, Axis] = Field(min_length=1)
-    parallel: Optional[int] = Field(None, ge=1, description="At most this many members at once; default: as many as the cluster holds.")
+    parallel: int | None = Field(None, ge=1, description="At most this many members at once; default: as many as the cluster holds.")
     output_dir: Path = Field(Path("results"), description="The sweep's folder goes under it.")
 
     @field_validator("name")
     @classmethod
-    def _name(cls, v: Optional[str]) -> Optional[str]:
+    def _name(cls, v: str | None) -> str | None:
         if v is not None and not NAME.match(v):
             raise ValueError(f"name {v!r} must match {NAME.pattern} (it names the sweep's folder)")
         return v

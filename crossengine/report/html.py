@@ -39,10 +39,24 @@ from crossengine.run_meta import RunMeta
 MAX_POINTS = 2048
 CONTEXT = 8
 SUMMARY_COLUMNS = [
-    "n_tokens", "top1_agreement", "abs_max", "abs_mean", "kl_mean", "kl_max", "cos_sim",
-    "token_mult_prob_error", "gen_kl_error", "policy_kl_error", "js_divergence_error",
-    "rollout_probs_diff_max", "rollout_corr/k3_kl", "train_rollout_logprob_abs_diff", "mismatch_kl", "vllm_kl",
-    "first_divergent_position", "n_nonfinite",
+    "n_tokens",
+    "top1_agreement",
+    "abs_max",
+    "abs_mean",
+    "kl_mean",
+    "kl_max",
+    "cos_sim",
+    "token_mult_prob_error",
+    "gen_kl_error",
+    "policy_kl_error",
+    "js_divergence_error",
+    "rollout_probs_diff_max",
+    "rollout_corr/k3_kl",
+    "train_rollout_logprob_abs_diff",
+    "mismatch_kl",
+    "vllm_kl",
+    "first_divergent_position",
+    "n_nonfinite",
 ]
 
 
@@ -92,8 +106,27 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
 
 def _read_tokens(tokens_dir: Path) -> pd.DataFrame:
 
-    cols = ["sample_id", "position", "token_text", "modality", "attention", "segment", "cand_engine", "variant",
-            "lp_ref", "lp_cand", "abs_lp_diff", "gen_kl", "kl_ref_cand", "topk_kl", "top1_ref", "top1_cand", "top1_match", "top1_tie", "nonfinite"]
+    cols = [
+        "sample_id",
+        "position",
+        "token_text",
+        "modality",
+        "attention",
+        "segment",
+        "cand_engine",
+        "variant",
+        "lp_ref",
+        "lp_cand",
+        "abs_lp_diff",
+        "gen_kl",
+        "kl_ref_cand",
+        "topk_kl",
+        "top1_ref",
+        "top1_cand",
+        "top1_match",
+        "top1_tie",
+        "nonfinite",
+    ]
     import pyarrow.dataset as ds
 
     present = set(ds.dataset(tokens_dir, format="parquet").schema.names)
@@ -112,15 +145,23 @@ def _run_section(meta: RunMeta) -> str:
     for name, info in meta.engines.items():
         spec = {**exp.get("engines", {}), **exp.get("variants", {})}.get(name, {})
         env = spec.get("env") or {}
-        rows.append({
-            "engine": name, "role": "reference" if name == meta.reference else "candidate", "type": info.get("engine"),
-            "versions": ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items()), "device": info.get("device"),
-            "dtype": info.get("dtype"), "environment": ", ".join(env.get("pip") or []) or env.get("python") or "this one",
-            "gpus": ",".join(info.get("gpu_ids") or info.get("extra", {}).get("gpu_ids", [])) or "-",  # extra: runs before typed EngineInfo
-        })
-    head = (f"<p>model <b>{html.escape(str(exp.get('model')))}</b>, reference <b>{html.escape(meta.reference)}</b>, "
-            f"{meta.n_samples} samples, mode {html.escape(str(exp.get('mode', 'score')))}, status {html.escape(meta.status)}, "
-            f"crossengine {html.escape(meta.crossengine_version)} ({html.escape((meta.git_sha or '')[:10])})</p>")
+        rows.append(
+            {
+                "engine": name,
+                "role": "reference" if name == meta.reference else "candidate",
+                "type": info.get("engine"),
+                "versions": ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items()),
+                "device": info.get("device"),
+                "dtype": info.get("dtype"),
+                "environment": ", ".join(env.get("pip") or []) or env.get("python") or "this one",
+                "gpus": ",".join(info.get("gpu_ids") or info.get("extra", {}).get("gpu_ids", [])) or "-",  # extra: runs before typed EngineInfo
+            }
+        )
+    head = (
+        f"<p>model <b>{html.escape(str(exp.get('model')))}</b>, reference <b>{html.escape(meta.reference)}</b>, "
+        f"{meta.n_samples} samples, mode {html.escape(str(exp.get('mode', 'score')))}, status {html.escape(meta.status)}, "
+        f"crossengine {html.escape(meta.crossengine_version)} ({html.escape((meta.git_sha or '')[:10])})</p>"
+    )
     errors = pd.DataFrame(meta.errors)
     err = f"<h3>Errors and skipped samples ({len(errors)})</h3>" + html_table(errors) if len(errors) else "<p class='note'>no errors, no skipped samples</p>"
     return head + html_table(pd.DataFrame(rows)) + err
@@ -176,20 +217,50 @@ def _per_sample_section(tokens: pd.DataFrame) -> str:
                 xs, ys = _bin_max(x, g[col].to_numpy(dtype=float), MAX_POINTS)
                 binned |= len(xs) < len(x)
                 text = g["token_text"].astype(str).to_numpy()[: len(xs)] if len(xs) == len(x) else None
-                fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=inst, legendgroup=inst, showlegend=r == 1, visible=si == 0,
-                                         text=text, hovertemplate="pos %{x}: %{text}<br>%{y:.3g}<extra>" + html.escape(inst) + "</extra>", marker=dict(size=4)), row=r, col=1)
+                fig.add_trace(
+                    go.Scatter(
+                        x=xs,
+                        y=ys,
+                        mode="lines+markers",
+                        name=inst,
+                        legendgroup=inst,
+                        showlegend=r == 1,
+                        visible=si == 0,
+                        text=text,
+                        hovertemplate="pos %{x}: %{text}<br>%{y:.3g}<extra>" + html.escape(inst) + "</extra>",
+                        marker=dict(size=4),
+                    ),
+                    row=r,
+                    col=1,
+                )
                 idx.append(len(fig.data) - 1)
             if "floor" in g and g["floor"].notna().any():  # the noise floor beside the divergence, same colour group, dashed
                 xs, ys = _bin_max(x, g["floor"].to_numpy(dtype=float), MAX_POINTS)
-                fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=f"{inst}: noise floor", legendgroup=inst, visible=si == 0, line=dict(dash="dash", width=1),
-                                         hovertemplate="pos %{x}: floor %{y:.3g}<extra>" + html.escape(inst) + "</extra>"), row=1, col=1)
+                fig.add_trace(
+                    go.Scatter(
+                        x=xs,
+                        y=ys,
+                        mode="lines",
+                        name=f"{inst}: noise floor",
+                        legendgroup=inst,
+                        visible=si == 0,
+                        line=dict(dash="dash", width=1),
+                        hovertemplate="pos %{x}: floor %{y:.3g}<extra>" + html.escape(inst) + "</extra>",
+                    ),
+                    row=1,
+                    col=1,
+                )
                 idx.append(len(fig.data) - 1)
         per_sample_traces.append(idx)
         first = rows.drop_duplicates("position").sort_values("position")
-        shapes = [dict(type="rect", xref="x", yref="paper", x0=a, x1=b, y0=0, y1=1, fillcolor="rgba(255,165,0,0.18)", line_width=0, layer="below")
-                  for a, b in _spans((first["modality"].astype(str) == "image").to_numpy(), first["position"].to_numpy())]
-        shapes += [dict(type="rect", xref="x", yref="paper", x0=a, x1=b, y0=0.97, y1=1.0, fillcolor="rgba(128,0,128,0.5)", line_width=0)
-                   for a, b in _spans((first["attention"].astype(str) == "bidirectional").to_numpy(), first["position"].to_numpy())]
+        shapes = [
+            dict(type="rect", xref="x", yref="paper", x0=a, x1=b, y0=0, y1=1, fillcolor="rgba(255,165,0,0.18)", line_width=0, layer="below")
+            for a, b in _spans((first["modality"].astype(str) == "image").to_numpy(), first["position"].to_numpy())
+        ]
+        shapes += [
+            dict(type="rect", xref="x", yref="paper", x0=a, x1=b, y0=0.97, y1=1.0, fillcolor="rgba(128,0,128,0.5)", line_width=0)
+            for a, b in _spans((first["attention"].astype(str) == "bidirectional").to_numpy(), first["position"].to_numpy())
+        ]
         mism = rows[~(rows["top1_match"].fillna(True).astype(bool) | rows["top1_tie"].fillna(False).astype(bool))]  # null: no top-1 on a side
         if len(mism):
             p = int(mism["position"].min())
@@ -201,13 +272,16 @@ def _per_sample_section(tokens: pd.DataFrame) -> str:
         for i in per_sample_traces[si]:
             visible[i] = True
         buttons.append(dict(label=str(sid), method="update", args=[{"visible": visible}, {"shapes": shapes_of[si]}]))
-    fig.update_layout(height=560, shapes=shapes_of[0] if shapes_of else [], legend=dict(orientation="h"),
-                      updatemenus=[dict(buttons=buttons, direction="down", x=0, xanchor="left", y=1.15, yanchor="top")])
+    fig.update_layout(
+        height=560, shapes=shapes_of[0] if shapes_of else [], legend=dict(orientation="h"), updatemenus=[dict(buttons=buttons, direction="down", x=0, xanchor="left", y=1.15, yanchor="top")]
+    )
     fig.update_yaxes(type="log", row=1, col=1)
     fig.update_yaxes(type="log", row=2, col=1)
     n = tokens["sample_id"].nunique()
-    note = ("<p class='note'>sample selector (top left); orange: image tokens; purple band: bidirectional attention (reference's mask); "
-            "red dotted: first top-1 mismatch that is not a tie; hover for the token. ")
+    note = (
+        "<p class='note'>sample selector (top left); orange: image tokens; purple band: bidirectional attention (reference's mask); "
+        "red dotted: first top-1 mismatch that is not a tie; hover for the token. "
+    )
     if "floor" in tokens and tokens["floor"].notna().any():
         note += "Dashed: the larger of the two engines' own noise floors at that token (a |Δ| above it is above noise). "
     if n > len(order):
@@ -283,22 +357,34 @@ def _alarms_section(alarms: pd.DataFrame, tokens: pd.DataFrame) -> str:
         seq = sel.set_index("position")["token_text"].astype(str)
         for _, t in sel.nlargest(ALARM_TOKENS, "gen_kl").iterrows():
             before = "".join(seq.get(p, "") for p in range(t["position"] - CONTEXT, t["position"]))
-            rows.append({"candidate": who, "sample": sid, "alarms": ", ".join(names), "position": t["position"], "segment": t["segment"],
-                         "context": f"{before}⟦{t['token_text']}⟧", "lp_ref": t["lp_ref"], "lp_cand": t["lp_cand"], "k3": t["gen_kl"]})
-    note = (f"<p class='note'>the tokens behind the alarms: in up to {ALARM_SAMPLES} samples per alarm that trip it alone, the {ALARM_TOKENS} with the "
-            "largest per-token k3 = gen_kl (the reference as trainer, the candidate as rollout), ⟦the scored token⟧ after its context.</p>")
+            rows.append(
+                {
+                    "candidate": who,
+                    "sample": sid,
+                    "alarms": ", ".join(names),
+                    "position": t["position"],
+                    "segment": t["segment"],
+                    "context": f"{before}⟦{t['token_text']}⟧",
+                    "lp_ref": t["lp_ref"],
+                    "lp_cand": t["lp_cand"],
+                    "k3": t["gen_kl"],
+                }
+            )
+    note = (
+        f"<p class='note'>the tokens behind the alarms: in up to {ALARM_SAMPLES} samples per alarm that trip it alone, the {ALARM_TOKENS} with the "
+        "largest per-token k3 = gen_kl (the reference as trainer, the candidate as rollout), ⟦the scored token⟧ after its context.</p>"
+    )
     tokens_table = f"<details><summary>the tokens behind the alarms ({len(rows)})</summary>{note}{html_table(pd.DataFrame(rows), row_class=lambda r: 'ctx')}</details>"
     return "".join(parts) + (tokens_table if rows else "")
 
 
 def _worst_section(tokens: pd.DataFrame, meta: RunMeta, worst_dir: Path, n: int = 20) -> str:
     tok = _vocab(meta)
-    text = (lambda i: tok.decode([int(i)]) if tok is not None and pd.notna(i) and int(i) >= 0 else str(i))  # noqa: E731
-    top5 = (lambda ids, lps: ", ".join(f"{text(i)!r} {lp:.2f}" for i, lp in zip(ids, lps) if i >= 0))  # noqa: E731
+    text = lambda i: tok.decode([int(i)]) if tok is not None and pd.notna(i) and int(i) >= 0 else str(i)  # noqa: E731
+    top5 = lambda ids, lps: ", ".join(f"{text(i)!r} {lp:.2f}" for i, lp in zip(ids, lps) if i >= 0)  # noqa: E731
     scored = tokens[tokens["variant"].astype(str) != SAMPLED]
     extra = {}
     if worst_dir.exists() and any(worst_dir.glob("*.parquet")):
-
         w = read_tokens(worst_dir)
         w = w[w["variant"].astype(str) != SAMPLED]
         extra = {(str(r.sample_id), int(r.position), display_name(str(r.cand_engine), str(r.variant))): r for r in w.itertuples(index=False)}
@@ -308,16 +394,25 @@ def _worst_section(tokens: pd.DataFrame, meta: RunMeta, worst_dir: Path, n: int 
         seq = tokens[(tokens["sample_id"] == r["sample_id"]) & (tokens["instance"] == r["instance"])].set_index("position")["token_text"].astype(str)
         before = "".join(seq.get(p, "") for p in range(r["position"] - CONTEXT, r["position"]))
         after = "".join(seq.get(p, "") for p in range(r["position"] + 1, r["position"] + CONTEXT + 1))
-        row = {"candidate": r["instance"], "sample": r["sample_id"], "position": r["position"], "kl": r["kl"],
-               "context": f"{before}⟦{r['token_text']}⟧{after}", "lp_ref": r["lp_ref"], "lp_cand": r["lp_cand"]}
+        row = {
+            "candidate": r["instance"],
+            "sample": r["sample_id"],
+            "position": r["position"],
+            "kl": r["kl"],
+            "context": f"{before}⟦{r['token_text']}⟧{after}",
+            "lp_ref": r["lp_ref"],
+            "lp_cand": r["lp_cand"],
+        }
         w = extra.get((str(r["sample_id"]), int(r["position"]), r["instance"]))
         if w is not None:
             row.update({"reference's top-5": top5(w.top5_ref_ids, w.top5_ref_lp), "candidate's top-5": top5(w.top5_cand_ids, w.top5_cand_lp)})
         else:  # a run written before worst/ parts existed: the argmaxes are all there is
             row.update({"reference's top-1": text(r["top1_ref"]), "candidate's top-1": text(r["top1_cand"])})
         rows.append(row)
-    note = (f"<p class='note'>the {len(rows)} tokens with the largest KL (full-vocabulary where both engines gave logits, else top-k), "
-            f"±{CONTEXT} tokens of context, ⟦the scored token⟧, and each side's five most likely tokens with their log-probs.</p>")
+    note = (
+        f"<p class='note'>the {len(rows)} tokens with the largest KL (full-vocabulary where both engines gave logits, else top-k), "
+        f"±{CONTEXT} tokens of context, ⟦the scored token⟧, and each side's five most likely tokens with their log-probs.</p>"
+    )
     return note + html_table(pd.DataFrame(rows), row_class=lambda r: "ctx")
 
 
@@ -325,5 +420,3 @@ def _worst_section(tokens: pd.DataFrame, meta: RunMeta, worst_dir: Path, n: int 
 
 
 # --------------------------------------------------------------------------- RL monitor
-
-

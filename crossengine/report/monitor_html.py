@@ -1,5 +1,4 @@
-"""An RL monitor's output folder (KLMonitor's steps and alarms) as a page.
-"""
+"""An RL monitor's output folder (KLMonitor's steps and alarms) as a page."""
 
 from __future__ import annotations
 
@@ -30,8 +29,10 @@ def monitor_report(out_dir: Path, out: Path | None = None) -> Path:
             fig.add_hline(y=thresholds[c], line_dash="dot", line_color="red", row=i, col=1)
             fig.add_trace(go.Scatter(x=over["step"], y=over[c], mode="markers", marker=dict(color="red", size=10, symbol="x"), name=f"{c} over {thresholds[c]:g}", showlegend=False), row=i, col=1)
     fig.update_layout(height=200 * max(1, len(cols)), title="per step; red: over the threshold (dotted)")
-    sections = [("Steps", figure(fig, "monitor")), ("Every step", html_table(steps[["step", *cols, "n_tokens"]] if "n_tokens" in steps else steps[["step", *cols]],
-                                                                          row_class=lambda r: "bad" if int(r["step"]) in over_steps else ""))]
+    sections = [
+        ("Steps", figure(fig, "monitor")),
+        ("Every step", html_table(steps[["step", *cols, "n_tokens"]] if "n_tokens" in steps else steps[["step", *cols]], row_class=lambda r: "bad" if int(r["step"]) in over_steps else "")),
+    ]
     worst_dir = Path(out_dir) / "worst"
     if worst_dir.exists() and any(worst_dir.glob("*.parquet")):
         worst = read_tokens(worst_dir)

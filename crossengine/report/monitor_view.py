@@ -31,7 +31,6 @@ def read_steps(out_dir: Path) -> pd.DataFrame:
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
-
     steps = Path(out_dir) / "steps"
     files = sorted(steps.glob("part-*.parquet")) if steps.is_dir() else []
     if not files:
@@ -89,8 +88,16 @@ def worst_view(out_dir: Path, step: int):
     for c in ("rank", "sample_id", "position", "token_text", "modality", "lp_gen", "lp_train", "gen_kl"):
         table.add_column(c, justify="right" if c not in ("token_text", "modality", "sample_id") else "left")
     for _, r in df.iterrows():
-        table.add_row(str(r["rank"]), str(r["sample_id"]), str(r["position"]), repr(r["token_text"]) if r["token_text"] is not None else str(r["token_id"]),
-                      r["modality"], f"{r['lp_gen']:.4f}", f"{r['lp_train']:.4f}", f"{r['gen_kl']:.4g}")
+        table.add_row(
+            str(r["rank"]),
+            str(r["sample_id"]),
+            str(r["position"]),
+            repr(r["token_text"]) if r["token_text"] is not None else str(r["token_id"]),
+            r["modality"],
+            f"{r['lp_gen']:.4f}",
+            f"{r['lp_train']:.4f}",
+            f"{r['gen_kl']:.4g}",
+        )
     return table
 
 

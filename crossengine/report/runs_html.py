@@ -1,5 +1,4 @@
-"""Two runs side by side (`crossengine compare A B`) as a page.
-"""
+"""Two runs side by side (`crossengine compare A B`) as a page."""
 
 from __future__ import annotations
 
@@ -21,7 +20,9 @@ def compare_report(a: Path, b: Path, table: pd.DataFrame, out: Path) -> Path:
     fig.add_trace(go.Bar(x=pooled["candidate"], y=pooled["kl_mean_a"], name=f"A: {Path(a).name}"))
     fig.add_trace(go.Bar(x=pooled["candidate"], y=pooled["kl_mean_b"], name=f"B: {Path(b).name}"))
     fig.update_layout(barmode="group", yaxis_type="log", title="KL mean per candidate, before (A) and after (B)", height=380)
-    sections = [("Before and after", f"<p>A: {html.escape(str(a))}<br>B: {html.escape(str(b))}</p>" + figure(fig, "compare")),
-                ("Every split", html_table(table, row_class=lambda r: "bad" if r["status"] != "both" else ""))]
+    sections = [
+        ("Before and after", f"<p>A: {html.escape(str(a))}<br>B: {html.escape(str(b))}</p>" + figure(fig, "compare")),
+        ("Every split", html_table(table, row_class=lambda r: "bad" if r["status"] != "both" else "")),
+    ]
     write_text(out, page(f"crossengine compare: {Path(a).name} vs {Path(b).name}", sections))
     return out

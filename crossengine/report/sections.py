@@ -28,8 +28,10 @@ def routing_section(run_dir: Path, summary: pd.DataFrame, meta: RunMeta, tokens:
 
     table = pd.read_parquet(run_dir / "routing.parquet")
     lines = "".join(f"<li>{html.escape(x)}</li>" for x in routing_lines(table, summary, meta.reference))
-    out = ("<p class='note'>a flip: the two engines' routers chose different sets of experts for that input position and layer; "
-           "the margin is the reference's k-th minus (k+1)-th router logit (README, 'MoE routing')</p>" + f"<ul>{lines}</ul>" + html_table(table))
+    out = (
+        "<p class='note'>a flip: the two engines' routers chose different sets of experts for that input position and layer; "
+        "the margin is the reference's k-th minus (k+1)-th router logit (README, 'MoE routing')</p>" + f"<ul>{lines}</ul>" + html_table(table)
+    )
     routing = read_routing(run_dir / "routing")
     if routing is None or not routing["flip"].any():
         return out + "<p class='note'>no flips: every candidate routed every position as the reference did</p>"
@@ -39,13 +41,29 @@ def routing_section(run_dir: Path, summary: pd.DataFrame, meta: RunMeta, tokens:
         sid = g["sample_id"].value_counts().idxmax()
         one = routing[(routing["candidate"] == cand) & (routing["sample_id"] == sid)]
         grid = one.pivot_table(index="layer", columns="position", values="flip", aggfunc="max").astype(float)
-        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.35, 0.65], vertical_spacing=0.06,
-                            subplot_titles=(f"|Δ log-prob| of the token each position predicts ({cand}, sample {sid})", "routing flips (layer × input position)"))
+        fig = make_subplots(
+            rows=2,
+            cols=1,
+            shared_xaxes=True,
+            row_heights=[0.35, 0.65],
+            vertical_spacing=0.06,
+            subplot_titles=(f"|Δ log-prob| of the token each position predicts ({cand}, sample {sid})", "routing flips (layer × input position)"),
+        )
         rows = tokens[(tokens["instance"] == cand) & (tokens["sample_id"].astype(str) == sid)].sort_values("position") if not tokens.empty else tokens
         if len(rows):
             fig.add_trace(go.Scatter(x=rows["position"] - 1, y=rows["abs_lp_diff"], mode="lines+markers", name="|Δlp|", marker=dict(size=4)), row=1, col=1)
-        fig.add_trace(go.Heatmap(z=grid.to_numpy(), x=grid.columns.to_numpy(), y=grid.index.to_numpy(), colorscale=[[0, "#f4f4f4"], [1, "#c0392b"]],
-                                 showscale=False, hovertemplate="layer %{y}, position %{x}: flip %{z}<extra></extra>"), row=2, col=1)
+        fig.add_trace(
+            go.Heatmap(
+                z=grid.to_numpy(),
+                x=grid.columns.to_numpy(),
+                y=grid.index.to_numpy(),
+                colorscale=[[0, "#f4f4f4"], [1, "#c0392b"]],
+                showscale=False,
+                hovertemplate="layer %{y}, position %{x}: flip %{z}<extra></extra>",
+            ),
+            row=2,
+            col=1,
+        )
         fig.update_layout(height=420, showlegend=False)
         out += figure(fig, f"routing-{n}")
     return out
@@ -56,14 +74,15 @@ def noise_section(summary: pd.DataFrame, floors: pd.DataFrame, meta: RunMeta) ->
     from crossengine.compare.floor import pair_lines
 
     pooled = pooled_summary(summary)
-    pairs = pd.DataFrame({"candidate": display_names(pooled), "tokens above noise": pooled.get("n_above_noise"), "of": pooled["n_tokens"],
-                          "frac_above_noise": pooled.get("frac_above_noise")})
+    pairs = pd.DataFrame({"candidate": display_names(pooled), "tokens above noise": pooled.get("n_above_noise"), "of": pooled["n_tokens"], "frac_above_noise": pooled.get("frac_above_noise")})
     lines = pair_lines(summary, floors, meta.reference) + meta.expectations.get("notes", []) + [f"error: {x}" for x in meta.expectations.get("failed", [])]
     cols = ["engine", "condition", "n_tokens", "n_differ", "bitwise", "distinct_max", "max_abs_diff", "mean_abs_diff", "max_kl", "first_sample", "first_position", "first_token"]
     said = "".join(f"<li>{html.escape(x)}</li>" for x in lines)
-    return ("<p class='note'>each engine scored its batches again under its noise conditions (README, 'Noise floor'); a token is above noise "
-            "where |Δ log-prob| exceeds the larger of the two engines' floors there (× noise.margin)</p>"
-            f"<ul>{said}</ul>" + html_table(pairs) + "<h3>Each engine's own floor, per condition</h3>" + html_table(floors[[c for c in cols if c in floors]]))
+    return (
+        "<p class='note'>each engine scored its batches again under its noise conditions (README, 'Noise floor'); a token is above noise "
+        "where |Δ log-prob| exceeds the larger of the two engines' floors there (× noise.margin)</p>"
+        f"<ul>{said}</ul>" + html_table(pairs) + "<h3>Each engine's own floor, per condition</h3>" + html_table(floors[[c for c in cols if c in floors]])
+    )
 
 
 def nearest_section(nearest: pd.DataFrame) -> str:
@@ -78,8 +97,20 @@ def nearest_section(nearest: pd.DataFrame) -> str:
         g = nearest[nearest["modality"].astype(str) == m]
         wide = g.pivot_table(index="candidate", columns="other", values="max_abs_diff", aggfunc="first", observed=True)
         z = wide.to_numpy(dtype=float)
-        fig.add_trace(go.Heatmap(z=np.log10(np.clip(z, 1e-12, None)), customdata=z, x=list(wide.columns), y=list(wide.index), colorscale="Viridis",
-                                 showscale=col == 1, colorbar=dict(title="log10"), hovertemplate="%{y} vs %{x}: %{customdata:.3g}<extra></extra>"), row=1, col=col)
+        fig.add_trace(
+            go.Heatmap(
+                z=np.log10(np.clip(z, 1e-12, None)),
+                customdata=z,
+                x=list(wide.columns),
+                y=list(wide.index),
+                colorscale="Viridis",
+                showscale=col == 1,
+                colorbar=dict(title="log10"),
+                hovertemplate="%{y} vs %{x}: %{customdata:.3g}<extra></extra>",
+            ),
+            row=1,
+            col=col,
+        )
     fig.update_layout(height=360)
     return figure(fig, "nearest") + html_table(nearest)
 
@@ -94,8 +125,24 @@ def inputs_section(inputs: pd.DataFrame) -> str:
     for (cand, variant), rows in differ.groupby(["cand_engine", "variant"], sort=True, observed=True):
         lines += [f"{display_name(cand, variant)}: {line}" for line in first_differences(rows.to_dict("records"))]
     items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
-    cols = ["cand_engine", "variant", "sample_id", "input", "status", "first_difference", "ref_token", "cand_token", "ref_context",
-            "cand_context", "max_abs_diff", "mean_abs_diff", "detail", "scored", "own_prompt_tokens", "own_prompt_abs_lp_diff_mean"]
+    cols = [
+        "cand_engine",
+        "variant",
+        "sample_id",
+        "input",
+        "status",
+        "first_difference",
+        "ref_token",
+        "cand_token",
+        "ref_context",
+        "cand_context",
+        "max_abs_diff",
+        "mean_abs_diff",
+        "detail",
+        "scored",
+        "own_prompt_tokens",
+        "own_prompt_abs_lp_diff_mean",
+    ]
     rows = f"<details><summary>every differing input, per sample ({len(differ)} rows)</summary>{html_table(differ[cols])}</details>"
     return html_table(inputs_matrix(inputs)) + f"<ul>{items}</ul>" + rows
 
@@ -130,14 +177,38 @@ def localisation_section(run_dir: Path, meta: RunMeta) -> str:
         for (cand, variant), g in layers.groupby(["cand_engine", "variant"], sort=False):
             per = g.groupby(["order", "module"], sort=True)["max_abs_diff"].max().reset_index()
             name = display_name(str(cand), str(variant))
-            fig.add_trace(go.Scatter(x=per["order"], y=per["max_abs_diff"].clip(lower=1e-12), mode="lines+markers", name=name, text=per["module"],
-                                     hovertemplate="%{text}: %{y:.3g}<extra>" + html.escape(name) + "</extra>"))
+            fig.add_trace(
+                go.Scatter(
+                    x=per["order"],
+                    y=per["max_abs_diff"].clip(lower=1e-12),
+                    mode="lines+markers",
+                    name=name,
+                    text=per["module"],
+                    hovertemplate="%{text}: %{y:.3g}<extra>" + html.escape(name) + "</extra>",
+                )
+            )
             first = first_divergence(g, tol)
             if first is not None:
-                firsts.append({"candidate": name, "module": first["module"], "candidate's module": first.get("cand_module"), "position": first["first_position"],
-                               "max |Δ|": first["max_abs_diff"], "origin": first["origin"]})
-                fig.add_trace(go.Scatter(x=[first["order"]], y=[max(first["max_abs_diff"], 1e-12)], mode="markers", marker=dict(size=14, symbol="x", color="red"),
-                                         name=f"{name}: first over {tol:g}", hovertext=str(first["module"])))
+                firsts.append(
+                    {
+                        "candidate": name,
+                        "module": first["module"],
+                        "candidate's module": first.get("cand_module"),
+                        "position": first["first_position"],
+                        "max |Δ|": first["max_abs_diff"],
+                        "origin": first["origin"],
+                    }
+                )
+                fig.add_trace(
+                    go.Scatter(
+                        x=[first["order"]],
+                        y=[max(first["max_abs_diff"], 1e-12)],
+                        mode="markers",
+                        marker=dict(size=14, symbol="x", color="red"),
+                        name=f"{name}: first over {tol:g}",
+                        hovertext=str(first["module"]),
+                    )
+                )
         fig.add_hline(y=tol, line_dash="dot", annotation_text=f"tolerance {tol:g}")
         fig.update_layout(title="max |Δ| of each module's output, in the reference's forward order", yaxis_type="log", height=420)
         parts.append(figure(fig, "layers") + html_table(pd.DataFrame(firsts)))

@@ -22,7 +22,7 @@ NOT_AXES = {"member", "status", "message", "run_dir"}
 def axes_of(index: pd.DataFrame) -> list[str]:
     """The axis columns: those between `member` and `status` (write_index puts them there)."""
     cols = list(index.columns)
-    return cols[cols.index("member") + 1: cols.index("status")]
+    return cols[cols.index("member") + 1 : cols.index("status")]
 
 
 def sweep_report(root: Path, out: Path | None = None) -> Path:

@@ -63,8 +63,11 @@ def print_summary(run_dir: Path, console) -> None:
         pooled = summary[(summary["modality"] == "all") & (summary["n_nonfinite"] > 0)]
         for _, r in pooled.iterrows():
             name = display_name(r["cand_engine"], r["variant"])
-            console.print(f"[red]non-finite[/red] log-probs at {int(r['n_nonfinite'])} token(s) of {str(name)!r} vs {reference!r}: "
-                          "see the `nonfinite` column (ref/cand/both); their metrics are null and left out of the summary", highlight=False)
+            console.print(
+                f"[red]non-finite[/red] log-probs at {int(r['n_nonfinite'])} token(s) of {str(name)!r} vs {reference!r}: "
+                "see the `nonfinite` column (ref/cand/both); their metrics are null and left out of the summary",
+                highlight=False,
+            )
     from crossengine.compare.inputs import differing_inputs, read_inputs
 
     inputs = read_inputs(run_dir)
@@ -150,7 +153,17 @@ def compare_view(table: pd.DataFrame, run_a: Path, run_b: Path):
     for _, r in table.iterrows():
         diff = r["kl_mean_change"]
         changed += int(r["status"] != "both" or (pd.notna(diff) and diff != 0))
-        t.add_row(r["candidate"], r["split"], r["status"], fmt_cell(r["top1_agreement_a"], "{:.4f}"), fmt_cell(r["top1_agreement_b"], "{:.4f}"),
-                  fmt_cell(r["kl_mean_a"], "{:.3g}"), fmt_cell(r["kl_mean_b"], "{:.3g}"), fmt_cell(diff, "{:+.3g}"), fmt_cell(r["abs_max_a"], "{:.3g}"), fmt_cell(r["abs_max_b"], "{:.3g}"))
+        t.add_row(
+            r["candidate"],
+            r["split"],
+            r["status"],
+            fmt_cell(r["top1_agreement_a"], "{:.4f}"),
+            fmt_cell(r["top1_agreement_b"], "{:.4f}"),
+            fmt_cell(r["kl_mean_a"], "{:.3g}"),
+            fmt_cell(r["kl_mean_b"], "{:.3g}"),
+            fmt_cell(diff, "{:+.3g}"),
+            fmt_cell(r["abs_max_a"], "{:.3g}"),
+            fmt_cell(r["abs_max_b"], "{:.3g}"),
+        )
     t.caption = f"{changed} of {len(table)} rows changed" if changed else "no changes"
     return t

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -150,8 +151,7 @@ class Mode:
         key = uuid.uuid4().hex
         ref_out, ref_check = pool.score_reference(ref, batch, self.exp.top_k, self.exp.full_vocab, self.plan.noise_plan(self.plan.reference), key)
         parts = {
-            c.name: pool.score_and_compare(c.name, batch, ref_out, self.exp.top_k, self.exp.full_vocab, self.options(c),
-                                           raw if c.spec.inputs == "own" else None, self.plan.noise_plan(c))
+            c.name: pool.score_and_compare(c.name, batch, ref_out, self.exp.top_k, self.exp.full_vocab, self.options(c), raw if c.spec.inputs == "own" else None, self.plan.noise_plan(c))
             for c in cands
         }
         return Pending(b, idx, cands, batch, ref_out, ref_check, parts, decoded, lambda: pool.release(ref, key))

@@ -197,8 +197,7 @@ def cluster_view(spec) -> Cluster:
     import ray
 
     nodes = tuple(
-        Node(n["NodeID"], float(n["Resources"].get("GPU", 0)), float(n["Resources"].get("CPU", 0)))
-        for n in ray.nodes() if n.get("Alive") and (n["Resources"].get("CPU") or n["Resources"].get("GPU"))
+        Node(n["NodeID"], float(n["Resources"].get("GPU", 0)), float(n["Resources"].get("CPU", 0))) for n in ray.nodes() if n.get("Alive") and (n["Resources"].get("CPU") or n["Resources"].get("GPU"))
     )
     gpus, cpus = sum(n.gpus for n in nodes), sum(n.cpus for n in nodes)
     if not gpus:
@@ -276,8 +275,7 @@ def plan_placement(always: list[EngineInstance], candidates: list[EngineInstance
         if explicit:
             i = explicit[0]
             raise PlacementError(
-                f"engine {i.name!r} asks for num_gpus {i.spec.num_gpus:g} but the cluster has no GPUs ({cluster.cpus:g} CPUs): "
-                "remove num_gpus to run on CPUs, or join a GPU cluster with --address"
+                f"engine {i.name!r} asks for num_gpus {i.spec.num_gpus:g} but the cluster has no GPUs ({cluster.cpus:g} CPUs): remove num_gpus to run on CPUs, or join a GPU cluster with --address"
             )
         where = _pack([(i.name, 0.0) for i in instances], nodes) or {}
         return Placement(cluster, {i.name: slot(i, 0.0, -1 if i in always else 0, node=where.get(i.name, 0)) for i in instances}, [candidates], notes)
@@ -325,10 +323,7 @@ def plan_placement(always: list[EngineInstance], candidates: list[EngineInstance
         share = math.floor(1.0 / per_gpu / _SHARE_STEP) * _SHARE_STEP
         for i in instances:
             demand[i.name] = share if i in small else requested[i.name]
-        notes.append(
-            f"GPU memory unknown: {len(small)} engines share {room:g} GPUs equally ({share:g} each); "
-            "set placement.gpu_memory_gb to plan by footprint"
-        )
+        notes.append(f"GPU memory unknown: {len(small)} engines share {room:g} GPUs equally ({share:g} each); set placement.gpu_memory_gb to plan by footprint")
 
     def pack(members: list[EngineInstance]) -> dict[str, int] | None:
         return _pack([(i.name, demand[i.name]) for i in [*always, *members]], nodes)
@@ -337,7 +332,9 @@ def plan_placement(always: list[EngineInstance], candidates: list[EngineInstance
         raise PlacementError(
             f"the reference{' and generator' if len(always) > 1 else ''} alone do not fit: "
             + "; ".join(_need(i, demand[i.name], *sizes[i.name]) for i in always)
-            + f"; the cluster has {gpus} GPUs" + (f" of {mem:g} GiB" if mem else "") + f", {cluster.describe()}"
+            + f"; the cluster has {gpus} GPUs"
+            + (f" of {mem:g} GiB" if mem else "")
+            + f", {cluster.describe()}"
         )
     waves: list[list[EngineInstance]] = [[]]
     for c in candidates:
@@ -348,7 +345,8 @@ def plan_placement(always: list[EngineInstance], candidates: list[EngineInstance
             raise PlacementError(
                 f"{_need(c, demand[c.name], *sizes[c.name])}, which does not fit beside the reference "
                 f"({', '.join(f'{demand[i.name]:g} GPU' for i in always)}) on {gpus} GPUs"
-                + (f" of {mem:g} GiB" if mem else "") + f", {cluster.describe()}: add GPUs, use a smaller dtype, or lower placement.headroom_gb"
+                + (f" of {mem:g} GiB" if mem else "")
+                + f", {cluster.describe()}: add GPUs, use a smaller dtype, or lower placement.headroom_gb"
             )
         waves.append([c])
     if len(waves) > 1:

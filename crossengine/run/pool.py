@@ -71,9 +71,20 @@ class EnginePool:
     is one line naming the engine.
     """
 
-    def __init__(self, instances: list[EngineInstance], placement, seed: int, base: Path, timeouts, console=None, keeper: "EngineKeeper | None" = None,
-                 routing: bool = False, warm: dict[str, int] | None = None, transports: tuple[dict[str, str], str | None] = ({}, None),
-                 logits_budget: int | None = None):
+    def __init__(
+        self,
+        instances: list[EngineInstance],
+        placement,
+        seed: int,
+        base: Path,
+        timeouts,
+        console=None,
+        keeper: EngineKeeper | None = None,
+        routing: bool = False,
+        warm: dict[str, int] | None = None,
+        transports: tuple[dict[str, str], str | None] = ({}, None),
+        logits_budget: int | None = None,
+    ):
         worker = worker_class()
         members = [i.name for i in instances]
         cpus = {name: placement.cpu_share(name, members) for name in members}  # its part of its node's CPUs
@@ -98,8 +109,7 @@ class EnginePool:
         try:
             for inst in [i for i in instances if i.name not in self.actors]:
                 # its part of its node's CPUs, pinned to the node the plan chose: Ray never has to find room the plan did not see
-                options: dict[str, Any] = {"num_cpus": min(1.0, cpus[inst.name]), "num_gpus": slots[inst.name].gpus,
-                                           "runtime_env": runtime_env(inst, base, logits_budget)}
+                options: dict[str, Any] = {"num_cpus": min(1.0, cpus[inst.name]), "num_gpus": slots[inst.name].gpus, "runtime_env": runtime_env(inst, base, logits_budget)}
                 node = placement.node_id(inst.name)
                 if node:
                     from ray.util.scheduling_strategies import (
@@ -116,8 +126,16 @@ class EnginePool:
             for group in (first, [i for i in fresh if i not in first]):
                 loads = {
                     i.name: self.actors[i.name].load.remote(
-                        i.spec.type, i.spec.model_dump(mode="json"), i.model_path, i.name, seed, max(1, int(cpus[i.name])),
-                        slots[i.name].gpu_memory_utilization, routing, (warm or {}).get(i.name), logits_budget
+                        i.spec.type,
+                        i.spec.model_dump(mode="json"),
+                        i.model_path,
+                        i.name,
+                        seed,
+                        max(1, int(cpus[i.name])),
+                        slots[i.name].gpu_memory_utilization,
+                        routing,
+                        (warm or {}).get(i.name),
+                        logits_budget,
                     )
                     for i in group
                 }
@@ -143,8 +161,11 @@ class EnginePool:
         outcome = done[0] if done else TimeoutError(f"not formed within {timeout:g}s (placement.timeout_s)")
         if isinstance(outcome, BaseException):  # the same numbers go through the object store: said, never a lost run
             if self.console is not None:
-                self.console.print(f"logits_transport {self.backend}: the collective group of {reference!r} and its candidates did not form "
-                                   f"({one_line(outcome)}); the object store carries the logits instead", markup=False, highlight=False)
+                self.console.print(
+                    f"logits_transport {self.backend}: the collective group of {reference!r} and its candidates did not form ({one_line(outcome)}); the object store carries the logits instead",
+                    markup=False,
+                    highlight=False,
+                )
             self.paths = {name: OBJECT_STORE for name in self.paths}
             self.backend = None
             return

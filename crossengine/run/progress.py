@@ -41,9 +41,5 @@ class Progress:
 
 
 def engine_progress(console, instances: list[EngineInstance], total: int, plan: Plan, run_dir: RunDir) -> Progress:
-    done = {
-        inst.name: sum(len(idx) for b, idx in enumerate(plan.batches) if run_dir.done(inst.name, b))
-        for inst in instances
-        if not inst.is_reference
-    }
+    done = {inst.name: sum(len(idx) for b, idx in enumerate(plan.batches) if run_dir.done(inst.name, b)) for inst in instances if not inst.is_reference}
     return Progress(console, [i.name for i in instances], total, done)

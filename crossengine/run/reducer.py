@@ -37,8 +37,7 @@ def reducer_class():
     return Reducer
 
 
-def reduce_tokens(root: str, reference: str, expected: list[tuple[str, str]], alarm_limits: dict | None = None, dense: bool | None = None,
-                   routing: bool = False):
+def reduce_tokens(root: str, reference: str, expected: list[tuple[str, str]], alarm_limits: dict | None = None, dense: bool | None = None, routing: bool = False):
     """Runs in a Ray worker (see Runner._reduce): summary, nearest engines, alarms, noise floors, routing rates (with `routing`)."""
     from crossengine.compare.alarms import run_alarms
     from crossengine.compare.floor import floor_table

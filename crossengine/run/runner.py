@@ -50,8 +50,18 @@ class Runner:
     printed when a run stops early, so that following it continues this very run.
     """
 
-    def __init__(self, plan: Plan, console=None, address: str | None = None, overwrite: bool = False, localize_only: bool = False, num_gpus: float | None = None,
-                 cluster=None, keeper=None, signals: StopSignals | None = None):
+    def __init__(
+        self,
+        plan: Plan,
+        console=None,
+        address: str | None = None,
+        overwrite: bool = False,
+        localize_only: bool = False,
+        num_gpus: float | None = None,
+        cluster=None,
+        keeper=None,
+        signals: StopSignals | None = None,
+    ):
         self.plan = plan
         self.cluster = cluster  # a sweep member: the part of the cluster it may use (placement.Cluster); None: all of it
         self.keeper = keeper  # a sweep's pool.EngineKeeper: engines the previous member left loaded, and where this one leaves its own
@@ -71,8 +81,7 @@ class Runner:
         self.expect_failures: list[str] = []  # `expect: bitwise` claims the floors contradict (the CLI exits 1)
         self.expect_notes: list[str] = []  # claims that held, and what their negative controls showed
         self._ref_digests: dict[int, str] = {}  # batch -> digest of the first wave's reference scores
-        self.context = RunContext(plan, self.run_dir, self.timings, self.fetch, self.record_error, self.prepare, self.check_reference, self.say_plain,
-                                  self.dead, self.engine_died)
+        self.context = RunContext(plan, self.run_dir, self.timings, self.fetch, self.record_error, self.prepare, self.check_reference, self.say_plain, self.dead, self.engine_died)
         self.mode = MODES[plan.experiment.mode](self.context)
 
     def _say(self, msg: str) -> None:
@@ -87,8 +96,7 @@ class Runner:
     @property
     def resume_command(self) -> str:
 
-        cmd = ["crossengine", "localize" if self.localize_only else "run", str(self.plan.experiment_path), "--run-id", self.plan.run_id,
-               "--output-dir", str(self.plan.run_dir.parent)]
+        cmd = ["crossengine", "localize" if self.localize_only else "run", str(self.plan.experiment_path), "--run-id", self.plan.run_id, "--output-dir", str(self.plan.run_dir.parent)]
         if self.address:
             cmd += ["--address", self.address]
         if self.num_gpus is not None:
@@ -165,8 +173,19 @@ class Runner:
             t = time.time()
             members = [self.plan.reference, *[m for m in always if m is not self.plan.reference and m not in wave], *wave]
             transports = self._transports(wave)
-            pool = EnginePool(members, self.placement, exp.seed, self.plan.experiment_path.parent, exp.placement, self.console, self.keeper, exp.routing,
-                              self._warm_vocab(wave), transports, exp.placement.logits_budget_bytes)
+            pool = EnginePool(
+                members,
+                self.placement,
+                exp.seed,
+                self.plan.experiment_path.parent,
+                exp.placement,
+                self.console,
+                self.keeper,
+                exp.routing,
+                self._warm_vocab(wave),
+                transports,
+                exp.placement.logits_budget_bytes,
+            )
             self.timings[f"engine_start_s_wave{w}"] = time.time() - t
             self.logits_transport.update(pool.paths)  # as the wave runs: a group that did not form fell back
             self.timings.update({f"{name}.ready_after_s": v for name, v in pool.start_s.items()})
@@ -233,8 +252,7 @@ class Runner:
         expected = [(c.cand_engine, c.variant) for c in self.plan.candidates]
         exp = self.plan.experiment
         dense = self.plan.reference.is_dense()
-        return self.fetch("summary", self.reducer.reduce.remote(str(self.run_dir.root), self.plan.reference.name, expected, exp.alarms, dense, exp.routing),
-                          "summarising the run")
+        return self.fetch("summary", self.reducer.reduce.remote(str(self.run_dir.root), self.plan.reference.name, expected, exp.alarms, dense, exp.routing), "summarising the run")
 
     # ---------------------------------------------------------------- engine calls
 
@@ -295,8 +313,7 @@ class Runner:
         """How the reference's logits reach each candidate of this wave (run/transport.py); said where a requested
         tensor path is not taken, recorded in run.json."""
         exp, ref = self.plan.experiment, self.plan.reference
-        paths, backend, note = choose_transports(exp.placement.logits_transport, exp.mode, ref, wave, self._full_vocab(wave),
-                                                 lambda i: self.placement.slots[i.name].gpus >= 1)  # NCCL: a GPU per rank
+        paths, backend, note = choose_transports(exp.placement.logits_transport, exp.mode, ref, wave, self._full_vocab(wave), lambda i: self.placement.slots[i.name].gpus >= 1)  # NCCL: a GPU per rank
         if note:
             self._say(note)
         return paths, backend
@@ -358,12 +375,22 @@ class Runner:
         if resumed is None:
             fingerprint_of_samples = self.plan.samples_fingerprint()
             meta = RunMeta(
-                run_id=self.plan.run_id, schema_version=SCHEMA_VERSION, crossengine_version=__version__, git_sha=git_sha(),
-                experiment_file=str(self.plan.experiment_path), experiment=self._experiment_json(fingerprint_of_samples),
-                samples_fingerprint=fingerprint_of_samples, fingerprint=self.plan.fingerprint, files=self.plan.files, reference=self.plan.reference.name,
+                run_id=self.plan.run_id,
+                schema_version=SCHEMA_VERSION,
+                crossengine_version=__version__,
+                git_sha=git_sha(),
+                experiment_file=str(self.plan.experiment_path),
+                experiment=self._experiment_json(fingerprint_of_samples),
+                samples_fingerprint=fingerprint_of_samples,
+                fingerprint=self.plan.fingerprint,
+                files=self.plan.files,
+                reference=self.plan.reference.name,
                 candidates={c.name: {"cand_engine": c.cand_engine, "variant": c.variant} for c in self.plan.candidates},
-                model_paths={i.name: i.model_path for i in self.plan.instances}, host=host_info(), started_at=now,
-                n_samples=len(self.plan.experiment.samples), n_batches=len(self.plan.batches),
+                model_paths={i.name: i.model_path for i in self.plan.instances},
+                host=host_info(),
+                started_at=now,
+                n_samples=len(self.plan.experiment.samples),
+                n_batches=len(self.plan.batches),
             )
         else:
             meta = resumed

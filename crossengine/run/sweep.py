@@ -57,8 +57,7 @@ class _Running:
 
 
 class SweepRunner:
-    def __init__(self, sweep: Sweep, output_dir: Path | None = None, address: str | None = None, num_gpus: float | None = None,
-                 parallel: int | None = None, console=None):
+    def __init__(self, sweep: Sweep, output_dir: Path | None = None, address: str | None = None, num_gpus: float | None = None, parallel: int | None = None, console=None):
         self.sweep = sweep
         self.root = Path(output_dir or sweep.spec.output_dir).absolute() / sweep.name
         self.address, self.num_gpus = address, num_gpus
@@ -164,8 +163,7 @@ class SweepRunner:
             nodes = tuple(Node(n.id, 0.0, n.cpus / self.parallel) for n in total.node_list)
         else:
             nodes = tuple(
-                Node(n.id, max(0.0, n.gpus - sum(r.demand.get(i, (0, 0))[0] for r in running.values())),
-                     max(0.0, n.cpus - sum(r.demand.get(i, (0, 0))[1] for r in running.values())))
+                Node(n.id, max(0.0, n.gpus - sum(r.demand.get(i, (0, 0))[0] for r in running.values())), max(0.0, n.cpus - sum(r.demand.get(i, (0, 0))[1] for r in running.values())))
                 for i, n in enumerate(total.node_list)
             )
         return replace(total, gpus=sum(n.gpus for n in nodes), cpus=sum(n.cpus for n in nodes), nodes=nodes if total.nodes else ())

@@ -41,8 +41,9 @@ def nccl_available() -> bool:
         return False
 
 
-def choose_transports(requested: str, mode: str, reference: EngineInstance, wave: list[EngineInstance], full: list[EngineInstance],
-                      on_gpus, nccl=nccl_available) -> tuple[dict[str, str], str | None, str | None]:
+def choose_transports(
+    requested: str, mode: str, reference: EngineInstance, wave: list[EngineInstance], full: list[EngineInstance], on_gpus, nccl=nccl_available
+) -> tuple[dict[str, str], str | None, str | None]:
     """(candidate -> path, the RDT backend the wave uses or None, a note where a requested tensor path is not taken).
 
     `full`: the wave's candidates that compare full logits with the reference; `on_gpus(inst)`:

@@ -73,8 +73,19 @@ def worker_class():
             finally:
                 self.output.remove()
 
-        def load(self, kind: str, spec: dict, model_path: str, instance: str, seed: int, threads: int, gpu_share: float | None, routing: bool = False,
-                 warm_vocab: int | None = None, logits_budget: int | None = None) -> dict:
+        def load(
+            self,
+            kind: str,
+            spec: dict,
+            model_path: str,
+            instance: str,
+            seed: int,
+            threads: int,
+            gpu_share: float | None,
+            routing: bool = False,
+            warm_vocab: int | None = None,
+            logits_budget: int | None = None,
+        ) -> dict:
             import torch
 
             torch.set_num_threads(threads)
@@ -181,7 +192,6 @@ def worker_class():
                 self.engine.logits_as_tensors = True  # its own logits are compared here, on its device: never copied to the host
                 rows, to_score, own = self._guarded(self._own_inputs, batch, raw)
                 if self.engine.spec.replays_reference_routing:  # routing replay: the reference's choices are needed before this forward
-
                     ref = ray.get(ref_out[0])
                     self.engine.replay_routing({s.sample_id: r.routing for s, r in zip(batch, ref) if isinstance(r, TokenLogprobs) and r.routing is not None})
                 mine = self._guarded(self.engine.score, to_score, top_k, full_vocab)
@@ -215,7 +225,7 @@ def worker_class():
             part.inputs, part.noise, part.noise_s = rows, floor, seconds
             return part
 
-        def _slot(self, key: str) -> "_Scored":
+        def _slot(self, key: str) -> _Scored:
             with self.scored_lock:
                 return self.scored.setdefault(key, _Scored())
 
@@ -303,8 +313,7 @@ class _MemoryWatch:
         if self.base is None:
             return {}
         gb = 2**30
-        return {"rss_after_load_gb": self.rss / gb, "peak_rss_gb": _status("VmHWM").get("VmHWM", 0) / gb,
-                "private_after_load_gb": self.base / gb, "peak_above_load_gb": (self.peak - self.base) / gb}
+        return {"rss_after_load_gb": self.rss / gb, "peak_rss_gb": _status("VmHWM").get("VmHWM", 0) / gb, "private_after_load_gb": self.base / gb, "peak_above_load_gb": (self.peak - self.base) / gb}
 
 
 @dataclasses.dataclass

@@ -180,8 +180,19 @@ def convert_from_hf(state: dict[str, torch.Tensor], c) -> dict[str, torch.Tensor
     out[n + "patch_embedding.bias"] = state[v + "patch_embed.bias"]
     out[n + "positional_embedding"] = state[v + "pos_embed"]
     out[n + "pad_embed"] = torch.zeros_like(state[v + "pos_embed"][0])  # the port has none: it never pads
-    renames = {"block.layer_norm1": "ln_1", "block.layer_norm2": "ln_2", "post_layernorm": "ln_post", "block.q_proj": "wq", "block.k_proj": "wk",
-               "block.v_proj": "wv", "block.out_proj": "wo", "block.fc1": "w1", "block.fc2": "w2", "proj_in": "projector.0", "proj_out": "projector.2"}
+    renames = {
+        "block.layer_norm1": "ln_1",
+        "block.layer_norm2": "ln_2",
+        "post_layernorm": "ln_post",
+        "block.q_proj": "wq",
+        "block.k_proj": "wk",
+        "block.v_proj": "wv",
+        "block.out_proj": "wo",
+        "block.fc1": "w1",
+        "block.fc2": "w2",
+        "proj_in": "projector.0",
+        "proj_out": "projector.2",
+    }
     for hf, mine in renames.items():
         for kind in ("weight", "bias"):
             out[f"{n}{mine}.{kind}"] = state[f"{v}{hf}.{kind}"]
