@@ -21,12 +21,17 @@ import typer
 from rich.console import Console
 
 from crossengine.adapters import BUILTIN, UnknownEngine, engine_class, registered
+from crossengine.adapters.base import EngineTraits
 from crossengine.adapters.spec import EngineSpec
 from crossengine.errors import CrossengineError
 from crossengine.experiment.fixtures import FIXTURES, ensure_fixture
 from crossengine.experiment.load import load_experiment
+from crossengine.experiment.plan import make_plan
+from crossengine.experiment.preflight import preflight
 from crossengine.experiment.schema import LocalizeSpec, json_schema
 from crossengine.experiment.sweep import is_sweep_file, load_sweep
+from crossengine.run.cluster import stop_local_cluster
+from crossengine.run.signals import StopSignals, Terminated
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compare log-probabilities of one model across inference engines.")
 fixtures_app = typer.Typer(no_args_is_help=True, help="Tiny offline models (tiny-text, tiny-vision).")
@@ -42,8 +47,6 @@ def _fail(exc: Exception, code: int = 2) -> None:
 
 def _plan(experiment: Path, run_id: str | None, output_dir: Path | None, localize: bool = False, overrides: dict | None = None):
     """Load, resolve and preflight an experiment (`overrides`: a sweep member's fields): every check that needs no Ray and no weights."""
-    from crossengine.experiment.plan import make_plan
-    from crossengine.experiment.preflight import preflight
 
     exp = load_experiment(experiment, overrides)
     if localize:
@@ -60,8 +63,6 @@ def _plan_interruptibly(experiment: Path, run_id: str | None, output_dir: Path |
     """_plan, where Ctrl-C/SIGTERM end the command at once (130/143): the checks import transformers and
     user code, and a KeyboardInterrupt raised inside such an import was seen swallowed (the run went on to
     the end). Nothing is written and no cluster started yet, so the process just leaves. (plan, signals)."""
-
-    from crossengine.run.signals import StopSignals
 
     def leave_now(signum, frame):  # nothing started, nothing written: no need to wait for the import under way
         sys.stderr.write("interrupted before anything started; nothing was written\n")
@@ -84,7 +85,6 @@ def _plan_interruptibly(experiment: Path, run_id: str | None, output_dir: Path |
 
 def _execute(runner) -> Path:
     """Run; one line and exit 2 on any crossengine error, 130 on Ctrl-C, 143 on SIGTERM."""
-    from crossengine.run.signals import Terminated
 
     try:
         return runner.run()
@@ -102,7 +102,6 @@ def stop_local_ray_and_exit(code: int) -> None:
     """After a stop, end the local Ray cluster this run started at once and exit: Ray's own exit
     handler stops it gracefully, which took 3-4 s here after the run itself had stopped. A joined
     cluster (--address) is left as it is; then Python exits as usual."""
-    from crossengine.run.pool import stop_local_cluster
 
     if stop_local_cluster():
         sys.stdout.flush()
@@ -157,7 +156,6 @@ def sweep(
     num_gpus: float | None = _NUM_GPUS,
 ) -> None:
     """Run every member of a sweep (base experiment × axes) over one cluster; index.parquet and report.html come out."""
-    from crossengine.run.signals import StopSignals, Terminated
     from crossengine.run.sweep import SweepRunner
 
     try:
@@ -307,8 +305,6 @@ def engines() -> None:
     """List every registered engine type (built-in, entry points of `crossengine.engines`) with its own fields and traits."""
 
     from rich.table import Table
-
-    from crossengine.adapters.base import EngineTraits
 
     table = Table(title="engine types ('package.module:Class' also works as a type)", show_lines=True)
     for col in ("type", "class", "from", "its own fields", "traits (beyond the defaults)"):

@@ -20,6 +20,8 @@ from functools import cache, lru_cache
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from .base import check_traits
+
 BUILTIN: dict[str, str] = {
     "hf": "crossengine.adapters.hf:HFEngine",
     "vllm": "crossengine.adapters.vllm:VLLMEngine",
@@ -50,7 +52,6 @@ def _known() -> str:
 @cache
 def engine_class(kind: str):
     """The engine class of a type: a registered name or 'package.module:Class'; UnknownEngine (one line) otherwise."""
-    from .base import check_traits
 
     ref = registered().get(kind) or (kind if ":" in kind else None)
     if ref is None:

@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from .base import EngineInfo, EngineTraits, Generation, Sample, SampleError
 from .checkpoint import lora_info
+from .hf_generate import generate
 from .torch_engine import TorchEngine
 from .torch_spec import TorchSpec
 
@@ -110,6 +111,5 @@ class HFEngine(TorchEngine):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits.float()
 
     def generate(self, samples: list[Sample], sampling: Any, top_k: int) -> list[list[Generation] | SampleError]:
-        from .hf_generate import generate
 
         return generate(self, samples, sampling, top_k)

@@ -28,8 +28,6 @@ from typing import Any
 
 import numpy as np
 
-from crossengine.adapters.torch_spec import resolve_device, torch_dtype, versions
-
 from .base import Engine, EngineInfo, RawSample, Sample, SampleError, TokenLogprobs
 from .blocks import HeadRows, blocks, shifted_rows, topk_from_logprobs
 from .chat import render_chat
@@ -38,8 +36,9 @@ from .micro_batches import MicroBatches
 from .patches import (
     apply_patches,  # built-in ones are HF-only: config rejects them on native engines
 )
-from .routing import captured, find_routers
 from .tokens import mask_kinds, text_modality, tokenizer_fingerprint, vocab_error
+from .torch_routing import RoutedScoring
+from .torch_spec import resolve_device, torch_dtype, versions
 
 # blocks of logits a candidate's worker may hold at once: on its main thread the next batch's scoring (a block and
 # its log-softmax), on its compare thread its own block and the reference's (one more prefetched), and slack for the
@@ -47,7 +46,7 @@ from .tokens import mask_kinds, text_modality, tokenizer_fingerprint, vocab_erro
 CHUNK_COPIES = 8
 
 
-class TorchEngine(MicroBatches, Engine):
+class TorchEngine(RoutedScoring, MicroBatches, Engine):
     """A torch model scoring one unpadded sample per forward; see the module docstring."""
 
     def __init__(self, spec, model_path: str, instance: str, seed: int = 0):
@@ -264,42 +263,6 @@ class TorchEngine(MicroBatches, Engine):
             except Exception as exc:  # noqa: BLE001 - one line naming engine and sample; traceback to the run log
                 for i in group:
                     out[i] = SampleError.from_exception(samples[i].sample_id, self.instance, exc)
-        return out
-
-    def report_routing(self) -> None:
-        """Find the routers by what they return (crossengine/adapters/routing.py) with one forward of a short probe; a model without any says so."""
-        import torch
-
-        if self.spec.batching != "single":
-            raise ValueError(f"engine {self.instance!r}: routing is read per sample: give it batching: single")
-        probe = Sample("probe", np.array([0, 1, 2, 3], dtype=np.int64), np.zeros(4, np.int8))
-        with torch.inference_mode():
-            self.routers = find_routers(self.model, lambda: self.forward_logits(probe))
-        if not self.routers:
-            raise ValueError(
-                f"engine {self.instance!r}: no module of {self.model_path} returns router logits, weights and expert ids (a transformers 5 mixture-of-experts router): it cannot report routing"
-            )
-
-    def replay_routing(self, routing: dict[str, np.ndarray]) -> None:
-        self._replay = dict(routing)  # the batch's, kept for its noise conditions; the next batch's replaces it
-
-    def _score_one(self, s: Sample, top_k: int, full_vocab: bool) -> TokenLogprobs:
-        """One sample, one unpadded forward; with routing on, each MoE layer's choice (replayed where the spec says) rides along."""
-
-        if self.routers is None:
-            return self._scores(s, top_k, full_vocab)
-        replay = self._replay.get(s.sample_id) if self.spec.routing == "replay" else None
-        if self.spec.routing == "replay":
-            want = (len(s), len(self.routers))
-            if replay is None or replay.shape[:2] != want:
-                raise SampleError(
-                    s.sample_id,
-                    f"engine {self.instance!r} replays the reference's routing, and it has "
-                    f"{'none' if replay is None else f'shape {replay.shape[:2]}'} for this sample (needs {want}: tokens, MoE layers)",
-                )
-        with captured(self.routers, replay) as got:
-            out = self._scores(s, top_k, full_vocab)
-        out.routing, out.router_margin = got[0]
         return out
 
     def _scores(self, s: Sample, top_k: int, full_vocab: bool) -> TokenLogprobs:

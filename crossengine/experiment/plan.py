@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from crossengine.adapters import engine_class
 from crossengine.adapters.base import EngineTraits
 from crossengine.adapters.checkpoint import config_fields, model_is_dense, vocab_size_of
+from crossengine.compare.noise import BATCHINGS, NoisePlan
 from crossengine.errors import CrossengineError
 from crossengine.experiment.fixtures import ensure_fixture, is_fixture
 from crossengine.experiment.load import experiment_error, resolve_named_paths
@@ -82,7 +83,6 @@ class Plan:
 
     def noise_plan(self, inst: EngineInstance) -> NoisePlan | None:
         """The noise conditions `inst` runs (crossengine/compare/noise.py), or None: no floor for it."""
-        from crossengine.compare.noise import NoisePlan
 
         noise = self.experiment.noise
         if noise is None or inst.traits.has_records:  # a dump's numbers are a file: nothing to vary
@@ -95,7 +95,6 @@ class Plan:
     def _batchings_left(self, inst: EngineInstance) -> set[str]:
         """The batching conditions `inst` cannot vary: all of them without the batching trait, or with `routing: true`
         (routing is read one sample per forward)."""
-        from crossengine.compare.noise import BATCHINGS
 
         return set(BATCHINGS) if not inst.traits.batching or self.experiment.routing else set()
 
@@ -283,7 +282,6 @@ def control(exp: Experiment, experiment_path: Path, inst: EngineInstance) -> Eng
 
 def check_routable(exp: Experiment, experiment_path: Path, instances: list[EngineInstance]) -> None:
     """`routing: true` on a model without experts is a one-line error before anything loads (its config.json says so)."""
-    from crossengine.adapters.checkpoint import model_is_dense
 
     for inst in instances:
         fields = config_fields(inst.model_path, inst.spec.revision)

@@ -31,6 +31,7 @@ from crossengine.adapters import (
     spec_model,
 )
 from crossengine.adapters.spec import Dtype, EngineSpec, EnvSpec, Strict
+from crossengine.compare.noise import CONDITIONS
 from crossengine.identity import BASE
 from crossengine.identity import RESERVED as RESERVED_NAMES
 
@@ -197,7 +198,6 @@ class NoiseSpec(Strict):
     @field_validator("conditions")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        from crossengine.compare.noise import CONDITIONS
 
         for c in v:
             if c not in CONDITIONS:

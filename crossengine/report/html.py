@@ -19,7 +19,7 @@ import pandas as pd
 
 from crossengine.compare.inputs import differing_inputs, read_inputs
 from crossengine.compare.summary import SPLITS, read_tokens
-from crossengine.identity import SAMPLED, display_name, display_names
+from crossengine.identity import display_names
 from crossengine.report.page import (
     MAX_SAMPLES,
     figure,
@@ -34,10 +34,10 @@ from crossengine.report.sections import (
     noise_section,
     routing_section,
 )
+from crossengine.report.worst import alarms_section, worst_section
 from crossengine.run_meta import RunMeta
 
 MAX_POINTS = 2048
-CONTEXT = 8
 SUMMARY_COLUMNS = [
     "n_tokens",
     "top1_agreement",
@@ -87,7 +87,7 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
     if (run_dir / "routing.parquet").exists():
         sections.append(("MoE routing", routing_section(run_dir, summary, meta, tokens)))
     if (run_dir / "alarms.parquet").exists():
-        sections.append(("Alarms", _alarms_section(pd.read_parquet(run_dir / "alarms.parquet"), tokens)))
+        sections.append(("Alarms", alarms_section(pd.read_parquet(run_dir / "alarms.parquet"), tokens)))
     sections.append(("Breakdown", _breakdown_section(summary)))
     if meta.variants:
         sections.append(("Ablation", _ablation_section(summary, meta.reference, differing_inputs(inputs))))
@@ -98,7 +98,7 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
     if (run_dir / "greedy").exists():
         sections.append(("Greedy decoding", html_table(pd.read_parquet(run_dir / "greedy"))))
     if not tokens.empty:
-        sections.append(("Worst tokens", _worst_section(tokens, meta, run_dir / "worst")))
+        sections.append(("Worst tokens", worst_section(tokens, meta, run_dir / "worst")))
     out = Path(out) if out else run_dir / "report.html"
     write_text(out, page(f"crossengine: {meta.run_id}", sections))
     return out
@@ -322,98 +322,6 @@ def _ablation_section(summary: pd.DataFrame, reference: str, differing: dict[str
     fig = go.Figure(go.Bar(x=pooled["kl_mean"], y=names, orientation="h", text=text))
     fig.update_layout(title=f"KL mean vs {reference}: which difference matters", height=120 + 30 * len(names), xaxis_type="log")
     return figure(fig, "ablation")
-
-
-def _vocab(meta: RunMeta):
-    """The reference's tokenizer, to show top-1 ids as text; None where it does not load here."""
-    try:
-        from transformers import AutoTokenizer
-
-        path = meta.model_paths.get(meta.reference)
-        return AutoTokenizer.from_pretrained(path) if path else None
-    except Exception:  # noqa: BLE001 - a report without token texts for top-1 ids is still a report
-        return None
-
-
-ALARM_SAMPLES, ALARM_TOKENS = 3, 5  # per alarm: the samples shown, and their tokens by per-token k3
-
-
-def _alarms_section(alarms: pd.DataFrame, tokens: pd.DataFrame) -> str:
-    """Each alarm with its source, then the tokens behind it: in the samples that trip it alone, the
-    ones with the largest per-token k3 (gen_kl), with context."""
-    if alarms.empty:
-        from crossengine.compare.alarms import RULES
-
-        return f"<p class='note'>no alarm tripped ({len(RULES)} checked: {html.escape(', '.join(RULES))}; README.md, 'Alarms').</p>"
-    table = alarms.assign(candidate=display_names(alarms), samples=[", ".join(x[:5]) + (f" and {len(x) - 5} more" if len(x) > 5 else "") for x in alarms["samples"]])
-    parts = [html_table(table[["alarm", "candidate", "metric", "value", "limit", "samples", "source"]])]
-    tripped: dict[tuple[str, str], list[str]] = {}  # (candidate, sample) -> the alarms it trips alone, once per sample
-    for r, who in zip(alarms.itertuples(index=False), table["candidate"]):
-        for sid in list(r.samples)[:ALARM_SAMPLES]:
-            tripped.setdefault((who, sid), []).append(r.alarm)
-    rows = []
-    for (who, sid), names in tripped.items():
-        sel = tokens[(tokens["sample_id"].astype(str) == sid) & (tokens["instance"] == who)]
-        seq = sel.set_index("position")["token_text"].astype(str)
-        for _, t in sel.nlargest(ALARM_TOKENS, "gen_kl").iterrows():
-            before = "".join(seq.get(p, "") for p in range(t["position"] - CONTEXT, t["position"]))
-            rows.append(
-                {
-                    "candidate": who,
-                    "sample": sid,
-                    "alarms": ", ".join(names),
-                    "position": t["position"],
-                    "segment": t["segment"],
-                    "context": f"{before}⟦{t['token_text']}⟧",
-                    "lp_ref": t["lp_ref"],
-                    "lp_cand": t["lp_cand"],
-                    "k3": t["gen_kl"],
-                }
-            )
-    note = (
-        f"<p class='note'>the tokens behind the alarms: in up to {ALARM_SAMPLES} samples per alarm that trip it alone, the {ALARM_TOKENS} with the "
-        "largest per-token k3 = gen_kl (the reference as trainer, the candidate as rollout), ⟦the scored token⟧ after its context.</p>"
-    )
-    tokens_table = f"<details><summary>the tokens behind the alarms ({len(rows)})</summary>{note}{html_table(pd.DataFrame(rows), row_class=lambda r: 'ctx')}</details>"
-    return "".join(parts) + (tokens_table if rows else "")
-
-
-def _worst_section(tokens: pd.DataFrame, meta: RunMeta, worst_dir: Path, n: int = 20) -> str:
-    tok = _vocab(meta)
-    text = lambda i: tok.decode([int(i)]) if tok is not None and pd.notna(i) and int(i) >= 0 else str(i)  # noqa: E731
-    top5 = lambda ids, lps: ", ".join(f"{text(i)!r} {lp:.2f}" for i, lp in zip(ids, lps) if i >= 0)  # noqa: E731
-    scored = tokens[tokens["variant"].astype(str) != SAMPLED]
-    extra = {}
-    if worst_dir.exists() and any(worst_dir.glob("*.parquet")):
-        w = read_tokens(worst_dir)
-        w = w[w["variant"].astype(str) != SAMPLED]
-        extra = {(str(r.sample_id), int(r.position), display_name(str(r.cand_engine), str(r.variant))): r for r in w.itertuples(index=False)}
-    worst = scored.nlargest(n, "kl")
-    rows = []
-    for _, r in worst.iterrows():
-        seq = tokens[(tokens["sample_id"] == r["sample_id"]) & (tokens["instance"] == r["instance"])].set_index("position")["token_text"].astype(str)
-        before = "".join(seq.get(p, "") for p in range(r["position"] - CONTEXT, r["position"]))
-        after = "".join(seq.get(p, "") for p in range(r["position"] + 1, r["position"] + CONTEXT + 1))
-        row = {
-            "candidate": r["instance"],
-            "sample": r["sample_id"],
-            "position": r["position"],
-            "kl": r["kl"],
-            "context": f"{before}⟦{r['token_text']}⟧{after}",
-            "lp_ref": r["lp_ref"],
-            "lp_cand": r["lp_cand"],
-        }
-        w = extra.get((str(r["sample_id"]), int(r["position"]), r["instance"]))
-        if w is not None:
-            row.update({"reference's top-5": top5(w.top5_ref_ids, w.top5_ref_lp), "candidate's top-5": top5(w.top5_cand_ids, w.top5_cand_lp)})
-        else:  # a run written before worst/ parts existed: the argmaxes are all there is
-            row.update({"reference's top-1": text(r["top1_ref"]), "candidate's top-1": text(r["top1_cand"])})
-        rows.append(row)
-    note = (
-        f"<p class='note'>the {len(rows)} tokens with the largest KL (full-vocabulary where both engines gave logits, else top-k), "
-        f"±{CONTEXT} tokens of context, ⟦the scored token⟧, and each side's five most likely tokens with their log-probs.</p>"
-    )
-    return note + html_table(pd.DataFrame(rows), row_class=lambda r: "ctx")
 
 
 # --------------------------------------------------------------------------- two runs

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from crossengine.compare.inputs import differing_inputs, read_inputs
 from crossengine.compare.summary import pooled_rows
 from crossengine.identity import display_name, display_names
 from crossengine.run_meta import RunMeta
@@ -68,7 +69,6 @@ def print_summary(run_dir: Path, console) -> None:
                 "see the `nonfinite` column (ref/cand/both); their metrics are null and left out of the summary",
                 highlight=False,
             )
-    from crossengine.compare.inputs import differing_inputs, read_inputs
 
     inputs = read_inputs(run_dir)
     differing = differing_inputs(inputs)

@@ -23,24 +23,23 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
-from crossengine import __version__
 from crossengine.adapters.base import Sample, SampleError
 from crossengine.adapters.checkpoint import vocab_size_of
 from crossengine.compare.metrics import WARM_UP_FROM_VOCAB
 from crossengine.errors import CrossengineError, EngineDied, EngineFailure
 from crossengine.experiment.plan import EngineInstance, Plan
 from crossengine.experiment.schema import CONTROL_SUFFIX
-from crossengine.results import RunDir, git_sha, host_info, write_table
+from crossengine.results import RunDir, write_table
+from crossengine.run.cluster import ensure_ray
+from crossengine.run.meta import new_run_meta
 from crossengine.run.modes import MODES, RunContext, raw_batch
-from crossengine.run.pool import EnginePool, ensure_ray, one_line
+from crossengine.run.placement import make_placement
+from crossengine.run.pool import EnginePool, one_line
 from crossengine.run.progress import engine_progress
 from crossengine.run.reducer import reducer_class
 from crossengine.run.signals import StopSignals
 from crossengine.run.transport import choose_transports
 from crossengine.run_meta import RunMeta
-from crossengine.schemas import SCHEMA_VERSION
-
-SAMPLES_IN_RUN_JSON = 1000
 
 
 class Runner:
@@ -157,7 +156,6 @@ class Runner:
             self.reducer = None
 
     def _run_engines(self, t0: float, resumed: RunMeta | None) -> Path:
-        from crossengine.run.placement import make_placement
 
         exp = self.plan.experiment
         always = self.mode.always_loaded()
@@ -373,41 +371,13 @@ class Runner:
     def _start_meta(self, infos: dict, resumed: RunMeta | None) -> None:
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if resumed is None:
-            fingerprint_of_samples = self.plan.samples_fingerprint()
-            meta = RunMeta(
-                run_id=self.plan.run_id,
-                schema_version=SCHEMA_VERSION,
-                crossengine_version=__version__,
-                git_sha=git_sha(),
-                experiment_file=str(self.plan.experiment_path),
-                experiment=self._experiment_json(fingerprint_of_samples),
-                samples_fingerprint=fingerprint_of_samples,
-                fingerprint=self.plan.fingerprint,
-                files=self.plan.files,
-                reference=self.plan.reference.name,
-                candidates={c.name: {"cand_engine": c.cand_engine, "variant": c.variant} for c in self.plan.candidates},
-                model_paths={i.name: i.model_path for i in self.plan.instances},
-                host=host_info(),
-                started_at=now,
-                n_samples=len(self.plan.experiment.samples),
-                n_batches=len(self.plan.batches),
-            )
+            meta = new_run_meta(self.plan, now)
         else:
             meta = resumed
             meta.resumed_at.append(now)
             self._say(f"resuming run {self.plan.run_id}: finished batches are skipped")
         meta.status, meta.engines, meta.placement = "running", infos, self.placement.to_json()
         self.run_dir.write_meta(meta)
-
-    def _experiment_json(self, fingerprint_of_samples: str) -> dict:
-        """The experiment as resolved; the sample list only up to SAMPLES_IN_RUN_JSON (a 100k-sample
-        run would make run.json hundreds of MB): beyond, its count and fingerprint stand for it."""
-        exp = self.plan.experiment
-        if len(exp.samples) <= SAMPLES_IN_RUN_JSON:
-            return exp.model_dump(mode="json")
-        out = exp.model_dump(mode="json", exclude={"samples"})
-        out["samples"] = {"omitted": len(exp.samples), "fingerprint": fingerprint_of_samples}
-        return out
 
     def _finish_meta(self, infos: dict) -> None:
         meta = self.run_dir.read_meta()

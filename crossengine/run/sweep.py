@@ -28,10 +28,13 @@ import pyarrow as pa
 
 from crossengine.errors import CrossengineError
 from crossengine.experiment.load import load_experiment
+from crossengine.experiment.plan import make_plan
 from crossengine.experiment.schema import PlacementSpec
 from crossengine.experiment.sweep import Member, Sweep
 from crossengine.results import write_table
-from crossengine.run.pool import EngineKeeper, ensure_ray, one_line
+from crossengine.run.cluster import ensure_ray
+from crossengine.run.placement import Node, PlacementError, cluster_view, make_placement
+from crossengine.run.pool import EngineKeeper, one_line
 from crossengine.run_meta import RunMeta
 
 POLL_S = 0.1
@@ -75,7 +78,6 @@ class SweepRunner:
 
     def plan(self, member: Member):
         """The member's plan: its base experiment with its axes' values, validated like any experiment."""
-        from crossengine.experiment.plan import make_plan
 
         if member.name not in self._plans:
             exp = load_experiment(self.sweep.base, member.overrides)
@@ -83,7 +85,6 @@ class SweepRunner:
         return self._plans[member.name]
 
     def run(self) -> list[Outcome]:
-        from crossengine.run.placement import cluster_view
 
         self.root.mkdir(parents=True, exist_ok=True)
         members = self.sweep.members()
@@ -126,7 +127,6 @@ class SweepRunner:
 
     def _try_start(self, m: Member, total, running: dict[str, _Running]):
         """A started member, False (it failed at once: reported), or None (it waits for room)."""
-        from crossengine.run.placement import PlacementError, make_placement
         from crossengine.run.runner import Runner
 
         cpu_only = not total.gpus
@@ -157,7 +157,6 @@ class SweepRunner:
 
     def _free(self, total, running: dict[str, _Running]):
         """What the running members leave of each node (a CPU-only cluster with `parallel`: its cores split evenly)."""
-        from crossengine.run.placement import Node
 
         if not total.gpus and self.parallel:
             nodes = tuple(Node(n.id, 0.0, n.cpus / self.parallel) for n in total.node_list)

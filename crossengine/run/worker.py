@@ -22,6 +22,10 @@ from crossengine.adapters import engine_class
 from crossengine.adapters.base import TokenLogprobs
 from crossengine.adapters.blocks import LogitRows
 from crossengine.adapters.capture import OutputCapture
+from crossengine.compare.inputs import compare_inputs, own_prompt_effect
+from crossengine.compare.metrics import warm_up
+from crossengine.compare.noise import measure
+from crossengine.compare.tokens import compare_batch, reference_check
 
 
 def worker_class():
@@ -133,7 +137,6 @@ def worker_class():
             torch tensors on its device and only the scores are returned: the driver takes the check
             from `take_reference_check`, since an RDT object is read by the actors it is sent to, never
             with ray.get."""
-            from crossengine.compare.tokens import reference_check
 
             self.engine.logits_as_tensors = tensors
             out = self._guarded(self.engine.score, batch, top_k, full_vocab)
@@ -172,8 +175,6 @@ def worker_class():
         def _floor(self, batch, out, noise, top_k: int, full_vocab: bool):
             """(noise.NoiseRows, seconds): this engine's own floor under its noise conditions; none without them."""
 
-            from crossengine.compare.noise import measure
-
             if noise is None:
                 return [], 0.0
             t = time.perf_counter()
@@ -196,8 +197,6 @@ def worker_class():
                     self.engine.replay_routing({s.sample_id: r.routing for s, r in zip(batch, ref) if isinstance(r, TokenLogprobs) and r.routing is not None})
                 mine = self._guarded(self.engine.score, to_score, top_k, full_vocab)
                 if raw is not None:
-                    from crossengine.compare.inputs import own_prompt_effect
-
                     own_prompt_effect(rows, to_score, mine, own, self.engine)
                 slot.value = (rows, mine, *self._floor(to_score, mine, noise, top_k, full_vocab))
             except BaseException as exc:  # noqa: BLE001 - reaches the driver through compare_scored
@@ -212,7 +211,6 @@ def worker_class():
             the engine goes on to the next batch. `ref_out`: `[ObjectRef]` fetched from the object
             store here, or with `direct` the scores themselves, which Ray Direct Transport delivered
             as this call's argument."""
-            from crossengine.compare.tokens import compare_batch
 
             slot = self._slot(key)
             slot.done.wait()
@@ -239,7 +237,6 @@ def worker_class():
             with it this engine prepares its own and compares (crossengine/compare/inputs.py)."""
             if raw is None:
                 return None, batch, None
-            from crossengine.compare.inputs import compare_inputs
 
             own = self.engine.prepare(raw)
             return (*compare_inputs(batch, own, self.engine), own)
@@ -329,7 +326,6 @@ def _warm_metrics(vocab: int) -> None:
     """Compile the full-vocabulary metric kernel (metrics.warm_up) on the side while the model loads. Imports torch
     only: transformers' lazy module must not be imported from two threads at once. Best effort: where it fails,
     the first batch compiles it or runs it eagerly."""
-    from crossengine.compare.metrics import warm_up
 
     try:
         warm_up(vocab)
