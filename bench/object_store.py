@@ -7,7 +7,7 @@ ObjectRef argument and reduces it (the candidate), the driver only gets a float.
 On one node the store is shared memory: the return is one copy in, the read maps it. Then the
 same block as a torch tensor over Ray Direct Transport with gloo (placement.logits_transport:
 gloo): the producer keeps it, gloo sends it to the consumer over the node's loopback. Reported:
-bytes per token (V × 4), seconds and GB/s. README's on-paper estimate for a 7B model at
+bytes per token (V × 4), seconds and GB/s. docs/benchmarks.md's on-paper estimate for a 7B model at
 V = 152k uses these rates.
 """
 

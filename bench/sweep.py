@@ -7,7 +7,7 @@ processes: the sweep once (one Ray cluster for every member, members side by sid
 cluster holds them), the members one `crossengine run` each (a Ray cluster and a process per
 member). Wall time from the shell's view, fixtures already built. On a CPU-only machine the
 sweep runs one member at a time too (concurrent members would only split the same cores), so
-its saving here is the per-member start of Ray and of the process; README.md gives the
+its saving here is the per-member start of Ray and of the process; docs/benchmarks.md gives the
 8-GPU-node arithmetic.
 """
 

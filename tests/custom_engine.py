@@ -1,4 +1,4 @@
-"""An engine from outside the package, as a user would write one (README "Adding an engine").
+"""An engine from outside the package, as a user would write one (docs/reference/engines.md, "Adding an engine").
 
 `type: tests.custom_engine:ScaledHF` in an experiment runs it: the HF engine with its own
 field (`temperature`, dividing the logits) and its own traits (no LoRA, no module capture,

@@ -1,4 +1,4 @@
-"""The noise floor (README, 'Noise floor'): each engine's own spread under its conditions, its token
+"""The noise floor (docs/guides/noise-floor.md): each engine's own spread under its conditions, its token
 columns and tables recomputed from the per-condition scores in noise/, a planted batch effect that
 only the floor finds, `expect: bitwise` with its negative control, and bad noise fields as one line.
 

@@ -1,4 +1,4 @@
-"""MoE routing parity (README, 'MoE routing'): both engines' expert choices, flips where a router is
+"""MoE routing parity (docs/guides/moe-routing.md): both engines' expert choices, flips where a router is
 planted to differ and nowhere before it, replay (bitwise on its own routing; it removes a router-only
 difference), HF vs vLLM on the tiny MoE, and every rate recomputed from routing/.
 

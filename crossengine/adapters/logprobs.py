@@ -73,7 +73,7 @@ class LogprobsSpec(EngineSpec):
     """A dump of log-probs; `model` (the experiment's by default) gives the tokenizer only."""
 
     path: str = Field(description="The dump: JSONL or Parquet (.parquet), relative to the experiment file.")
-    layout: Literal["generic", "prime-rl"] = Field("generic", description="Which fields hold what; README.md, 'Scoring a saved rollout'.")
+    layout: Literal["generic", "prime-rl"] = Field("generic", description="Which fields hold what; docs/guides/rollout-dumps.md.")
     fields: dict[str, str] = Field(default_factory=dict, description="Renames: {our field: the dump's field}, e.g. {logprobs: trainer_logprobs}.")
 
     def named_paths(self) -> list[tuple[tuple, str]]:

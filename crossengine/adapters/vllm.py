@@ -71,7 +71,7 @@ class VLLMSpec(EngineSpec):
         description="Return the whole distribution at every position (prompt_logprobs=-1): exact full-vocabulary KL and rank "
         "instead of top-k, at the cost of V log-probs per position through vLLM's output.",
     )
-    # Run conditions (README, 'Noise floor'): how vLLM batches is part of what it computes.
+    # Run conditions (docs/guides/noise-floor.md): how vLLM batches is part of what it computes.
     max_num_seqs: int | None = Field(None, ge=1, description="Sequences vLLM schedules at once (its batch size); default: vLLM's.")
     max_num_batched_tokens: int | None = Field(None, ge=1, description="Tokens per scheduler step: the chunked-prefill chunk; default: vLLM's.")
     enable_prefix_caching: bool | None = Field(None, description="Reuse the KV cache of a prompt prefix seen before; default: vLLM's.")
@@ -190,7 +190,7 @@ class VLLMEngine(Engine):
         return np.stack([ids for ids, _ in layers], axis=1), np.stack([m for _, m in layers], axis=1)
 
     def _run_conditions(self) -> dict[str, Any]:
-        """How this vLLM batches, as it resolved its defaults: part of what it computes (README, 'Noise floor')."""
+        """How this vLLM batches, as it resolved its defaults: part of what it computes (docs/guides/noise-floor.md)."""
         config = self.llm.llm_engine.vllm_config
         return {
             "max_num_seqs": config.scheduler_config.max_num_seqs,

@@ -66,7 +66,7 @@ RULES: dict[str, Rule] = {
         Rule("gen_kl_error", "gen_kl_error", "above", 1e-3, "NeMo-RL CI gates: mean gen_kl_error < 1e-3"),
         Rule("rollout_is_mean", "rollout_corr/rollout_is_mean", "outside", (0.5, 2.0), "verl rollout_corr docs: IS mean outside [0.5, 2]"),
         # verl computes its ESS on weights clamped to [0.5, 2], which keeps it above 0.64: the published
-        # limit is checked on the same ESS without the clamp, or it could never trip (README, 'Alarms')
+        # limit is checked on the same ESS without the clamp, or it could never trip (docs/guides/rl-monitor.md#alarms)
         Rule("rollout_is_eff_sample_size", "is_eff_sample_size_untruncated", "below", 0.3, "verl rollout_corr docs: ESS < 0.3 (on unclamped weights: verl's clamped ESS never goes below 0.64)"),
         Rule("kl", "rollout_corr/kl", "abs_above", 0.1, "verl rollout_corr docs: |kl| > 0.1"),
         Rule("chi2_token", "rollout_corr/chi2_token", "above", 1.0, "verl rollout_corr docs: chi2_token > 1"),

@@ -1,4 +1,4 @@
-"""The rollout-vs-trainer gap under each RL framework's own name (README, "RL metrics").
+"""The rollout-vs-trainer gap under each RL framework's own name (docs/reference/metrics.md).
 
 Trainers average differently (global token mean, per-sequence mean first, pooled std), so
 a threshold learnt in one does not transfer to another. Each number here is computed
@@ -13,7 +13,7 @@ import numpy as np
 
 from crossengine.compare.metrics import sampled_token_metrics
 
-# name -> (framework, one-line definition); README.md's table states the same; keep them in step.
+# name -> (framework, one-line definition); docs/reference/metrics.md's table states the same; keep them in step.
 # verl's own constants: SAFETY_BOUND clamps log-ratios before exp; TIS threshold 2.0 (its lower
 # bound 1/2); the rejection band [0.5, 5] is IcePop's. prime-rl's LossConfig defaults mask
 # ratios outside [0.125, 8]. verl divides its masked means by (n + 1e-8); that epsilon changes

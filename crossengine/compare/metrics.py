@@ -1,4 +1,4 @@
-"""Per-token metrics, candidate vs reference, vectorised over a whole batch (definitions: README, "Token columns").
+"""Per-token metrics, candidate vs reference, vectorised over a whole batch (definitions: docs/reference/schemas.md, "Token columns").
 
 All formulas live here once; summaries (summary.py) and the RL monitor (monitor.py) reduce
 the columns this module produces. Full-vocabulary work is one fused torch kernel over row

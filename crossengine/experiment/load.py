@@ -110,7 +110,7 @@ def _check_noise(exp: Experiment, fail) -> None:
         if spec.expect is not None and len(exp.noise_conditions(name)) == 0:
             fail(
                 (*section, "expect"),
-                f"expect: {spec.expect} is checked across the engine's noise conditions: give the experiment a `noise:` block (README, 'Noise floor') with conditions for this engine",
+                f"expect: {spec.expect} is checked across the engine's noise conditions: give the experiment a `noise:` block (docs/guides/noise-floor.md) with conditions for this engine",
             )
         if spec.negative_control is not False and f"{name}{CONTROL_SUFFIX}" in names:
             fail((*section, "negative_control"), f"its control runs as {name}{CONTROL_SUFFIX!s}, which names another engine or variant; rename that one")

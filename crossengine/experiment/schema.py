@@ -271,15 +271,15 @@ class Experiment(Strict):
     placement: PlacementSpec = Field(default_factory=PlacementSpec, description="GPU memory, headroom and timeouts for putting engines on the cluster.")
     routing: bool = Field(
         False,
-        description="Record each MoE layer's expert choice on every engine (routing/ parts, routing_flips, README 'MoE routing'); "
+        description="Record each MoE layer's expert choice on every engine (routing/ parts, routing_flips, docs/guides/moe-routing.md); "
         "an engine that cannot report routing, or a dense model, is a one-line error before anything loads.",
     )
     noise: NoiseSpec | None = Field(
-        None, description="Measure each engine's own noise floor (README, 'Noise floor'): noise/ parts, noise_* and above_noise token columns, frac_above_noise; `noise: true` takes the defaults."
+        None, description="Measure each engine's own noise floor (docs/guides/noise-floor.md): noise/ parts, noise_* and above_noise token columns, frac_above_noise; `noise: true` takes the defaults."
     )
     alarms: dict[str, float | list[float] | None] = Field(
         default_factory=dict,
-        description="Change an alarm's limit by name (a number, [low, high] for a band) or switch it off (null); the alarms and their published defaults are in README.md, 'Alarms'.",
+        description="Change an alarm's limit by name (a number, [low, high] for a band) or switch it off (null); the alarms and their published defaults are in docs/guides/rl-monitor.md#alarms.",
     )
 
     @field_validator("alarms")

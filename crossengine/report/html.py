@@ -172,7 +172,7 @@ def _summary_section(summary: pd.DataFrame) -> str:
     df.insert(0, "candidate", display_names(df))
     df.insert(1, "split", [", ".join(f"{k}={r[k]}" for k in SPLITS if str(r[k]) != "all") or "all" for _, r in df.iterrows()])
     cols = ["candidate", "split"] + [c for c in SUMMARY_COLUMNS if c in df.columns]
-    return "<p class='note'>click a column to sort; RL metrics under their frameworks' names (README)</p>" + html_table(df[cols], "summary")
+    return "<p class='note'>click a column to sort; RL metrics under their frameworks' names (docs/reference/metrics.md)</p>" + html_table(df[cols], "summary")
 
 
 def _bin_max(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -30,7 +30,7 @@ def routing_section(run_dir: Path, summary: pd.DataFrame, meta: RunMeta, tokens:
     lines = "".join(f"<li>{html.escape(x)}</li>" for x in routing_lines(table, summary, meta.reference))
     out = (
         "<p class='note'>a flip: the two engines' routers chose different sets of experts for that input position and layer; "
-        "the margin is the reference's k-th minus (k+1)-th router logit (README, 'MoE routing')</p>" + f"<ul>{lines}</ul>" + html_table(table)
+        "the margin is the reference's k-th minus (k+1)-th router logit (docs/guides/moe-routing.md)</p>" + f"<ul>{lines}</ul>" + html_table(table)
     )
     routing = read_routing(run_dir / "routing")
     if routing is None or not routing["flip"].any():
@@ -79,7 +79,7 @@ def noise_section(summary: pd.DataFrame, floors: pd.DataFrame, meta: RunMeta) ->
     cols = ["engine", "condition", "n_tokens", "n_differ", "bitwise", "distinct_max", "max_abs_diff", "mean_abs_diff", "max_kl", "first_sample", "first_position", "first_token"]
     said = "".join(f"<li>{html.escape(x)}</li>" for x in lines)
     return (
-        "<p class='note'>each engine scored its batches again under its noise conditions (README, 'Noise floor'); a token is above noise "
+        "<p class='note'>each engine scored its batches again under its noise conditions (docs/guides/noise-floor.md); a token is above noise "
         "where |Δ log-prob| exceeds the larger of the two engines' floors there (× noise.margin)</p>"
         f"<ul>{said}</ul>" + html_table(pairs) + "<h3>Each engine's own floor, per condition</h3>" + html_table(floors[[c for c in cols if c in floors]])
     )

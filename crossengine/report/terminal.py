@@ -107,7 +107,7 @@ def print_summary(run_dir: Path, console) -> None:
         if alarms.empty:
             from crossengine.compare.alarms import RULES
 
-            console.print(f"alarms: none tripped ({len(RULES)} checked; README.md, 'Alarms')", highlight=False)
+            console.print(f"alarms: none tripped ({len(RULES)} checked; docs/guides/rl-monitor.md#alarms)", highlight=False)
     if (run_dir / "greedy").exists():
         greedy = pd.read_parquet(run_dir / "greedy")
         for _, r in greedy[greedy["first_divergence"] >= 0].iterrows():

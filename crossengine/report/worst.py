@@ -39,7 +39,7 @@ def alarms_section(alarms: pd.DataFrame, tokens: pd.DataFrame) -> str:
     if alarms.empty:
         from crossengine.compare.alarms import RULES
 
-        return f"<p class='note'>no alarm tripped ({len(RULES)} checked: {html.escape(', '.join(RULES))}; README.md, 'Alarms').</p>"
+        return f"<p class='note'>no alarm tripped ({len(RULES)} checked: {html.escape(', '.join(RULES))}; docs/guides/rl-monitor.md#alarms).</p>"
     table = alarms.assign(candidate=display_names(alarms), samples=[", ".join(x[:5]) + (f" and {len(x) - 5} more" if len(x) > 5 else "") for x in alarms["samples"]])
     parts = [html_table(table[["alarm", "candidate", "metric", "value", "limit", "samples", "source"]])]
     tripped: dict[tuple[str, str], list[str]] = {}  # (candidate, sample) -> the alarms it trips alone, once per sample
