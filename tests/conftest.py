@@ -10,6 +10,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
+# A test is `slow` (left out of the quick loop, `pytest -m "not slow"`) when it needs the session's
+# Ray cluster, directly or through a shared run; tests that start processes of their own (the CLI
+# in a subprocess, vLLM, a local multi-node cluster) carry the mark themselves.
+SLOW_FIXTURES = {"ray_cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -127,7 +127,7 @@ def test_the_plan_says_where_the_budget_splits_samples(write_experiment):
     out = CliRunner().invoke(app, ["validate", str(path)])
     assert out.exit_code == 0, out.output
     assert "logits budget 0.001 GiB per worker: a scores samples beyond 524 tokens (V = 512) in position blocks" in out.output
-    assert "engine 'n' (native) cannot score in blocks" in out.output
+    assert "skipped: logits budget for engine 'n': native engines cannot score in position blocks" in out.output
 
 
 def test_the_tensor_path_is_chosen_from_what_the_plan_knows(write_experiment, tmp_path):

@@ -56,15 +56,18 @@ def token_metrics(ref: TokenLogprobs, cand: TokenLogprobs, token_ids: np.ndarray
     rows = slice(1, None)
     ids = token_ids[rows]
     full = ref.full_vocab and cand.full_vocab
+    # One number per token and engine: lp_ref and lp_cand are each engine's own reported log-prob of the
+    # scored token, whichever path the rest takes, so the reference's column is bitwise the same in every
+    # candidate's rows (docs/reference/metrics.md, "One reference per token").
+    lr = ref.token_logprobs[rows].astype(np.float64)
+    lc = cand.token_logprobs[rows].astype(np.float64)
     if full:
         shifted = ref.logits_are_logprobs != cand.logits_are_logprobs  # raw logits vs log-probs: rows differ by log Z
         fv = _full_vocab_metrics(ref.logits, cand.logits, token_ids, centre=shifted)
-        lr, lc = fv.pop("lp_ref"), fv.pop("lp_cand")
+        del fv["lp_ref"], fv["lp_cand"]  # the kernel's own recomputation (float64 sums) can differ by an ulp
         if ref.logits_are_logprobs or cand.logits_are_logprobs:  # KL and rank are shift-invariant; a cosine is not
             fv["cos_sim"] = np.full(len(ids), np.nan)
     else:
-        lr = ref.token_logprobs[rows].astype(np.float64)
-        lc = cand.token_logprobs[rows].astype(np.float64)
         fv = _topk_rank_and_top1(ref, cand, rows)
         nan = np.full(len(ids), np.nan)
         fv.update(kl_ref_cand=nan, kl_cand_ref=nan, cos_sim=nan)

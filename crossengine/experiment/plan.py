@@ -20,6 +20,7 @@ from crossengine.adapters.base import EngineTraits
 from crossengine.adapters.checkpoint import config_fields, model_is_dense, vocab_size_of
 from crossengine.compare.noise import BATCHINGS, NoisePlan
 from crossengine.errors import CrossengineError
+from crossengine.experiment.analyses import skipped_lines
 from crossengine.experiment.fixtures import ensure_fixture, is_fixture
 from crossengine.experiment.load import experiment_error, resolve_named_paths
 from crossengine.experiment.schema import CONTROL_SUFFIX, NAME, EngineSpec, Experiment
@@ -100,7 +101,7 @@ class Plan:
 
     def lines(self) -> list[str]:
         """What the run will do that the plan already knows, said by `run` and `validate` before anything loads."""
-        return [*self.noise_lines(), *self.budget_lines()]
+        return [*skipped_lines(self), *self.noise_lines(), *self.budget_lines()]
 
     def budget_lines(self) -> list[str]:
         """Where placement.logits_budget_gb splits samples into position blocks, and which engines cannot."""
@@ -111,13 +112,7 @@ class Plan:
         vocab = vocab_size_of(self.reference.model_path, self.reference.spec.revision)
         beyond = f"beyond {int(budget * 2**30 // (4 * vocab)):,} tokens (V = {vocab:,})" if vocab else "whose logits exceed it"
         able = [i.name for i in self.instances if i.traits.chunks_logits]
-        out = [f"logits budget {budget:g} GiB per worker: {', '.join(able) or 'no engine'} score{'s' if len(able) == 1 else ''} samples {beyond} in position blocks"]
-        out += [
-            f"logits budget: engine {i.name!r} ({i.spec.type}) cannot score in blocks: it holds a whole sample's logits"
-            for i in self.instances
-            if not i.traits.chunks_logits and i.traits.gives_full_logits(i.spec)
-        ]
-        return out
+        return [f"logits budget {budget:g} GiB per worker: {', '.join(able) or 'no engine'} score{'s' if len(able) == 1 else ''} samples {beyond} in position blocks"]
 
     def noise_lines(self) -> list[str]:
         """What the noise floor will vary, per engine, said before anything loads (and what does not apply)."""
@@ -130,8 +125,6 @@ class Plan:
             left = [c for c in asked if c in self._batchings_left(inst)]
             cause = "routing: true reads routing one sample per forward" if inst.traits.batching else f"{inst.spec.type} engines have no batching field"
             why = f" ({', '.join(left)} do{'es' if len(left) == 1 else ''} not apply: {cause})" if left else ""
-            if inst.traits.has_records and asked:
-                why = " (its numbers are a file: nothing to vary)"
             out.append(f"noise floor: {inst.name}: {', '.join(plan.conditions) if plan else 'none'}{why}")
         return out
 

@@ -1,0 +1,87 @@
+"""Every analysis an experiment can ask for, and for each engine whether it applies: one line per
+engine it skips, said before anything loads.
+
+Why one table: a requested analysis that an engine cannot do used to be dropped in silence (a
+`localize:` run with a vLLM engine wrote no layers table and said nothing). Each analysis here
+names what in the experiment asks for it and, from the engine's traits alone, why an engine is
+left out; `Plan.lines()` prints the result and `crossengine validate` shows it, with no Ray and
+no weights. An analysis whose absence is an error (routing on an engine that cannot report it) is
+refused by the loader instead, and is not in this table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from crossengine.experiment.schema import Experiment
+
+if TYPE_CHECKING:  # the plan imports this module; its types are only annotations here
+    from crossengine.experiment.plan import EngineInstance, Plan
+
+
+@dataclass(frozen=True)
+class Analysis:
+    name: str  # as the line says it
+    asked: Callable[[Experiment], bool]  # does the experiment ask for it
+    skips: Callable[[EngineInstance, Plan], str | None]  # why this engine is left out, or None
+    candidates_only: bool = False  # the reference takes no part of its own
+
+
+def _localise(inst: EngineInstance, plan: Plan) -> str | None:
+    if not inst.traits.captures_modules:
+        return f"{inst.spec.type} engines cannot capture module outputs: no layers.parquet rows for it"
+    return None
+
+
+def _full_vocab(inst: EngineInstance, plan: Plan) -> str | None:
+    if inst.traits.gives_full_logits(inst.spec):
+        return None
+    option = inst.traits.full_logits_option
+    how = f" (set {option}: true on it)" if option else ""
+    return f"{inst.spec.type} engines give top-k only{how}: its KL is topk_kl, cos_sim and kl_ref_cand stay null"
+
+
+def _noise(inst: EngineInstance, plan: Plan) -> str | None:
+    if inst.traits.has_records:
+        return "its numbers are a file: nothing to vary, no floor for it"
+    return None
+
+
+def _chunking(inst: EngineInstance, plan: Plan) -> str | None:
+    if inst.traits.gives_full_logits(inst.spec) and not inst.traits.chunks_logits:
+        return f"{inst.spec.type} engines cannot score in position blocks: it holds a whole sample's logits"
+    return None
+
+
+def _tensor_transport(inst: EngineInstance, plan: Plan) -> str | None:
+    if not inst.traits.gives_full_logits(inst.spec):
+        return None  # nothing of its travels as full logits
+    if not inst.traits.tensor_logits:
+        return f"{inst.spec.type} engines hand over host arrays: the object store carries its logits"
+    if inst.spec.env is not None:
+        return "it runs in its own Python environment: the object store carries its logits"
+    return None
+
+
+ANALYSES: tuple[Analysis, ...] = (
+    Analysis("localise", lambda e: e.localize is not None, _localise),
+    Analysis("full vocabulary", lambda e: e.full_vocab, _full_vocab),
+    Analysis("noise floor", lambda e: e.noise is not None, _noise),
+    Analysis("logits budget", lambda e: e.full_vocab and e.placement.logits_budget_gb is not None, _chunking),
+    Analysis("tensor transport", lambda e: e.full_vocab and e.placement.logits_transport in ("gloo", "nccl"), _tensor_transport),
+)
+
+
+def skipped_lines(plan: Plan) -> list[str]:
+    """`skipped: <analysis> for engine '<name>': <why>` for every requested analysis and engine it leaves out."""
+    out = []
+    for analysis in ANALYSES:
+        if not analysis.asked(plan.experiment):
+            continue
+        for inst in plan.instances:
+            why = analysis.skips(inst, plan)
+            if why:
+                out.append(f"skipped: {analysis.name} for engine {inst.name!r}: {why}")
+    return out
