@@ -84,6 +84,24 @@ def test_unknown_patch_is_rejected_before_anything_starts(write_experiment, tmp_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("engine", "field"),
+    [
+        ("{type: hf, patches: ['crossengine.experiment.fixtures:FIXTURE_VERSION']}", "engines.b.patches[0]"),
+        ("{type: native, factory: 'crossengine.experiment.fixtures:FIXTURE_VERSION'}", "engines.b.factory"),
+    ],
+    ids=["patch", "native-factory"],
+)
+def test_validate_refuses_user_code_that_is_not_a_function(write_experiment, engine, field):
+    """validate imports each `module:function` and checks it is callable, as run would need it."""
+    path = write_experiment(f"model: tiny-text\nreference: a\nengines:\n  a: {{type: hf}}\n  b: {engine}\nsamples:\n  - text: hi there\n")
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip()
+    assert message.splitlines() == [message] and f"exp.yaml:5: {field}:" in message, message
+    assert "is str '2', not a function" in message
+
+
 def test_ablation_run_prints_and_writes_the_table(ray_cluster, tmp_path):
     result = CliRunner().invoke(app, ["run", str(EXPERIMENTS / "ablation.yaml"), "--output-dir", str(tmp_path), "--run-id", "abl"])
     assert result.exit_code == 0, result.output

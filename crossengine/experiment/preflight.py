@@ -56,16 +56,19 @@ def _section(exp: Experiment, name: str) -> str:
 
 
 def _check_user_code(exp: Experiment, path: Path) -> None:
-    """Every 'module:function' the experiment names must import (that is all that runs of it here)."""
+    """Every 'module:function' the experiment names must import and be callable, as `run` will need it
+    (importing is all that runs of it here; its module's top level, as a worker would)."""
 
     for name, (_, _, spec) in exp.resolved_engines().items():
         for field, ref in spec.user_code():
+            loc = (_section(exp, name), name, *field)
             try:
                 with importable_from(path.parent):  # where the workers import it from
-                    import_ref(ref)
+                    obj = import_ref(ref)
             except ImportError as exc:
-                loc = (_section(exp, name), name, *field)
                 raise experiment_error(path, loc, str(exc)) from None
+            if not callable(obj):
+                raise experiment_error(path, loc, f"{ref!r} is {type(obj).__name__} {obj!r:.40}, not a function")
 
 
 def adapter_modules(adapter: str) -> dict[str, tuple[list[int], list[int]]]:
