@@ -55,8 +55,14 @@ def _plan(experiment: Path, run_id: str | None, output_dir: Path | None, localiz
         run_id = run_id or f"{exp.name}-localize-{time.strftime('%Y%m%d-%H%M%S')}"
     plan = make_plan(exp, experiment, run_id=run_id, output_dir=output_dir)
     for note in preflight(plan):
-        console.print(f"note: {note}", highlight=False)
+        err_console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     return plan
+
+
+def _say_plan_lines(plan) -> None:
+    """What the plan knows before anything loads: what each analysis will do on stdout, what it skips on stderr."""
+    for line in plan.lines():
+        (err_console if line.startswith("skipped:") else console).print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _plan_interruptibly(experiment: Path, run_id: str | None, output_dir: Path | None, localize: bool = False):
@@ -128,11 +134,10 @@ def run(
 
     plan, signals = _plan_interruptibly(experiment, run_id, output_dir)
     console.print(f"run [bold]{plan.run_id}[/bold]: reference {plan.reference.name}, candidates {', '.join(c.name for c in plan.candidates)}; {len(plan.experiment.samples)} samples")
-    for line in plan.lines():
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
-    runner = Runner(plan, console=console, address=address, overwrite=overwrite, num_gpus=num_gpus, signals=signals)
+    _say_plan_lines(plan)
+    runner = Runner(plan, console=console, err_console=err_console, address=address, overwrite=overwrite, num_gpus=num_gpus, signals=signals)
     out = _execute(runner)
-    print_summary(out, console)
+    print_summary(out, console, err_console)
     console.print(f"results: {out}  (pandas: pd.read_parquet('{out}/tokens'))")
     if runner.dead:
         err_console.print(
@@ -172,7 +177,7 @@ def sweep(
     except CrossengineError as exc:
         _fail(exc)
     except KeyboardInterrupt as exc:
-        console.print(f"interrupted; finished members are kept. Resume with the same command: crossengine sweep {sweep_file}", markup=False, highlight=False)
+        err_console.print(f"interrupted; finished members are kept. Resume with the same command: crossengine sweep {sweep_file}", markup=False, highlight=False)
         stop_local_ray_and_exit(143 if isinstance(exc, Terminated) or signals.received == signal.SIGTERM else 130)
     finally:
         signals.restore()
@@ -199,7 +204,7 @@ def localize(
     from crossengine.run.runner import Runner
 
     plan, signals = _plan_interruptibly(experiment, run_id, output_dir, localize=True)
-    out = _execute(Runner(plan, console=console, address=address, overwrite=overwrite, localize_only=True, num_gpus=num_gpus, signals=signals))
+    out = _execute(Runner(plan, console=console, err_console=err_console, address=address, overwrite=overwrite, localize_only=True, num_gpus=num_gpus, signals=signals))
     written = [str(out / f) for f in ("layers.parquet", "buffers.parquet") if (out / f).exists()]
     console.print(f"results: {', '.join(written) or f'{out} (no module table: see the messages above)'}", soft_wrap=True)
 
@@ -222,7 +227,7 @@ def report(run_dir: Path = typer.Argument(..., help="A results/<run_id> folder."
 
     if not (run_dir / "summary.parquet").exists():
         _fail(CrossengineError(f"{run_dir}: no summary.parquet (not a finished run)"))
-    print_summary(run_dir, console)
+    print_summary(run_dir, console, err_console)
     page = _html_path(html, out, run_dir / "report.html")
     if page is not None:
         from crossengine.report.html import run_report
@@ -341,8 +346,7 @@ def validate(experiment: Path = typer.Argument(..., help="Experiment YAML file, 
         _fail(exc)
     exp = plan.experiment
     console.print(f"{experiment}: ok ({len(exp.engines)} engines, {len(exp.variants)} variants, {len(exp.samples)} samples)")
-    for line in plan.lines():
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    _say_plan_lines(plan)
 
 
 @fixtures_app.command("build")

@@ -54,7 +54,9 @@ def summary_table(summary: pd.DataFrame, title: str, splits: bool = True):
     return table
 
 
-def print_summary(run_dir: Path, console) -> None:
+def print_summary(run_dir: Path, console, err_console=None) -> None:
+    """The run's tables and lines on `console`; a failed `expect:` claim on `err_console` (stderr; default: the same)."""
+    err_console = err_console or console
     summary = pd.read_parquet(run_dir / "summary.parquet")
     console.print(summary_table(summary, f"crossengine summary: {run_dir}"))
 
@@ -97,7 +99,7 @@ def print_summary(run_dir: Path, console) -> None:
     for line in meta.expectations.get("notes", []):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
     for line in meta.expectations.get("failed", []):
-        console.print(f"error: {line}", style="bold red", highlight=False, markup=False, soft_wrap=True)
+        err_console.print(f"error: {line}", style="bold red", highlight=False, markup=False, soft_wrap=True)
     if (run_dir / "alarms.parquet").exists():
         from crossengine.compare.alarms import lines
 

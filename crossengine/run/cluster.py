@@ -10,9 +10,42 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from crossengine.errors import CrossengineError
+
+# Where Ray's own notices to the driver go (a worker died, a node was lost): the run's log, set by the
+# runner; they never reach the terminal, where the run's one-line error already names the engine.
+_notice_sinks: list[Callable[[str], None]] = []
+
+
+def send_ray_notices_to(sink: Callable[[str], None] | None) -> None:
+    """Route Ray's notices to `sink` (the run's log) from now on; None: back to nowhere."""
+    _notice_sinks[:] = [sink] if sink else []
+
+
+def _quiet_notices() -> None:
+    """Ray's driver prints each error the cluster publishes (`(raylet) A worker died ...`) through
+    `ray._private.worker.print_to_stdstream`, on stdout, even with log_to_driver=False. Those from the
+    raylet go to the sink instead; every other line prints as Ray would. Private API: where a Ray version
+    lacks it, its notices print as before."""
+    import ray._private.worker as ray_worker
+
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "_crossengine", False):
+        return
+
+    def route(data, *args, **kwargs):
+        if data.get("pid") == "raylet":
+            for sink in _notice_sinks:
+                sink("\n".join(data.get("lines", [])))
+            return None
+        return original(data, *args, **kwargs)
+
+    route._crossengine = True
+    ray_worker.print_to_stdstream = route
+
 
 CONNECT_TIMEOUT_S = 10.0
 
@@ -53,6 +86,7 @@ def ensure_ray(address: str | None, num_gpus: float | None = None) -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # ray.get looks for Ctrl-C/SIGTERM every second by default; a stop must act within one
     os.environ.setdefault("RAY_get_check_signal_interval_milliseconds", "100")
+    _quiet_notices()
     ray.init(log_to_driver=False, configure_logging=False, include_dashboard=False, **kwargs)
 
 

@@ -57,6 +57,7 @@ class RunContext:
     prepare: Callable[[Any, list[int], str], list[Sample]]  # (pool, sample indices, doing) -> the reference's prepared samples
     check_reference: Callable[[int, int, str], None]  # (batch, wave, digest): the reference is bitwise the same in every wave
     say_plain: Callable[[str], None]  # a terminal line holding user text (never read as markup)
+    warn: Callable[[str], None]  # an error or warning line (stderr)
     dead: dict[str, str]  # candidates whose engine died: no later batch asks them
     engine_died: Callable[[str, Exception], None]  # (candidate, EngineDied): said once, recorded
     vocab_text: pa.Array | None = None  # every token's text, from the reference (token_text column); set once engines start
@@ -196,7 +197,7 @@ class Mode:
             for why in r.skipped:  # e.g. a batching that takes text samples only: that condition is left out of this sample's floor
                 if (name, why) not in self.noise_said:  # once per engine and reason, naming the first sample
                     self.noise_said.add((name, why))
-                    self.run.say_plain(f"noise floor of {name!r}: condition {why} (first at sample {r.sample_id}; left out of the floor where it fails)")
+                    self.run.warn(f"noise floor of {name!r}: condition {why} (first at sample {r.sample_id}; left out of the floor where it fails)")
         write_table(self.run.run_dir.noise_part(name, b), noise_table(rows, name, self.run.vocab_text))
 
     def write_part(self, b: int, options: CompareOptions, part: Part) -> None:

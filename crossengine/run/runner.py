@@ -30,7 +30,7 @@ from crossengine.errors import CrossengineError, EngineDied, EngineFailure
 from crossengine.experiment.plan import EngineInstance, Plan
 from crossengine.experiment.schema import CONTROL_SUFFIX
 from crossengine.results import RunDir, write_table
-from crossengine.run.cluster import ensure_ray
+from crossengine.run.cluster import ensure_ray, send_ray_notices_to
 from crossengine.run.meta import new_run_meta
 from crossengine.run.modes import MODES, RunContext, raw_batch
 from crossengine.run.placement import make_placement
@@ -54,6 +54,7 @@ class Runner:
         plan: Plan,
         console=None,
         address: str | None = None,
+        err_console=None,
         overwrite: bool = False,
         localize_only: bool = False,
         num_gpus: float | None = None,
@@ -65,7 +66,8 @@ class Runner:
         self.cluster = cluster  # a sweep member: the part of the cluster it may use (placement.Cluster); None: all of it
         self.keeper = keeper  # a sweep's pool.EngineKeeper: engines the previous member left loaded, and where this one leaves its own
         self.localize_only = localize_only
-        self.console = console
+        self.console = console  # results and progress (stdout)
+        self.err_console = err_console if err_console is not None else console  # errors and warnings (stderr)
         self.address = address
         self.num_gpus = num_gpus
         self.overwrite = overwrite
@@ -80,7 +82,7 @@ class Runner:
         self.expect_failures: list[str] = []  # `expect: bitwise` claims the floors contradict (the CLI exits 1)
         self.expect_notes: list[str] = []  # claims that held, and what their negative controls showed
         self._ref_digests: dict[int, str] = {}  # batch -> digest of the first wave's reference scores
-        self.context = RunContext(plan, self.run_dir, self.timings, self.fetch, self.record_error, self.prepare, self.check_reference, self.say_plain, self.dead, self.engine_died)
+        self.context = RunContext(plan, self.run_dir, self.timings, self.fetch, self.record_error, self.prepare, self.check_reference, self.say_plain, self.warn, self.dead, self.engine_died)
         self.mode = MODES[plan.experiment.mode](self.context)
 
     def _say(self, msg: str) -> None:
@@ -91,6 +93,12 @@ class Runner:
         """A line holding user text (prompts, token texts): never read as rich markup."""
         if self.console is not None:
             self.console.print(msg, soft_wrap=True, markup=False, highlight=False)
+
+    def warn(self, msg: str) -> None:
+        """An error or warning line, on stderr (Unix convention: a user who redirects the results still sees it);
+        never read as markup, since it holds engines' own messages."""
+        if self.err_console is not None:
+            self.err_console.print(msg, soft_wrap=True, markup=False, highlight=False)
 
     @property
     def resume_command(self) -> str:
@@ -126,7 +134,7 @@ class Runner:
         try:
             return self._run()
         except KeyboardInterrupt:
-            self._say(f"[yellow]interrupted; finished batches are kept. Resume with: {self.resume_command}")
+            self.warn(f"interrupted; finished batches are kept. Resume with: {self.resume_command}")
             raise
         finally:
             self.signals.restore()
@@ -141,6 +149,7 @@ class Runner:
         t0 = time.time()
         resumed = self._check_existing()
         ensure_ray(self.address, self.num_gpus)
+        send_ray_notices_to(lambda text: self.run_dir.append_log("Ray's notice", text))
         self.signals.install()  # ray.init replaced the SIGTERM handler with its own
         self.timings["ray_init_s"] = time.time() - t0
         self.reducer = reducer_class().remote()  # its imports happen while the engines load, not after the last batch
@@ -242,7 +251,7 @@ class Runner:
             path = ray.get(self.reducer.report.remote(self.run_dir.root), timeout=600)
             self._say(f"report: {path}")
         except Exception as exc:  # noqa: BLE001
-            self._say(f"[yellow]note[/yellow]: report.html was not written ({one_line(exc)}); try crossengine report {self.run_dir.root} --html")
+            self.warn(f"note: report.html was not written ({one_line(exc)}); try crossengine report {self.run_dir.root} --html")
 
     def _reduce(self):
         """Summary and nearest-engine tables, computed in a Ray worker from the token Parquet:
@@ -275,7 +284,7 @@ class Runner:
         """A candidate whose engine died: said once, recorded in run.json, left out of later batches."""
         self.dead[engine] = str(exc)
         self.errors.append({"sample_id": "", "engine": engine, "error": str(exc)})
-        self.say_plain(f"error: {exc}; the other engines go on")
+        self.warn(f"error: {exc}; the other engines go on")
 
     def prepare(self, pool: EnginePool, indices: list[int], doing: str) -> list[Sample]:
         """Tokenise and expand samples on the reference, waiting; a sample it cannot prepare is reported and skipped."""
@@ -313,7 +322,7 @@ class Runner:
         exp, ref = self.plan.experiment, self.plan.reference
         paths, backend, note = choose_transports(exp.placement.logits_transport, exp.mode, ref, wave, self._full_vocab(wave), lambda i: self.placement.slots[i.name].gpus >= 1)  # NCCL: a GPU per rank
         if note:
-            self._say(note)
+            self.warn(note)
         return paths, backend
 
     def _warm_vocab(self, wave: list[EngineInstance]) -> dict[str, int]:
@@ -364,7 +373,7 @@ class Runner:
             if err.detail:  # an unexpected exception: its traceback goes to the run's log
                 log = self.run_dir.append_log(f"engine {engine!r}, sample {err.sample_id}: {err.message}", err.detail)
                 where = f"; traceback: {log}"
-            self._say(f"[red]error[/red] engine {engine!r}: {err} (sample skipped{where})")
+            self.warn(f"error: engine {engine!r}: {err} (sample skipped{where})")
 
     # ---------------------------------------------------------------------- run.json
 
