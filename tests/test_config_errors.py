@@ -78,7 +78,34 @@ CASES = [
     ),
     ("remote code without trust_remote_code", GOOD.replace("tiny-text", "tiny-remote"), ["engines.a", "remote code", "trust_remote_code: true"], 4),
     ("bad jsonl line", GOOD.replace("- text: hello there", "- file: data/bad.jsonl"), ["bad.jsonl:2", "unknown key"], None),
+    # one rule for non-finite numbers: refused wherever a finite one is meant, naming the field and the value
+    ("an infinite logits budget", GOOD + "placement: {logits_budget_gb: .inf}\n", ["placement.logits_budget_gb", "finite number", "(got inf)"], 8),
+    ("a NaN alarm limit", GOOD + "alarms: {gen_kl_error: .nan}\n", ["alarms.gen_kl_error:", "finite number", "(got nan)"], 8),
+    ("an infinite timeout", GOOD + "placement: {timeout_s: .inf}\n", ["placement.timeout_s", "finite number"], 8),
+    ("a NaN noise margin", GOOD + "noise: {margin: .nan}\n", ["noise.margin", "finite number"], 8),
+    ("a NaN in an alarm band", GOOD + "alarms: {rollout_is_mean: [0.5, .nan]}\n", ["alarms.rollout_is_mean[1]", "finite number"], 8),
+    # pydantic's own words stay out: no type tags in field paths, no documentation URL
+    ("a wrong alarm limit", GOOD + "alarms: {gen_kl_error: abc}\n", ["alarms.gen_kl_error:", "valid number", "(got 'abc')"], 8),
+    (
+        "a negative control with an unknown key",
+        GOOD.replace("{type: hf, attn_implementation: eager}", "{type: hf, expect: bitwise, negative_control: {colour: red}}") + "noise: true\n",
+        ["engines.b.negative_control.colour", "unknown key 'colour'"],
+        5,
+    ),
 ]
+
+
+def test_error_lines_hold_no_pydantic_internals(write_experiment):
+    """Across every case above: never a docs URL, never a union member's type name as a field."""
+    for _, text, _, _ in CASES:
+        result = CliRunner().invoke(app, ["validate", str(write_experiment(text))])
+        assert "errors.pydantic.dev" not in result.output and ".float:" not in result.output and "function-after" not in result.output, result.output
+
+
+def test_a_number_yaml_reads_as_a_string_is_the_number_it_spells(write_experiment):
+    """PyYAML (YAML 1.1) reads `2e-3` as a string; crossengine takes the number it spells (documented, not silent loss)."""
+    exp = load_experiment(write_experiment(GOOD + "tie_eps: 2e-3\n"))
+    assert exp.tie_eps == 0.002 and isinstance(exp.tie_eps, float)
 
 
 @pytest.mark.parametrize("name,text,words,line", CASES, ids=[c[0] for c in CASES])

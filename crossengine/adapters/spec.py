@@ -29,7 +29,12 @@ def check_callable_ref(v: str | None) -> str | None:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Every experiment and sweep type: unknown keys refused, values frozen, and no NaN or infinity where a
+    number is meant (one rule for every float field: `.inf`, `.nan` are one-line errors naming the field).
+    A number written `2e-3` is a string to YAML 1.1 (PyYAML needs `2.0e-3`); it is read as the number it
+    spells, which is what the user meant (docs/reference/experiment.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class EnvSpec(Strict):

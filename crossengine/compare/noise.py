@@ -159,18 +159,29 @@ def _log_probs(t: TokenLogprobs, lo: int, hi: int):
     return x if t.logits_are_logprobs else torch.log_softmax(x, -1)
 
 
-def floor_columns(ref: TokenLogprobs, cand: TokenLogprobs, lp_diff: np.ndarray, margin: float) -> dict[str, np.ndarray]:
+def floor_columns(ref: TokenLogprobs, cand: TokenLogprobs, lp_diff: np.ndarray, margin: float, rounding_floor: np.ndarray | float = 0.0) -> dict[str, np.ndarray]:
     """Token columns of both sides' floors, at every position (row 0 included; token_rows slices):
     noise_ref, noise_cand (max |Δlp| between an engine's own conditions), noise_kl_ref, noise_kl_cand,
     and above_noise (1.0/0.0, nan = unknown): |lp_diff| > margin × the larger floor, over the sides
-    that have one; unknown where neither has a floor or lp_diff is not finite."""
+    that have one, and |lp_diff| > `rounding_floor` (a few ulps of the log-probs in the coarser dtype:
+    two engines each bitwise stable under their own conditions still round differently from each
+    other); unknown where neither has a floor or lp_diff is not finite."""
     n = len(lp_diff)
     col = lambda a: np.full(n, np.nan, np.float32) if a is None else np.asarray(a, np.float32)  # noqa: E731
     out = {"noise_ref": col(ref.noise), "noise_cand": col(cand.noise), "noise_kl_ref": col(ref.noise_kl), "noise_kl_cand": col(cand.noise_kl)}
     floors = np.stack([out["noise_ref"], out["noise_cand"]])
     with np.errstate(invalid="ignore"):
         floor = np.where(np.isnan(floors).all(0), np.nan, np.nanmax(np.where(np.isnan(floors), -np.inf, floors), 0))
-        above = (np.abs(lp_diff) > margin * floor).astype(np.float32)
+        above = ((np.abs(lp_diff) > margin * floor) & (np.abs(lp_diff) > rounding_floor)).astype(np.float32)
     above[np.isnan(floor) | ~np.isfinite(lp_diff)] = np.nan
     out["above_noise"] = above
     return out
+
+
+EPS = {"float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}  # machine epsilon: the spacing of floats in [1, 2)
+
+
+def coarser_eps(ref, cand, default_dtype: str) -> float:
+    """The machine epsilon of the coarser of two engines' compute dtypes (their spec's `dtype`, else the
+    experiment's); a dump engine's numbers count as float32."""
+    return max(EPS.get(getattr(inst.spec, "dtype", None) or default_dtype, EPS["float32"]) for inst in (ref, cand))

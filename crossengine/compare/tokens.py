@@ -56,6 +56,7 @@ class CompareOptions:
     tie_eps: float
     completion_only: bool = False  # generation mode: only the generated tokens are rows
     noise_margin: float = 1.0  # above_noise: |lp_diff| > noise_margin × the larger floor (experiment `noise.margin`)
+    rounding: float = 0.0  # above_noise: and |lp_diff| > rounding × max(|lp_ref|, |lp_cand|, 1) (noise.rounding_ulps × eps of the coarser dtype)
 
 
 @dataclass
@@ -114,7 +115,7 @@ def compare_batch(batch: list[Sample | SampleError], ref_out: list, cand_out: li
             part.errors.append(misaligned)
             continue
         f = flips(r, c)  # MoE routing, where both sides report it
-        part.rows.append(token_rows(sample, r, c, options.tie_eps, options.completion_only, options.noise_margin, f))
+        part.rows.append(token_rows(sample, r, c, options.tie_eps, options.completion_only, options.noise_margin, f, options.rounding))
         if f is not None:
             part.routing.append(routing_rows(sample.sample_id, c.scored_ids if c.scored_ids is not None else sample.input_ids, r, c, f))
         scored.append((r, c))
@@ -123,7 +124,9 @@ def compare_batch(batch: list[Sample | SampleError], ref_out: list, cand_out: li
     return part
 
 
-def token_rows(sample: Sample, ref: TokenLogprobs, cand: TokenLogprobs, tie_eps: float, completion_only: bool = False, noise_margin: float = 1.0, routing_flips: np.ndarray | None = None) -> TokenRows:
+def token_rows(
+    sample: Sample, ref: TokenLogprobs, cand: TokenLogprobs, tie_eps: float, completion_only: bool = False, noise_margin: float = 1.0, routing_flips: np.ndarray | None = None, rounding: float = 0.0
+) -> TokenRows:
     """Rows at the positions both sides scored: every position from 1, or a dump's scored
     response tokens (`TokenLogprobs.scored`), where its response is the completion segment.
     `routing_flips`: routing.flips(ref, cand), where both sides report MoE routing."""
@@ -141,7 +144,8 @@ def token_rows(sample: Sample, ref: TokenLogprobs, cand: TokenLogprobs, tie_eps:
     keep = (segment == 1) & both[1:] if completion_only else both[1:]
     metrics = token_metrics(ref, cand, sample.input_ids, tie_eps)
     nonfinite = metrics.pop("nonfinite")
-    floors = floor_columns(ref, cand, np.concatenate([[np.nan], metrics["lp_diff"]]), noise_margin)
+    scale = np.maximum(np.maximum(np.abs(metrics["lp_ref"]), np.abs(metrics["lp_cand"])), 1.0)
+    floors = floor_columns(ref, cand, np.concatenate([[np.nan], metrics["lp_diff"]]), noise_margin, rounding * np.concatenate([[np.nan], scale]))
     metrics.update({k: v[1:] for k, v in floors.items()})
     metrics["routing_flips"] = routing_column(routing_flips, len(sample))[1:]
     return TokenRows(

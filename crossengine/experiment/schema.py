@@ -82,7 +82,7 @@ AnyEngineSpec = Annotated[SerializeAsAny[EngineSpec], BeforeValidator(engine_spe
 class VariantSpec(Strict):
     """A variant names its base engine and overrides any of that engine's fields (checked against its type by load.py)."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
     engine: str = Field(description="The engine this variant starts from.")
 
     @model_validator(mode="after")
@@ -190,6 +190,13 @@ class NoiseSpec(Strict):
     fillers: int = Field(7, ge=0, le=4096, description="shuffled and the batchings: other prompts in the call (copies of the batch's samples where it has fewer).")
     seed: int = Field(0, description="Seeds where each sample goes among the fillers.")
     margin: float = Field(1.0, gt=0, description="above_noise: |lp_diff| > margin × the larger of the two engines' floors at that token.")
+    rounding_ulps: float = Field(
+        2.0,
+        ge=0,
+        description="above_noise also needs |lp_diff| > rounding_ulps × eps × max(|lp_ref|, |lp_cand|, 1), eps the machine epsilon of the coarser "
+        "of the two engines' dtypes (float32 2^-23, float16 2^-10, bfloat16 2^-7): two kernels that sum a vocabulary in another order differ "
+        "by a few ulps even where each engine is bitwise stable. 0 turns it off.",
+    )
     engines: dict[str, list[str]] = Field(
         default_factory=dict,
         description="Conditions for one engine or variant instead of `conditions` ([] gives it no floor); engines not named use `conditions`.",

@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from crossengine.adapters.base import Generation, RawSample, Sample, SampleError
 from crossengine.compare.inputs import first_differences
+from crossengine.compare.noise import coarser_eps
 from crossengine.compare.tables import noise_table, routing_part_table, token_table
 from crossengine.compare.tokens import (
     CompareOptions,
@@ -185,8 +186,10 @@ class Mode:
         """Files a batch writes besides the candidates' token parts (none when scoring)."""
 
     def options(self, inst: EngineInstance, completion_only: bool = False) -> CompareOptions:
-        margin = self.exp.noise.margin if self.exp.noise is not None else 1.0
-        return CompareOptions(self.plan.reference.name, inst.name, inst.cand_engine, inst.variant, self.exp.tie_eps, completion_only, margin)
+        noise = self.exp.noise
+        margin = noise.margin if noise is not None else 1.0
+        rounding = noise.rounding_ulps * coarser_eps(self.plan.reference, inst, self.exp.dtype) if noise is not None else 0.0
+        return CompareOptions(self.plan.reference.name, inst.name, inst.cand_engine, inst.variant, self.exp.tie_eps, completion_only, margin, rounding)
 
     def write_noise(self, name: str, b: int, rows: list, seconds: float) -> None:
         """An engine's floor for one batch (noise/), where it has one; before its token part marks the batch done."""
