@@ -13,6 +13,7 @@ import tempfile
 import traceback
 
 from crossengine.adapters.base import EngineDead, EngineError, SampleError
+from crossengine.errors import pydantic_summary
 
 
 class OutputCapture:
@@ -55,14 +56,18 @@ class OutputCapture:
     def root_cause(self, text: str | None = None) -> str | None:
         """The last line of the output that reads like an exception ('RuntimeError: ...'), without a logger's prefix."""
         causes = []
-        for line in (text if text is not None else self.tail()).splitlines():
+        text = text if text is not None else self.tail()
+        for line in text.splitlines():
             line = re.sub(r"^\(\w+ pid=\d+\)\s*", "", line.strip())  # Ray's / vLLM's process prefix
             line = re.sub(r"^(ERROR|WARNING|INFO|CRITICAL)\s+\S+ \S+ \[[^\]]*\]\s*", "", line)  # vLLM's logger prefix
             m = self.CAUSE.match(line)
             if m and not m.group(1).startswith(("EngineDeadError", "EngineError")):
                 causes.append(m.group(1))
         own = [c for c in causes if not re.search(r"root cause|stack trace", c)]  # wrappers point elsewhere: prefer what they point at
-        return (own or causes)[-1] if causes else None
+        cause = (own or causes)[-1] if causes else None
+        if cause and "validation error" in cause:  # pydantic's headline: the field and the reason are on the lines after it
+            cause = f"{cause.split(':', 1)[0]}: {pydantic_summary(text) or cause.split(':', 1)[-1].strip()}"
+        return cause
 
     def wrap(self, exc: BaseException, since: int = 0) -> BaseException:
         """`exc` with the root cause its process printed while the failing call ran (from offset
@@ -74,8 +79,8 @@ class OutputCapture:
         text = self.tail()
         cause = self.root_cause(self.tail(since=since)) or (self.root_cause(text) if isinstance(exc, EngineDead) else None)
 
-        lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
-        message = f"{type(exc).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
+        lines = [x.strip() for x in str(exc).splitlines() if x.strip() and not x.strip().startswith("For further information visit")]
+        message = f"{type(exc).__name__}: {pydantic_summary(str(exc)) or (lines[-1] if lines else '')}".rstrip(": ")
         if cause and cause not in message:
             message = f"{message}; its process said: {cause}"
         trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
