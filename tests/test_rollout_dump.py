@@ -90,7 +90,20 @@ BAD_RECORDS = {  # id -> (how the record is spoilt, the field the one-line error
     "vocab": (lambda r: r["token_ids"].__setitem__(-1, 9999), "is outside the vocabulary of the reference's model (512 ids)"),
     "plen": (lambda r: r.update(prompt_len=len(r["token_ids"])), "prompt_len: 43 is out of range"),
     "noids": (lambda r: r.pop("token_ids"), "token_ids: missing"),
+    # the top-k a dump holds is checked like its log-probs: every value the comparison would read
+    "topvocab": (lambda r: r.update(top_ids=_top(r, 5, 99999), top_logprobs=_top(r, -1.0)), "top_ids[0][1]: 99999 is not a token id (the reference's model has 512 ids)"),
+    "topneg": (lambda r: r.update(top_ids=_top(r, 5, -7), top_logprobs=_top(r, -1.0)), "top_ids[0][1]: -7 is not a token id"),
+    "topnan": (lambda r: r.update(top_ids=_top(r, 5), top_logprobs=_top(r, -1.0, float("nan"))), "top_logprobs[0][1]: nan is not a finite log-prob"),
+    "toppos": (lambda r: r.update(top_ids=_top(r, 5), top_logprobs=_top(r, -1.0, 3.0)), "top_logprobs[0][1]: 3.0 is positive"),
 }
+
+
+def _top(record: dict, value, second=None) -> list[list]:
+    """A top-2 list per scored token, its first row's second entry `second` (where given)."""
+    rows = [[value, value] for _ in record["logprobs"]]
+    if second is not None:
+        rows[0][1] = second
+    return rows
 
 
 def test_each_bad_record_is_one_line_and_its_sample_is_skipped(ray_cluster, tmp_path):
@@ -111,7 +124,8 @@ def test_each_bad_record_is_one_line_and_its_sample_is_skipped(ray_cluster, tmp_
     for rid, (_, says) in BAD_RECORDS.items():
         assert f"dump.jsonl:{line_of[rid]}: " in errors[rid] and says in errors[rid], errors[rid]
         assert "\n" not in errors[rid]
-    assert "dump.jsonl:9: <record>: not a JSON object" in errors["line9"]
+    broken = 3 + len(BAD_RECORDS)
+    assert f"dump.jsonl:{broken}: <record>: not a JSON object" in errors[f"line{broken}"]
     tokens = pd.read_parquet(tmp_path / "out" / "t" / "tokens")
     assert set(tokens["sample_id"].astype(str)) == {RECORDS[0]["id"], RECORDS[1]["id"]}, "bad records are skipped, the good ones scored"
 
@@ -222,3 +236,102 @@ def _write(tmp_path, engine_line: str):
     path = tmp_path / "e.yaml"
     path.write_text(f"model: tiny-text\nreference: t\nengines:\n  t: {{type: hf}}\n{engine_line}samples:\n  - token_ids: [1, 2, 3]\n")
     return path
+
+
+GENERIC = {"id": "r", "token_ids": [1, 5, 6, 7], "prompt_len": 2, "logprobs": [-1.0, -2.0], "mask": [True, True], "top_ids": [[5, 9], [6, 9]], "top_logprobs": [[-1.0, -2.0], [-2.0, -3.0]]}
+PRIME = {"export_step": 1, "rank": 0, "export_sequence_idx": 2, "token_ids": [1, 5, 6, 7], "loss_mask": [False, False, True, True], "inference_logprobs": [0.0, 0.0, -1.0, -2.0]}
+
+
+def _spoil(record: dict, field: str, value) -> dict:
+    out = json.loads(json.dumps(record))
+    if value is _DROP:
+        out.pop(field)
+    else:
+        out[field] = value
+    return out
+
+
+_DROP = object()
+# (layout, field spoilt, value (_DROP: the key removed), what the one line must say): every field each layout reads
+RECORD_CASES = [
+    ("generic", "id", _DROP, "id: missing"),
+    ("generic", "token_ids", _DROP, "token_ids: missing"),
+    ("generic", "token_ids", "1 5 6", "token_ids: must be a list"),
+    ("generic", "token_ids", [1, -5, 6, 7], "token_ids: must be a list of at least 2 token ids"),
+    ("generic", "token_ids", [1, 5, 6, 9999], "token_ids[3]: token id 9999 is outside the vocabulary"),
+    ("generic", "prompt_len", _DROP, "prompt_len: missing"),
+    ("generic", "prompt_len", 4, "prompt_len: 4 is out of range"),
+    ("generic", "prompt_len", True, "prompt_len: True is out of range"),
+    ("generic", "logprobs", _DROP, "logprobs: missing"),
+    ("generic", "logprobs", [-1.0], "logprobs: has 1 values"),
+    ("generic", "logprobs", [-1.0, "x"], "logprobs[1]: 'x' is not a finite log-prob"),
+    ("generic", "logprobs", [-1.0, float("inf")], "logprobs[1]: inf is not a finite log-prob"),
+    ("generic", "logprobs", [-1.0, 0.5], "logprobs[1]: 0.5 is positive"),
+    ("generic", "mask", [True], "mask: needs one bool per scored token (2)"),
+    ("generic", "top_ids", [[5, 9]], "top_ids: needs one list per scored token (2)"),
+    ("generic", "top_ids", [[5, 9], [6]], "top_ids: needs the same k"),
+    ("generic", "top_ids", [[5, 9], [6, 99999]], "top_ids[1][1]: 99999 is not a token id"),
+    ("generic", "top_ids", [[5, 9], [6, 2.5]], "top_ids[1][1]: 2.5 is not a token id"),
+    ("generic", "top_logprobs", [[-1.0, -2.0]], "top_logprobs: needs one list per scored token (2)"),
+    ("generic", "top_logprobs", [[-1.0, -2.0], [-2.0, float("nan")]], "top_logprobs[1][1]: nan is not a finite log-prob"),
+    ("generic", "top_logprobs", [[-1.0, -2.0], [3.0, -3.0]], "top_logprobs[1][0]: 3.0 is positive"),
+    ("prime-rl", "token_ids", _DROP, "token_ids: missing"),
+    ("prime-rl", "inference_logprobs", _DROP, "inference_logprobs: missing (the prime-rl layout's name for 'logprobs')"),
+    ("prime-rl", "inference_logprobs", [0.0, 0.0, -1.0], "inference_logprobs: has 3 values, one per token (4)"),
+    ("prime-rl", "inference_logprobs", [0.0, 0.0, -1.0, float("nan")], "inference_logprobs[1]: nan is not a finite log-prob"),
+    ("prime-rl", "loss_mask", [True], "loss_mask: needs one bool per token (4)"),
+    ("prime-rl", "loss_mask", [False] * 4, "loss_mask: scores no token"),
+    ("prime-rl", "export_sequence_idx", _DROP, "export_step/rank/export_sequence_idx: missing"),
+]
+
+
+@pytest.mark.parametrize(("layout", "field", "value", "says"), RECORD_CASES, ids=[f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(RECORD_CASES)])
+def test_every_field_of_every_layout_is_checked(tmp_path, layout, field, value, says):
+    """Table-driven over every field the layouts read: one line naming FILE:LINE and the field, never a silent misalignment."""
+    from crossengine.adapters.logprobs import DumpFile, RecordError
+
+    good = GENERIC if layout == "generic" else PRIME
+    (tmp_path / "d.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(_spoil(good, field, value)) + "\n")
+    dump = DumpFile(tmp_path / "d.jsonl", layout)
+    dump.vocab_size = 512
+    (_, ok, _), (_, bad, _) = list(dump.index())
+    dump.read(ok)  # the unspoilt record reads: the case is about its field alone
+    with pytest.raises(RecordError) as err:
+        dump.read(bad)
+    assert f"d.jsonl:2: {says}" in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_dump_read_with_the_other_layout_says_which_layout(tmp_path):
+    from crossengine.adapters.logprobs import DumpFile, RecordError
+
+    (tmp_path / "prime.jsonl").write_text(json.dumps({**PRIME, "id": "x"}) + "\n")
+    (tmp_path / "generic.jsonl").write_text(json.dumps(GENERIC) + "\n")
+    for path, layout, other in (("prime.jsonl", "generic", "prime-rl"), ("generic.jsonl", "prime-rl", "generic")):
+        dump = DumpFile(tmp_path / path, layout)
+        [(_, pointer, _)] = list(dump.index())
+        with pytest.raises(RecordError) as err:
+            dump.read(pointer)
+        assert f"give the engine layout: {other}" in str(err.value), str(err.value)
+        assert "by fields:" not in str(err.value), "the user wrote no fields: rename"
+
+
+@pytest.mark.parametrize(
+    ("path_line", "says"),
+    [
+        ("  d: {type: logprobs, path: notparquet.parquet}\n", "not a Parquet file"),
+        ("  d: {type: logprobs, path: folder}\n", "is a folder; name a file"),
+    ],
+    ids=["not-parquet", "a-folder"],
+)
+def test_a_dump_path_that_is_not_a_dump_is_one_line(tmp_path, path_line, says):
+    (tmp_path / "notparquet.parquet").write_text(json.dumps(GENERIC) + "\n")
+    (tmp_path / "folder").mkdir()
+    path = tmp_path / "e.yaml"
+    path.write_text(f"model: tiny-text\nreference: t\nengines:\n  t: {{type: hf}}\n{path_line}samples:\n  - dump: d\n")
+    for command in ("validate", "run"):
+        result = CliRunner().invoke(app, [command, str(path), "--output-dir", str(tmp_path / "out")] if command == "run" else [command, str(path)])
+        assert result.exit_code == 2, result.output
+        message = result.stderr.strip()
+        assert message.splitlines() == [message] and says in message and "Traceback" not in result.output, message
+    assert not (tmp_path / "out").exists()

@@ -69,6 +69,10 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
+# The keys that tell a layout's records apart (for the hint when a dump is read with the wrong layout).
+SIGNATURES: dict[str, set[str]] = {"generic": {"prompt_len", "logprobs"}, "prime-rl": {"inference_logprobs", "loss_mask"}}
+
+
 class LogprobsSpec(EngineSpec):
     """A dump of log-probs; `model` (the experiment's by default) gives the tokenizer only."""
 
@@ -107,7 +111,9 @@ class DumpFile:
     def __init__(self, path: str | Path, layout: str = "generic", fields: dict[str, str] | None = None):
         self.path = Path(path)
         self.layout = LAYOUTS[layout]
-        self.names = {**self.layout.fields, **(fields or {})}
+        self.layout_name = layout
+        self.renamed = dict(fields or {})  # what the user's `fields:` renamed (the layout's own names are not theirs)
+        self.names = {**self.layout.fields, **self.renamed}
         self.parquet = self.path.suffix == ".parquet"
         self._group: tuple[int, list[dict]] | None = None
         self.vocab_size: int | None = None  # set by whoever knows the model: ids at or above it are refused, naming the record
@@ -118,10 +124,8 @@ class DumpFile:
         """(pointer, where, object or the reason it does not parse), in file order; a pointer is
         (byte offset, line) in JSONL, (row, row) in Parquet."""
         if self.parquet:
-            import pyarrow.parquet as pq
-
             n = 0
-            for batch in pq.ParquetFile(self.path).iter_batches(batch_size=256):
+            for batch in _parquet_file(self.path).iter_batches(batch_size=256):
                 for obj in batch.to_pylist():
                     yield (n, n + 1), f"{self.path}:row {n + 1}", obj
                     n += 1
@@ -152,9 +156,7 @@ class DumpFile:
     def _at(self, pointer: tuple[int, int]) -> tuple[str, dict | Exception]:
         at, line_no = pointer
         if self.parquet:
-            import pyarrow.parquet as pq
-
-            f = pq.ParquetFile(self.path)
+            f = _parquet_file(self.path)
             start = 0
             for g in range(f.num_row_groups):
                 rows = f.metadata.row_group(g).num_rows
@@ -175,9 +177,22 @@ class DumpFile:
         name = self.names.get(field)
         if name is None or name not in obj or obj[name] is None:
             if required:
-                raise RecordError(where, name or field, "missing" + (f" (renamed from {field!r} by fields:)" if name and name != field else ""))
+                if field in self.renamed:
+                    why = f" (renamed from {field!r} by fields:)"
+                elif name and name != field:
+                    why = f" (the {self.layout_name} layout's name for {field!r})"
+                else:
+                    why = ""
+                raise RecordError(where, name or field, "missing" + why + self._other_layout(obj))
             return None
         return obj[name]
+
+    def _other_layout(self, obj: dict) -> str:
+        """A hint where the record's keys are another layout's: `layout: NAME` is the fix, not a rename."""
+        for name, keys in SIGNATURES.items():
+            if name != self.layout_name and keys <= set(obj) and not SIGNATURES[self.layout_name] <= set(obj):
+                return f"; its keys are those of the {name} layout: give the engine layout: {name}"
+        return ""
 
     def _id(self, obj: dict, where: str) -> str:
         if "id" in self.names:
@@ -255,15 +270,35 @@ class DumpFile:
         for name, v in (("top_ids", ids), ("top_logprobs", lps)):
             if not isinstance(v, list) or len(v) != count:
                 raise RecordError(where, self.names[name], f"needs one list per scored token ({count})")
-        k = len(ids[0]) if ids[0] else 0
-        if k == 0 or any(len(a) != k or len(b) != k for a, b in zip(ids, lps)):
+        k = len(ids[0]) if isinstance(ids[0], list) else 0
+        if k == 0 or any(not isinstance(a, list) or not isinstance(b, list) or len(a) != k or len(b) != k for a, b in zip(ids, lps)):
             raise RecordError(where, self.names["top_ids"], "needs the same k (>= 1) ids and log-probs at every scored token")
+        for j in np.flatnonzero(keep):  # every value the comparison reads, checked like `logprobs`
+            for i, (t, v) in enumerate(zip(ids[j], lps[j])):
+                if not isinstance(t, int) or isinstance(t, bool) or t < 0 or (self.vocab_size is not None and t >= self.vocab_size):
+                    size = f" (the reference's model has {self.vocab_size} ids)" if self.vocab_size is not None else ""
+                    raise RecordError(where, f"{self.names['top_ids']}[{j}][{i}]", f"{t!r} is not a token id{size} (position {span[0] + j})")
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                    raise RecordError(where, f"{self.names['top_logprobs']}[{j}][{i}]", f"{v!r} is not a finite log-prob (position {span[0] + j})")
+                if v > POSITIVE_TOLERANCE:
+                    raise RecordError(where, f"{self.names['top_logprobs']}[{j}][{i}]", f"{v!r} is positive: not a log-prob (position {span[0] + j})")
         out_ids = np.full((n, k), -1, np.int64)
         out_lp = np.full((n, k), np.nan, np.float32)
         rows = np.arange(span[0], span[1])[keep]
         out_ids[rows] = np.asarray(ids, np.int64)[keep]
         out_lp[rows] = np.asarray(lps, np.float32)[keep]
         return out_ids, out_lp
+
+
+def _parquet_file(path: Path):
+    """The dump as Parquet, or one line saying it is not (pyarrow's own error is a page of C++ context)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise RecordError(str(path), "<file>", f"not a Parquet file ({str(exc).splitlines()[0][:120]}); a .parquet dump must be Parquet, anything else JSONL") from None
 
 
 def _parse(line: bytes) -> dict | Exception:

@@ -195,7 +195,11 @@ def _dump_samples(exp: Experiment, name: str, path: Path, error) -> list[SampleS
     spec = resolve_named_paths(spec, path.parent, lambda loc, msg: error(f"engine {name!r}: {'.'.join(loc)}: {msg}"))
     out: list[SampleSpec] = []
     seen: dict[str, str] = {}
-    for rid, pointer, where in cls.records(spec).index():
+    try:
+        index = list(cls.records(spec).index())
+    except ValueError as exc:  # a file that is not the format its name says (RecordError names it)
+        raise error(f"engine {name!r}: {exc}") from None
+    for rid, pointer, where in index:
         if rid in seen:
             raise ExperimentError(where.rsplit(":", 1)[0], _where_line(where), "id", f"duplicate record id {rid!r} (first at {seen[rid]})")
         seen[rid] = where
@@ -218,6 +222,8 @@ def resolve_named_paths(spec, base: Path, error):
     for loc, value in spec.named_paths():
         p = Path(value).expanduser()
         p = p if p.is_absolute() else (base / p).absolute()
+        if p.is_dir():
+            raise error(loc, f"{p} is a folder; name a file")
         if not p.is_file():
             raise error(loc, f"no such file: {p}")
         spec = spec.model_copy(update={loc[0]: str(p)})
