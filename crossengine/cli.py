@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -157,12 +158,21 @@ def sweep(
     sweep_file: Path = typer.Argument(..., help="Sweep YAML file: a base experiment and axes."),
     output_dir: Path | None = typer.Option(None, "--output-dir", help="Where <sweep name>/ goes (default: the sweep's output_dir)."),
     address: str | None = typer.Option(None, "--address", help="Join an existing Ray cluster (default: start a local one)."),
-    parallel: int | None = typer.Option(None, "--parallel", min=1, help="At most this many members at once (default: as the cluster holds them)."),
+    parallel: int | None = typer.Option(None, "--parallel", help="At most this many members at once (default: as the cluster holds them)."),
     num_gpus: float | None = _NUM_GPUS,
 ) -> None:
     """Run every member of a sweep (base experiment × axes) over one cluster; index.parquet and report.html come out."""
     from crossengine.run.sweep import SweepRunner
 
+    if parallel is not None and parallel < 1:
+        _fail(CrossengineError(f"--parallel: at most this many members at once, so 1 or more (got {parallel})"))
+    resume = " ".join(
+        ["crossengine sweep", shlex.quote(str(sweep_file))]
+        + (["--output-dir", shlex.quote(str(output_dir))] if output_dir else [])
+        + (["--address", shlex.quote(address)] if address else [])
+        + (["--num-gpus", f"{num_gpus:g}"] if num_gpus is not None else [])
+        + (["--parallel", str(parallel)] if parallel else [])
+    )
     try:
         plan = load_sweep(sweep_file)
     except CrossengineError as exc:
@@ -177,7 +187,7 @@ def sweep(
     except CrossengineError as exc:
         _fail(exc)
     except KeyboardInterrupt as exc:
-        err_console.print(f"interrupted; finished members are kept. Resume with the same command: crossengine sweep {sweep_file}", markup=False, highlight=False)
+        err_console.print(f"interrupted; finished members are kept. Resume with: {resume}", markup=False, highlight=False, soft_wrap=True)
         stop_local_ray_and_exit(143 if isinstance(exc, Terminated) or signals.received == signal.SIGTERM else 130)
     finally:
         signals.restore()

@@ -128,7 +128,7 @@ def _tokens(run_dir):
 SEVERAL_RUNS = """\
 import sys
 from crossengine.cli import app
-from crossengine.run.pool import ensure_ray
+from crossengine.run.cluster import ensure_ray
 address, num_gpus, runs = sys.argv[1], sys.argv[2], sys.argv[3:]
 if num_gpus != "-":
     ensure_ray(None, float(num_gpus))  # one local cluster advertising these GPUs for every run below

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -133,4 +134,77 @@ def test_a_killed_sweep_resumes_without_redoing_finished_members_and_a_bad_membe
     # side by side: the other member's engines were up (run.json's started_at, kept on resume) within seconds of the
     # first member finishing; one member at a time, it would have started only in the second sweep, or after a load
     stamp = lambda m, key: datetime.strptime(json.loads((root / m / "run.json").read_text())[key], "%Y-%m-%dT%H:%M:%S%z")  # noqa: E731
-    assert (stamp(other, "started_at") - stamp(done, "finished_at")).total_seconds() < 5, "4 GPUs hold two members of 2 engines at once: the other member had started before this one finished"
+    assert stamp(other, "started_at") < stamp(done, "finished_at"), "4 GPUs hold two members of 2 engines at once: the other member had started before this one finished"
+
+
+def _sweep_file(tmp_path, axes: str) -> object:
+    shutil.copy(EXPERIMENTS / "sweep-base.yaml", tmp_path / "sweep-base.yaml")
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: s\nexperiment: sweep-base.yaml\naxes:\n{axes}")
+    return path
+
+
+def _one_line(result, *words):
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip()
+    assert message.splitlines() == [message] and message.startswith("error: "), result.output
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_a_sweep_whose_output_folder_is_a_file_is_one_line(tmp_path):
+    path = _sweep_file(tmp_path, "  step: {field: engines.ckpt.model, values: [tiny-text-step1]}\n")
+    (tmp_path / "out").write_text("a file where the sweep's folder should be")
+    _one_line(CliRunner().invoke(app, ["sweep", str(path), "--output-dir", str(tmp_path / "out")]), "cannot write the sweep's results", str(tmp_path / "out"))
+
+
+def test_parallel_below_one_is_one_line(tmp_path):
+    path = _sweep_file(tmp_path, "  step: {field: engines.ckpt.model, values: [tiny-text-step1]}\n")
+    _one_line(CliRunner().invoke(app, ["sweep", str(path), "--parallel", "0"]), "--parallel", "(got 0)")
+
+
+def test_two_labels_that_make_one_member_name_name_their_line(tmp_path):
+    path = _sweep_file(tmp_path, "  step:\n    field: engines.ckpt.model\n    values:\n      step/1: tiny-text-step1\n      step_1: tiny-text-step2\n")
+    _one_line(CliRunner().invoke(app, ["validate", str(path)]), f"{path}:8:", "axes.step.values", "'step/1' and 'step_1'", "'step_1'")
+
+
+def test_a_member_whose_samples_failed_stays_errors_when_the_sweep_runs_again(ray_cluster, tmp_path):
+    """A rerun does not turn red into green: the member is not run again (its samples would fail the same way),
+    its index row stays `errors`, and the exit code stays 1."""
+    path = _sweep_file(tmp_path, "  step: {field: engines.ckpt.model, values: [tiny-text-step1]}\n")
+    base = (tmp_path / "sweep-base.yaml").read_text()
+    (tmp_path / "sweep-base.yaml").write_text(base + "  - id: beyond-vocabulary\n    token_ids: [1, 40, 600]\n")
+    runs = [CliRunner().invoke(app, ["sweep", str(path), "--output-dir", str(tmp_path / "out")]) for _ in range(2)]
+    member = tmp_path / "out" / "s" / "tiny-text-step1"
+    assert [r.exit_code for r in runs] == [1, 1], [r.output for r in runs]
+    assert "finished before with 1 failed sample(s)" in runs[1].output and "did not finish cleanly: tiny-text-step1" in runs[1].stderr
+    index = pd.read_parquet(tmp_path / "out" / "s" / "index.parquet")
+    assert set(index["status"]) == {"errors"}
+    assert json.loads((member / "run.json").read_text())["resumed_at"] == [], "the member was not run again"
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_prints_the_exact_command_that_resumes_it(tmp_path, crossengine_home):
+    """Ctrl-C once a member has finished: the printed command, flags included, run as printed (from another
+    folder), resumes into the same output folder: the finished member is skipped, not run again elsewhere."""
+    shutil.copy(EXPERIMENTS / "sweep-base.yaml", tmp_path / "sweep-base.yaml")
+    (tmp_path / "two.yaml").write_text("name: two\nexperiment: sweep-base.yaml\naxes:\n  step: {field: engines.ckpt.model, values: [tiny-text-step1, tiny-text-step2]}\n")
+    out = tmp_path / "elsewhere"
+    cmd = ["sweep", str(tmp_path / "two.yaml"), "--output-dir", str(out), "--num-gpus", "0", "--parallel", "1"]
+    env = {**os.environ, "CROSSENGINE_HOME": str(crossengine_home), "COLUMNS": "300"}
+    first = subprocess.Popen([sys.executable, "-m", "crossengine.cli", *cmd], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    finished = out / "two" / "tiny-text-step1" / "run.json"
+    deadline = time.time() + 240
+    while not (finished.exists() and json.loads(finished.read_text()).get("status") == "complete"):
+        assert first.poll() is None and time.time() < deadline, "the first member did not finish"
+        time.sleep(0.2)
+    os.kill(first.pid, signal.SIGINT)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 130, err
+    line = next(x for x in err.splitlines() if "Resume with: " in x)
+    printed = line.split("Resume with: ", 1)[1]
+    assert shlex.split(printed) == ["crossengine", *cmd], printed
+    again = subprocess.run([sys.executable, "-m", "crossengine.cli", *shlex.split(printed)[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "member tiny-text-step1: finished before, skipped" in again.stdout
+    assert not (tmp_path / "results").exists(), "nothing went to the default output folder"

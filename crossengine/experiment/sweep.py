@@ -27,7 +27,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from crossengine.adapters.spec import Strict
 from crossengine.errors import ExperimentError
-from crossengine.experiment.load import _first_error, read_mapping
+from crossengine.experiment.load import _first_error, _line_of, read_mapping
 from crossengine.experiment.schema import NAME
 
 
@@ -72,7 +72,12 @@ class Member:
     def __init__(self, labels: dict[str, str], overrides: dict[str, Any]):
         self.labels = labels
         self.overrides = overrides
-        self.name = "-".join(re.sub(r"[^A-Za-z0-9._]+", "_", v).strip("_.") or "x" for v in labels.values())
+        self.name = "-".join(member_part(v) for v in labels.values())
+
+
+def member_part(label: str) -> str:
+    """A label as it stands in a member's folder name."""
+    return re.sub(r"[^A-Za-z0-9._]+", "_", label).strip("_.") or "x"
 
 
 class Sweep:
@@ -113,9 +118,15 @@ def load_sweep(path: str | Path) -> Sweep:
         raise _first_error(e, path, root) from None
     sweep = Sweep(path, spec)
     if not sweep.base.is_file():
-        raise ExperimentError(str(path), None, "experiment", f"no such experiment file: {sweep.base}")
-    names = [m.name for m in sweep.members()]
-    dup = next((n for n in names if names.count(n) > 1), None)
-    if dup:
-        raise ExperimentError(str(path), None, "axes", f"two members are both named {dup!r}: give the axes' values distinct labels")
+        raise ExperimentError(str(path), _line_of(root, ("experiment",)), "experiment", f"no such experiment file: {sweep.base}")
+    for axis_name, axis in spec.axes.items():  # two labels of one axis that make the same folder name
+        seen: dict[str, str] = {}
+        for label, _ in axis.labelled():
+            part = member_part(label)
+            if part in seen:
+                loc = ("axes", axis_name, "values", label) if isinstance(axis.values, dict) else ("axes", axis_name, "values")
+                raise ExperimentError(
+                    str(path), _line_of(root, loc), f"axes.{axis_name}.values", f"labels {seen[part]!r} and {label!r} both make the member name part {part!r}: give them distinct labels"
+                )
+            seen[part] = label
     return sweep

@@ -10,7 +10,8 @@ same cores, so members run one at a time unless `parallel` says otherwise.
 
 A finished member (its run.json says complete) is skipped, so a sweep stopped by Ctrl-C, a
 kill or a crash resumes by running the same command; an unfinished member resumes its own
-run. A member that fails (a bad model, an engine error) is one line and the sweep goes on;
+run. A member that finished with failed samples is not run again (they would fail the same
+way) and stays `errors` in the index, so a rerun exits 1 as the first run did. A member that fails (a bad model, an engine error) is one line and the sweep goes on;
 the CLI exits 1 at the end. Then `index.parquet` (one row per member × candidate × split,
 the axes' labels as columns) and `report.html` (each metric against each axis) are written.
 """
@@ -86,12 +87,21 @@ class SweepRunner:
 
     def run(self) -> list[Outcome]:
 
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CrossengineError(f"cannot write the sweep's results to {self.root}: {exc.strerror or exc}") from None
         members = self.sweep.members()
         pending = []
         for m in members:
             meta = RunMeta.read(self.root / m.name) if (self.root / m.name / "run.json").exists() else None
-            if meta is not None and meta.status == "complete":
+            failed = sum(1 for e in meta.errors if e.get("sample_id")) if meta is not None else 0
+            if meta is not None and meta.status == "complete" and failed:
+                # a finished member's failed samples fail again the same way: kept as `errors` (and the exit code 1) until fixed
+                note = f"finished before with {failed} failed sample(s) (see its run.json); remove {self.root / m.name} to run it again"
+                self.outcomes[m.name] = Outcome(m, "errors", note, run_dir=self.root / m.name)
+                self.say(f"member {m.name}: {note}")
+            elif meta is not None and meta.status == "complete":
                 self.outcomes[m.name] = Outcome(m, "skipped", "finished before", run_dir=self.root / m.name)
                 self.say(f"member {m.name}: finished before, skipped")
             else:
