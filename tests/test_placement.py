@@ -166,6 +166,7 @@ def _several_runs(tmp_path, runs: list[list[str]], num_gpus: str = "-", address:
     return result.stdout, per_run
 
 
+@pytest.mark.slow
 def test_two_gpus_four_engines_run_in_waves_and_one_too_big_for_every_gpu_fails_at_once(write_experiment, tmp_path, no_gpu_tokens):
     """One local cluster advertising two GPUs: an engine too big for every GPU is one line before anything
     loads (the first run, timed), then four engines run in the expected three waves with identical tokens."""
@@ -271,6 +272,7 @@ sys.argv[1] = cluster.address
 """
 
 
+@pytest.mark.slow
 def test_a_two_node_cluster_says_at_once_why_not_then_runs_five_engines(write_experiment, tmp_path):
     """Ray's multi-node test cluster on this machine: two nodes of one advertised GPU and two CPUs. An engine
     wider than every node is one line before anything loads (timed); then five engines run, node by node."""
@@ -303,6 +305,7 @@ def test_an_address_nothing_answers_on_is_one_line_at_once(write_experiment, tmp
     assert not (out / "x" / RunDir.LOCK).exists(), "the run folder's lock is not left behind"
 
 
+@pytest.mark.slow
 def test_a_cluster_left_by_ray_start_is_not_joined_and_one_advertised_gpu_holds_three_engines(write_experiment, tmp_path, no_gpu_tokens):
     """`ray start --head` running on the machine: a run without --address starts its own cluster. That run is
     the reported hang besides: three engines asking for a GPU each on a private cluster advertising one."""

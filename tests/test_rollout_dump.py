@@ -155,7 +155,7 @@ def test_prime_rl_layout_parquet_and_renamed_fields(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from crossengine.adapters.logprobs import DumpFile
+    from crossengine.adapters.dumps import DumpFile
 
     n, p = 10, 4
     rec = {
@@ -190,7 +190,7 @@ def test_a_large_dump_streams_ids_not_records(tmp_path):
     """Indexing 20,000 records holds one record at a time; the experiment's samples hold ids and pointers only."""
     import tracemalloc
 
-    from crossengine.adapters.logprobs import DumpFile
+    from crossengine.adapters.dumps import DumpFile
     from crossengine.experiment.load import load_experiment
 
     rng = np.random.default_rng(0)
@@ -288,7 +288,7 @@ RECORD_CASES = [
 @pytest.mark.parametrize(("layout", "field", "value", "says"), RECORD_CASES, ids=[f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(RECORD_CASES)])
 def test_every_field_of_every_layout_is_checked(tmp_path, layout, field, value, says):
     """Table-driven over every field the layouts read: one line naming FILE:LINE and the field, never a silent misalignment."""
-    from crossengine.adapters.logprobs import DumpFile, RecordError
+    from crossengine.adapters.dumps import DumpFile, RecordError
 
     good = GENERIC if layout == "generic" else PRIME
     (tmp_path / "d.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(_spoil(good, field, value)) + "\n")
@@ -303,7 +303,7 @@ def test_every_field_of_every_layout_is_checked(tmp_path, layout, field, value, 
 
 
 def test_a_dump_read_with_the_other_layout_says_which_layout(tmp_path):
-    from crossengine.adapters.logprobs import DumpFile, RecordError
+    from crossengine.adapters.dumps import DumpFile, RecordError
 
     (tmp_path / "prime.jsonl").write_text(json.dumps({**PRIME, "id": "x"}) + "\n")
     (tmp_path / "generic.jsonl").write_text(json.dumps(GENERIC) + "\n")

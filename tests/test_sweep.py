@@ -94,6 +94,7 @@ axes:
 """
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_without_redoing_finished_members_and_a_bad_member_is_one_line(tmp_path, crossengine_home):
     """In a subprocess on its own local cluster advertising 4 GPUs, where two members of two engines run side
     by side: killed with SIGKILL once a member finished, run again: the finished member is skipped (its

@@ -375,8 +375,6 @@ class Runner:
                 where = f"; traceback: {log}"
             self.warn(f"error: engine {engine!r}: {err} (sample skipped{where})")
 
-    # ---------------------------------------------------------------------- run.json
-
     def _start_meta(self, infos: dict, resumed: RunMeta | None) -> None:
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if resumed is None:

@@ -1,0 +1,265 @@
+"""A dump of per-token log-probs read record by record, each record checked field by field.
+
+Why apart from the engine: the driver indexes a dump (ids and byte offsets, never the records) to
+make the experiment's samples, and the engine reads one batch's records in its worker; both read
+through DumpFile, so a bad record is the same one line wherever it is found (FILE:LINE and field).
+The layouts (generic, prime-rl) are described in crossengine/adapters/logprobs.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+POSITIVE_TOLERANCE = 1e-6  # a log-prob above this is not a log-prob (float rounding gives at most ~1e-7 above 0)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a layout keeps each field, and whether its arrays are aligned with token_ids (else they start at prompt_len)."""
+
+    fields: dict[str, str]
+    aligned: bool
+
+
+LAYOUTS: dict[str, Layout] = {
+    "generic": Layout({k: k for k in ("id", "token_ids", "prompt_len", "logprobs", "mask", "top_ids", "top_logprobs", "messages", "images")}, aligned=False),
+    "prime-rl": Layout({"token_ids": "token_ids", "logprobs": "inference_logprobs", "mask": "loss_mask"}, aligned=True),
+}
+
+
+# The keys that tell a layout's records apart (for the hint when a dump is read with the wrong layout).
+SIGNATURES: dict[str, set[str]] = {"generic": {"prompt_len", "logprobs"}, "prime-rl": {"inference_logprobs", "loss_mask"}}
+
+
+class RecordError(ValueError):
+    """A record that cannot be scored: `where` is FILE:LINE (JSONL) or FILE:row N (Parquet)."""
+
+    def __init__(self, where: str, field: str, problem: str):
+        super().__init__(f"{where}: {field}: {problem}")
+
+
+@dataclass
+class Record:
+    id: str
+    token_ids: np.ndarray  # int64 [T]
+    prompt_len: int
+    scored: np.ndarray  # bool [T]: positions the dump holds a log-prob for
+    logprobs: np.ndarray  # float32 [T], NaN where not scored
+    top_ids: np.ndarray | None  # int64 [T, k], -1 where not scored
+    top_logprobs: np.ndarray | None
+    where: str
+    messages: Any = None
+    images: Any = None
+
+
+class DumpFile:
+    """One dump, read record by record: an index of (id, pointer) in one pass, then records by pointer."""
+
+    def __init__(self, path: str | Path, layout: str = "generic", fields: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.layout = LAYOUTS[layout]
+        self.layout_name = layout
+        self.renamed = dict(fields or {})  # what the user's `fields:` renamed (the layout's own names are not theirs)
+        self.names = {**self.layout.fields, **self.renamed}
+        self.parquet = self.path.suffix == ".parquet"
+        self._group: tuple[int, list[dict]] | None = None
+        self.vocab_size: int | None = None  # set by whoever knows the model: ids at or above it are refused, naming the record
+
+    # ---------------------------------------------------------------- reading
+
+    def _raw(self) -> Iterator[tuple[tuple[int, int], str, dict | Exception]]:
+        """(pointer, where, object or the reason it does not parse), in file order; a pointer is
+        (byte offset, line) in JSONL, (row, row) in Parquet."""
+        if self.parquet:
+            n = 0
+            for batch in _parquet_file(self.path).iter_batches(batch_size=256):
+                for obj in batch.to_pylist():
+                    yield (n, n + 1), f"{self.path}:row {n + 1}", obj
+                    n += 1
+            return
+        offset = 0
+        with open(self.path, "rb") as f:
+            for line_no, line in enumerate(f, start=1):
+                start, offset = offset, offset + len(line)
+                if line.strip():
+                    yield (start, line_no), f"{self.path}:{line_no}", _parse(line)
+
+    def index(self) -> Iterator[tuple[str, tuple[int, int], str]]:
+        """(record id, pointer, where) of every record; a record without a readable id gets `line<N>`."""
+        for pointer, where, obj in self._raw():
+            try:
+                rid = self._id(obj, where) if isinstance(obj, dict) else None
+            except RecordError:
+                rid = None
+            yield (rid or f"line{pointer[1]}"), pointer, where
+
+    def read(self, pointer: tuple[int, int]) -> Record:
+        """The record at `pointer`, checked (RecordError, naming file:line and field)."""
+        where, obj = self._at(pointer)
+        if isinstance(obj, Exception):
+            raise RecordError(where, "<record>", f"not a JSON object ({obj})")
+        return self.record(obj, where)
+
+    def _at(self, pointer: tuple[int, int]) -> tuple[str, dict | Exception]:
+        at, line_no = pointer
+        if self.parquet:
+            f = _parquet_file(self.path)
+            start = 0
+            for g in range(f.num_row_groups):
+                rows = f.metadata.row_group(g).num_rows
+                if at < start + rows:
+                    if self._group is None or self._group[0] != g:  # one row group held at a time
+                        self._group = (g, f.read_row_group(g).to_pylist())
+                    return f"{self.path}:row {line_no}", self._group[1][at - start]
+                start += rows
+            raise IndexError(at)
+        with open(self.path, "rb") as f:
+            f.seek(at)
+            line = f.readline()
+        return f"{self.path}:{line_no}", _parse(line)
+
+    # ---------------------------------------------------------------- checking
+
+    def _get(self, obj: dict, field: str, where: str, required: bool = True):
+        name = self.names.get(field)
+        if name is None or name not in obj or obj[name] is None:
+            if required:
+                if field in self.renamed:
+                    why = f" (renamed from {field!r} by fields:)"
+                elif name and name != field:
+                    why = f" (the {self.layout_name} layout's name for {field!r})"
+                else:
+                    why = ""
+                raise RecordError(where, name or field, "missing" + why + self._other_layout(obj))
+            return None
+        return obj[name]
+
+    def _other_layout(self, obj: dict) -> str:
+        """A hint where the record's keys are another layout's: `layout: NAME` is the fix, not a rename."""
+        for name, keys in SIGNATURES.items():
+            if name != self.layout_name and keys <= set(obj) and not SIGNATURES[self.layout_name] <= set(obj):
+                return f"; its keys are those of the {name} layout: give the engine layout: {name}"
+        return ""
+
+    def _id(self, obj: dict, where: str) -> str:
+        if "id" in self.names:
+            return str(self._get(obj, "id", where))
+        parts = [obj.get("export_step", obj.get("step")), obj.get("rank"), obj.get("export_sequence_idx")]  # prime-rl's identity of a sequence
+        if any(p is None for p in parts):
+            raise RecordError(where, "export_step/rank/export_sequence_idx", "missing: a prime-rl record names its sequence by these")
+        return f"step{parts[0]}-rank{parts[1]}-seq{parts[2]}"
+
+    def record(self, obj: dict, where: str) -> Record:
+        ids = self._get(obj, "token_ids", where)
+        name = self.names["token_ids"]
+        if not isinstance(ids, list) or len(ids) < 2 or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise RecordError(where, name, "must be a list of at least 2 token ids (ints >= 0)")
+        n = len(ids)
+        if self.vocab_size is not None and max(ids) >= self.vocab_size:
+            pos = next(i for i, t in enumerate(ids) if t >= self.vocab_size)
+            raise RecordError(where, f"{name}[{pos}]", f"token id {ids[pos]} is outside the vocabulary of the reference's model ({self.vocab_size} ids)")
+        values = self._get(obj, "logprobs", where)
+        lp_name = self.names["logprobs"]
+        mask = self._get(obj, "mask", where, required=False)
+        if self.layout.aligned:
+            if mask is None or len(mask) != n:
+                raise RecordError(where, self.names.get("mask", "mask"), f"needs one bool per token ({n})")
+            true = [i for i, m in enumerate(mask) if m]
+            if not true:
+                raise RecordError(where, self.names["mask"], "scores no token")
+            prompt_len, span = true[0], (true[0], n)
+            mask = list(mask[true[0] :])
+            values = values[true[0] :] if isinstance(values, list) and len(values) == n else values
+        else:
+            prompt_len = self._get(obj, "prompt_len", where)
+            if not isinstance(prompt_len, int) or isinstance(prompt_len, bool) or not 1 <= prompt_len < n:
+                raise RecordError(where, self.names["prompt_len"], f"{prompt_len!r} is out of range: the first scored position is 1 .. {n - 1} for {n} tokens")
+            span = (prompt_len, n)
+        count = span[1] - span[0]
+        if not isinstance(values, list) or len(values) != count:
+            got = len(values) if isinstance(values, list) else type(values).__name__
+            want = f"one per token ({n})" if self.layout.aligned else f"one per scored token: {n} tokens − prompt_len {prompt_len} = {count}"
+            raise RecordError(where, lp_name, f"has {got} values, {want}")
+        if mask is not None and (not isinstance(mask, list) or len(mask) != count):
+            raise RecordError(where, self.names["mask"], f"needs one bool per scored token ({count})")
+        keep = np.ones(count, bool) if mask is None else np.asarray([bool(m) for m in mask])
+        lp = np.full(n, np.nan, np.float32)
+        scored = np.zeros(n, bool)
+        for j, v in enumerate(values):
+            if not keep[j]:
+                continue
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise RecordError(where, f"{lp_name}[{j}]", f"{v!r} is not a finite log-prob (position {span[0] + j})")
+            if v > POSITIVE_TOLERANCE:
+                raise RecordError(where, f"{lp_name}[{j}]", f"{v!r} is positive: not a log-prob (position {span[0] + j})")
+            lp[span[0] + j] = v
+            scored[span[0] + j] = True
+        top_ids, top_lp = self._top(obj, where, span, keep, n)
+        return Record(
+            self._id(obj, where),
+            np.asarray(ids, np.int64),
+            prompt_len,
+            scored,
+            lp,
+            top_ids,
+            top_lp,
+            where,
+            self._get(obj, "messages", where, required=False),
+            self._get(obj, "images", where, required=False),
+        )
+
+    def _top(self, obj: dict, where: str, span: tuple[int, int], keep: np.ndarray, n: int):
+        ids = self._get(obj, "top_ids", where, required=False) if "top_ids" in self.names else None
+        lps = self._get(obj, "top_logprobs", where, required=False) if "top_logprobs" in self.names else None
+        if ids is None and lps is None:
+            return None, None
+        count = span[1] - span[0]
+        for name, v in (("top_ids", ids), ("top_logprobs", lps)):
+            if not isinstance(v, list) or len(v) != count:
+                raise RecordError(where, self.names[name], f"needs one list per scored token ({count})")
+        k = len(ids[0]) if isinstance(ids[0], list) else 0
+        if k == 0 or any(not isinstance(a, list) or not isinstance(b, list) or len(a) != k or len(b) != k for a, b in zip(ids, lps)):
+            raise RecordError(where, self.names["top_ids"], "needs the same k (>= 1) ids and log-probs at every scored token")
+        for j in np.flatnonzero(keep):  # every value the comparison reads, checked like `logprobs`
+            for i, (t, v) in enumerate(zip(ids[j], lps[j])):
+                if not isinstance(t, int) or isinstance(t, bool) or t < 0 or (self.vocab_size is not None and t >= self.vocab_size):
+                    size = f" (the reference's model has {self.vocab_size} ids)" if self.vocab_size is not None else ""
+                    raise RecordError(where, f"{self.names['top_ids']}[{j}][{i}]", f"{t!r} is not a token id{size} (position {span[0] + j})")
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                    raise RecordError(where, f"{self.names['top_logprobs']}[{j}][{i}]", f"{v!r} is not a finite log-prob (position {span[0] + j})")
+                if v > POSITIVE_TOLERANCE:
+                    raise RecordError(where, f"{self.names['top_logprobs']}[{j}][{i}]", f"{v!r} is positive: not a log-prob (position {span[0] + j})")
+        out_ids = np.full((n, k), -1, np.int64)
+        out_lp = np.full((n, k), np.nan, np.float32)
+        rows = np.arange(span[0], span[1])[keep]
+        out_ids[rows] = np.asarray(ids, np.int64)[keep]
+        out_lp[rows] = np.asarray(lps, np.float32)[keep]
+        return out_ids, out_lp
+
+
+def _parquet_file(path: Path):
+    """The dump as Parquet, or one line saying it is not (pyarrow's own error is a page of C++ context)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise RecordError(str(path), "<file>", f"not a Parquet file ({str(exc).splitlines()[0][:120]}); a .parquet dump must be Parquet, anything else JSONL") from None
+
+
+def _parse(line: bytes) -> dict | Exception:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return ValueError(f"{exc.msg} at column {exc.colno}")
+    except UnicodeDecodeError as exc:
+        return ValueError(f"not UTF-8 at byte {exc.start}")
+    return obj if isinstance(obj, dict) else TypeError(f"a JSON {type(obj).__name__}")
