@@ -169,7 +169,7 @@ class DumpFile:
         lp_name = self.names["logprobs"]
         mask = self._get(obj, "mask", where, required=False)
         if self.layout.aligned:
-            if mask is None or len(mask) != n:
+            if not isinstance(mask, list) or len(mask) != n:
                 raise RecordError(where, self.names.get("mask", "mask"), f"needs one bool per token ({n})")
             true = [i for i, m in enumerate(mask) if m]
             if not true:

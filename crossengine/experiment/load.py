@@ -57,6 +57,28 @@ def _field_path(loc: tuple) -> str:
     return out or "<top>"
 
 
+def is_file(p: Path) -> bool:
+    """Path.is_file() for a path a user wrote: a name the OS refuses (too long, say) is simply no file."""
+    try:
+        return p.is_file()
+    except (OSError, ValueError):  # ValueError: a NUL in the name
+        return False
+
+
+def is_dir(p: Path) -> bool:
+    try:
+        return p.is_dir()
+    except (OSError, ValueError):  # ValueError: a NUL in the name
+        return False
+
+
+def exists(p: Path) -> bool:
+    try:
+        return p.exists()
+    except (OSError, ValueError):  # ValueError: a NUL in the name
+        return False
+
+
 def _first_error(exc: ValidationError, path: Path, root: yaml.Node | None, prefix: tuple = ()) -> ExperimentError:
     loc, msg = first_problem(exc)
     if exc.errors()[0]["type"] == "engine_field":  # said in full by schema.engine_spec
@@ -162,7 +184,7 @@ def _check_paths(exp: Experiment, path: Path, root: yaml.Node | None) -> Experim
     for i, s in enumerate(exp.samples):
         if s.file is not None:
             f = s.file if s.file.is_absolute() else base / s.file
-            if not f.is_file():
+            if not is_file(f):
                 raise ExperimentError(str(path), _line_of(root, ("samples", i, "file")), f"samples[{i}].file", f"no such file: {f}")
             samples.extend(_read_jsonl(f, i))
             continue
@@ -172,7 +194,7 @@ def _check_paths(exp: Experiment, path: Path, root: yaml.Node | None) -> Experim
         images = []
         for j, img in enumerate(s.images):
             p = img if img.is_absolute() else base / img
-            if not p.is_file():
+            if not is_file(p):
                 loc = ("samples", i, "images", j)
                 raise ExperimentError(str(path), _line_of(root, loc), _field_path(loc), f"no such image file: {p}")
             images.append(p.resolve())
@@ -222,9 +244,9 @@ def resolve_named_paths(spec, base: Path, error):
     for loc, value in spec.named_paths():
         p = Path(value).expanduser()
         p = p if p.is_absolute() else (base / p).absolute()
-        if p.is_dir():
+        if is_dir(p):
             raise error(loc, f"{p} is a folder; name a file")
-        if not p.is_file():
+        if not is_file(p):
             raise error(loc, f"no such file: {p}")
         spec = spec.model_copy(update={loc[0]: str(p)})
     return spec
@@ -241,7 +263,7 @@ def _message_images(s: SampleSpec, base: Path, error) -> SampleSpec:
             for k, part in enumerate(msg.content):
                 if part.type == "image":
                     p = part.path if part.path.is_absolute() else base / part.path
-                    if not p.is_file():
+                    if not is_file(p):
                         raise error(("messages", m, "content", k, "path"), f"no such image file: {p}")
                     part = part.model_copy(update={"path": p.resolve()})
                 parts.append(part)
@@ -287,7 +309,7 @@ def _read_jsonl(f: Path, index: int) -> list[SampleSpec]:
             raise ExperimentError(str(f), n, "file", "a JSONL sample cannot name another file")
         images = [p if p.is_absolute() else (f.parent / p) for p in spec.images]
         for p in images:
-            if not p.is_file():
+            if not is_file(p):
                 raise ExperimentError(str(f), n, "images", f"no such image file: {p}")
         spec = _message_images(spec, f.parent, lambda loc, msg: ExperimentError(str(f), n, _field_path(loc), msg))  # noqa: B023 (called at once)
         out.append(spec.model_copy(update={"images": [p.resolve() for p in images]}))
@@ -333,12 +355,15 @@ def read_yaml(path: Path) -> tuple[object, yaml.Node | None]:
         line = mark.line + 1 if mark else None
         problem = (e.problem or str(e)).strip()
         raise ExperimentError(str(path), line, "<yaml>", f"YAML error: {problem}") from None
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow (a NUL, a control byte)
+        line = text.count("\n", 0, e.position) + 1
+        raise ExperimentError(str(path), line, "<yaml>", f"YAML error: character {e.character!r} at position {e.position} is not allowed in YAML") from None
     return data, root
 
 
 def read_mapping(path: Path, kind: str, shape: str) -> tuple[dict, yaml.Node | None]:
     """read_yaml of a file that must exist and hold a mapping (an experiment, a sweep); else one line saying `shape`."""
-    if not path.is_file():
+    if not is_file(path):
         raise ExperimentError(str(path), None, "<file>", f"no such {kind} file")
     data, root = read_yaml(path)
     if not isinstance(data, dict):

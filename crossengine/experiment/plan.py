@@ -23,8 +23,8 @@ from crossengine.adapters.checkpoint import config_fields, model_is_dense, vocab
 from crossengine.compare.noise import BATCHINGS, NoisePlan
 from crossengine.errors import CrossengineError, first_problem
 from crossengine.experiment.analyses import skipped_lines
-from crossengine.experiment.fixtures import ensure_fixture, is_fixture
-from crossengine.experiment.load import experiment_error, resolve_named_paths
+from crossengine.experiment.fixtures import FIXTURES, ensure_fixture, is_fixture
+from crossengine.experiment.load import exists, experiment_error, is_dir, is_file, resolve_named_paths
 from crossengine.experiment.schema import CONTROL_SUFFIX, NAME, EngineSpec, Experiment
 from crossengine.identity import BASE
 
@@ -151,8 +151,11 @@ def resolve_model(model: str, experiment_path: Path, loc: tuple) -> str:
     if is_fixture(model):
         return str(ensure_fixture(model, seed=0))
     for base in (Path.cwd(), experiment_path.parent):
-        candidate = (base / Path(model).expanduser()).resolve()
-        if candidate.exists():
+        try:
+            candidate = (base / Path(model).expanduser()).resolve()
+        except (OSError, ValueError, RuntimeError):  # a name the OS refuses, a NUL, a ~user that is no user
+            break
+        if exists(candidate):
             return str(candidate)
     if looks_like_path(model):
         raise experiment_error(experiment_path, loc, f"no such model directory: {model}")
@@ -171,9 +174,13 @@ def hub_problem(repo: str, revision: str | None = None) -> str | None:
     is cached or the hub answers (gated or private repositories are left to the engines to say)."""
     import huggingface_hub
     from huggingface_hub import constants, try_to_load_from_cache
-    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
+    from huggingface_hub.utils import GatedRepoError, HFValidationError, RepositoryNotFoundError
 
-    if isinstance(try_to_load_from_cache(repo, "config.json", revision=revision), str):
+    try:
+        cached = try_to_load_from_cache(repo, "config.json", revision=revision)
+    except HFValidationError:
+        return f"model {repo!r} is not a fixture name ({', '.join(sorted(FIXTURES))}), not a local folder, and not a hub id (org/name)"
+    if isinstance(cached, str):
         return None  # cached: the engines load it from there
     if constants.HF_HUB_OFFLINE:
         return f"model {repo!r} is not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE is set: download it first or give a local path"
@@ -197,7 +204,7 @@ def resolve_python(spec: EngineSpec, experiment_path: Path, loc: tuple) -> Engin
     """An engine's `env.python`, relative to the experiment file, made absolute (the worker starts it from anywhere)."""
     python = Path(spec.env.python).expanduser()
     python = python if python.is_absolute() else (experiment_path.parent / python).absolute()
-    if not python.exists():
+    if not exists(python):
         hint = engine_class(spec.type).traits.environment_hint
         hint = f" ({hint})" if hint else ""
         raise experiment_error(experiment_path, loc, f"no such interpreter: {python}{hint}")
@@ -210,9 +217,9 @@ def resolve_adapter(lora: str, experiment_path: Path, loc: tuple) -> str:
         return str(ensure_fixture(lora, seed=0))
     for base in (Path.cwd(), experiment_path.parent):
         candidate = (base / Path(lora).expanduser()).resolve()
-        if (candidate / "adapter_config.json").is_file():
+        if is_file(candidate / "adapter_config.json"):
             return str(candidate)
-        if candidate.is_dir():
+        if is_dir(candidate):
             raise experiment_error(experiment_path, loc, f"{candidate} has no adapter_config.json: not a PEFT adapter folder")
     raise experiment_error(experiment_path, loc, f"no such adapter folder: {lora}")
 
@@ -301,7 +308,7 @@ def make_plan(exp: Experiment, experiment_path: Path, run_id: str | None = None,
         if spec.chat_template:
             template = Path(spec.chat_template).expanduser()
             template = template if template.is_absolute() else (experiment_path.parent / template).absolute()
-            if not template.is_file():
+            if not is_file(template):
                 raise experiment_error(experiment_path, (section, name, "chat_template"), f"no such chat template file: {template}")
             spec = spec.model_copy(update={"chat_template": str(template)})
         if spec.lora:

@@ -27,7 +27,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from crossengine.adapters.spec import Strict
 from crossengine.errors import ExperimentError
-from crossengine.experiment.load import _first_error, _line_of, read_mapping
+from crossengine.experiment.load import _first_error, _line_of, is_file, read_mapping
 from crossengine.experiment.schema import NAME
 
 
@@ -117,7 +117,7 @@ def load_sweep(path: str | Path) -> Sweep:
     except ValidationError as e:
         raise _first_error(e, path, root) from None
     sweep = Sweep(path, spec)
-    if not sweep.base.is_file():
+    if not is_file(sweep.base):
         raise ExperimentError(str(path), _line_of(root, ("experiment",)), "experiment", f"no such experiment file: {sweep.base}")
     for axis_name, axis in spec.axes.items():  # two labels of one axis that make the same folder name
         seen: dict[str, str] = {}
