@@ -32,6 +32,7 @@ from crossengine.experiment.preflight import preflight
 from crossengine.experiment.schema import LocalizeSpec, json_schema
 from crossengine.experiment.sweep import is_sweep_file, load_sweep
 from crossengine.run.cluster import stop_local_cluster
+from crossengine.run.pool import one_line
 from crossengine.run.signals import StopSignals, Terminated
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compare log-probabilities of one model across inference engines.")
@@ -102,7 +103,7 @@ def _execute(runner) -> Path:
         stop_local_ray_and_exit(code)
     except Exception as exc:  # noqa: BLE001 - a bug of ours: still one line, the traceback in the run's log
         log = runner.run_dir.log_exception("internal error", exc)
-        _fail(CrossengineError(f"internal error ({type(exc).__name__}: {exc}); traceback: {log}. Please report it; resume with: {runner.resume_command}"))
+        _fail(CrossengineError(f"internal error ({type(exc).__name__}: {one_line(exc)}); traceback: {log}. Please report it; resume with: {runner.resume_command}"))
 
 
 def stop_local_ray_and_exit(code: int) -> None:

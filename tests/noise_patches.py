@@ -17,3 +17,20 @@ def batch_dependent(engine) -> str:
 
     mlp.register_forward_hook(hook)
     return "layer 1's MLP output scaled by 1 + 1e-2 × (batch rows − 1)"
+
+
+def logit_nudge(engine) -> str:
+    """A planted difference of about 1e-4 in every log-prob: the output layer's logits get a fixed bias of
+    ±1e-4 per token id (seeded), so log p(t) moves by b_t − Σ p_i b_i, far above float32's rounding and
+    bitwise the same under every batching condition (the engine's own floor stays 0)."""
+    import torch
+
+    head = engine.model.get_output_embeddings()
+    g = torch.Generator().manual_seed(0)
+    bias = (torch.randint(0, 2, (head.out_features,), generator=g) * 2 - 1).to(torch.float32) * 1e-4
+
+    def hook(module, args, output):
+        return output + bias.to(output.dtype)
+
+    head.register_forward_hook(hook)
+    return "the output layer's logits + a fixed ±1e-4 bias per token id"

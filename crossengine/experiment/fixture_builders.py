@@ -132,7 +132,7 @@ def build_tiny_text_32k(out: Path, seed: int) -> None:
     text's), the rest of the vocabulary reachable by token ids; what full-vocabulary paths cost at a real width."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    _build_causal_lm(out, seed, LlamaConfig, LlamaForCausalLM, head_dim=64, vocab_size=32_000)
+    _build_causal_lm(out, seed, LlamaConfig, LlamaForCausalLM, head_dim=64, vocab_size=32_000, max_position_embeddings=2048)
 
 
 _MOE = dict(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts_per_tok=2)  # head_dim 32: vLLM-CPU runs it

@@ -94,6 +94,12 @@ def worker_class():
 
             torch.set_num_threads(threads)
             if warm_vocab:  # this worker will compare full vocabularies: compile the kernel while the model loads
+                # The compiler's packages are imported here, before its thread starts: Python's import locks
+                # deadlock when two threads import one package at once and the engine's load imports it
+                # too (vLLM: "_DeadlockError: deadlock detected by _ModuleLock('torch._dynamo')").
+                import torch._dynamo  # noqa: F401
+                import torch._inductor.compile_fx  # noqa: F401
+
                 self.warming = threading.Thread(target=_warm_metrics, args=(warm_vocab,), daemon=True)
                 self.warming.start()
 
