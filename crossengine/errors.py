@@ -40,9 +40,12 @@ def first_problem(exc) -> tuple[tuple, str]:
 
 def pydantic_summary(text: str) -> str | None:
     """The meaningful line of a pydantic ValidationError's text, as an engine's output holds it
-    ("1 validation error for X / field / Value error, reason [type=...]"): `field: reason`; None where the text holds none."""
-    m = re.search(r"validation errors? for \S+\n(\S[^\n]*)\n\s+(?:Value error, |Assertion failed, )?([^\n]*?)(?: \[type=[^\n]*)?$", text, re.M)
-    return f"{m.group(1)}: {m.group(2)}" if m else None
+    ("1 validation error for X / field / Value error, reason [type=...]"): `field: reason`, or the reason
+    alone for a check of the whole model; None where the text holds none."""
+    m = re.search(r"validation errors? for \S+\n(?:(\S[^\n]*)\n)?[ \t]+(?:Value error, |Assertion failed, )?([^\n]*?)(?: \[type=[^\n]*)?$", text, re.M)
+    if not m:
+        return None
+    return f"{m.group(1)}: {m.group(2)}" if m.group(1) else m.group(2)
 
 
 class CrossengineError(Exception):

@@ -49,3 +49,11 @@ def test_a_raised_pydantic_error_is_one_line_without_the_docs_url(capture):
 def test_an_ordinary_exception_line_is_still_the_cause(capture):
     text = "(EngineCore pid=12) ERROR 12-05 10:00:00 [core.py:1] RuntimeError: Unsupported CPU attention configuration: head_dim=16\n"
     assert capture.root_cause(text) == "RuntimeError: Unsupported CPU attention configuration: head_dim=16"
+
+
+def test_a_model_level_pydantic_error_gives_its_reason():
+    """vLLM's config checks the whole model (no field in the location): the reason alone."""
+    from crossengine.errors import pydantic_summary
+
+    text = "pydantic_core._pydantic_core.ValidationError: 1 validation error for VllmConfig\n  Value error, max_model_len is too large [type=value_error, input_value=ArgsKwargs(()), input_type=ArgsKwargs]\n    For further information visit https://errors.pydantic.dev/2.14/v/value_error\n"
+    assert pydantic_summary(text) == "max_model_len is too large"

@@ -217,3 +217,19 @@ def test_a_vllm_engine_that_dies_is_one_error_with_its_root_cause(ray_cluster, t
     assert set(tokens[tokens["cand_engine"].astype(str) == "eager"]["sample_id"].astype(str)) == {"one", "two", "three"}
     log = (out / "d" / "crossengine.log").read_text()
     assert "head_dim=16" in log and "the engine's output" in log, "its traceback and output are kept in the run's log"
+
+
+def test_a_vllm_load_failure_names_the_field_and_keeps_its_log(ray_cluster, write_experiment, tmp_path):
+    """max_model_len above what the model allows: vLLM refuses in its pydantic config. The line says the field
+    and the reason (not pydantic's docs URL), and the run folder keeps crossengine.log with the traceback and
+    the engine's own output."""
+    path = write_experiment(
+        f"model: tiny-text\nreference: hf\nengines:\n  hf: {{type: hf}}\n  vllm: {{type: vllm, env: {{python: {VLLM_PYTHON}}}, options: {{max_model_len: 99999}}}}\nsamples:\n  - text: hello there\n"
+    )
+    result = CliRunner().invoke(app, ["run", str(path), "--output-dir", str(tmp_path / "out"), "--run-id", "x"])
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip().splitlines()[-1]
+    assert "engine 'vllm' (vllm) failed to load: ValidationError: User-specified max_model_len (99999) is greater than" in message, message
+    assert "errors.pydantic.dev" not in result.output and "[type=" not in message
+    log = tmp_path / "out" / "x" / "crossengine.log"
+    assert f"(traceback and the engine's output: {log})" in message and "max_model_len" in log.read_text()

@@ -9,7 +9,9 @@ import json
 import os
 import threading
 import time
+import traceback
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +84,9 @@ class EnginePool:
         warm: dict[str, int] | None = None,
         transports: tuple[dict[str, str], str | None] = ({}, None),
         logits_budget: int | None = None,
+        log: Callable[[str, str], Path] | None = None,
     ):
+        self.log = log  # the run's log (RunDir.append_log): where a failed load's traceback and output go
         worker = worker_class()
         members = [i.name for i in instances]
         cpus = {name: placement.cpu_share(name, members) for name in members}  # its part of its node's CPUs
@@ -205,7 +209,12 @@ class EnginePool:
         except GetTimeoutError:
             raise CrossengineError(f"engine {inst.name!r} ({inst.spec.type}) did not finish loading within {timeout:g}s (placement.load_timeout_s)") from None
         except Exception as exc:  # noqa: BLE001 - any load failure becomes one line naming the engine
-            raise CrossengineError(f"engine {inst.name!r} ({inst.spec.type}) {doing}: {one_line(exc)}") from None
+            where = ""
+            if self.log is not None:  # the whole story (traceback, the engine's own output) stays in the run folder
+                cause = getattr(exc, "cause", None)
+                detail = getattr(cause, "output", "") or "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                where = f" (traceback and the engine's output: {self.log(f'engine {inst.name!r} {doing}', detail)})"
+            raise CrossengineError(f"engine {inst.name!r} ({inst.spec.type}) {doing}: {one_line(exc)}{where}") from None
 
     def call(self, name: str, method: str, *args):
         """An ObjectRef for `engine.method(*args)` in engine `name`'s worker."""

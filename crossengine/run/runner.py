@@ -192,6 +192,7 @@ class Runner:
                 self._warm_vocab(wave),
                 transports,
                 exp.placement.logits_budget_bytes,
+                self.run_dir.append_log,
             )
             self.timings[f"engine_start_s_wave{w}"] = time.time() - t
             self.logits_transport.update(pool.paths)  # as the wave runs: a group that did not form fell back
