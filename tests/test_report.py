@@ -7,9 +7,11 @@ import re
 import shutil
 import subprocess
 import tempfile
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -145,3 +147,63 @@ def test_monitor_html_marks_steps_over_threshold(tmp_path):
     dom = open_in_browser(page, tmp_path)
     assert 'id="monitor-plot"' in dom and "Worst tokens of step 5" in dom, "the over-threshold step's worst tokens"
     assert "Worst tokens of step 0" not in dom
+
+
+@needs_browser
+def test_a_run_without_distributions_draws_no_empty_chart_and_ranks_by_what_exists(ray_cluster, tmp_path):
+    """Dump vs dump (sampled log-probs only, no KL anywhere): one chart along the sequence (|Δ log-prob|) and a
+    sentence saying why there is no KL chart; the breakdown shows mean |Δ log-prob|; the worst tokens are the
+    largest |Δ log-prob|, in that order, with '-' where a side has no top-1."""
+    import json as jsonlib
+
+    from .conftest import EXPERIMENTS, run_experiment
+
+    rng = np.random.default_rng(0)
+    records = [jsonlib.loads(line) for line in (EXPERIMENTS / "data" / "rollout-dump.jsonl").read_text().splitlines()]
+    (tmp_path / "a.jsonl").write_text("".join(jsonlib.dumps(r) + "\n" for r in records))
+    moved = [{**r, "logprobs": [min(0.0, x + float(rng.normal(0, 0.05))) for x in r["logprobs"]]} for r in records]
+    (tmp_path / "b.jsonl").write_text("".join(jsonlib.dumps(r) + "\n" for r in moved))
+    path = tmp_path / "e.yaml"
+    path.write_text("model: tiny-text\nreference: trainer\nengines:\n  trainer: {type: logprobs, path: a.jsonl}\n  rollout: {type: logprobs, path: b.jsonl}\nsamples:\n  - dump: trainer\n")
+    run_dir, _ = run_experiment(path, tmp_path / "results")
+    page = (run_dir / "report.html").read_text()
+    assert "per-token KL(ref‖cand)" not in page and "No KL chart: neither engine gave a distribution" in page
+    assert "mean |Δ log-prob| by modality" in page and "KL mean by" not in page
+    tokens = pd.read_parquet(run_dir / "tokens")
+    largest = tokens.nlargest(20, "abs_lp_diff")
+    header, *rows = _first_table(page[page.index("<h2>Worst tokens") :])
+    assert [int(r[header.index("position")]) for r in rows] == largest["position"].tolist()
+    assert {r[header.index("reference's top-1")] for r in rows} == {"-"}
+    open_in_browser(run_dir / "report.html", tmp_path)
+
+
+def _first_table(html_text: str) -> list[list[str]]:
+    """The first <table> of an HTML fragment as rows of cell texts (header first)."""
+
+    class Cells(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.cell, self.done = [], None, False
+
+        def handle_starttag(self, tag, attrs):
+            if self.done:
+                return
+            if tag == "tr":
+                self.rows.append([])
+            elif tag in ("td", "th"):
+                self.cell = ""
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th") and self.cell is not None and not self.done:
+                self.rows[-1].append(self.cell.strip())
+                self.cell = None
+            elif tag == "table" and self.rows:
+                self.done = True
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+    parser = Cells()
+    parser.feed(html_text)
+    return parser.rows

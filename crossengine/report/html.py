@@ -133,6 +133,8 @@ def _read_tokens(tokens_dir: Path) -> pd.DataFrame:
     cols += [c for c in ("noise_ref", "noise_cand", "above_noise") if c in present]  # runs of schema version 3 on
     df = read_tokens(tokens_dir, cols)
     df["kl"] = df["kl_ref_cand"].fillna(df["topk_kl"])
+    # what tokens and samples are ranked by: KL where a side gave a distribution, else |Δlp| (two dumps of sampled log-probs)
+    df["rank_by"] = df["kl"].fillna(df["abs_lp_diff"]) if df["kl"].notna().any() else df["abs_lp_diff"]
     if "noise_ref" in df:  # the larger of the two engines' own floors at each token (above_noise compares with it)
         df["floor"] = df[["noise_ref", "noise_cand"]].max(axis=1, skipna=True)
     df["instance"] = display_names(df)
@@ -200,10 +202,13 @@ def _per_sample_section(tokens: pd.DataFrame) -> str:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    worst = tokens.groupby("sample_id", observed=True)["kl"].max().sort_values(ascending=False)
+    has_kl = bool(tokens["kl"].notna().any())
+    worst = tokens.groupby("sample_id", observed=True)["rank_by"].max().sort_values(ascending=False)
     chosen = list(worst.index[:MAX_SAMPLES])
     order = [s for s in tokens["sample_id"].cat.categories if s in chosen] if hasattr(tokens["sample_id"], "cat") else chosen
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, subplot_titles=("|Δ log-prob| of the scored token", "per-token KL(ref‖cand)"))
+    panels = ((1, "abs_lp_diff"), (2, "kl")) if has_kl else ((1, "abs_lp_diff"),)  # no KL anywhere: no empty chart for it
+    titles = ("|Δ log-prob| of the scored token", "per-token KL(ref‖cand)")[: len(panels)]
+    fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.08, subplot_titles=titles)
     per_sample_traces: list[list[int]] = []
     shapes_of: list[list[dict]] = []
     binned = False
@@ -213,7 +218,7 @@ def _per_sample_section(tokens: pd.DataFrame) -> str:
         for inst, g in rows.groupby("instance", sort=True):
             g = g.sort_values("position")
             x = g["position"].to_numpy()
-            for r, col in ((1, "abs_lp_diff"), (2, "kl")):
+            for r, col in panels:
                 xs, ys = _bin_max(x, g[col].to_numpy(dtype=float), MAX_POINTS)
                 binned |= len(xs) < len(x)
                 text = g["token_text"].astype(str).to_numpy()[: len(xs)] if len(xs) == len(x) else None
@@ -273,10 +278,13 @@ def _per_sample_section(tokens: pd.DataFrame) -> str:
             visible[i] = True
         buttons.append(dict(label=str(sid), method="update", args=[{"visible": visible}, {"shapes": shapes_of[si]}]))
     fig.update_layout(
-        height=560, shapes=shapes_of[0] if shapes_of else [], legend=dict(orientation="h"), updatemenus=[dict(buttons=buttons, direction="down", x=0, xanchor="left", y=1.15, yanchor="top")]
+        height=280 * len(panels),
+        shapes=shapes_of[0] if shapes_of else [],
+        legend=dict(orientation="h"),
+        updatemenus=[dict(buttons=buttons, direction="down", x=0, xanchor="left", y=1.15, yanchor="top")],
     )
-    fig.update_yaxes(type="log", row=1, col=1)
-    fig.update_yaxes(type="log", row=2, col=1)
+    for r, _ in panels:
+        fig.update_yaxes(type="log", row=r, col=1)
     n = tokens["sample_id"].nunique()
     note = (
         "<p class='note'>sample selector (top left); orange: image tokens; purple band: bidirectional attention (reference's mask); "
@@ -284,8 +292,10 @@ def _per_sample_section(tokens: pd.DataFrame) -> str:
     )
     if "floor" in tokens and tokens["floor"].notna().any():
         note += "Dashed: the larger of the two engines' own noise floors at that token (a |Δ| above it is above noise). "
+    if not has_kl:
+        note += "No KL chart: neither engine gave a distribution (full logits or top-k) for these tokens, so |Δ log-prob| is what there is. "
     if n > len(order):
-        note += f"Showing the {len(order)} of {n} samples with the largest KL; every table on this page covers all of them. "
+        note += f"Showing the {len(order)} of {n} samples with the largest {'KL' if has_kl else '|Δ log-prob|'}; every table on this page covers all of them. "
     if binned:
         note += f"Long samples are binned to {MAX_POINTS} points (max per bin). "
     return note + "</p>" + figure(fig, "per-sample")
@@ -302,15 +312,17 @@ def _breakdown_section(summary: pd.DataFrame) -> str:
     present = [k for k in SPLITS if (df[k] != "all").any()]
     if not present:
         return "<p class='note'>no splits</p>"
-    fig = make_subplots(rows=1, cols=len(present), subplot_titles=[f"KL mean by {k}" for k in present])
+    metric, label = ("kl_mean", "KL mean") if df["kl_mean"].notna().any() else ("abs_mean", "mean |Δ log-prob|")  # no KL anywhere: what exists
+    fig = make_subplots(rows=1, cols=len(present), subplot_titles=[f"{label} by {k}" for k in present])
     for col, key in enumerate(present, start=1):
         others = [k for k in SPLITS if k != key]
         part = df[(df[key] != "all") & np.logical_and.reduce([df[k] == "all" for k in others])]
         for cand, g in part.groupby("candidate", sort=True):
-            fig.add_trace(go.Bar(x=g[key], y=g["kl_mean"], name=cand, legendgroup=cand, showlegend=col == 1), row=1, col=col)
+            fig.add_trace(go.Bar(x=g[key], y=g[metric], name=cand, legendgroup=cand, showlegend=col == 1), row=1, col=col)
     fig.update_layout(height=360, barmode="group")
     fig.update_yaxes(type="log")  # fp32 noise (1e-12) and bf16 (1e-3) on one chart
-    return figure(fig, "breakdown")
+    note = "" if metric == "kl_mean" else "<p class='note'>no KL: neither engine gave a distribution; the bars are the mean |Δ log-prob|.</p>"
+    return note + figure(fig, "breakdown")
 
 
 def _ablation_section(summary: pd.DataFrame, reference: str, differing: dict[str, str]) -> str:

@@ -75,7 +75,7 @@ def alarms_section(alarms: pd.DataFrame, tokens: pd.DataFrame) -> str:
 
 def worst_section(tokens: pd.DataFrame, meta: RunMeta, worst_dir: Path, n: int = 20) -> str:
     tok = vocab_of(meta)
-    text = lambda i: tok.decode([int(i)]) if tok is not None and pd.notna(i) and int(i) >= 0 else str(i)  # noqa: E731
+    text = lambda i: "-" if pd.isna(i) or int(i) < 0 else (tok.decode([int(i)]) if tok is not None else str(int(i)))  # noqa: E731
     top5 = lambda ids, lps: ", ".join(f"{text(i)!r} {lp:.2f}" for i, lp in zip(ids, lps) if i >= 0)  # noqa: E731
     scored = tokens[tokens["variant"].astype(str) != SAMPLED]
     extra = {}
@@ -83,7 +83,8 @@ def worst_section(tokens: pd.DataFrame, meta: RunMeta, worst_dir: Path, n: int =
         w = read_tokens(worst_dir)
         w = w[w["variant"].astype(str) != SAMPLED]
         extra = {(str(r.sample_id), int(r.position), display_name(str(r.cand_engine), str(r.variant))): r for r in w.itertuples(index=False)}
-    worst = scored.nlargest(n, "kl")
+    has_kl = bool(scored["kl"].notna().any())
+    worst = scored.nlargest(n, "rank_by")
     rows = []
     for _, r in worst.iterrows():
         seq = tokens[(tokens["sample_id"] == r["sample_id"]) & (tokens["instance"] == r["instance"])].set_index("position")["token_text"].astype(str)
@@ -94,6 +95,7 @@ def worst_section(tokens: pd.DataFrame, meta: RunMeta, worst_dir: Path, n: int =
             "sample": r["sample_id"],
             "position": r["position"],
             "kl": r["kl"],
+            "|Δlp|": r["abs_lp_diff"],
             "context": f"{before}⟦{r['token_text']}⟧{after}",
             "lp_ref": r["lp_ref"],
             "lp_cand": r["lp_cand"],
@@ -104,8 +106,6 @@ def worst_section(tokens: pd.DataFrame, meta: RunMeta, worst_dir: Path, n: int =
         else:  # a run written before worst/ parts existed: the argmaxes are all there is
             row.update({"reference's top-1": text(r["top1_ref"]), "candidate's top-1": text(r["top1_cand"])})
         rows.append(row)
-    note = (
-        f"<p class='note'>the {len(rows)} tokens with the largest KL (full-vocabulary where both engines gave logits, else top-k), "
-        f"±{CONTEXT} tokens of context, ⟦the scored token⟧, and each side's five most likely tokens with their log-probs.</p>"
-    )
+    ranked = "the largest KL (full-vocabulary where both engines gave logits, else top-k)" if has_kl else "the largest |Δ log-prob| (neither engine gave a distribution, so there is no KL)"
+    note = f"<p class='note'>the {len(rows)} tokens with {ranked}, ±{CONTEXT} tokens of context, ⟦the scored token⟧, and each side's five most likely tokens with their log-probs.</p>"
     return note + html_table(pd.DataFrame(rows), row_class=lambda r: "ctx")
