@@ -18,28 +18,11 @@ import time
 import numpy as np
 from common import run_cli, tmpdir, write_experiment
 
+from crossengine.experiment.fixture_builders import build_logits_heavy
+
 
 def build_model(out, vocab: int, max_len: int):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from crossengine.experiment.fixture_builders import fast_tokenizer
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-        head_dim=64,
-        max_position_embeddings=max_len,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(out)
-    fast_tokenizer(["<pad>", "<bos>", "<eos>"], vocab_size=508).save_pretrained(out)
-    return out
+    return build_logits_heavy(out, vocab, max_len)
 
 
 def main() -> None:

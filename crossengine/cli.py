@@ -175,12 +175,12 @@ def sweep(
         + (["--parallel", str(parallel)] if parallel else [])
     )
     try:
-        plan = load_sweep(sweep_file)
+        sweep = load_sweep(sweep_file)
     except CrossengineError as exc:
         _fail(exc)
-    members = plan.members()
-    console.print(f"sweep [bold]{plan.name}[/bold]: {len(members)} members ({' × '.join(f'{k} {len(a.labelled())}' for k, a in plan.spec.axes.items())})")
-    runner = SweepRunner(plan, output_dir, address, num_gpus, parallel, console)
+    members = sweep.members()
+    console.print(f"sweep [bold]{sweep.name}[/bold]: {len(members)} members ({' × '.join(f'{k} {len(a.labelled())}' for k, a in sweep.spec.axes.items())})")
+    runner = SweepRunner(sweep, output_dir, address, num_gpus, parallel, console)
     signals = StopSignals()
     signals.install()
     try:

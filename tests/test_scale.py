@@ -69,27 +69,9 @@ LONG = 1024
 @pytest.fixture(scope="module")
 def big_vocab_model(tmp_path_factory):
     """A one-layer Llama with a 32k vocabulary and a 64-wide hidden state: logits dominate its memory."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from crossengine.experiment.fixture_builders import build_logits_heavy
 
-    from crossengine.experiment.fixture_builders import fast_tokenizer
-
-    out = tmp_path_factory.mktemp("big-vocab")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=BIG_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-        head_dim=64,
-        max_position_embeddings=2 * LONG,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(out)
-    fast_tokenizer(["<pad>", "<bos>", "<eos>"], vocab_size=508).save_pretrained(out)
-    return out
+    return build_logits_heavy(tmp_path_factory.mktemp("big-vocab"), BIG_VOCAB, 2 * LONG)
 
 
 def _memory_run(tmp_path_factory, model, name: str, budget: float | None):

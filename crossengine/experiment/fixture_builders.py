@@ -135,6 +135,29 @@ def build_tiny_text_32k(out: Path, seed: int) -> None:
     _build_causal_lm(out, seed, LlamaConfig, LlamaForCausalLM, head_dim=64, vocab_size=32_000, max_position_embeddings=2048)
 
 
+def build_logits_heavy(out: Path, vocab_size: int, max_position_embeddings: int, seed: int = 0) -> Path:
+    """A one-layer Llama with a 64-wide hidden state and a large vocabulary: logits dominate its memory, so
+    what holds or moves them (the logits budget, the transports) is what a run of it measures."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    fast_tokenizer(["<pad>", "<bos>", "<eos>"], vocab_size=508).save_pretrained(out)
+    return out
+
+
 _MOE = dict(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts_per_tok=2)  # head_dim 32: vLLM-CPU runs it
 
 
