@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from crossengine.adapters import BUILTIN, engine_class, importable_from
 from crossengine.errors import ExperimentError, first_problem
+from crossengine.experiment.files import field_path, is_dir, is_file, line_of, read_mapping, read_text
 from crossengine.experiment.schema import (
     CONTROL_SUFFIX,
     Experiment,
@@ -27,70 +28,18 @@ from crossengine.experiment.schema import (
 from crossengine.identity import BASE
 
 
-def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
-    """The 1-based line of the deepest YAML node the pydantic location reaches."""
-    node, line = root, None
-    for part in loc:
-        if node is None:
-            break
-        line = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            nxt = None
-            for k, v in node.value:
-                if k.value == str(part):
-                    nxt, line = v, k.start_mark.line + 1
-                    break
-            node = nxt
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-        else:
-            node = None
-    if node is not None:
-        line = node.start_mark.line + 1
-    return line
-
-
-def _field_path(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "<top>"
-
-
-def is_file(p: Path) -> bool:
-    """Path.is_file() for a path a user wrote: a name the OS refuses (too long, say) is simply no file."""
-    try:
-        return p.is_file()
-    except (OSError, ValueError):  # ValueError: a NUL in the name
-        return False
-
-
-def is_dir(p: Path) -> bool:
-    try:
-        return p.is_dir()
-    except (OSError, ValueError):  # ValueError: a NUL in the name
-        return False
-
-
-def exists(p: Path) -> bool:
-    try:
-        return p.exists()
-    except (OSError, ValueError):  # ValueError: a NUL in the name
-        return False
-
-
 def _first_error(exc: ValidationError, path: Path, root: yaml.Node | None, prefix: tuple = ()) -> ExperimentError:
     loc, msg = first_problem(exc)
     if exc.errors()[0]["type"] == "engine_field":  # said in full by schema.engine_spec
         msg = exc.errors()[0]["msg"]
-    return ExperimentError(str(path), _line_of(root, prefix + loc), _field_path(prefix + loc), msg)
+    return ExperimentError(str(path), line_of(root, prefix + loc), field_path(prefix + loc), msg)
 
 
 def _check_references(exp: Experiment, path: Path, root: yaml.Node | None) -> None:
     """Names that must point at engines; checked after typing so each error names its field."""
 
     def fail(loc: tuple, msg: str) -> None:
-        raise ExperimentError(str(path), _line_of(root, loc), _field_path(loc), msg)
+        raise ExperimentError(str(path), line_of(root, loc), field_path(loc), msg)
 
     engines = sorted(exp.engines)
     if exp.reference not in exp.engines:
@@ -158,25 +107,6 @@ def _check_variants(exp: Experiment, path: Path, root: yaml.Node | None) -> None
             raise _first_error(e, path, root, ("variants", name)) from None
 
 
-def _duplicate_key(node: yaml.Node | None, loc: tuple = ()) -> tuple[tuple, int] | None:
-    """The path and line of the first key given twice in one mapping (YAML keeps the last)."""
-    if isinstance(node, yaml.MappingNode):
-        seen = set()
-        for k, v in node.value:
-            if k.value in seen:
-                return loc + (k.value,), k.start_mark.line + 1
-            seen.add(k.value)
-            found = _duplicate_key(v, loc + (k.value,))
-            if found:
-                return found
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            found = _duplicate_key(v, loc + (i,))
-            if found:
-                return found
-    return None
-
-
 def _check_paths(exp: Experiment, path: Path, root: yaml.Node | None) -> Experiment:
     """Resolve image and JSONL paths against the experiment's folder and check they exist."""
     base = path.parent
@@ -185,20 +115,20 @@ def _check_paths(exp: Experiment, path: Path, root: yaml.Node | None) -> Experim
         if s.file is not None:
             f = s.file if s.file.is_absolute() else base / s.file
             if not is_file(f):
-                raise ExperimentError(str(path), _line_of(root, ("samples", i, "file")), f"samples[{i}].file", f"no such file: {f}")
+                raise ExperimentError(str(path), line_of(root, ("samples", i, "file")), f"samples[{i}].file", f"no such file: {f}")
             samples.extend(_read_jsonl(f, i))
             continue
         if s.dump is not None:
-            samples.extend(_dump_samples(exp, s.dump, path, lambda msg, i=i: ExperimentError(str(path), _line_of(root, ("samples", i, "dump")), f"samples[{i}].dump", msg)))
+            samples.extend(_dump_samples(exp, s.dump, path, lambda msg, i=i: ExperimentError(str(path), line_of(root, ("samples", i, "dump")), f"samples[{i}].dump", msg)))
             continue
         images = []
         for j, img in enumerate(s.images):
             p = img if img.is_absolute() else base / img
             if not is_file(p):
                 loc = ("samples", i, "images", j)
-                raise ExperimentError(str(path), _line_of(root, loc), _field_path(loc), f"no such image file: {p}")
+                raise ExperimentError(str(path), line_of(root, loc), field_path(loc), f"no such image file: {p}")
             images.append(p.resolve())
-        s = _message_images(s, base, lambda loc, msg: ExperimentError(str(path), _line_of(root, ("samples", i, *loc)), _field_path(("samples", i, *loc)), msg))  # noqa: B023 (called at once)
+        s = _message_images(s, base, lambda loc, msg: ExperimentError(str(path), line_of(root, ("samples", i, *loc)), field_path(("samples", i, *loc)), msg))  # noqa: B023 (called at once)
         samples.append(s.model_copy(update={"images": images}))
     return exp.model_copy(update={"samples": _with_ids(samples, path, root)})
 
@@ -279,7 +209,7 @@ def _with_ids(samples: list[SampleSpec], path: Path, root: yaml.Node | None) -> 
     for s in samples:
         if s.id is not None:
             if s.id in explicit:
-                raise ExperimentError(str(path), _line_of(root, ("samples",)), "samples", f"duplicate sample id {s.id!r}")
+                raise ExperimentError(str(path), line_of(root, ("samples",)), "samples", f"duplicate sample id {s.id!r}")
             explicit.add(s.id)
     out = []
     for i, s in enumerate(samples):
@@ -311,21 +241,11 @@ def _read_jsonl(f: Path, index: int) -> list[SampleSpec]:
         for p in images:
             if not is_file(p):
                 raise ExperimentError(str(f), n, "images", f"no such image file: {p}")
-        spec = _message_images(spec, f.parent, lambda loc, msg: ExperimentError(str(f), n, _field_path(loc), msg))  # noqa: B023 (called at once)
+        spec = _message_images(spec, f.parent, lambda loc, msg: ExperimentError(str(f), n, field_path(loc), msg))  # noqa: B023 (called at once)
         out.append(spec.model_copy(update={"images": [p.resolve() for p in images]}))
     if not out:
         raise ExperimentError(str(f), None, f"samples[{index}].file", "the file holds no samples")
     return out
-
-
-def read_text(path: Path, field: str) -> str:
-    """A UTF-8 text file; another encoding is one line naming the file, line and column of the first bad byte."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line_start = data.rfind(b"\n", 0, e.start) + 1
-        raise ExperimentError(str(path), data.count(b"\n", 0, e.start) + 1, field, f"not UTF-8 text: byte 0x{data[e.start]:02x} at column {e.start - line_start + 1}; save the file as UTF-8") from None
 
 
 def set_field(data: dict, dotted: str, value) -> None:
@@ -337,38 +257,6 @@ def set_field(data: dict, dotted: str, value) -> None:
             node[key] = {}
         node = node[key]
     node[last] = value
-
-
-def read_yaml(path: Path) -> tuple[object, yaml.Node | None]:
-    """A YAML file's data (yaml.safe_load) and its node tree (for line numbers); a syntax error or a key
-    given twice in one mapping (YAML would silently keep the last) is one line naming the file and line."""
-    text = read_text(path, "<file>")
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        duplicate = _duplicate_key(root)
-        if duplicate:
-            loc, line = duplicate
-            raise ExperimentError(str(path), line, _field_path(loc), f"duplicate key {loc[-1]!r} (YAML would silently keep the last)")
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 if mark else None
-        problem = (e.problem or str(e)).strip()
-        raise ExperimentError(str(path), line, "<yaml>", f"YAML error: {problem}") from None
-    except yaml.reader.ReaderError as e:  # a character YAML does not allow (a NUL, a control byte)
-        line = text.count("\n", 0, e.position) + 1
-        raise ExperimentError(str(path), line, "<yaml>", f"YAML error: character {e.character!r} at position {e.position} is not allowed in YAML") from None
-    return data, root
-
-
-def read_mapping(path: Path, kind: str, shape: str) -> tuple[dict, yaml.Node | None]:
-    """read_yaml of a file that must exist and hold a mapping (an experiment, a sweep); else one line saying `shape`."""
-    if not is_file(path):
-        raise ExperimentError(str(path), None, "<file>", f"no such {kind} file")
-    data, root = read_yaml(path)
-    if not isinstance(data, dict):
-        raise ExperimentError(str(path), 1, "<top>", shape)
-    return data, root
 
 
 def load_experiment(path: str | Path, overrides: dict[str, object] | None = None) -> Experiment:
@@ -405,8 +293,8 @@ def _check_native_inputs(exp: Experiment, path: Path, root: yaml.Node | None) ->
             loc = ("engines", name) if variant == BASE else ("variants", name)
             raise ExperimentError(
                 str(path),
-                _line_of(root, loc),
-                _field_path(loc),
+                line_of(root, loc),
+                field_path(loc),
                 f"the reference {exp.reference!r} prepares images with its own preprocess ({ref_spec.input_pipeline}), whose inputs this engine cannot read: give it `inputs: own`",
             )
 
@@ -417,4 +305,4 @@ def experiment_error(path: Path, loc: tuple, message: str) -> ExperimentError:
         root = yaml.compose(Path(path).read_text(), Loader=yaml.SafeLoader)
     except (OSError, yaml.YAMLError):
         root = None
-    return ExperimentError(str(path), _line_of(root, loc), _field_path(loc), message)
+    return ExperimentError(str(path), line_of(root, loc), field_path(loc), message)

@@ -23,8 +23,9 @@ from crossengine.adapters.checkpoint import config_fields, model_is_dense, vocab
 from crossengine.compare.noise import BATCHINGS, NoisePlan
 from crossengine.errors import CrossengineError, first_problem
 from crossengine.experiment.analyses import skipped_lines
+from crossengine.experiment.files import exists, is_dir, is_file
 from crossengine.experiment.fixtures import FIXTURES, ensure_fixture, is_fixture
-from crossengine.experiment.load import exists, experiment_error, is_dir, is_file, resolve_named_paths
+from crossengine.experiment.load import experiment_error, resolve_named_paths
 from crossengine.experiment.schema import CONTROL_SUFFIX, NAME, EngineSpec, Experiment
 from crossengine.identity import BASE
 

@@ -27,7 +27,8 @@ from pydantic import Field, ValidationError, field_validator
 
 from crossengine.adapters.spec import Strict
 from crossengine.errors import ExperimentError
-from crossengine.experiment.load import _first_error, _line_of, is_file, read_mapping
+from crossengine.experiment.files import is_file, line_of, read_mapping
+from crossengine.experiment.load import _first_error
 from crossengine.experiment.schema import NAME
 
 
@@ -118,7 +119,7 @@ def load_sweep(path: str | Path) -> Sweep:
         raise _first_error(e, path, root) from None
     sweep = Sweep(path, spec)
     if not is_file(sweep.base):
-        raise ExperimentError(str(path), _line_of(root, ("experiment",)), "experiment", f"no such experiment file: {sweep.base}")
+        raise ExperimentError(str(path), line_of(root, ("experiment",)), "experiment", f"no such experiment file: {sweep.base}")
     for axis_name, axis in spec.axes.items():  # two labels of one axis that make the same folder name
         seen: dict[str, str] = {}
         for label, _ in axis.labelled():
@@ -126,7 +127,7 @@ def load_sweep(path: str | Path) -> Sweep:
             if part in seen:
                 loc = ("axes", axis_name, "values", label) if isinstance(axis.values, dict) else ("axes", axis_name, "values")
                 raise ExperimentError(
-                    str(path), _line_of(root, loc), f"axes.{axis_name}.values", f"labels {seen[part]!r} and {label!r} both make the member name part {part!r}: give them distinct labels"
+                    str(path), line_of(root, loc), f"axes.{axis_name}.values", f"labels {seen[part]!r} and {label!r} both make the member name part {part!r}: give them distinct labels"
                 )
             seen[part] = label
     return sweep

@@ -95,7 +95,7 @@ class SweepRunner:
         pending = []
         for m in members:
             meta = RunMeta.read(self.root / m.name) if (self.root / m.name / "run.json").exists() else None
-            failed = sum(1 for e in meta.errors if e.get("sample_id")) if meta is not None else 0
+            failed = len({e["sample_id"] for e in meta.errors if e.get("sample_id")}) if meta is not None else 0
             if meta is not None and meta.status == "complete" and failed:
                 # a finished member's failed samples fail again the same way: kept as `errors` (and the exit code 1) until fixed
                 note = f"finished before with {failed} failed sample(s) (see its run.json); remove {self.root / m.name} to run it again"
@@ -192,7 +192,7 @@ class SweepRunner:
         if failure is not None:
             self._fail(r.member, one_line(failure) if not isinstance(failure, CrossengineError) else str(failure), seconds)
             return
-        failed = sum(1 for e in runner.errors if e["sample_id"])
+        failed = len({e["sample_id"] for e in runner.errors if e["sample_id"]})  # samples, whichever engines failed them
         status = "incomplete" if runner.dead else ("errors" if failed else "complete")
         note = f"{failed} sample(s) failed (see its run.json)" if failed else ("an engine died: rerun to resume it" if runner.dead else "")
         self.outcomes[r.member.name] = Outcome(r.member, status, note, seconds, runner.run_dir.root)
