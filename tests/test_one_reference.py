@@ -8,13 +8,15 @@ pairs, so the prompts are short (the width is what loads and compares, not the l
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from crossengine.identity import display_names
 
-from .conftest import REPO, run_text
+from .conftest import REPO, run_experiment, run_text
 
 VLLM_PYTHON = REPO / ".venvs" / "vllm" / "bin" / "python"
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="no vLLM environment: run scripts/setup-vllm-env.sh")]
@@ -77,15 +79,50 @@ def test_an_engine_compared_with_itself_is_exactly_zero(run):
     assert not same["above_noise"].astype(bool).any()
 
 
+def _pooled_text(summary: pd.DataFrame) -> pd.DataFrame:
+    rows = summary[(summary["modality"].astype(str) == "text") & (summary["segment"].astype(str) == "all") & (summary["position_bucket"].astype(str) == "all")]
+    rows = rows[(rows["attention"].astype(str) == "all")] if "attention" in rows else rows
+    return rows.assign(candidate=display_names(rows)).set_index("candidate")
+
+
 def test_nearest_agrees_with_the_summary(run):
-    """nearest.parquet and the summary read the same numbers: vLLM fp32 vs the reference, both ways."""
-    run_dir, tokens = run
+    """nearest.parquet's distance of each candidate to the reference is the summary's abs_max, exactly (it was
+    4.8e-7 where the summary said 0, when lp_ref depended on the candidate's path)."""
+    run_dir, _ = run
     nearest = pd.read_parquet(run_dir / "nearest.parquet")
-    summary = pd.read_parquet(run_dir / "summary.parquet")
-    assert len(nearest) and len(summary)
-    for inst in ("vllm-full", "hf-same"):
-        rows = tokens[tokens["instance"] == inst]
-        assert float(rows["abs_lp_diff"].max()) == pytest.approx(float(np.abs(rows["lp_cand"] - rows["lp_ref"]).max()), abs=0)
+    nearest = nearest[(nearest["other"].astype(str) == "hf") & (nearest["modality"].astype(str) == "text")].set_index("candidate")
+    pooled = _pooled_text(pd.read_parquet(run_dir / "summary.parquet"))
+    assert set(nearest.index) == {"hf-same", "hf-bf16", "planted", "vllm-full", "vllm-topk"}
+    for candidate, row in nearest.iterrows():
+        assert row["max_abs_diff"] == pooled.loc[candidate, "abs_max"], candidate
+    assert nearest.loc["hf-same", "max_abs_diff"] == 0
+
+
+@pytest.fixture(scope="module")
+def moe_run(ray_cluster, tmp_path_factory):
+    """tiny-moe: HF fp32 as the reference, HF bf16 (full vocabulary) and a dump (its records' log-probs only: the
+    top-k path) as candidates; the dump's numbers do not matter here, the reference's column does."""
+    d = tmp_path_factory.mktemp("moe-one-reference")
+    rng = np.random.default_rng(1)
+    with open(d / "dump.jsonl", "w") as f:
+        for i in range(3):
+            ids = [1, *rng.integers(3, 500, 31).tolist()]
+            f.write(json.dumps({"id": f"m{i}", "token_ids": ids, "prompt_len": 1, "logprobs": [-1.0] * 31}) + "\n")
+    text = "model: tiny-moe\nreference: hf\nengines:\n  hf: {type: hf, dtype: float32}\n  hf-bf16: {type: hf, dtype: bfloat16}\n  dump: {type: logprobs, path: dump.jsonl}\nsamples:\n  - dump: dump\n"
+    (d / "moe.yaml").write_text(text)
+    run_dir, runner = run_experiment(d / "moe.yaml", d / "results")
+    assert not runner.errors, runner.errors
+    tokens = pd.read_parquet(run_dir / "tokens")
+    tokens["instance"] = display_names(tokens)
+    tokens["sample_id"] = tokens["sample_id"].astype(str)
+    return tokens
+
+
+def test_on_a_moe_model_the_reference_is_one_number_per_token_too(moe_run):
+    wide = moe_run.pivot_table(index=["sample_id", "position"], columns="instance", values="lp_ref", aggfunc="first")
+    assert set(wide.columns) == {"hf-bf16", "dump"} and len(wide) == 3 * 31
+    np.testing.assert_array_equal(wide["hf-bf16"].to_numpy(), wide["dump"].to_numpy())
+    assert moe_run.loc[moe_run["instance"] == "hf-bf16", "kl_ref_cand"].notna().all(), "the bf16 side took the full-vocabulary path"
 
 
 def test_above_noise_knows_rounding(run):
