@@ -267,13 +267,13 @@ class Runner:
     def fetch(self, engine: str, ref, doing: str):
         """ray.get of one engine's work; a dead or raising worker becomes one line with the resume command."""
         import ray
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError
 
         try:
             return ray.get(ref)
-        except (RayActorError, RayTaskError) as exc:
+        except (RayActorError, RayTaskError, OutOfMemoryError) as exc:  # Ray's memory monitor kills the worker: it died
             cause = getattr(exc, "cause", None)
-            died = isinstance(exc, RayActorError) or bool(getattr(cause, "dead", False))
+            died = isinstance(exc, (RayActorError, OutOfMemoryError)) or bool(getattr(cause, "dead", False))
             head = f"engine {engine!r} {'died' if died else 'failed'} while {doing}: {one_line(exc)}"
             log = self.run_dir.log_exception(head, exc)
             if getattr(cause, "output", ""):  # what its processes printed: the root cause in full
