@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 import pandas as pd
 import pytest
@@ -105,16 +106,19 @@ def test_a_killed_sweep_resumes_without_redoing_finished_members_and_a_bad_membe
     root = tmp_path / "out" / "small"
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     done = None
-    other_running = False  # whether the other member had started when the first one finished (side by side)
+    other_started = False  # whether the other member's run had begun (its folder, locked at its start) when the first finished
     deadline = time.time() + 240
     while done is None and time.time() < deadline and first.poll() is None:
         for m in ("1", "2"):
             meta = root / m / "run.json"
             if meta.exists() and json.loads(meta.read_text()).get("status") == "complete":
                 done = m
-                other_running = (root / ("2" if m == "1" else "1") / "run.json").exists()  # written once its engines are up
+                other_started = (root / ("2" if m == "1" else "1")).is_dir()
         time.sleep(0.2)
     assert done is not None, first.communicate()[0] if first.poll() is not None else "no member finished in time"
+    other = "2" if done == "1" else "1"
+    while not (root / other / "run.json").exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # until its engines are up (run.json written): its started_at is then this first sweep's
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     finished = {m for m in ("1", "2") if json.loads((root / m / "run.json").read_text())["status"] == "complete"}  # the other may have finished too
@@ -132,9 +136,11 @@ def test_a_killed_sweep_resumes_without_redoing_finished_members_and_a_bad_membe
     assert status == {"1": "skipped" if "1" in finished else "complete", "2": "skipped" if "2" in finished else "complete", "bad": "failed"}, status
     assert _pooled(index[index["member"] == done])["n_tokens"].iloc[0] > 0, "a skipped member's rows are still in the index"
     assert "1 of 3 member(s) did not finish cleanly: bad" in out
-    # side by side: the other member's engines were up (its run.json, written once they are, existed) when the first
-    # member finished; one member at a time, it would start only after, loading for seconds before writing run.json
-    assert other_running, "4 GPUs hold two members of 2 engines at once: the other member had started before this one finished"
+    # side by side: the other member's run had begun when the first finished, and its engines were up (run.json's
+    # started_at, kept on resume) no later than that second; one member at a time, it would begin only after, and
+    # its engines would take seconds to load
+    stamp = lambda m, key: datetime.strptime(json.loads((root / m / "run.json").read_text())[key], "%Y-%m-%dT%H:%M:%S%z")  # noqa: E731
+    assert other_started and stamp(other, "started_at") <= stamp(done, "finished_at"), "4 GPUs hold two members of 2 engines at once"
 
 
 def _sweep_file(tmp_path, axes: str) -> object:
