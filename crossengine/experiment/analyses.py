@@ -58,11 +58,8 @@ def _chunking(inst: EngineInstance, plan: Plan) -> str | None:
 def _tensor_transport(inst: EngineInstance, plan: Plan) -> str | None:
     if not inst.traits.gives_full_logits(inst.spec):
         return None  # nothing of its travels as full logits
-    if not inst.traits.tensor_logits:
-        return f"{inst.spec.type} engines hand over host arrays: the object store carries its logits"
-    if inst.spec.env is not None:
-        return "it runs in its own Python environment: the object store carries its logits"
-    return None
+    why = inst.tensor_blocker()
+    return f"it {why}: the object store carries its logits" if why else None
 
 
 ANALYSES: tuple[Analysis, ...] = (

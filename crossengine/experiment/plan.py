@@ -47,6 +47,17 @@ class EngineInstance:
         """What its engine can do (crossengine/adapters/base.py); what the core reads instead of the engine's name."""
         return engine_class(self.spec.type).traits
 
+    def tensor_blocker(self) -> str | None:
+        """Why this engine's logits cannot travel as torch tensors (Ray Direct Transport), or None; read by the
+        transport choice and by the plan's `skipped:` lines alike."""
+        if not self.traits.tensor_logits:
+            return f"({self.spec.type}) hands over host arrays"
+        if self.spec.env is not None:
+            return "runs in its own Python environment"
+        if self.spec.replays_reference_routing:
+            return "replays the reference's routing (it reads the reference's scores before its own forward)"
+        return None
+
     @property
     def full_logits(self) -> bool:
         """Whether it gives full-vocabulary logits (its traits, and the option they name)."""

@@ -20,17 +20,6 @@ OBJECT_STORE = "object_store"
 TENSOR_TRANSPORTS = ("gloo", "nccl")
 
 
-def _cannot_take_tensors(inst: EngineInstance) -> str | None:
-    """Why this engine's logits cannot travel as RDT tensors, or None."""
-    if not inst.traits.tensor_logits:
-        return f"({inst.spec.type}) hands over host arrays"
-    if inst.spec.env is not None:
-        return "runs in its own Python environment"
-    if inst.spec.replays_reference_routing:
-        return "replays the reference's routing (it reads the reference's scores before its own forward)"
-    return None
-
-
 def nccl_available() -> bool:
     """Whether Ray's NCCL collective imports in this (the driver's) environment: it needs cupy."""
     try:
@@ -66,7 +55,7 @@ def choose_transports(
     elif mode != "score":
         blocker = f"the {mode} mode compares the reference's decode outside the engines' workers"
     else:
-        blocker = next((f"engine {i.name!r} {why}" for i in [reference, *full] if (why := _cannot_take_tensors(i))), None)
+        blocker = next((f"engine {i.name!r} {why}" for i in [reference, *full] if (why := i.tensor_blocker())), None)
     if blocker is not None:
         note = f"logits_transport {backend}: the reference's logits go through the object store to every candidate of this wave: {blocker}"
         return paths, None, note if requested != "auto" else None
