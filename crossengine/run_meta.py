@@ -44,6 +44,7 @@ class RunMeta(BaseModel):
     )
     errors: list[dict[str, str]] = Field(default_factory=list, description="{sample_id, engine, error} per failed sample")
     expectations: dict[str, list[str]] = Field(default_factory=dict, description="`expect: bitwise` claims: {failed: [...], notes: [...]} lines")
+    refit: dict[str, list[dict[str, Any]]] = Field(default_factory=dict, description="refit engine -> per step: tokens, bitwise, max_abs_diff, first, probes, stale, findings")
 
     @property
     def variants(self) -> bool:

@@ -105,3 +105,35 @@ ROUTING_SCHEMA = pa.schema(
         ("margin_cand", pa.float32()),
     ]
 )
+# refit.parquet: one row per (refit engine, step, sample, position): the synced engine's log-prob and a fresh load's
+# (crossengine/adapters/refit.py). via: score (teacher-forced, no cache read) or prefix_cache (the greedy next token read
+# through the prefix cache, vLLM); stale: a prefix_cache row that differs while the sample's scores agree bitwise.
+REFIT_SCHEMA = pa.schema(
+    [
+        ("engine", _DICT),
+        ("step", pa.int16()),
+        ("to", _DICT),
+        ("sample_id", _DICT),
+        ("position", pa.int32()),
+        ("token_id", pa.int32()),
+        ("via", _DICT),
+        ("lp_synced", pa.float32()),
+        ("lp_fresh", pa.float32()),
+        ("refit_diff", pa.float32()),
+        ("stale", pa.bool_()),
+    ]
+)
+# refit_params.parquet: one row per finding of refit's audits. source: stream (what the sync code passed, against the
+# checkpoint) or parameters (the synced engine's parameters against a fresh load's, last step).
+REFIT_PARAMS_SCHEMA = pa.schema(
+    [
+        ("engine", _DICT),
+        ("step", pa.int16()),
+        ("to", _DICT),
+        ("source", _DICT),
+        ("name", pa.string()),
+        ("finding", _DICT),
+        ("max_abs_diff", pa.float64()),
+        ("detail", pa.string()),
+    ]
+)

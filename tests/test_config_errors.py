@@ -78,6 +78,34 @@ CASES = [
     ),
     ("remote code without trust_remote_code", GOOD.replace("tiny-text", "tiny-remote"), ["engines.a", "remote code", "trust_remote_code: true"], 4),
     ("bad jsonl line", GOOD.replace("- text: hello there", "- file: data/bad.jsonl"), ["bad.jsonl:2", "unknown key"], None),
+    # refit: checked before anything loads, each naming the field's line
+    (
+        "refit on an engine that cannot refit",
+        GOOD.replace("  b: {type: hf, attn_implementation: eager}", "  b: {type: logprobs, path: x.jsonl, refit: {to: tiny-text}}"),
+        ["engines.b.refit", "cannot take new weights in place"],
+        5,
+    ),
+    (
+        "refit to a checkpoint that is not there",
+        GOOD.replace("{type: hf, attn_implementation: eager}", "{type: hf, refit: {to: [tiny-text-step1, ./nope]}}"),
+        ["engines.b.refit.to[1]", "no such model directory"],
+        5,
+    ),
+    (
+        "refit update that does not import",
+        GOOD.replace("{type: hf, attn_implementation: eager}", "{type: hf, refit: {to: tiny-text-step1, update: 'nowhere.sync:push'}}"),
+        ["engines.b.refit.update", "cannot import", "nowhere"],
+        5,
+    ),
+    (
+        "refit update that is no reference",
+        GOOD.replace("{type: hf, attn_implementation: eager}", "{type: hf, refit: {to: tiny-text-step1, update: push}}"),
+        ["engines.b.refit.update", "package.module:function"],
+        5,
+    ),
+    ("refit on the reference", GOOD.replace("  a: {type: hf}", "  a: {type: hf, refit: {to: tiny-text-step1}}"), ["engines.a.refit", "the reference cannot refit"], 4),
+    ("refit outside score mode", GOOD.replace("{type: hf, attn_implementation: eager}", "{type: hf, refit: {to: tiny-text-step1}}") + "mode: generate\n", ["mode", "score only"], 8),
+    ("refit with nothing to push", GOOD.replace("{type: hf, attn_implementation: eager}", "{type: hf, refit: {to: []}}"), ["engines.b.refit.to", "at least 1"], 5),
     # one rule for non-finite numbers: refused wherever a finite one is meant, naming the field and the value
     ("an infinite logits budget", GOOD + "placement: {logits_budget_gb: .inf}\n", ["placement.logits_budget_gb", "finite number", "(got inf)"], 8),
     ("a NaN alarm limit", GOOD + "alarms: {gen_kl_error: .nan}\n", ["alarms.gen_kl_error:", "finite number", "(got nan)"], 8),

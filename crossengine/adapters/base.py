@@ -145,6 +145,7 @@ class EngineTraits:
     replays_routing: bool = False  # routes with another engine's expert choice (`Engine.replay_routing`; its Spec's `replays_reference_routing`)
     batching: bool = False  # its Spec has the run conditions batching/padding_side/micro_batch_size, read at every `score` call (the noise floor switches them)
     tensor_logits: bool = False  # keeps full logits as torch tensors on its device when `Engine.logits_as_tensors` is set (Ray Direct Transport moves them)
+    refits: bool = False  # takes new weights in place (`refit:`): Engine.load_weights, parameters, reset_prefix_cache
     chunks_logits: bool = False  # with `Engine.limit_logits(bytes)`, a longer sample's logits come as a LogitRows, computed a block of positions at a time
 
     def gives_full_logits(self, spec: Any) -> bool:
@@ -277,6 +278,22 @@ class Engine(abc.ABC):
         `TokenLogprobs.logits` is a LogitRows (traits.chunks_logits); raises where this model's logits cannot be
         reproduced that way."""
         raise NotImplementedError(f"engine {self.name!r} cannot score in position chunks")
+
+    def load_weights(self, weights: list) -> None:
+        """Write (checkpoint name, torch tensor) pairs into the live model in place, as an RL trainer's sync does (traits.refits)."""
+        raise NotImplementedError(f"engine {self.name!r} cannot take new weights in place")
+
+    def parameters(self):
+        """(name, host torch tensor) of every parameter it holds that can be read back, in the engine's own names (refit's audit)."""
+        raise NotImplementedError(f"engine {self.name!r} does not expose its parameters")
+
+    def reset_prefix_cache(self) -> None:  # noqa: B027 (no cache by default)
+        """Forget cached state computed with earlier weights (vLLM's prefix cache); after every refit push unless told not to."""
+
+    def probe_cached(self, samples: list[Sample]) -> list[tuple[int, float] | None] | None:
+        """Per sample, (token, log-prob) of the greedy next token through the engine's prefix cache, as a rollout reads
+        it; None for an engine without one. Refit compares it with a fresh load's to find stale cached state."""
+        return None
 
     def close(self) -> None:  # noqa: B027 (nothing to release by default)
         """Release the model (and device memory) before the worker exits."""

@@ -34,7 +34,7 @@ class HFSpec(TorchSpec):
 class HFEngine(TorchEngine):
     name = "hf"
     Spec = HFSpec
-    traits = EngineTraits(captures_modules=True, audits_buffers=True, lora=True, batching=True, reports_routing=True, replays_routing=True, tensor_logits=True, chunks_logits=True)
+    traits = EngineTraits(captures_modules=True, audits_buffers=True, lora=True, batching=True, reports_routing=True, replays_routing=True, tensor_logits=True, chunks_logits=True, refits=True)
 
     def _load_model(self, common: dict):
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -55,6 +55,25 @@ class HFEngine(TorchEngine):
 
         model = PeftModel.from_pretrained(model, self.spec.lora)
         return model.merge_and_unload() if self.spec.lora_merge else model
+
+    def load_weights(self, weights: list) -> None:
+        """Copy each (checkpoint name, tensor) into the parameter or buffer of that name, cast to its dtype, in place: what a
+        trainer's sync into an HF rollout model does. A name the model lacks or a shape that differs is one line naming it."""
+        import torch
+
+        state = self.model.state_dict(keep_vars=True)  # tied weights under both names
+        with torch.no_grad():
+            for name, tensor in weights:
+                target = state.get(name)
+                if target is None:
+                    raise ValueError(f"parameter {name!r} is not in the model (its names: {next(iter(state))!r}, ...)")
+                if tuple(target.shape) != tuple(tensor.shape):
+                    raise ValueError(f"parameter {name!r}: shape {tuple(tensor.shape)} pushed into {tuple(target.shape)}")
+                target.data.copy_(tensor.to(target.device))
+
+    def parameters(self):
+        for name, tensor in self.model.state_dict().items():
+            yield name, tensor.detach().cpu()
 
     def info(self) -> EngineInfo:
         info = super().info()

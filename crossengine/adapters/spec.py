@@ -51,6 +51,34 @@ class EnvSpec(Strict):
         return self
 
 
+class RefitSpec(Strict):
+    """An engine's in-place weight update, as an RL trainer does it (docs/guides/weight-sync.md): load `model`, score, push
+    each checkpoint of `to` into the live engine, score again; then the same checkpoints loaded fresh are the control."""
+
+    to: list[str] = Field(min_length=1, description="Checkpoint(s) pushed in, in order (fixture names, paths or hub ids): a chain scores after each push.")
+    reset_prefix_cache: bool = Field(True, description="Drop the engine's prefix cache after each push, as frameworks should; false shows what a stale cache does.")
+    update: str | None = Field(
+        None,
+        description="Your own sync code, 'package.module:function', called as function(target, weights) with the checkpoint's "
+        "tensors by name; it pushes them with target.load_weights(pairs). Default: every tensor, as is.",
+    )
+    labels: list[str] | None = Field(None, description="How each step is named in the output; default: `to` as written.")
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("update")
+    @classmethod
+    def _ref(cls, v: str | None) -> str | None:
+        return check_callable_ref(v)
+
+    def label(self, step: int) -> str:
+        """The name step `step` (0-based) goes by in lines and tables."""
+        return (self.labels or self.to)[step]
+
+
 class EngineSpec(Strict):
     """The fields every engine takes. Fields left out inherit the experiment's model, dtype and device."""
 
@@ -70,6 +98,10 @@ class EngineSpec(Strict):
         description="reference: score the reference's prepared samples (token ids, pixels); own: this engine renders, "
         "tokenises and processes each sample itself, its inputs are compared with the reference's (inputs/), then it scores its own "
         "where the token ids agree and the reference's where they do not.",
+    )
+
+    refit: RefitSpec | None = Field(
+        None, description="Push other weights into this engine in place and score after each push, against fresh loads of them (engines that refit: `crossengine engines`)."
     )
 
     expect: Literal["bitwise"] | None = Field(
@@ -114,7 +146,7 @@ class EngineSpec(Strict):
     def user_code(self) -> list[tuple[tuple, str]]:
         """(field location, 'module:function') of every piece of user code this spec names: preflight
         imports each where the workers will, so a typo is a file:line error before anything loads."""
-        return []
+        return [(("refit", "update"), self.refit.update)] if self.refit and self.refit.update else []
 
     @property
     def replays_reference_routing(self) -> bool:

@@ -56,7 +56,7 @@ class TorchSpec(EngineSpec):
         return v
 
     def user_code(self) -> list[tuple[tuple, str]]:
-        return [(("patches", j), p) for j, p in enumerate(self.patches) if CALLABLE_REF.match(p)]
+        return [(("patches", j), p) for j, p in enumerate(self.patches) if CALLABLE_REF.match(p)] + super().user_code()
 
 
 def resolve_device(device: str | None) -> str:

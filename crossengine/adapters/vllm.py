@@ -38,6 +38,7 @@ from .chat import render_chat
 from .checkpoint import lora_info
 from .spec import EngineSpec
 from .tokens import mask_kinds, text_modality, tokenizer_fingerprint, vocab_error
+from .vllm_weights import VLLMWeights
 
 _CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2"}  # GiB; vLLM-CPU refuses to start without room
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
@@ -87,7 +88,7 @@ class VLLMSpec(EngineSpec):
 RUN_CONDITIONS = ("max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching")
 
 
-class VLLMEngine(Engine):
+class VLLMEngine(VLLMWeights, Engine):
     name = "vllm"
     Spec = VLLMSpec
     traits = EngineTraits(
@@ -100,6 +101,7 @@ class VLLMEngine(Engine):
         lora=True,
         environment_hint="build it with scripts/setup-vllm-env.sh",
         reports_routing=True,
+        refits=True,
     )
 
     def __init__(self, spec, model_path: str, instance: str, seed: int = 0):
@@ -129,7 +131,7 @@ class VLLMEngine(Engine):
             rank = json.loads((Path(spec.lora) / "adapter_config.json").read_text())["r"]
             kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=next(r for r in _LORA_RANKS if r >= rank))
             self.lora_request = LoRARequest("adapter", 1, spec.lora)
-        kwargs["worker_extension_cls"] = "crossengine.adapters.vllm_routing.RoutingExtension"  # routing capture, called by name (crossengine/adapters/vllm_routing.py)
+        kwargs["worker_extension_cls"] = "crossengine.adapters.vllm_weights.WorkerExtension"  # routing and weights, called by name
         kwargs.update({k: getattr(spec, k) for k in RUN_CONDITIONS if getattr(spec, k) is not None})
         kwargs.update(spec.options)
         self.llm = vllm.LLM(**kwargs)

@@ -59,6 +59,10 @@ def _check_references(exp: Experiment, path: Path, root: yaml.Node | None) -> No
         fail(("engines", exp.reference, "inputs"), "the reference always prepares the inputs; `inputs: own` is for candidates")
     if exp.mode != "score" and any(spec.inputs == "own" for _, _, spec in exp.resolved_engines().values()):
         fail(("mode",), "`inputs: own` compares prompts before scoring them: mode score only (generate/greedy score the reference's prompts)")
+    if ref_spec.refit is not None:
+        fail(("engines", exp.reference, "refit"), "the reference cannot refit: a refit engine is a candidate, compared with the reference and with fresh loads of its checkpoints")
+    if exp.mode != "score" and any(spec.refit is not None for _, _, spec in exp.resolved_engines().values()):
+        fail(("mode",), "`refit` pushes weights between teacher-forced scores of each batch: mode score only")
     if len(exp.engines) + len(exp.variants) < 2:
         fail(("engines",), "need a reference and at least one candidate engine or variant")
 

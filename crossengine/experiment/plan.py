@@ -100,8 +100,8 @@ class Plan:
         """The noise conditions `inst` runs (crossengine/compare/noise.py), or None: no floor for it."""
 
         noise = self.experiment.noise
-        if noise is None or inst.traits.has_records:  # a dump's numbers are a file: nothing to vary
-            return None
+        if noise is None or inst.traits.has_records or inst.spec.refit is not None:  # a dump's numbers are a file: nothing to vary; a refit engine's
+            return None  # control is a fresh load of its weights (crossengine/adapters/refit.py)
         left = self._batchings_left(inst)
         names = [c for c in self.experiment.noise_conditions(inst.name) if c not in left]
         expanded = tuple(x for c in names for x in ([f"repeat{k}" for k in range(1, noise.repeats + 1)] if c == "repeat" else [c]))
@@ -115,7 +115,21 @@ class Plan:
 
     def lines(self) -> list[str]:
         """What the run will do that the plan already knows, said by `run` and `validate` before anything loads."""
-        return [*skipped_lines(self), *self.noise_lines(), *self.budget_lines()]
+        return [*skipped_lines(self), *self.noise_lines(), *self.budget_lines(), *self.refit_lines()]
+
+    def refit_lines(self) -> list[str]:
+        """What each `refit:` engine will push, said before anything loads."""
+        out = []
+        for inst in self.instances:
+            r = inst.spec.refit
+            if r is not None:
+                how = f"through {r.update}" if r.update else "by the built-in sync"
+                cache = "its prefix cache reset after each push" if r.reset_prefix_cache else "its prefix cache kept across pushes (reset_prefix_cache: false)"
+                out.append(
+                    f"refit: {inst.name} loads {inst.spec.model or self.experiment.model}, then pushes {' -> '.join(r.label(i) for i in range(len(r.to)))} {how}, "
+                    f"{cache}, scoring after each; each is loaded fresh after the last batch as the control"
+                )
+        return out
 
     def budget_lines(self) -> list[str]:
         """Where placement.logits_budget_gb splits samples into position blocks, and which engines cannot."""
@@ -139,6 +153,7 @@ class Plan:
             left = [c for c in asked if c in self._batchings_left(inst)]
             cause = "routing: true reads routing one sample per forward" if inst.traits.batching else f"{inst.spec.type} engines have no batching field"
             why = f" ({', '.join(left)} do{'es' if len(left) == 1 else ''} not apply: {cause})" if left else ""
+            why = " (a refit engine: its control is a fresh load of its checkpoints)" if inst.spec.refit is not None and asked else why
             out.append(f"noise floor: {inst.name}: {', '.join(plan.conditions) if plan else 'none'}{why}")
         return out
 
@@ -221,6 +236,12 @@ def resolve_python(spec: EngineSpec, experiment_path: Path, loc: tuple) -> Engin
         hint = f" ({hint})" if hint else ""
         raise experiment_error(experiment_path, loc, f"no such interpreter: {python}{hint}")
     return spec.model_copy(update={"env": spec.env.model_copy(update={"python": str(python)})})
+
+
+def resolve_refit(refit, experiment_path: Path, loc: tuple):
+    """`refit.to` resolved like `model` (fixture, folder, hub id), each with its file:line; the names as written kept as labels."""
+    paths = [resolve_model(to, experiment_path, (*loc, j) if len(refit.to) > 1 else loc) for j, to in enumerate(refit.to)]
+    return refit.model_copy(update={"to": paths, "labels": refit.labels or list(refit.to)})
 
 
 def resolve_adapter(lora: str, experiment_path: Path, loc: tuple) -> str:
@@ -325,6 +346,8 @@ def make_plan(exp: Experiment, experiment_path: Path, run_id: str | None = None,
             spec = spec.model_copy(update={"chat_template": str(template)})
         if spec.lora:
             spec = spec.model_copy(update={"lora": resolve_adapter(spec.lora, experiment_path, (section, name, "lora"))})
+        if spec.refit:
+            spec = spec.model_copy(update={"refit": resolve_refit(spec.refit, experiment_path, (section, name, "refit", "to"))})
         spec = resolve_named_paths(spec, experiment_path.parent, lambda loc, msg, at=(section, name): experiment_error(experiment_path, (*at, *loc), msg))
         instances.append(EngineInstance(name, cand_engine, variant, spec, path, name == exp.reference))
     instances += [control(exp, experiment_path, i) for i in instances if i.spec.negative_control is not False]

@@ -65,6 +65,8 @@ def engine_spec(value: Any) -> Any:
     spec = model.model_validate(value)
     if spec.lora and not engine_class(kind).traits.lora:
         raise _field_error(("lora",), f"{kind} engines take no LoRA adapter", spec.lora)
+    if spec.refit and not engine_class(kind).traits.refits:
+        raise _field_error(("refit",), f"{kind} engines cannot take new weights in place (engines that can: `crossengine engines`, trait refits)", value.get("refit"))
     return spec
 
 

@@ -32,6 +32,7 @@ from crossengine.report.sections import (
     localisation_section,
     nearest_section,
     noise_section,
+    refit_section,
     routing_section,
 )
 from crossengine.report.worst import alarms_section, worst_section
@@ -95,6 +96,8 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
         sections.append(("Nearest engine", nearest_section(pd.read_parquet(run_dir / "nearest.parquet"))))
     if (run_dir / "layers.parquet").exists() or (run_dir / "buffers.parquet").exists():
         sections.append(("Localisation", localisation_section(run_dir, meta)))
+    if meta.refit:
+        sections.append(("Weight sync", refit_section(run_dir, meta)))
     if (run_dir / "greedy").exists():
         sections.append(("Greedy decoding", html_table(pd.read_parquet(run_dir / "greedy"))))
     if not tokens.empty:

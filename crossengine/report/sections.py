@@ -1,5 +1,5 @@
 """The run report's sections for the analyses an experiment may ask for: routing, noise floor, nearest
-engines, input parity, localisation.
+engines, input parity, localisation, weight sync.
 
 Why apart: each reads its own file of the run folder and is absent from the page when the run
 did not ask for it; the core sections (summary, per sample, worst tokens) are in html.py.
@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from crossengine.compare.inputs import first_differences
+from crossengine.compare.refit import refit_line
 from crossengine.identity import display_name, display_names
 from crossengine.report.page import MAX_SAMPLES, figure, html_table, pooled_summary
 from crossengine.run_meta import RunMeta
@@ -217,3 +218,23 @@ def localisation_section(run_dir: Path, meta: RunMeta) -> str:
         bad = buffers[~buffers["ok"]]
         parts.append(f"<h3>Buffer audit: {len(buffers)} checked, {len(bad)} with problems</h3>" + html_table(bad.drop(columns=["shape"], errors="ignore")))
     return "".join(parts)
+
+
+def refit_section(run_dir: Path, meta: RunMeta) -> str:
+    """Each `refit:` engine, step by step, against a fresh load of the same checkpoint, and what the audits found."""
+    lines = [refit_line(name, s) for name, steps in meta.refit.items() for s in steps]
+    steps = pd.DataFrame(
+        [
+            {"engine": name, **{k: v for k, v in s.items() if k not in ("findings", "first")}, "first": "" if s["first"] is None else f"{s['first']['sample_id']} @ {s['first']['position']}"}
+            for name, steps in meta.refit.items()
+            for s in steps
+        ]
+    )
+    audit = run_dir / "refit_params.parquet"
+    found = pd.read_parquet(audit) if audit.exists() else pd.DataFrame()
+    said = "".join(f"<li>{html.escape(x)}</li>" for x in lines)
+    return (
+        "<p class='note'>each engine loaded its own model, scored, took each checkpoint in place and scored again; after the last batch each checkpoint "
+        "was loaded fresh in the same worker (docs/guides/weight-sync.md). refit.parquet holds every token of both</p>"
+        f"<ul>{said}</ul>" + html_table(steps) + ("<h3>Audit findings</h3>" + html_table(found) if not found.empty else "<p class='note'>the audits found nothing</p>")
+    )

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from crossengine.adapters.base import Sample, SampleError
 from crossengine.adapters.checkpoint import vocab_size_of
+from crossengine.compare.floor import expectations
 from crossengine.compare.metrics import WARM_UP_FROM_VOCAB
 from crossengine.errors import CrossengineError, EngineDied, EngineFailure
 from crossengine.experiment.plan import EngineInstance, Plan
@@ -37,6 +38,7 @@ from crossengine.run.placement import make_placement
 from crossengine.run.pool import EnginePool, one_line
 from crossengine.run.progress import engine_progress
 from crossengine.run.reducer import reducer_class
+from crossengine.run.refit import finish_refits
 from crossengine.run.signals import StopSignals
 from crossengine.run.transport import choose_transports
 from crossengine.run_meta import RunMeta
@@ -209,6 +211,7 @@ class Runner:
                     self._localize(pool)
                 for name, t_engine in pool.engine_timings(skip=self.dead).items():
                     self.timings.update({f"{name}.{k}": v for k, v in t_engine.items()})
+                finish_refits(self, pool, wave)
             except KeyboardInterrupt:
                 pool.close(graceful=False)  # a stop is prompt: the workers are killed, not asked to finish
                 raise
@@ -236,11 +239,8 @@ class Runner:
 
     def _check_expectations(self, floors: pd.DataFrame) -> None:
         """`expect: bitwise` claims against the floors measured: a failure names the first token that differs (the run exits 1)."""
-        from crossengine.compare.floor import expectations
-
-        names = self.plan.names()
         controls = {i.name: f"{i.name}{CONTROL_SUFFIX}" for i in self.plan.instances if i.spec.expect}
-        claims = {name: control if control in names else None for name, control in controls.items()}
+        claims = {name: control if control in self.plan.names() else None for name, control in controls.items()}
         if claims and not self.dead:
             self.expect_failures, self.expect_notes = expectations(floors, claims)
 

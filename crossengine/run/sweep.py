@@ -18,6 +18,7 @@ the axes' labels as columns) and `report.html` (each metric against each axis) a
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -32,6 +33,7 @@ from crossengine.experiment.load import load_experiment
 from crossengine.experiment.plan import make_plan
 from crossengine.experiment.schema import PlacementSpec
 from crossengine.experiment.sweep import Member, Sweep
+from crossengine.identity import BASE
 from crossengine.results import write_table
 from crossengine.run.cluster import ensure_ray
 from crossengine.run.placement import Node, PlacementError, cluster_view, make_placement
@@ -217,12 +219,29 @@ class SweepRunner:
                 for c in df.columns:
                     if isinstance(df[c].dtype, pd.CategoricalDtype):
                         df[c] = df[c].astype(str)
-                frames.append(pd.DataFrame({k: [v] * len(df) for k, v in head.items()}).join(df))
+                frames.append(pd.DataFrame({k: [v] * len(df) for k, v in head.items()}).join(refit_columns(df, self.root / m.name)))
             else:
                 frames.append(pd.DataFrame([head]))
         index = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         write_table(self.root / "index.parquet", pa.Table.from_pandas(index, preserve_index=False))
         return index
+
+
+def refit_columns(summary: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
+    """A member's summary with, for each `refit:` candidate, its last step against a fresh load (run.json `refit`):
+    refit_bitwise, refit_max_abs_diff, refit_stale; other candidates' rows hold nulls."""
+    try:
+        refit = json.loads((run_dir / "run.json").read_text()).get("refit") or {}
+    except (OSError, ValueError):
+        refit = {}
+    if not refit:
+        return summary
+    last = {name: steps[-1] for name, steps in refit.items() if steps}
+    name = summary["cand_engine"].astype(str).where(summary["variant"].astype(str) == BASE, summary["variant"].astype(str))
+    out = summary.copy()
+    for col, key in (("refit_bitwise", "bitwise"), ("refit_max_abs_diff", "max_abs_diff"), ("refit_stale", "stale")):
+        out[col] = name.map(lambda n, key=key: last[n][key] if n in last else None)
+    return out
 
 
 def _demand(placement, names: list[str]) -> dict[int, tuple[float, float]]:

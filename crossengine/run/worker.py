@@ -22,6 +22,7 @@ from crossengine.adapters import engine_class
 from crossengine.adapters.base import TokenLogprobs
 from crossengine.adapters.blocks import LogitRows
 from crossengine.adapters.capture import OutputCapture
+from crossengine.adapters.refit import Refitter
 from crossengine.compare.inputs import compare_inputs, own_prompt_effect
 from crossengine.compare.metrics import warm_up
 from crossengine.compare.noise import measure
@@ -55,6 +56,7 @@ def worker_class():
             self.scored_lock = threading.Lock()
             self.warming: threading.Thread | None = None  # the metric kernel's compile, beside the model's load
             self.checks: list = []  # reference checks of tensor-transported scores, for take_reference_check
+            self.stopped = False  # its engine raised EngineDead (e.g. a failed refit push): no later batch runs
             self.held: dict[str, dict] = {}  # batch key -> sample id -> LogitRows of the reference's long samples, until `release`
 
         def _guarded(self, fn, *args):
@@ -109,6 +111,9 @@ def worker_class():
             if gpu_share is not None and option and torch.cuda.is_available():  # an engine that takes its memory up front, on a shared real GPU
                 spec = spec.model_copy(update={"options": {option: gpu_share, **spec.options}})
             self.engine = self._guarded(cls, spec, model_path, instance, seed)
+            if spec.refit is not None:  # weights pushed in place per batch, fresh loads at the end (crossengine/adapters/refit.py)
+                plain = spec.model_copy(update={"refit": None})
+                self.engine = Refitter(self.engine, lambda path: self._guarded(cls, plain, path, instance, seed), spec.refit, model_path)
             if self.warming is not None:  # ready means ready to compare at full speed: no compile left for the first batch
                 self.warming.join()
                 self.warming = None
@@ -195,6 +200,9 @@ def worker_class():
             its inputs with the reference's (crossengine/compare/inputs.py). Never raises: a failure is
             handed to `compare_scored`, which the driver waits on."""
             slot = self._slot(key)
+            if self.stopped:  # its engine stopped on an earlier batch (said once): later batches end quietly, never fetched
+                slot.done.set()
+                return
             try:
                 self.engine.logits_as_tensors = True  # its own logits are compared here, on its device: never copied to the host
                 rows, to_score, own = self._guarded(self._own_inputs, batch, raw)
@@ -207,6 +215,7 @@ def worker_class():
                 slot.value = (rows, mine, *self._floor(to_score, mine, noise, top_k, full_vocab))
             except BaseException as exc:  # noqa: BLE001 - reaches the driver through compare_scored
                 slot.error = exc
+                self.stopped = bool(getattr(exc, "dead", False))
             finally:
                 slot.done.set()
 
@@ -224,6 +233,8 @@ def worker_class():
                 self.scored.pop(key, None)
             if slot.error is not None:
                 raise slot.error
+            if slot.value is None:  # the engine had stopped (score_for_compare)
+                return None
             rows, mine, floor, seconds = slot.value
             part = compare_batch(batch, ref_out if direct else ray.get(ref_out[0]), mine, options)
             part.inputs, part.noise, part.noise_s = rows, floor, seconds
