@@ -24,6 +24,7 @@ from rich.console import Console
 from crossengine.adapters import BUILTIN, UnknownEngine, engine_class, registered
 from crossengine.adapters.base import EngineTraits
 from crossengine.adapters.spec import EngineSpec
+from crossengine.compare.gates import GATE_EXIT, check_gates
 from crossengine.errors import CrossengineError
 from crossengine.experiment.fixtures import FIXTURES, ensure_fixture
 from crossengine.experiment.load import load_experiment
@@ -119,6 +120,7 @@ def stop_local_ray_and_exit(code: int) -> None:
 
 
 _NUM_GPUS = typer.Option(None, "--num-gpus", help="GPUs a local Ray cluster may use (default: all it finds); ignored with --address.")
+_FAIL_ON_ALARM = typer.Option(False, "--fail-on-alarm", help="A tripped alarm breaks the run's gates: exit 3 (CI), as a broken `gates:` entry does.")
 
 
 @app.command()
@@ -129,6 +131,7 @@ def run(
     address: str | None = typer.Option(None, "--address", help="Join an existing Ray cluster (default: start a local one)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run of the same id."),
     num_gpus: float | None = _NUM_GPUS,
+    fail_on_alarm: bool = _FAIL_ON_ALARM,
 ) -> None:
     """Run an experiment: every engine scores the samples; per-token Parquet and a summary come out."""
     from crossengine.report.terminal import print_summary
@@ -145,6 +148,7 @@ def run(
         err_console.print(
             f"engine(s) {', '.join(repr(n) for n in runner.dead)} died (see above); the others finished. Resume with: {runner.resume_command}", markup=False, highlight=False, soft_wrap=True
         )
+    broken = _gates(out, plan.experiment.gates, fail_on_alarm)
     if runner.errors:
         failed = sum(1 for e in runner.errors if e["sample_id"])
         if failed:
@@ -152,6 +156,20 @@ def run(
         raise typer.Exit(1)
     if runner.expect_failures:  # said above, with the first token that differs
         raise typer.Exit(1)
+    if broken:
+        raise typer.Exit(GATE_EXIT)
+
+
+def _gates(out: Path, gates: list, fail_on_alarm: bool) -> list[str]:
+    """The run's `gates:` and --fail-on-alarm, checked on its folder: each broken one on stderr (the caller exits 3)."""
+    if not (gates or fail_on_alarm) or not (out / "summary.parquet").exists():
+        return []
+    broken = check_gates(out, gates, fail_on_alarm)
+    for line in broken:
+        err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+    if not broken:
+        console.print(f"gates: {len(gates) + fail_on_alarm} checked, none broken", highlight=False)
+    return broken
 
 
 @app.command()
@@ -161,6 +179,7 @@ def sweep(
     address: str | None = typer.Option(None, "--address", help="Join an existing Ray cluster (default: start a local one)."),
     parallel: int | None = typer.Option(None, "--parallel", help="At most this many members at once (default: as the cluster holds them)."),
     num_gpus: float | None = _NUM_GPUS,
+    fail_on_alarm: bool = _FAIL_ON_ALARM,
 ) -> None:
     """Run every member of a sweep (base experiment × axes) over one cluster; index.parquet and report.html come out."""
     from crossengine.run.sweep import SweepRunner
@@ -173,6 +192,7 @@ def sweep(
         + (["--address", shlex.quote(address)] if address else [])
         + (["--num-gpus", f"{num_gpus:g}"] if num_gpus is not None else [])
         + (["--parallel", str(parallel)] if parallel else [])
+        + (["--fail-on-alarm"] if fail_on_alarm else [])
     )
     try:
         sweep = load_sweep(sweep_file)
@@ -180,7 +200,7 @@ def sweep(
         _fail(exc)
     members = sweep.members()
     console.print(f"sweep [bold]{sweep.name}[/bold]: {len(members)} members ({' × '.join(f'{k} {len(a.labelled())}' for k, a in sweep.spec.axes.items())})")
-    runner = SweepRunner(sweep, output_dir, address, num_gpus, parallel, console)
+    runner = SweepRunner(sweep, output_dir, address, num_gpus, parallel, console, fail_on_alarm)
     signals = StopSignals()
     signals.install()
     try:
@@ -200,6 +220,12 @@ def sweep(
     if failed:
         err_console.print(f"{len(failed)} of {len(outcomes)} member(s) did not finish cleanly: {', '.join(o.member.name for o in failed)}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
+    gated = [o for o in outcomes if o.gates_broken]
+    if gated:
+        err_console.print(
+            f"{len(gated)} of {len(outcomes)} member(s) broke a gate: {', '.join(o.member.name for o in gated)} (gates_broken in the index)", markup=False, highlight=False, soft_wrap=True
+        )
+        raise typer.Exit(GATE_EXIT)
 
 
 @app.command()

@@ -106,6 +106,11 @@ CASES = [
     ("refit on the reference", GOOD.replace("  a: {type: hf}", "  a: {type: hf, refit: {to: tiny-text-step1}}"), ["engines.a.refit", "the reference cannot refit"], 4),
     ("refit outside score mode", GOOD.replace("{type: hf, attn_implementation: eager}", "{type: hf, refit: {to: tiny-text-step1}}") + "mode: generate\n", ["mode", "score only"], 8),
     ("refit with nothing to push", GOOD.replace("{type: hf, attn_implementation: eager}", "{type: hf, refit: {to: []}}"), ["engines.b.refit.to", "at least 1"], 5),
+    # gates: names checked before anything loads
+    ("a gate on a metric that does not exist", GOOD + "gates:\n  - {metric: gen_kl, max: 1.0e-3}\n", ["gates[0].metric", "unknown metric 'gen_kl'", "gen_kl_error"], 9),
+    ("a gate written by a metric's name that does not exist", GOOD + "gates:\n  - {abs_mean: {max: 1}}\n  - {kl_meen: {max: 1}}\n", ["gates[1].metric", "unknown metric 'kl_meen'"], 10),
+    ("a gate on an alarm that does not exist", GOOD + "gates:\n  - {alarm: template}\n", ["gates[0].alarm", "unknown alarm 'template'", "template_mismatch"], 9),
+    ("a metric gate without bounds", GOOD + "gates:\n  - {metric: abs_mean}\n", ["gates[0]", "needs max, min or both"], 9),
     # one rule for non-finite numbers: refused wherever a finite one is meant, naming the field and the value
     ("an infinite logits budget", GOOD + "placement: {logits_budget_gb: .inf}\n", ["placement.logits_budget_gb", "finite number", "(got inf)"], 8),
     ("a NaN alarm limit", GOOD + "alarms: {gen_kl_error: .nan}\n", ["alarms.gen_kl_error:", "finite number", "(got nan)"], 8),

@@ -7,6 +7,8 @@ a resumed run summarises its old and new batches alike. A split pools tokens by 
 
 from __future__ import annotations
 
+import warnings
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +114,18 @@ def summarize_group(g: pd.DataFrame) -> dict[str, float]:
     seq = g["sample_id"].cat.codes.to_numpy() if hasattr(g["sample_id"], "cat") else g["sample_id"].to_numpy()
     row.update(framework_metrics(g=g["lp_cand"].to_numpy(), t=g["lp_ref"].to_numpy(), seq=seq))
     return row
+
+
+OPTIONAL_METRICS = ("frac_tokens_flipped", "abs_mean_flipped", "abs_mean_unflipped", "kl_mean_flipped", "kl_mean_unflipped", "n_above_noise", "frac_above_noise")
+
+
+@cache
+def summary_metrics() -> list[str]:
+    """The numeric columns a summary row can have (gates name them): every group's, plus routing's and the noise floor's."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        names = [k for k, v in summarize_group(_empty_group()).items() if not isinstance(v, str)]
+    return sorted({*names, *OPTIONAL_METRICS})
 
 
 def _empty_group() -> pd.DataFrame:

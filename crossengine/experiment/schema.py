@@ -32,6 +32,7 @@ from crossengine.adapters import (
 )
 from crossengine.adapters.spec import Dtype, EngineSpec, EnvSpec, Strict
 from crossengine.compare.noise import CONDITIONS
+from crossengine.experiment.gates import GateSpec
 from crossengine.identity import BASE
 from crossengine.identity import RESERVED as RESERVED_NAMES
 
@@ -286,6 +287,9 @@ class Experiment(Strict):
     )
     noise: NoiseSpec | None = Field(
         None, description="Measure each engine's own noise floor (docs/guides/noise-floor.md): noise/ parts, noise_* and above_noise token columns, frac_above_noise; `noise: true` takes the defaults."
+    )
+    gates: list[GateSpec] = Field(
+        default_factory=list, description="Checks the run must pass, for CI: a summary metric's bounds or an alarm that must not trip; a broken gate exits 3 (crossengine/experiment/gates.py)."
     )
     alarms: dict[str, float | list[float] | None] = Field(
         default_factory=dict,

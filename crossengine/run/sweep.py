@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
+from crossengine.compare.gates import check_gates
 from crossengine.errors import CrossengineError
 from crossengine.experiment.load import load_experiment
 from crossengine.experiment.plan import make_plan
@@ -50,6 +51,7 @@ class Outcome:
     message: str = ""
     seconds: float = 0.0
     run_dir: Path | None = None
+    gates_broken: int = 0  # the member's broken gates (its `gates:`, --fail-on-alarm), said and in the index
 
 
 @dataclass
@@ -63,7 +65,8 @@ class _Running:
 
 
 class SweepRunner:
-    def __init__(self, sweep: Sweep, output_dir: Path | None = None, address: str | None = None, num_gpus: float | None = None, parallel: int | None = None, console=None):
+    def __init__(self, sweep: Sweep, output_dir: Path | None = None, address: str | None = None, num_gpus: float | None = None, parallel: int | None = None, console=None, fail_on_alarm: bool = False):
+        self.fail_on_alarm = fail_on_alarm
         self.sweep = sweep
         self.root = Path(output_dir or sweep.spec.output_dir).absolute() / sweep.name
         self.address, self.num_gpus = address, num_gpus
@@ -104,8 +107,9 @@ class SweepRunner:
                 self.outcomes[m.name] = Outcome(m, "errors", note, run_dir=self.root / m.name)
                 self.say(f"member {m.name}: {note}")
             elif meta is not None and meta.status == "complete":
-                self.outcomes[m.name] = Outcome(m, "skipped", "finished before", run_dir=self.root / m.name)
-                self.say(f"member {m.name}: finished before, skipped")
+                broken = len(meta.gates.get("broken", []))  # judged when it ran: kept (and the exit code 3) like errors
+                self.outcomes[m.name] = Outcome(m, "skipped", "finished before", run_dir=self.root / m.name, gates_broken=broken)
+                self.say(f"member {m.name}: finished before, skipped{f' ({broken} gate(s) broken then)' if broken else ''}")
             else:
                 pending.append(m)
         ensure_ray(self.address, self.num_gpus)
@@ -197,8 +201,12 @@ class SweepRunner:
         failed = len({e["sample_id"] for e in runner.errors if e["sample_id"]})  # samples, whichever engines failed them
         status = "incomplete" if runner.dead else ("errors" if failed else "complete")
         note = f"{failed} sample(s) failed (see its run.json)" if failed else ("an engine died: rerun to resume it" if runner.dead else "")
-        self.outcomes[r.member.name] = Outcome(r.member, status, note, seconds, runner.run_dir.root)
-        self.say(f"member {r.member.name}: {status} in {seconds:.1f} s{'; ' + note if note else ''}")
+        gates = runner.plan.experiment.gates
+        broken = check_gates(runner.run_dir.root, gates, self.fail_on_alarm) if (gates or self.fail_on_alarm) and runner.run_dir.summary.exists() else []
+        self.outcomes[r.member.name] = Outcome(r.member, status, note, seconds, runner.run_dir.root, len(broken))
+        self.say(f"member {r.member.name}: {status} in {seconds:.1f} s{'; ' + note if note else ''}{f'; {len(broken)} gate(s) broken' if broken else ''}")
+        for line in broken:
+            self.say(f"member {r.member.name}: {line}")
 
     def _fail(self, m: Member, message: str, seconds: float) -> None:
         self.outcomes[m.name] = Outcome(m, "failed", message, seconds, None)
@@ -212,7 +220,7 @@ class SweepRunner:
         frames = []
         for m in self.sweep.members():
             o = self.outcomes.get(m.name) or Outcome(m, "pending")
-            head = {"member": m.name, **m.labels, "status": o.status, "message": o.message, "run_dir": str(self.root / m.name)}
+            head = {"member": m.name, **m.labels, "status": o.status, "message": o.message, "gates_broken": o.gates_broken, "run_dir": str(self.root / m.name)}
             summary_path = self.root / m.name / "summary.parquet"
             if o.status != "failed" and summary_path.exists():
                 df = pd.read_parquet(summary_path)
