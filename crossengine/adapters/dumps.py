@@ -3,7 +3,10 @@
 Why apart from the engine: the driver indexes a dump (ids and byte offsets, never the records) to
 make the experiment's samples, and the engine reads one batch's records in its worker; both read
 through DumpFile, so a bad record is the same one line wherever it is found (FILE:LINE and field).
-The layouts (generic, prime-rl) are described in crossengine/adapters/logprobs.py.
+The layouts (generic, prime-rl, slime) are described in crossengine/adapters/logprobs.py. A `.pt`
+file (slime's `--save-debug-rollout-data`) is read with `torch.load(weights_only=True)`: tensors,
+numeric numpy arrays and plain containers only; a file that needs any other class unpickled is
+refused in one line, and nothing in it runs.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy._core.multiarray import _reconstruct  # how a pickled array rebuilds itself: allowed to torch.load(weights_only=True)
 
 POSITIVE_TOLERANCE = 1e-6  # a log-prob above this is not a log-prob (float rounding gives at most ~1e-7 above 0)
 
@@ -26,16 +30,23 @@ class Layout:
 
     fields: dict[str, str]
     aligned: bool
+    prompt_from: str = "prompt_len"  # the field giving where scoring starts: prompt_len itself, or response_length (counted from the end)
 
 
 LAYOUTS: dict[str, Layout] = {
-    "generic": Layout({k: k for k in ("id", "token_ids", "prompt_len", "logprobs", "mask", "top_ids", "top_logprobs", "messages", "images")}, aligned=False),
+    "generic": Layout({k: k for k in ("id", "token_ids", "prompt_len", "logprobs", "mask", "top_ids", "top_logprobs", "messages", "images", "routed_experts")}, aligned=False),
     "prime-rl": Layout({"token_ids": "token_ids", "logprobs": "inference_logprobs", "mask": "loss_mask"}, aligned=True),
+    # slime/miles Sample.to_dict() (slime/utils/types.py), saved by RolloutManager._save_debug_rollout_data (slime/ray/rollout.py)
+    "slime": Layout(
+        {"id": "index", "token_ids": "tokens", "response_length": "response_length", "logprobs": "rollout_log_probs", "mask": "loss_mask", "routed_experts": "rollout_routed_experts"},
+        aligned=False,
+        prompt_from="response_length",
+    ),
 }
 
 
 # The keys that tell a layout's records apart (for the hint when a dump is read with the wrong layout).
-SIGNATURES: dict[str, set[str]] = {"generic": {"prompt_len", "logprobs"}, "prime-rl": {"inference_logprobs", "loss_mask"}}
+SIGNATURES: dict[str, set[str]] = {"generic": {"prompt_len", "logprobs"}, "prime-rl": {"inference_logprobs", "loss_mask"}, "slime": {"tokens", "response_length", "rollout_log_probs"}}
 
 
 class RecordError(ValueError):
@@ -57,6 +68,7 @@ class Record:
     where: str
     messages: Any = None
     images: Any = None
+    routing: np.ndarray | None = None  # int16 [T, L, k]: the rollout engine's experts per input position; -1 where not recorded (the last token)
 
 
 class DumpFile:
@@ -69,6 +81,8 @@ class DumpFile:
         self.renamed = dict(fields or {})  # what the user's `fields:` renamed (the layout's own names are not theirs)
         self.names = {**self.layout.fields, **self.renamed}
         self.parquet = self.path.suffix == ".parquet"
+        self.torch = self.path.suffix in (".pt", ".pth")
+        self._loaded: list | None = None  # a .pt file's records: one torch.load, held while the dump is read
         self._group: tuple[int, list[dict]] | None = None
         self.vocab_size: int | None = None  # set by whoever knows the model: ids at or above it are refused, naming the record
 
@@ -77,6 +91,10 @@ class DumpFile:
     def _raw(self) -> Iterator[tuple[tuple[int, int], str, dict | Exception]]:
         """(pointer, where, object or the reason it does not parse), in file order; a pointer is
         (byte offset, line) in JSONL, (row, row) in Parquet."""
+        if self.torch:
+            for i, obj in enumerate(self._torch_records()):
+                yield (i, i), f"{self.path}:samples[{i}]", obj
+            return
         if self.parquet:
             n = 0
             for batch in _parquet_file(self.path).iter_batches(batch_size=256):
@@ -107,8 +125,16 @@ class DumpFile:
             raise RecordError(where, "<record>", f"not a JSON object ({obj})")
         return self.record(obj, where)
 
+    def _torch_records(self) -> list:
+        """The `samples` of a torch.save'd dump (slime's layout), each a plain dict with lists (arrays and tensors turned into lists)."""
+        if self._loaded is None:
+            self._loaded = [_plain_record(s) for s in _torch_samples(self.path)]
+        return self._loaded
+
     def _at(self, pointer: tuple[int, int]) -> tuple[str, dict | Exception]:
         at, line_no = pointer
+        if self.torch:
+            return f"{self.path}:samples[{at}]", self._torch_records()[at]
         if self.parquet:
             f = _parquet_file(self.path)
             start = 0
@@ -177,6 +203,11 @@ class DumpFile:
             prompt_len, span = true[0], (true[0], n)
             mask = list(mask[true[0] :])
             values = values[true[0] :] if isinstance(values, list) and len(values) == n else values
+        elif self.layout.prompt_from == "response_length":
+            size = self._get(obj, "response_length", where)
+            if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size < n:
+                raise RecordError(where, self.names["response_length"], f"{size!r} is out of range: 1 .. {n - 1} response tokens for {n} tokens")
+            prompt_len, span = n - size, (n - size, n)
         else:
             prompt_len = self._get(obj, "prompt_len", where)
             if not isinstance(prompt_len, int) or isinstance(prompt_len, bool) or not 1 <= prompt_len < n:
@@ -213,7 +244,27 @@ class DumpFile:
             where,
             self._get(obj, "messages", where, required=False),
             self._get(obj, "images", where, required=False),
+            self._routing(obj, where, n),
         )
+
+    def _routing(self, obj: dict, where: str, n: int) -> np.ndarray | None:
+        """[T, L, k] expert ids per input position, from T or T − 1 rows (slime records none for the last token, which is
+        never fed to the model): a missing last row is -1, unknown."""
+        rows = self._get(obj, "routed_experts", where, required=False) if "routed_experts" in self.names else None
+        if rows is None:
+            return None
+        name = self.names["routed_experts"]
+        try:
+            arr = np.asarray(rows, dtype=np.int64)
+        except (ValueError, TypeError):
+            raise RecordError(where, name, "must be a [tokens][layers][k] array of expert ids") from None
+        if arr.ndim != 3 or arr.shape[0] not in (n - 1, n) or arr.shape[1] < 1 or arr.shape[2] < 1:
+            raise RecordError(where, name, f"has shape {list(arr.shape)}; needs [{n} or {n - 1} tokens, layers, k]")
+        if (arr < -1).any() or arr.max() > np.iinfo(np.int16).max:
+            raise RecordError(where, name, "holds expert ids outside -1 .. 32767")
+        if arr.shape[0] == n - 1:
+            arr = np.concatenate([arr, np.full((1, *arr.shape[1:]), -1, np.int64)])
+        return arr.astype(np.int16)
 
     def _top(self, obj: dict, where: str, span: tuple[int, int], keep: np.ndarray, n: int):
         ids = self._get(obj, "top_ids", where, required=False) if "top_ids" in self.names else None
@@ -253,6 +304,36 @@ def _parquet_file(path: Path):
         return pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise RecordError(str(path), "<file>", f"not a Parquet file ({str(exc).splitlines()[0][:120]}); a .parquet dump must be Parquet, anything else JSONL") from None
+
+
+def _torch_samples(path: Path) -> list:
+    """`samples` of a torch.save'd dict, loaded with weights_only=True (numeric numpy arrays allowed): nothing is unpickled
+    but tensors, arrays and plain containers. Anything else is one line saying why and how to export instead."""
+    import torch
+
+    arrays = [np.ndarray, np.dtype, _reconstruct, *{type(np.dtype(t)) for t in (np.int16, np.int32, np.int64, np.float16, np.float32, np.float64, np.bool_)}]
+    try:
+        with torch.serialization.safe_globals(arrays):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError: the file asks for more than data
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise RecordError(
+            str(path),
+            "<file>",
+            f"cannot be read as data only (torch.load(weights_only=True): {first}); crossengine never unpickles arbitrary objects. "
+            "Save plain dicts of lists, tensors or numeric arrays (slime: Sample.to_dict()), or export the records as JSONL (the generic layout)",
+        ) from None
+    samples = obj.get("samples") if isinstance(obj, dict) else None
+    if not isinstance(samples, list):
+        raise RecordError(str(path), "samples", "missing: a .pt dump is a dict with a `samples` list (slime's --save-debug-rollout-data)")
+    return samples
+
+
+def _plain_record(obj: Any) -> Any:
+    """A record with its arrays and tensors as lists (what the checks read)."""
+    if not isinstance(obj, dict):
+        return TypeError(f"a {type(obj).__name__}")
+    return {k: v.tolist() if hasattr(v, "tolist") and not isinstance(v, (int, float)) else v for k, v in obj.items()}
 
 
 def _parse(line: bytes) -> dict | Exception:

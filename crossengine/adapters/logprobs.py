@@ -15,10 +15,15 @@ Records (JSONL lines or Parquet rows), the generic layout: `id` (string), `token
 response), `prompt_len` (the first scored position), `logprobs` (one per token from
 `prompt_len` on), optional `mask` (one bool per scored token: false = not scored, e.g. a tool
 output inside a multi-turn response), optional `top_ids`/`top_logprobs` (top-k per scored
-token), optional `messages` and `images` (kept for people; the ids are what is scored).
+token), optional `messages` and `images` (kept for people; the ids are what is scored), optional
+`routed_experts` (the rollout engine's experts per input position and MoE layer, [T or T − 1][L][k]:
+with `routing: true` they are this engine's routing, compared with the others' and replayed by a
+`routing: replay` candidate when the dump is the reference).
 `fields: {ours: theirs}` renames; `layout: prime-rl` reads prime-rl's token export (arrays
 aligned with `token_ids`, scored where `loss_mask` is true, `inference_logprobs`; its id is
-step/rank/export_sequence_idx).
+step/rank/export_sequence_idx). `layout: slime` reads slime/miles' `--save-debug-rollout-data` file (a
+`.pt` of `Sample.to_dict()` records: `tokens`, `response_length`, `rollout_log_probs` and `loss_mask` over
+the response, `rollout_routed_experts`; id: `index`), loaded with torch.load(weights_only=True).
 
 A bad record is never a silent misalignment: it is a SampleError that names FILE:LINE and the
 field (its sample is skipped, listed in run.json, and the run exits 1). The driver only ever
@@ -53,7 +58,7 @@ class LogprobsSpec(EngineSpec):
     """A dump of log-probs; `model` (the experiment's by default) gives the tokenizer only."""
 
     path: str = Field(description="The dump: JSONL or Parquet (.parquet), relative to the experiment file.")
-    layout: Literal["generic", "prime-rl"] = Field("generic", description="Which fields hold what; docs/guides/rollout-dumps.md.")
+    layout: Literal["generic", "prime-rl", "slime"] = Field("generic", description="Which fields hold what; docs/guides/rollout-dumps.md.")
     fields: dict[str, str] = Field(default_factory=dict, description="Renames: {our field: the dump's field}, e.g. {logprobs: trainer_logprobs}.")
 
     def named_paths(self) -> list[tuple[tuple, str]]:
@@ -64,7 +69,8 @@ class LogprobsEngine(Engine):
     """A dump's log-probs, by sample id; see the module docstring."""
 
     name = "logprobs"
-    traits = EngineTraits(full_logits=False, runs_model_code=False, uses_gpu=False, has_records=True)
+    traits = EngineTraits(full_logits=False, runs_model_code=False, uses_gpu=False, has_records=True, reports_routing=True)
+    routing = False  # `routing: true`: scores carry the dump's recorded expert choices
     Spec = LogprobsSpec
 
     def __init__(self, spec: LogprobsSpec, model_path: str, instance: str, seed: int = 0):
@@ -97,6 +103,15 @@ class LogprobsEngine(Engine):
             implementation=str(self.dump.path),
             extra={"records": len(self.by_id), "layout": self.spec.layout},
         )
+
+    def report_routing(self) -> None:
+        """The dump's own routing (generic `routed_experts`, slime's `rollout_routed_experts`); one without any says so."""
+        first = next(iter(self.by_id.values()), None)
+        rec = self.dump.read(first) if first is not None else None
+        if rec is None or rec.routing is None:
+            field = self.dump.names.get("routed_experts", "routed_experts")
+            raise ValueError(f"engine {self.instance!r}: {self.dump.path} records no routing (no {field!r} in its first record): it cannot report routing")
+        self.routing = True
 
     def _record(self, sid: str) -> Record:
         if sid not in self.by_id:
@@ -143,7 +158,12 @@ class LogprobsEngine(Engine):
         top_ids, top_lp = rec.top_ids, rec.top_logprobs
         if top_ids is None:  # no top-k in the dump: top-1 and top-k columns are null for this side
             top_ids, top_lp = np.full((n, 1), -1, np.int64), np.full((n, 1), np.nan, np.float32)
-        return TokenLogprobs(rec.logprobs, top_ids, top_lp, attention=np.full(n, ATTENTIONS.index("causal"), np.int8), scored=rec.scored)
+        out = TokenLogprobs(rec.logprobs, top_ids, top_lp, attention=np.full(n, ATTENTIONS.index("causal"), np.int8), scored=rec.scored)
+        if self.routing:
+            if rec.routing is None:
+                raise SampleError(s.sample_id, f"{rec.where}: {self.dump.names['routed_experts']}: missing, and the run reads routing (`routing: true`)")
+            out.routing, out.router_margin = rec.routing, np.full(rec.routing.shape[:2], np.nan, np.float32)  # a dump records choices, not router logits
+        return out
 
     def token_texts(self) -> list[str]:
         n = max(len(self.tokenizer), self.vocab_size)

@@ -83,6 +83,7 @@ def captured(routers: list, replay: np.ndarray | None = None):
             margin = router_margin(logits, ids.shape[1])
             if replay is not None:
                 chosen = torch.as_tensor(replay[:, layer], device=ids.device, dtype=ids.dtype)
+                chosen = torch.where(chosen < 0, ids, chosen)  # -1: not recorded (a dump's last token): the router's own choice
                 probs = torch.softmax(logits.float(), dim=-1)
                 mine = probs.gather(-1, ids)  # the router's own choice, to see how it turns probabilities into weights
                 err_normalised = (weights.float() - mine / mine.sum(-1, keepdim=True)).abs().max()

@@ -32,10 +32,12 @@ class RoutingRows:
 
 
 def flips(ref: TokenLogprobs, cand: TokenLogprobs) -> np.ndarray | None:
-    """bool [T, L]: the two sides chose different sets of experts; None unless both report routing of the same shape."""
+    """bool [T, L]: the two sides chose different sets of experts; None unless both report routing of the same shape. A row
+    a side did not record (-1: a dump's last token) is no flip."""
     if ref.routing is None or cand.routing is None or ref.routing.shape[:2] != cand.routing.shape[:2]:
         return None
-    return (np.sort(ref.routing, -1) != np.sort(cand.routing, -1)).any(-1)
+    known = (ref.routing >= 0).all(-1) & (cand.routing >= 0).all(-1)
+    return (np.sort(ref.routing, -1) != np.sort(cand.routing, -1)).any(-1) & known
 
 
 def routing_column(f: np.ndarray | None, n: int) -> np.ndarray:

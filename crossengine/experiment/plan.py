@@ -323,6 +323,22 @@ def check_routable(exp: Experiment, experiment_path: Path, instances: list[Engin
         fields = config_fields(inst.model_path, inst.spec.revision)
         if fields is not None and model_is_dense(fields):
             raise experiment_error(experiment_path, ("routing",), f"engine {inst.name!r} runs {inst.model_path}, a dense model (no experts in its config.json): there is no routing to record")
+        if inst.traits.has_records and not records_routing(inst):
+            raise experiment_error(
+                experiment_path,
+                ("routing",),
+                f"engine {inst.name!r} ({inst.spec.type}) cannot report routing: its first record holds no routed experts (`routed_experts`; slime: `rollout_routed_experts`)",
+            )
+
+
+def records_routing(inst: EngineInstance) -> bool:
+    """Whether a dump engine's first record holds the rollout engine's routing (read once, before anything loads)."""
+    source = engine_class(inst.spec.type).records(inst.spec)
+    first = next(iter(source.index()), None)
+    try:
+        return first is not None and getattr(source.read(first[1]), "routing", None) is not None
+    except ValueError:  # a bad first record is said where the run reads it, naming its line
+        return True
 
 
 def make_plan(exp: Experiment, experiment_path: Path, run_id: str | None = None, output_dir: Path | None = None) -> Plan:
