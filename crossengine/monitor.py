@@ -35,6 +35,7 @@ import pyarrow as pa
 from crossengine.columns import MODALITIES
 from crossengine.compare.alarms import check, per_sample, rules, to_frame
 from crossengine.compare.frameworks import framework_metrics
+from crossengine.compare.keys import KEYS, framework_keys
 from crossengine.compare.metrics import sampled_token_metrics
 from crossengine.results import write_json, write_table
 
@@ -120,10 +121,13 @@ class KLMonitor:
         tokenizer: Any = None,
         tensorboard_dir: str | Path | None = None,
         wandb: bool = False,
+        keys: str | None = None,
     ):
         self.dir = Path(out_dir)
         self.thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
         self.alarm_limits = dict(alarms or {})
+        self.keys = keys  # an RL framework's metric names (compare/keys.py): step() returns them too, TensorBoard/W&B log them as they are
+        framework_keys({}, keys) if keys is not None else None  # an unknown framework fails here, at construction
         self.rules = list(rules(self.alarm_limits).values())  # an unknown alarm name fails here, at construction
         self.worst_k = worst_k
         self.callback = callback
@@ -158,6 +162,8 @@ class KLMonitor:
         for a in tripped:
             log.warning("step %d: %s", step, a.line("generator vs trainer"))
         alarms = to_frame(tripped).assign(step=step)
+        if self.keys is not None:
+            metrics.update({k: v for k, v in framework_keys(metrics, self.keys).items() if v is not None})
         self._queue.put((step, metrics, over, worst, alarms))
         self._log_scalars(step, metrics)
         if self.callback is not None:
@@ -234,11 +240,13 @@ class KLMonitor:
                 self._error = exc
 
     def _log_scalars(self, step: int, metrics: dict[str, float]) -> None:
+        theirs = set(KEYS[self.keys]) if self.keys is not None else set()  # a framework's own keys go under their own names
+        named = {(k if k in theirs else f"crossengine/{k}"): v for k, v in metrics.items()}
         if self._tb is not None:
-            for k, v in metrics.items():
-                self._tb.add_scalar(f"crossengine/{k}", v, step)
+            for k, v in named.items():
+                self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
-            self._wandb.log({f"crossengine/{k}": v for k, v in metrics.items()}, step=step)
+            self._wandb.log(named, step=step)
 
     @staticmethod
     def _tensorboard(path):

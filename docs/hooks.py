@@ -22,6 +22,7 @@ from crossengine import schemas
 from crossengine.adapters import engine_class, registered
 from crossengine.adapters.base import EngineTraits
 from crossengine.cli import app
+from crossengine.compare import keys as framework_keys
 from crossengine.experiment.schema import Experiment
 
 _MARK = re.compile(r"<!-- gen:(\w+)(?: ([\w.]+))? -->")
@@ -123,7 +124,15 @@ def module_docstrings(package: str | None) -> str:
     return "\n".join(parts)
 
 
-GENERATORS = {"cli": cli_tables, "experiment": experiment_tables, "parquet": parquet_tables, "traits": trait_table, "modules": module_docstrings}
+def keys_table(_: str | None) -> str:
+    """Each framework's keys (`--keys`) and the crossengine metric that holds each, from compare/keys.py, with its sources."""
+    rows = ["| `--keys` | the framework's key | crossengine's column |", "|---|---|---|"]
+    rows += [f"| `{fw}` | `{theirs}` | `{ours}` |" for fw, table in framework_keys.KEYS.items() for theirs, ours in table.items()]
+    doc = (framework_keys.__doc__ or "").split("\n\n", 1)[-1].strip()
+    return "\n".join(rows) + "\n\n" + doc + "\n"
+
+
+GENERATORS = {"keys": keys_table, "cli": cli_tables, "experiment": experiment_tables, "parquet": parquet_tables, "traits": trait_table, "modules": module_docstrings}
 
 
 def on_page_markdown(markdown: str, **_) -> str:

@@ -53,6 +53,21 @@ def test_matches_each_frameworks_definition_on_masked_tokens(tmp_path):
             assert m[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
 
 
+def test_keys_give_a_frameworks_own_names_and_an_unknown_one_fails_at_construction(tmp_path):
+    """KLMonitor(keys=...): the step's numbers also under the framework's keys (the hand-computed example), logged as they are."""
+    t, g, mask = np.log([[0.5, 0.2]]), np.log([[0.4, 0.25]]), np.array([[1, 1]])
+    with KLMonitor(tmp_path / "a", keys="nemo-rl") as mon:
+        m = mon.step(0, g, t, mask)
+    assert m["train/token_mult_prob_error"] == m["token_mult_prob_error"] == pytest.approx((0.5 / 0.4 + 0.25 / 0.2) / 2, rel=1e-12)
+    with KLMonitor(tmp_path / "b", keys="trl") as mon:
+        m = mon.step(0, g, t, mask)
+    assert m["sampling/sampling_logp_difference/max"] == pytest.approx(max(abs(math.log(0.5 / 0.4)), abs(math.log(0.2 / 0.25))), rel=1e-12)
+    with KLMonitor(tmp_path / "c") as mon:
+        assert not any("/" in k and k.startswith(("train/", "sampling/")) for k in mon.step(0, g, t, mask)), "no keys asked: crossengine's names only"
+    with pytest.raises(ValueError, match="unknown framework 'verl2'"):
+        KLMonitor(tmp_path / "d", keys="verl2")
+
+
 def test_masked_tokens_never_count(tmp_path):
     rng = np.random.default_rng(1)
     t = np.log(rng.uniform(0.05, 1, (3, 10)))

@@ -335,3 +335,31 @@ def test_a_dump_path_that_is_not_a_dump_is_one_line(tmp_path, path_line, says):
         message = result.stderr.strip()
         assert message.splitlines() == [message] and says in message and "Traceback" not in result.output, message
     assert not (tmp_path / "out").exists()
+
+
+def _keys_formulas(rows: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Each framework's keys recomputed from the token rows by the formulas docs/reference/metrics.md states (g: the dump, t: the trainer)."""
+    g, t = rows["lp_cand"].to_numpy(np.float64), rows["lp_ref"].to_numpy(np.float64)
+    r, seq = t - g, rows["sample_id"].astype(str).to_numpy()
+    k3 = np.expm1(r) - r
+    per_seq = lambda x: pd.Series(x).groupby(seq).mean()  # noqa: E731 - one sequence's mean, then the mean over sequences
+    return {
+        "trl": {"sampling/sampling_logp_difference/mean": np.abs(r).mean(), "sampling/sampling_logp_difference/max": np.abs(r).max(), "sampling/importance_sampling_ratio/mean": np.exp(r).mean()},
+        "nemo-rl": {"train/token_mult_prob_error": np.exp(np.abs(r)).mean(), "train/gen_kl_error": k3.mean()},
+        "verl": {"rollout_corr/kl": (g - t).mean(), "training/rollout_probs_diff_max": np.abs(np.exp(t) - np.exp(g)).max()},
+        "prime-rl": {"mismatch_kl/all/mean": per_seq(k3).mean(), "mismatch_kl/all/max": per_seq(k3).max()},
+        "slime": {"train/train_rollout_logprob_abs_diff": per_seq(np.abs(r)).mean()},
+        "skyrl": {"policy/rollout_train_logprobs_abs_diff_mean": np.abs(r).mean(), "policy/rollout_train_logprobs_abs_diff_max": np.abs(r).max()},
+    }
+
+
+@pytest.mark.parametrize("framework", ["verl", "nemo-rl", "prime-rl", "slime", "skyrl", "trl"])
+def test_each_frameworks_keys_are_its_formulas_on_the_shipped_dump(shipped, framework):
+    _, run_dir, _ = shipped
+    result = CliRunner().invoke(app, ["report", str(run_dir), "--keys", framework])
+    assert result.exit_code == 0, result.output
+    got = json.loads((run_dir / "metrics.json").read_text())
+    assert got["keys"] == framework and f"{framework}'s keys" in result.output
+    tokens = pd.read_parquet(run_dir / "tokens")
+    for key, want in _keys_formulas(tokens[tokens["cand_engine"] == "rollout"])[framework].items():
+        assert got["candidates"]["rollout"][key] == pytest.approx(want, rel=1e-9, abs=1e-12), key

@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from crossengine.adapters import BUILTIN, UnknownEngine, engine_class, registered
 from crossengine.adapters.base import EngineTraits
 from crossengine.adapters.spec import EngineSpec
-from crossengine.compare.gates import GATE_EXIT, check_gates
+from crossengine.cli.options import FAIL_ON_ALARM_OPTION, HTML_OPTION, KEYS_OPTION, NUM_GPUS_OPTION, OUT_OPTION, console, err_console, fail
+from crossengine.compare.gates import GATE_EXIT
 from crossengine.errors import CrossengineError
 from crossengine.experiment.fixtures import FIXTURES, ensure_fixture
 from crossengine.experiment.load import load_experiment
@@ -39,13 +39,6 @@ from crossengine.run.signals import StopSignals, Terminated
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compare log-probabilities of one model across inference engines.")
 fixtures_app = typer.Typer(no_args_is_help=True, help="Tiny offline models (tiny-text, tiny-vision).")
 app.add_typer(fixtures_app, name="fixtures")
-console = Console(width=None if sys.stdout.isatty() else 160)  # tables stay readable in logs and CI
-err_console = Console(stderr=True)
-
-
-def _fail(exc: Exception, code: int = 2) -> None:
-    err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _plan(experiment: Path, run_id: str | None, output_dir: Path | None, localize: bool = False, overrides: dict | None = None):
@@ -83,7 +76,7 @@ def _plan_interruptibly(experiment: Path, run_id: str | None, output_dir: Path |
     try:
         plan = _plan(experiment, run_id, output_dir, localize=localize)
     except CrossengineError as exc:
-        _fail(exc)
+        fail(exc)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -94,17 +87,16 @@ def _plan_interruptibly(experiment: Path, run_id: str | None, output_dir: Path |
 
 def _execute(runner) -> Path:
     """Run; one line and exit 2 on any crossengine error, 130 on Ctrl-C, 143 on SIGTERM."""
-
     try:
         return runner.run()
     except CrossengineError as exc:
-        _fail(exc)
+        fail(exc)
     except KeyboardInterrupt as exc:
         code = 143 if isinstance(exc, Terminated) or runner.terminated else 130
         stop_local_ray_and_exit(code)
     except Exception as exc:  # noqa: BLE001 - a bug of ours: still one line, the traceback in the run's log
         log = runner.run_dir.log_exception("internal error", exc)
-        _fail(CrossengineError(f"internal error ({type(exc).__name__}: {one_line(exc)}); traceback: {log}. Please report it; resume with: {runner.resume_command}"))
+        fail(CrossengineError(f"internal error ({type(exc).__name__}: {one_line(exc)}); traceback: {log}. Please report it; resume with: {runner.resume_command}"))
 
 
 def stop_local_ray_and_exit(code: int) -> None:
@@ -119,10 +111,6 @@ def stop_local_ray_and_exit(code: int) -> None:
     raise typer.Exit(code)
 
 
-_NUM_GPUS = typer.Option(None, "--num-gpus", help="GPUs a local Ray cluster may use (default: all it finds); ignored with --address.")
-_FAIL_ON_ALARM = typer.Option(False, "--fail-on-alarm", help="A tripped alarm breaks the run's gates: exit 3 (CI), as a broken `gates:` entry does.")
-
-
 @app.command()
 def run(
     experiment: Path = typer.Argument(..., help="Experiment YAML file."),
@@ -130,11 +118,13 @@ def run(
     output_dir: Path | None = typer.Option(None, "--output-dir", help="Where results/<run_id> goes (default: the experiment's output_dir)."),
     address: str | None = typer.Option(None, "--address", help="Join an existing Ray cluster (default: start a local one)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run of the same id."),
-    num_gpus: float | None = _NUM_GPUS,
-    fail_on_alarm: bool = _FAIL_ON_ALARM,
+    num_gpus: float | None = NUM_GPUS_OPTION,
+    fail_on_alarm: bool = FAIL_ON_ALARM_OPTION,
+    keys: str | None = KEYS_OPTION,
 ) -> None:
     """Run an experiment: every engine scores the samples; per-token Parquet and a summary come out."""
     from crossengine.report.terminal import print_summary
+    from crossengine.report.verdicts import print_gates, write_framework_keys
     from crossengine.run.runner import Runner
 
     plan, signals = _plan_interruptibly(experiment, run_id, output_dir)
@@ -148,7 +138,9 @@ def run(
         err_console.print(
             f"engine(s) {', '.join(repr(n) for n in runner.dead)} died (see above); the others finished. Resume with: {runner.resume_command}", markup=False, highlight=False, soft_wrap=True
         )
-    broken = _gates(out, plan.experiment.gates, fail_on_alarm)
+    broken = print_gates(out, plan.experiment.gates, fail_on_alarm, console, err_console)
+    if keys:
+        write_framework_keys(out, keys, console)
     if runner.errors:
         failed = sum(1 for e in runner.errors if e["sample_id"])
         if failed:
@@ -160,32 +152,20 @@ def run(
         raise typer.Exit(GATE_EXIT)
 
 
-def _gates(out: Path, gates: list, fail_on_alarm: bool) -> list[str]:
-    """The run's `gates:` and --fail-on-alarm, checked on its folder: each broken one on stderr (the caller exits 3)."""
-    if not (gates or fail_on_alarm) or not (out / "summary.parquet").exists():
-        return []
-    broken = check_gates(out, gates, fail_on_alarm)
-    for line in broken:
-        err_console.print(line, markup=False, highlight=False, soft_wrap=True)
-    if not broken:
-        console.print(f"gates: {len(gates) + fail_on_alarm} checked, none broken", highlight=False)
-    return broken
-
-
 @app.command()
 def sweep(
     sweep_file: Path = typer.Argument(..., help="Sweep YAML file: a base experiment and axes."),
     output_dir: Path | None = typer.Option(None, "--output-dir", help="Where <sweep name>/ goes (default: the sweep's output_dir)."),
     address: str | None = typer.Option(None, "--address", help="Join an existing Ray cluster (default: start a local one)."),
     parallel: int | None = typer.Option(None, "--parallel", help="At most this many members at once (default: as the cluster holds them)."),
-    num_gpus: float | None = _NUM_GPUS,
-    fail_on_alarm: bool = _FAIL_ON_ALARM,
+    num_gpus: float | None = NUM_GPUS_OPTION,
+    fail_on_alarm: bool = FAIL_ON_ALARM_OPTION,
 ) -> None:
     """Run every member of a sweep (base experiment × axes) over one cluster; index.parquet and report.html come out."""
     from crossengine.run.sweep import SweepRunner
 
     if parallel is not None and parallel < 1:
-        _fail(CrossengineError(f"--parallel: at most this many members at once, so 1 or more (got {parallel})"))
+        fail(CrossengineError(f"--parallel: at most this many members at once, so 1 or more (got {parallel})"))
     resume = " ".join(
         ["crossengine sweep", shlex.quote(str(sweep_file))]
         + (["--output-dir", shlex.quote(str(output_dir))] if output_dir else [])
@@ -197,7 +177,7 @@ def sweep(
     try:
         sweep = load_sweep(sweep_file)
     except CrossengineError as exc:
-        _fail(exc)
+        fail(exc)
     members = sweep.members()
     console.print(f"sweep [bold]{sweep.name}[/bold]: {len(members)} members ({' × '.join(f'{k} {len(a.labelled())}' for k, a in sweep.spec.axes.items())})")
     runner = SweepRunner(sweep, output_dir, address, num_gpus, parallel, console, fail_on_alarm)
@@ -206,7 +186,7 @@ def sweep(
     try:
         outcomes = runner.run()
     except CrossengineError as exc:
-        _fail(exc)
+        fail(exc)
     except KeyboardInterrupt as exc:
         err_console.print(f"interrupted; finished members are kept. Resume with: {resume}", markup=False, highlight=False, soft_wrap=True)
         stop_local_ray_and_exit(143 if isinstance(exc, Terminated) or signals.received == signal.SIGTERM else 130)
@@ -235,7 +215,7 @@ def localize(
     output_dir: Path | None = typer.Option(None, "--output-dir"),
     address: str | None = typer.Option(None, "--address"),
     overwrite: bool = typer.Option(False, "--overwrite"),
-    num_gpus: float | None = _NUM_GPUS,
+    num_gpus: float | None = NUM_GPUS_OPTION,
 ) -> None:
     """Find the first module and token where each hf/native candidate leaves the reference; audit buffers."""
     from crossengine.run.runner import Runner
@@ -247,8 +227,6 @@ def localize(
 
 
 # Typer has no option with an optional value, so `--html [PATH]` is `--html [--out PATH]`.
-_HTML = typer.Option(False, "--html", help="Write the self-contained HTML page (default: inside the folder; --out elsewhere).")
-_OUT = typer.Option(None, "--out", help="With --html: where the page goes.")
 
 
 def _html_path(html: bool, out: Path | None, default: Path) -> Path | None:
@@ -258,13 +236,16 @@ def _html_path(html: bool, out: Path | None, default: Path) -> Path | None:
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A results/<run_id> folder."), html: bool = _HTML, out: Path | None = _OUT) -> None:
+def report(run_dir: Path = typer.Argument(..., help="A results/<run_id> folder."), html: bool = HTML_OPTION, out: Path | None = OUT_OPTION, keys: str | None = KEYS_OPTION) -> None:
     """Print the summary table of a finished run; --html writes its report page (RUN/report.html, or --out PATH)."""
     from crossengine.report.terminal import print_summary
+    from crossengine.report.verdicts import write_framework_keys
 
     if not (run_dir / "summary.parquet").exists():
-        _fail(CrossengineError(f"{run_dir}: no summary.parquet (not a finished run)"))
+        fail(CrossengineError(f"{run_dir}: no summary.parquet (not a finished run)"))
     print_summary(run_dir, console, err_console)
+    if keys:
+        write_framework_keys(run_dir, keys, console)
     page = _html_path(html, out, run_dir / "report.html")
     if page is not None:
         from crossengine.report.html import run_report
@@ -285,11 +266,11 @@ def compare(
 
     for d in (run_a, run_b):
         if not (d / "summary.parquet").exists():
-            _fail(CrossengineError(f"{d}: no summary.parquet (not a finished run)"))
+            fail(CrossengineError(f"{d}: no summary.parquet (not a finished run)"))
     try:
         table = compare_runs(run_a, run_b)
     except CrossengineError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(compare_view(table, run_a, run_b))
     if html:
         console.print(f"report: {compare_report(run_a, run_b, table, Path(html))}")
@@ -301,15 +282,15 @@ def monitor(
     step: int | None = typer.Option(None, "--step", help="Show this step's worst tokens."),
     follow: bool = typer.Option(False, "--follow", help="Keep watching as steps arrive (Ctrl-C stops)."),
     interval: float = typer.Option(2.0, "--interval", help="Seconds between checks with --follow."),
-    html: bool = _HTML,
-    out: Path | None = _OUT,
+    html: bool = HTML_OPTION,
+    out: Path | None = OUT_OPTION,
     alarm: list[str] = typer.Option([], "--alarm", help="Change an alarm's limit: NAME=VALUE (a number, LOW,HIGH, or off); repeatable."),
 ) -> None:
     """Show an RL monitor's steps (metrics, sparklines, threshold marks) or one step's worst tokens, then its alarms."""
     from crossengine.report import monitor_view
 
     if not (out_dir / "steps").exists():
-        _fail(CrossengineError(f"{out_dir}: no steps/ folder (not a KLMonitor output)"))
+        fail(CrossengineError(f"{out_dir}: no steps/ folder (not a KLMonitor output)"))
     page = _html_path(html, out, out_dir / "monitor.html")
     try:
         overrides = monitor_view.parse_alarm_options(alarm)
@@ -330,9 +311,9 @@ def monitor(
             for line in monitor_view.alarm_lines(out_dir, step, overrides):
                 console.print(line, style="bold red", markup=False, highlight=False, soft_wrap=True)
     except (FileNotFoundError, ValueError) as exc:
-        _fail(CrossengineError(str(exc)))
+        fail(CrossengineError(str(exc)))
     except CrossengineError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 @app.command()
@@ -380,7 +361,7 @@ def validate(experiment: Path = typer.Argument(..., help="Experiment YAML file, 
             return
         plan = _plan(experiment, None, None)
     except CrossengineError as exc:
-        _fail(exc)
+        fail(exc)
     exp = plan.experiment
     console.print(f"{experiment}: ok ({len(exp.engines)} engines, {len(exp.variants)} variants, {len(exp.samples)} samples)")
     _say_plan_lines(plan)
@@ -392,9 +373,5 @@ def fixtures_build(names: list[str] | None = typer.Argument(None, help="Fixture 
 
     for name in names or list(FIXTURES):
         if name not in FIXTURES:
-            _fail(CrossengineError(f"unknown fixture {name!r}; known: {sorted(FIXTURES)}"))
+            fail(CrossengineError(f"unknown fixture {name!r}; known: {sorted(FIXTURES)}"))
         console.print(f"{name}: {ensure_fixture(name)}")
-
-
-if __name__ == "__main__":  # `python -m crossengine.cli` (used by bench/)
-    app()
