@@ -239,6 +239,14 @@ def _write(tmp_path, engine_line: str):
 
 
 GENERIC = {"id": "r", "token_ids": [1, 5, 6, 7], "prompt_len": 2, "logprobs": [-1.0, -2.0], "mask": [True, True], "top_ids": [[5, 9], [6, 9]], "top_logprobs": [[-1.0, -2.0], [-2.0, -3.0]]}
+NEMO = {
+    "idx": 0,
+    "input_lengths": [4],
+    "token_ids": [[1, 5, 6, 7, 0]],
+    "token_loss_mask": [[0, 0, 1, 1, 0]],
+    "generation_logprobs": [[0.0, 0.0, -1.0, -2.0, 0.0]],
+    "prev_logprobs": [[0.0, 0.0, -1.1, -2.1, 0.0]],
+}
 PRIME = {"export_step": 1, "rank": 0, "export_sequence_idx": 2, "token_ids": [1, 5, 6, 7], "loss_mask": [False, False, True, True], "inference_logprobs": [0.0, 0.0, -1.0, -2.0]}
 
 
@@ -282,6 +290,12 @@ RECORD_CASES = [
     ("prime-rl", "loss_mask", [True], "loss_mask: needs one bool per token (4)"),
     ("prime-rl", "loss_mask", [False] * 4, "loss_mask: scores no token"),
     ("prime-rl", "export_sequence_idx", _DROP, "export_step/rank/export_sequence_idx: missing"),
+    ("nemo-rl", "idx", _DROP, "idx: missing"),
+    ("nemo-rl", "input_lengths", _DROP, "input_lengths: None is not a token count"),
+    ("nemo-rl", "input_lengths", [6], "token_ids: has 5 values, fewer than input_lengths 6"),
+    ("nemo-rl", "generation_logprobs", _DROP, "generation_logprobs: missing (the nemo-rl layout's name for 'logprobs')"),
+    ("nemo-rl", "generation_logprobs", [[0.0, 0.0, -1.0, 0.5, 0.0]], "generation_logprobs[1]: 0.5 is positive"),
+    ("nemo-rl", "token_loss_mask", [[0, 0, 0, 0, 1]], "token_loss_mask: scores no token"),
 ]
 
 
@@ -290,7 +304,7 @@ def test_every_field_of_every_layout_is_checked(tmp_path, layout, field, value, 
     """Table-driven over every field the layouts read: one line naming FILE:LINE and the field, never a silent misalignment."""
     from crossengine.adapters.dumps import DumpFile, RecordError
 
-    good = GENERIC if layout == "generic" else PRIME
+    good = {"generic": GENERIC, "prime-rl": PRIME, "nemo-rl": NEMO}[layout]
     (tmp_path / "d.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(_spoil(good, field, value)) + "\n")
     dump = DumpFile(tmp_path / "d.jsonl", layout)
     dump.vocab_size = 512
@@ -363,3 +377,19 @@ def test_each_frameworks_keys_are_its_formulas_on_the_shipped_dump(shipped, fram
     tokens = pd.read_parquet(run_dir / "tokens")
     for key, want in _keys_formulas(tokens[tokens["cand_engine"] == "rollout"])[framework].items():
         assert got["candidates"]["rollout"][key] == pytest.approx(want, rel=1e-9, abs=1e-12), key
+
+
+def test_nemo_rl_training_data_is_read_as_written_unpadded(tmp_path):
+    """A NeMo-RL train_data_step line (batch of one, padded arrays): cut at input_lengths, scored where token_loss_mask is
+    set; `fields: {logprobs: prev_logprobs}` reads the trainer's side of the same line."""
+    from crossengine.adapters.dumps import DumpFile
+
+    (tmp_path / "train_data_step3.jsonl").write_text(json.dumps(NEMO) + "\n" + json.dumps({**NEMO, "idx": 1}) + "\n")
+    for fields, want in (({}, [-1.0, -2.0]), ({"logprobs": "prev_logprobs"}, [-1.1, -2.1])):
+        dump = DumpFile(tmp_path / "train_data_step3.jsonl", "nemo-rl", fields)
+        index = list(dump.index())
+        assert [rid for rid, _, _ in index] == ["0", "1"]
+        rec = dump.read(index[0][1])
+        assert rec.token_ids.tolist() == [1, 5, 6, 7] and rec.prompt_len == 2, "the padding after input_lengths is gone"
+        assert rec.scored.tolist() == [False, False, True, True]
+        np.testing.assert_array_equal(rec.logprobs[2:], np.asarray(want, np.float32))

@@ -31,11 +31,21 @@ class Layout:
     fields: dict[str, str]
     aligned: bool
     prompt_from: str = "prompt_len"  # the field giving where scoring starts: prompt_len itself, or response_length (counted from the end)
+    batch_of_one: bool = False  # every value is wrapped in a batch of one ([x]), arrays padded to the batch: unwrapped, cut at `length`
+    length: str | None = None  # the field giving each record's true length (padding after it is dropped)
 
 
 LAYOUTS: dict[str, Layout] = {
     "generic": Layout({k: k for k in ("id", "token_ids", "prompt_len", "logprobs", "mask", "top_ids", "top_logprobs", "messages", "images", "routed_experts")}, aligned=False),
     "prime-rl": Layout({"token_ids": "token_ids", "logprobs": "inference_logprobs", "mask": "loss_mask"}, aligned=True),
+    # NeMo-RL's per-step training data, nemo_rl/algorithms/grpo.py (`train_data_step{N}.jsonl`), one line per sample as
+    # nemo_rl/utils/logger.py Logger.log_batched_dict_as_jsonl writes it: each value a batch of one, arrays padded, `idx` the line
+    "nemo-rl": Layout(
+        {"id": "idx", "token_ids": "token_ids", "logprobs": "generation_logprobs", "mask": "token_loss_mask"},
+        aligned=True,
+        batch_of_one=True,
+        length="input_lengths",
+    ),
     # slime/miles Sample.to_dict() (slime/utils/types.py), saved by RolloutManager._save_debug_rollout_data (slime/ray/rollout.py)
     "slime": Layout(
         {"id": "index", "token_ids": "tokens", "response_length": "response_length", "logprobs": "rollout_log_probs", "mask": "loss_mask", "routed_experts": "rollout_routed_experts"},
@@ -46,7 +56,12 @@ LAYOUTS: dict[str, Layout] = {
 
 
 # The keys that tell a layout's records apart (for the hint when a dump is read with the wrong layout).
-SIGNATURES: dict[str, set[str]] = {"generic": {"prompt_len", "logprobs"}, "prime-rl": {"inference_logprobs", "loss_mask"}, "slime": {"tokens", "response_length", "rollout_log_probs"}}
+SIGNATURES: dict[str, set[str]] = {
+    "generic": {"prompt_len", "logprobs"},
+    "prime-rl": {"inference_logprobs", "loss_mask"},
+    "nemo-rl": {"generation_logprobs", "token_loss_mask", "input_lengths"},
+    "slime": {"tokens", "response_length", "rollout_log_probs"},
+}
 
 
 class RecordError(ValueError):
@@ -183,6 +198,7 @@ class DumpFile:
         return f"step{parts[0]}-rank{parts[1]}-seq{parts[2]}"
 
     def record(self, obj: dict, where: str) -> Record:
+        obj = self._unbatched(obj, where) if self.layout.batch_of_one else obj
         ids = self._get(obj, "token_ids", where)
         name = self.names["token_ids"]
         if not isinstance(ids, list) or len(ids) < 2 or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
@@ -246,6 +262,20 @@ class DumpFile:
             self._get(obj, "images", where, required=False),
             self._routing(obj, where, n),
         )
+
+    def _unbatched(self, obj: dict, where: str) -> dict:
+        """A record written as a batch of one (NeMo-RL): each [x] as x, and its padded arrays cut at its `length` field."""
+        out = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in obj.items()}
+        size = out.get(self.layout.length)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 2:
+            raise RecordError(where, self.layout.length or "length", f"{size!r} is not a token count (an int >= 2)")
+        for field in ("token_ids", "logprobs", "mask"):
+            name = self.names.get(field)
+            if isinstance(out.get(name), list):
+                if len(out[name]) < size:
+                    raise RecordError(where, name, f"has {len(out[name])} values, fewer than {self.layout.length} {size}")
+                out[name] = out[name][:size]
+        return out
 
     def _routing(self, obj: dict, where: str, n: int) -> np.ndarray | None:
         """[T, L, k] expert ids per input position, from T or T − 1 rows (slime records none for the last token, which is

@@ -24,6 +24,9 @@ aligned with `token_ids`, scored where `loss_mask` is true, `inference_logprobs`
 step/rank/export_sequence_idx). `layout: slime` reads slime/miles' `--save-debug-rollout-data` file (a
 `.pt` of `Sample.to_dict()` records: `tokens`, `response_length`, `rollout_log_probs` and `loss_mask` over
 the response, `rollout_routed_experts`; id: `index`), loaded with torch.load(weights_only=True).
+`layout: nemo-rl` reads NeMo-RL's `train_data_step{N}.jsonl` (each value a batch of one: `token_ids`,
+`generation_logprobs` and `token_loss_mask` aligned and padded, cut at `input_lengths`; id: `idx`;
+`fields: {logprobs: prev_logprobs}` reads the trainer's side of the same file).
 
 A bad record is never a silent misalignment: it is a SampleError that names FILE:LINE and the
 field (its sample is skipped, listed in run.json, and the run exits 1). The driver only ever
@@ -58,7 +61,7 @@ class LogprobsSpec(EngineSpec):
     """A dump of log-probs; `model` (the experiment's by default) gives the tokenizer only."""
 
     path: str = Field(description="The dump: JSONL or Parquet (.parquet), relative to the experiment file.")
-    layout: Literal["generic", "prime-rl", "slime"] = Field("generic", description="Which fields hold what; docs/guides/rollout-dumps.md.")
+    layout: Literal["generic", "prime-rl", "nemo-rl", "slime"] = Field("generic", description="Which fields hold what; docs/guides/rollout-dumps.md.")
     fields: dict[str, str] = Field(default_factory=dict, description="Renames: {our field: the dump's field}, e.g. {logprobs: trainer_logprobs}.")
 
     def named_paths(self) -> list[tuple[tuple, str]]:

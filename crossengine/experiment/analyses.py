@@ -5,8 +5,8 @@ Why one table: a requested analysis that an engine cannot do used to be dropped 
 `localize:` run with a vLLM engine wrote no layers table and said nothing). Each analysis here
 names what in the experiment asks for it and, from the engine's traits alone, why an engine is
 left out; `Plan.lines()` prints the result and `crossengine validate` shows it, with no Ray and
-no weights. An analysis whose absence is an error (routing on an engine that cannot report it) is
-refused by the loader instead, and is not in this table.
+no weights. An analysis whose absence is an error (routing on an engine type that cannot report it) is
+refused by the loader instead; a dump that records no routing is skipped here.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from crossengine.adapters import engine_class
 from crossengine.experiment.schema import Experiment
 
 if TYPE_CHECKING:  # the plan imports this module; its types are only annotations here
@@ -55,6 +56,25 @@ def _chunking(inst: EngineInstance, plan: Plan) -> str | None:
     return None
 
 
+def records_routing(inst: EngineInstance) -> bool:
+    """Whether an engine records routing: every engine that reports it, but a dump whose first record holds no routed
+    experts (read once, before anything loads; a bad first record is said where the run reads it)."""
+    if not inst.traits.has_records:
+        return True
+    source = engine_class(inst.spec.type).records(inst.spec)
+    first = next(iter(source.index()), None)
+    try:
+        return first is not None and getattr(source.read(first[1]), "routing", None) is not None
+    except ValueError:
+        return True
+
+
+def _routing(inst: EngineInstance, plan: Plan) -> str | None:
+    if not records_routing(inst):
+        return "its dump records no routed experts (`routed_experts`; slime: `rollout_routed_experts`): its routing_flips stay null"
+    return None
+
+
 def _tensor_transport(inst: EngineInstance, plan: Plan) -> str | None:
     if not inst.traits.gives_full_logits(inst.spec):
         return None  # nothing of its travels as full logits
@@ -66,6 +86,7 @@ ANALYSES: tuple[Analysis, ...] = (
     Analysis("localise", lambda e: e.localize is not None, _localise),
     Analysis("full vocabulary", lambda e: e.full_vocab, _full_vocab),
     Analysis("noise floor", lambda e: e.noise is not None, _noise),
+    Analysis("routing", lambda e: e.routing, _routing),
     Analysis("logits budget", lambda e: e.full_vocab and e.placement.logits_budget_gb is not None, _chunking),
     Analysis("tensor transport", lambda e: e.full_vocab and e.placement.logits_transport in ("gloo", "nccl"), _tensor_transport),
 )

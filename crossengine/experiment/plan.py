@@ -22,7 +22,7 @@ from crossengine.adapters.base import EngineTraits
 from crossengine.adapters.checkpoint import config_fields, model_is_dense, vocab_size_of
 from crossengine.compare.noise import BATCHINGS, NoisePlan
 from crossengine.errors import CrossengineError, first_problem
-from crossengine.experiment.analyses import skipped_lines
+from crossengine.experiment.analyses import records_routing, skipped_lines
 from crossengine.experiment.files import exists, is_dir, is_file
 from crossengine.experiment.fixtures import FIXTURES, ensure_fixture, is_fixture
 from crossengine.experiment.load import experiment_error, resolve_named_paths
@@ -156,6 +156,10 @@ class Plan:
             why = " (a refit engine: its control is a fresh load of its checkpoints)" if inst.spec.refit is not None and asked else why
             out.append(f"noise floor: {inst.name}: {', '.join(plan.conditions) if plan else 'none'}{why}")
         return out
+
+    def routed(self) -> set[str]:
+        """The engines that record routing: all with `routing: true`, but a dump that records none (said as a skipped line)."""
+        return {i.name for i in self.instances if self.experiment.routing and records_routing(i)}
 
     def records(self, name: str):
         """The record source of engine `name` (samples taken from its dump), opened once per plan."""
@@ -323,22 +327,6 @@ def check_routable(exp: Experiment, experiment_path: Path, instances: list[Engin
         fields = config_fields(inst.model_path, inst.spec.revision)
         if fields is not None and model_is_dense(fields):
             raise experiment_error(experiment_path, ("routing",), f"engine {inst.name!r} runs {inst.model_path}, a dense model (no experts in its config.json): there is no routing to record")
-        if inst.traits.has_records and not records_routing(inst):
-            raise experiment_error(
-                experiment_path,
-                ("routing",),
-                f"engine {inst.name!r} ({inst.spec.type}) cannot report routing: its first record holds no routed experts (`routed_experts`; slime: `rollout_routed_experts`)",
-            )
-
-
-def records_routing(inst: EngineInstance) -> bool:
-    """Whether a dump engine's first record holds the rollout engine's routing (read once, before anything loads)."""
-    source = engine_class(inst.spec.type).records(inst.spec)
-    first = next(iter(source.index()), None)
-    try:
-        return first is not None and getattr(source.read(first[1]), "routing", None) is not None
-    except ValueError:  # a bad first record is said where the run reads it, naming its line
-        return True
 
 
 def make_plan(exp: Experiment, experiment_path: Path, run_id: str | None = None, output_dir: Path | None = None) -> Plan:

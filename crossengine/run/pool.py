@@ -80,7 +80,7 @@ class EnginePool:
         timeouts,
         console=None,
         keeper: EngineKeeper | None = None,
-        routing: bool = False,
+        routing: bool | set[str] = False,
         warm: dict[str, int] | None = None,
         transports: tuple[dict[str, str], str | None] = ({}, None),
         logits_budget: int | None = None,
@@ -99,7 +99,8 @@ class EnginePool:
         self.paths, self.backend = transports  # candidate -> how the reference's logits reach it (run/transport.py)
         self.group = None  # the Ray Direct Transport collective group of this wave, where it has one
         slots = placement.slots
-        self.keys = {i.name: EngineKeeper.key(i, seed, slots[i.name].gpus, placement.node_id(i.name), cpus[i.name]) + f"|routing={routing}|budget={logits_budget}" for i in instances}
+        routed = set(members) if routing is True else set(routing or ())  # the engines that record routing (Plan.routed)
+        self.keys = {i.name: EngineKeeper.key(i, seed, slots[i.name].gpus, placement.node_id(i.name), cpus[i.name]) + f"|routing={i.name in routed}|budget={logits_budget}" for i in instances}
         if keeper is not None:
             keeper.evict_except(set(self.keys.values()))  # kept engines no member of this wave uses give their resources back first
             for inst in instances:
@@ -135,7 +136,7 @@ class EnginePool:
                         seed,
                         max(1, int(cpus[i.name])),
                         slots[i.name].gpu_memory_utilization,
-                        routing,
+                        i.name in routed,
                         (warm or {}).get(i.name),
                         logits_budget,
                     )

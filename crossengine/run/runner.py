@@ -190,7 +190,7 @@ class Runner:
                 exp.placement,
                 self.console,
                 self.keeper,
-                exp.routing,
+                self.plan.routed(),
                 self._warm_vocab(wave),
                 transports,
                 exp.placement.logits_budget_bytes,
