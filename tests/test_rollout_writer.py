@@ -45,6 +45,7 @@ def test_a_training_loop_writes_dumps_that_read_back_bitwise(tmp_path):
         assert ids == [f"step{step}-{i}" for i in range(len(PROMPTS))]
         dump = DumpFile(tmp_path / f"step_{step}.jsonl")
         for row, (rid, pointer, _) in enumerate(dump.index()):
+            assert rid == ids[row]
             rec = dump.read(pointer)
             keep = attention[row].bool()
             assert rec.id == ids[row] and rec.token_ids.tolist() == seqs[row][keep].tolist(), "padding dropped, order kept"
