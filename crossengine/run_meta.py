@@ -39,6 +39,7 @@ class RunMeta(BaseModel):
     engines: dict[str, dict[str, Any]] = Field(default_factory=dict, description="instance -> EngineInfo as its worker saw it")
     placement: dict[str, Any] | None = None
     timings: dict[str, float] = {}
+    stages: dict[str, float] = Field(default_factory=dict, description="where the wall time went: seconds per stage, `other` (what no stage holds) and `total` (run/meta.py stage_table)")
     logits_transport: dict[str, str] = Field(
         default_factory=dict, description="candidate -> how the reference's full logits reached its worker: object_store, gloo or nccl (placement.logits_transport)"
     )

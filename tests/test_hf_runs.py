@@ -191,3 +191,20 @@ def test_greedy_mode_reports_first_divergence(ray_cluster, tmp_path):
     assert (forced["ref_token"] != PREFERRED).all(), "the reference never picks the planted token"
     assert (forced["first_divergence"] == 0).all() and (forced["cand_token"] == PREFERRED).all()
     assert "leaves trainer" in result.output
+
+
+def test_the_wall_time_is_accounted_for_by_stages(quickstart_cli):
+    """run.json `stages`: each stage's seconds from the run's own timings, and together they hold the run's wall time
+    (what no stage holds, `other`, stays under 5 %); the terminal says it in one `time:` line."""
+    from crossengine.run.meta import STAGES
+
+    run_dir, result = quickstart_cli
+    meta = json.loads((run_dir / "run.json").read_text())
+    stages, timings = meta["stages"], meta["timings"]
+    assert stages["total"] == timings["total_s"]
+    for name, match in STAGES:
+        want = sum(v for k, v in timings.items() if match(k))
+        assert stages.get(name, 0.0) == pytest.approx(want), name
+    named = sum(v for k, v in stages.items() if k not in ("other", "total"))
+    assert named <= stages["total"] and stages["other"] < 0.05 * stages["total"], stages
+    assert "time: " in result.output and "load engines" in result.output

@@ -98,6 +98,8 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
         sections.append(("Localisation", localisation_section(run_dir, meta)))
     if meta.refit:
         sections.append(("Weight sync", refit_section(run_dir, meta)))
+    if meta.stages.get("total"):
+        sections.append(("Where the time went", html_table(pd.DataFrame([{"stage": k, "seconds": v, "share": v / meta.stages["total"]} for k, v in meta.stages.items() if k != "total"]))))
     if (run_dir / "greedy").exists():
         sections.append(("Greedy decoding", html_table(pd.read_parquet(run_dir / "greedy"))))
     if not tokens.empty:

@@ -46,3 +46,27 @@ def experiment_json(plan: Plan, fingerprint_of_samples: str) -> dict:
     out = exp.model_dump(mode="json", exclude={"samples"})
     out["samples"] = {"omitted": len(exp.samples), "fingerprint": fingerprint_of_samples}
     return out
+
+
+# (stage, how its seconds are found in Runner.timings: a key, or a key prefix/suffix over several engines or waves)
+STAGES = (
+    ("start Ray", lambda k: k == "ray_init_s"),
+    ("load engines", lambda k: k.startswith("engine_start_s_wave")),
+    ("score and compare", lambda k: k == "scoring_s"),
+    ("localise", lambda k: k == "localize_s"),
+    ("refit: fresh loads", lambda k: k.endswith(".refit_fresh_s")),
+    ("summary", lambda k: k == "summary_s"),
+    ("stop engines", lambda k: k == "engine_stop_s"),
+)
+
+
+def stage_table(timings: dict[str, float]) -> dict[str, float]:
+    """Where a run's wall time went (run.json `stages`, the report, the terminal's `time:` line): each stage's seconds,
+    and `other` for what no stage holds (total_s minus their sum): a run that spends its time outside the engines'
+    forwards says so."""
+    out = {name: sum(v for k, v in timings.items() if match(k)) for name, match in STAGES}
+    out = {k: v for k, v in out.items() if v > 0}
+    if "total_s" in timings:
+        out["other"] = max(0.0, timings["total_s"] - sum(out.values()))
+        out["total"] = timings["total_s"]
+    return out

@@ -32,7 +32,8 @@ from crossengine.experiment.plan import EngineInstance, Plan
 from crossengine.experiment.schema import CONTROL_SUFFIX
 from crossengine.results import RunDir, write_table
 from crossengine.run.cluster import ensure_ray, send_ray_notices_to
-from crossengine.run.meta import new_run_meta
+from crossengine.run.localise import localise_wave
+from crossengine.run.meta import new_run_meta, stage_table
 from crossengine.run.modes import MODES, RunContext, raw_batch
 from crossengine.run.placement import make_placement
 from crossengine.run.pool import EnginePool, one_line
@@ -208,7 +209,7 @@ class Runner:
                 if not self.localize_only:
                     self._run_wave(pool, wave, w)
                 if exp.localize is not None:
-                    self._localize(pool)
+                    localise_wave(self, pool)
                 for name, t_engine in pool.engine_timings(skip=self.dead).items():
                     self.timings.update({f"{name}.{k}": v for k, v in t_engine.items()})
                 finish_refits(self, pool, wave)
@@ -216,7 +217,9 @@ class Runner:
                 pool.close(graceful=False)  # a stop is prompt: the workers are killed, not asked to finish
                 raise
             finally:
+                t = time.time()
                 pool.close(dead=self.dead)
+                self.timings["engine_stop_s"] = self.timings.get("engine_stop_s", 0.0) + time.time() - t
         if self.localize_only:
             self._finish_meta(infos)
             return self.run_dir.root
@@ -348,24 +351,6 @@ class Runner:
                 "run them in one wave (more GPUs, or placement.gpu_memory_gb) or make the reference deterministic"
             )
 
-    def _localize(self, pool: EnginePool) -> None:
-        from crossengine.compare.localize import localize_wave, print_localization
-
-        t = time.time()
-        n = min(self.plan.experiment.localize.samples, len(self.plan.experiment.samples))
-        samples = self.prepare(pool, list(range(n)), "preparing samples to localise")
-        raw = {r.id: r for r in raw_batch(self.plan, list(range(n)), self.record_error)}
-        layers, buffers, messages = localize_wave(pool, self.plan, samples, raw)
-        for name, frame in (("layers", layers), ("buffers", buffers)):
-            path = self.run_dir.root / f"{name}.parquet"
-            if path.exists() and not frame.empty:  # later waves add their candidates
-                frame = pd.concat([pd.read_parquet(path), frame], ignore_index=True)
-            if not frame.empty:
-                write_table(path, pa.Table.from_pandas(frame, preserve_index=False))
-        self.timings["localize_s"] = self.timings.get("localize_s", 0.0) + time.time() - t
-        if self.console is not None:
-            print_localization(layers, buffers, self.plan.experiment.localize.tolerance, self.console, messages)
-
     def record_error(self, engine: str, err: SampleError) -> None:
         entry = {"sample_id": err.sample_id, "engine": engine, "error": err.message}
         if entry not in self.errors:
@@ -391,7 +376,7 @@ class Runner:
         meta = self.run_dir.read_meta()
         assert meta is not None, "run.json is written when the engines start"
         # an engine that died leaves batches owed: the run is resumable, not complete
-        meta.status, meta.engines, meta.timings = ("incomplete" if self.dead else "complete"), infos, self.timings
+        meta.status, meta.engines, meta.timings, meta.stages = ("incomplete" if self.dead else "complete"), infos, self.timings, stage_table(self.timings)
         meta.logits_transport = {**meta.logits_transport, **self.logits_transport}  # a resumed run keeps what earlier batches used
         meta.finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         meta.errors = meta.errors + self.errors
