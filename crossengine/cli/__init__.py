@@ -23,7 +23,7 @@ import typer
 from crossengine.adapters import BUILTIN, UnknownEngine, engine_class, registered
 from crossengine.adapters.base import EngineTraits
 from crossengine.adapters.spec import EngineSpec
-from crossengine.cli.options import FAIL_ON_ALARM_OPTION, HTML_OPTION, KEYS_OPTION, NUM_GPUS_OPTION, OUT_OPTION, console, err_console, fail
+from crossengine.cli.options import ADDRESS_OPTION, FAIL_ON_ALARM_OPTION, HTML_OPTION, KEYS_OPTION, NUM_GPUS_OPTION, OUT_OPTION, console, err_console, fail
 from crossengine.compare.gates import GATE_EXIT
 from crossengine.errors import CrossengineError
 from crossengine.experiment.fixtures import FIXTURES, ensure_fixture
@@ -116,7 +116,7 @@ def run(
     experiment: Path = typer.Argument(..., help="Experiment YAML file."),
     run_id: str | None = typer.Option(None, "--run-id", help="Name of the results folder; an unfinished run with this id is resumed."),
     output_dir: Path | None = typer.Option(None, "--output-dir", help="Where results/<run_id> goes (default: the experiment's output_dir)."),
-    address: str | None = typer.Option(None, "--address", help="Join an existing Ray cluster (default: start a local one)."),
+    address: str | None = ADDRESS_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run of the same id."),
     num_gpus: float | None = NUM_GPUS_OPTION,
     fail_on_alarm: bool = FAIL_ON_ALARM_OPTION,
@@ -156,7 +156,7 @@ def run(
 def sweep(
     sweep_file: Path = typer.Argument(..., help="Sweep YAML file: a base experiment and axes."),
     output_dir: Path | None = typer.Option(None, "--output-dir", help="Where <sweep name>/ goes (default: the sweep's output_dir)."),
-    address: str | None = typer.Option(None, "--address", help="Join an existing Ray cluster (default: start a local one)."),
+    address: str | None = ADDRESS_OPTION,
     parallel: int | None = typer.Option(None, "--parallel", help="At most this many members at once (default: as the cluster holds them)."),
     num_gpus: float | None = NUM_GPUS_OPTION,
     fail_on_alarm: bool = FAIL_ON_ALARM_OPTION,
@@ -213,7 +213,7 @@ def localize(
     experiment: Path = typer.Argument(..., help="Experiment YAML file (its localize: section is used, or defaults)."),
     run_id: str | None = typer.Option(None, "--run-id"),
     output_dir: Path | None = typer.Option(None, "--output-dir"),
-    address: str | None = typer.Option(None, "--address"),
+    address: str | None = ADDRESS_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite"),
     num_gpus: float | None = NUM_GPUS_OPTION,
 ) -> None:

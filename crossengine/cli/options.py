@@ -29,6 +29,7 @@ def _known_keys(value: str | None) -> str | None:
     return value
 
 
+ADDRESS_OPTION = typer.Option(None, "--address", help="Join an existing Ray cluster (default: start a local one).")
 NUM_GPUS_OPTION = typer.Option(None, "--num-gpus", help="GPUs a local Ray cluster may use (default: all it finds); ignored with --address.")
 KEYS_OPTION = typer.Option(
     None,
