@@ -45,6 +45,7 @@ class RunMeta(BaseModel):
     )
     errors: list[dict[str, str]] = Field(default_factory=list, description="{sample_id, engine, error} per failed sample")
     expectations: dict[str, list[str]] = Field(default_factory=dict, description="`expect: bitwise` claims: {failed: [...], notes: [...]} lines")
+    sampling_checks: dict[str, str] = Field(default_factory=dict, description="dump candidate -> its sampling check: its `sampling:` claim read against the reference's logits")
     gates: dict[str, list[str]] = Field(default_factory=dict, description="`gates:` and --fail-on-alarm: {checked: [...], broken: [...]} lines; a broken one exits 3")
     refit: dict[str, list[dict[str, Any]]] = Field(default_factory=dict, description="refit engine -> per step: tokens, bitwise, max_abs_diff, first, probes, stale, findings")
 

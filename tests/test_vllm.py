@@ -30,7 +30,7 @@ engines:
   vllm: {{type: vllm, env: {{python: {VLLM_PYTHON}}}, options: {{max_model_len: 96}}}}
 mode: generate
 generator: vllm
-sampling: {{temperature: 1.0, max_tokens: 12, n: 2, seed: 3}}
+sampling: {{temperature: 1.0, max_tokens: 12, n: 2, seed: 3, logprobs: processed}}  # at temperature 1, unfiltered: the raw numbers
 samples:
   - text: "The quick brown fox jumps over the lazy dog."
   - id: too-long
@@ -58,6 +58,13 @@ def test_hf_and_vllm_agree_on_prompts_and_completions(generate_run):
     assert teacher["kl_ref_cand"].isna().all() and teacher["cos_sim"].isna().all(), "vLLM is top-k only: full-vocab columns are null"
     assert teacher["topk_kl"].notna().all() and (teacher["topk_overlap"] > 0.5).all()
     assert set(teacher["sample_id"].astype(str)) == {"s0#0", "s0#1", "s2#0", "s2#1"}
+
+
+def test_processed_logprobs_reach_vllm_as_its_logprobs_mode(generate_run):
+    """`sampling.logprobs: processed` is passed to the vLLM generator as logprobs_mode (what vLLM itself reports)."""
+    run_dir, _ = generate_run
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["engines"]["vllm"]["extra"]["logprobs_mode"] == "processed_logprobs"
 
 
 def test_sampled_rows_carry_the_gen_kl_family(generate_run):

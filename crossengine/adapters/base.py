@@ -145,6 +145,8 @@ class EngineTraits:
     replays_routing: bool = False  # routes with another engine's expert choice (`Engine.replay_routing`; its Spec's `replays_reference_routing`)
     batching: bool = False  # its Spec has the run conditions batching/padding_side/micro_batch_size, read at every `score` call (the noise floor switches them)
     tensor_logits: bool = False  # keeps full logits as torch tensors on its device when `Engine.logits_as_tensors` is set (Ray Direct Transport moves them)
+    processes_logprobs: bool = False  # scores a sampler's processed log-probs when `Engine.score_as` says so (temperature, top-k, top-p)
+    processed_logprobs_option: tuple[str, str] | None = None  # ... or, as a generator, is told so at load by this loader option and value (vllm: logprobs_mode)
     refits: bool = False  # takes new weights in place (`refit:`): Engine.load_weights, parameters, reset_prefix_cache
     chunks_logits: bool = False  # with `Engine.limit_logits(bytes)`, a longer sample's logits come as a LogitRows, computed a block of positions at a time
 
@@ -226,6 +228,7 @@ class Engine(abc.ABC):
     Spec: type = None  # type: ignore[assignment] - the engine's pydantic options model (crossengine/adapters/spec.py); set by each engine
     logits_as_tensors: bool = False  # set by the worker (traits.tensor_logits): `TokenLogprobs.logits` a torch tensor on the engine's device, not host numpy
     logits_budget: int | None = None  # bytes of full logits its worker may hold at once (`limit_logits`, traits.chunks_logits)
+    score_as: Any = None  # adapters.sampling.Reading: the processed quantity a dump in the run declares (traits.processes_logprobs)
 
     def __init__(self, spec: Any, model_path: str, instance: str, seed: int = 0):
         self.spec = spec

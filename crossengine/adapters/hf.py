@@ -34,7 +34,9 @@ class HFSpec(TorchSpec):
 class HFEngine(TorchEngine):
     name = "hf"
     Spec = HFSpec
-    traits = EngineTraits(captures_modules=True, audits_buffers=True, lora=True, batching=True, reports_routing=True, replays_routing=True, tensor_logits=True, chunks_logits=True, refits=True)
+    traits = EngineTraits(
+        captures_modules=True, audits_buffers=True, lora=True, batching=True, reports_routing=True, replays_routing=True, tensor_logits=True, chunks_logits=True, refits=True, processes_logprobs=True
+    )
 
     def _load_model(self, common: dict):
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText

@@ -2,7 +2,9 @@
 
 The log-prob of each sampled token is taken from the raw logits (before temperature or
 top-p), as vLLM's default `raw_logprobs` mode does, so the two generators report the same
-quantity and gen_kl means what it means in RL trainers.
+quantity and gen_kl means what it means in RL trainers; with the experiment's
+`sampling.logprobs: processed` (`engine.score_as`) from the logits as the sampler processed
+them, as vLLM's `processed_logprobs` does.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 
 from .base import Generation, Sample, SampleError
 from .blocks import topk_from_logprobs
+from .sampling import processed
 
 
 def generate(engine, samples: list[Sample], sampling: Any, top_k: int) -> list[list[Generation] | SampleError]:
@@ -41,7 +44,7 @@ def generate(engine, samples: list[Sample], sampling: Any, top_k: int) -> list[l
             res = engine.model.generate(**engine._inputs(s), **kwargs)
         prompt_len = len(s)
         logits = torch.stack(res.logits, dim=1).float()  # [n, G, V], raw
-        logprobs = logits.log_softmax(-1)
+        logprobs = (logits if engine.score_as is None else processed(logits, engine.score_as)).log_softmax(-1)
         eos = engine.tokenizer.eos_token_id
         gens = []
         for j in range(res.sequences.shape[0]):

@@ -53,8 +53,24 @@ from .base import (
     TokenLogprobs,
 )
 from .checkpoint import vocab_size_of
-from .spec import EngineSpec
+from .sampling import Reading
+from .spec import EngineSpec, Strict
 from .tokens import text_modality, tokenizer_fingerprint
+
+
+class DumpSampling(Strict):
+    """What the dump's log-probs are: the rollout's sampling parameters, and raw or processed (vLLM's `logprobs_mode`)."""
+
+    temperature: float = Field(1.0, gt=0, description="The rollout's sampling temperature.")
+    top_k: int = Field(0, ge=0, description="Its top-k (0: off).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Its top-p (1: off).")
+    logprobs: Literal["raw", "processed"] = Field(
+        "raw", description="raw: log_softmax of the logits (vLLM's default raw_logprobs); processed: after temperature and top-k/top-p, renormalised (processed_logprobs)."
+    )
+
+    def reading(self) -> Reading:
+        """The quantity the numbers are: the sampler's processing where they are processed, else raw."""
+        return Reading(self.temperature, self.top_k, self.top_p) if self.logprobs == "processed" else Reading()
 
 
 class LogprobsSpec(EngineSpec):
@@ -63,6 +79,10 @@ class LogprobsSpec(EngineSpec):
     path: str = Field(description="The dump: JSONL or Parquet (.parquet), relative to the experiment file.")
     layout: Literal["generic", "prime-rl", "nemo-rl", "slime"] = Field("generic", description="Which fields hold what; docs/guides/rollout-dumps.md.")
     fields: dict[str, str] = Field(default_factory=dict, description="Renames: {our field: the dump's field}, e.g. {logprobs: trainer_logprobs}.")
+    sampling: DumpSampling = Field(
+        default_factory=DumpSampling,
+        description="What its log-probs are (docs/guides/rollout-dumps.md#sampling-semantics): processed ones make torch scoring engines compute the same quantity; the run checks the claim.",
+    )
 
     def named_paths(self) -> list[tuple[tuple, str]]:
         return [(("path",), self.path)]

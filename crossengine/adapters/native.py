@@ -73,7 +73,9 @@ class NativeEngine(TorchEngine):
     name = "native"
     Spec = NativeSpec
     # reads a remote-code config as plain fields and runs its own code, never the port's
-    traits = EngineTraits(captures_modules=True, audits_buffers=True, lora=True, runs_model_code=False, batching=True, reports_routing=True, replays_routing=True, tensor_logits=True)
+    traits = EngineTraits(
+        captures_modules=True, audits_buffers=True, lora=True, runs_model_code=False, batching=True, reports_routing=True, replays_routing=True, tensor_logits=True, processes_logprobs=True
+    )
 
     def _load_config(self, common: dict):
         from transformers import PretrainedConfig

@@ -36,6 +36,7 @@ from .micro_batches import MicroBatches
 from .patches import (
     apply_patches,  # built-in ones are HF-only: config rejects them on native engines
 )
+from .sampling import processed
 from .tokens import mask_kinds, text_modality, tokenizer_fingerprint, vocab_error
 from .torch_routing import RoutedScoring
 from .torch_spec import resolve_device, torch_dtype, versions
@@ -279,7 +280,7 @@ class TorchEngine(RoutedScoring, MicroBatches, Engine):
         k = min(top_k, self.vocab_size)
         lps, top_ids, top_lps = [np.empty(0, np.float32)], [np.empty((0, k), np.int64)], [np.empty((0, k), np.float32)]
         for a, b in blocks(len(s), block, start=1):
-            lp = logits.rows(a, b).log_softmax(-1)
+            lp = self._as_scored(logits.rows(a, b)).log_softmax(-1)
             lps.append(lp.gather(-1, ids[a:b, None])[:, 0].cpu().numpy())
             i, v = topk_from_logprobs(lp, top_k)
             top_ids.append(i)
@@ -340,10 +341,15 @@ class TorchEngine(RoutedScoring, MicroBatches, Engine):
 
         ids = torch.as_tensor(s.input_ids, device=logits.device)
         pred = logits[:-1]  # row t-1 predicts token t
-        logprobs = pred.log_softmax(-1)
+        logprobs = self._as_scored(pred).log_softmax(-1)
         token_lp = logprobs.gather(-1, ids[1:, None])[:, 0].cpu().numpy()
         topk_ids, topk_lp = topk_from_logprobs(logprobs, top_k)
         return self._pack(s, token_lp, topk_ids, topk_lp, shifted_rows(pred, self.logits_as_tensors) if full_vocab else None)
+
+    def _as_scored(self, logits):
+        """The logits whose log-softmax are the scores: as they are, or as a dump's sampler processed them (`score_as`);
+        full-vocabulary columns keep the raw logits."""
+        return logits if self.score_as is None else processed(logits, self.score_as)
 
     def _pack(self, s: Sample, token_lp: np.ndarray, topk_ids: np.ndarray, topk_lp: np.ndarray, logits) -> TokenLogprobs:
         """Scores of positions 1..T-1 as TokenLogprobs: row 0 (it predicts nothing) padded, the mask this engine applied."""

@@ -102,6 +102,7 @@ class VLLMEngine(VLLMWeights, Engine):
         environment_hint="build it with scripts/setup-vllm-env.sh",
         reports_routing=True,
         refits=True,
+        processed_logprobs_option=("logprobs_mode", "processed_logprobs"),
     )
 
     def __init__(self, spec, model_path: str, instance: str, seed: int = 0):
@@ -162,6 +163,7 @@ class VLLMEngine(VLLMWeights, Engine):
                 "vocab_size": int(self.vocab_size),
                 "max_model_len": int(self.max_model_len),
                 "run_conditions": self._run_conditions(),
+                "logprobs_mode": str(self.llm.llm_engine.model_config.logprobs_mode),
                 **({"lora": lora_info(self.spec.lora)} if self.spec.lora else {}),
             },
         )

@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from crossengine.adapters.base import Sample, SampleError, TokenLogprobs
+from crossengine.adapters.sampling import Reading
 from crossengine.compare.align import check_scores
 from crossengine.compare.metrics import token_metrics
 from crossengine.compare.noise import floor_columns
 from crossengine.compare.routing import flips, routing_column, routing_rows
+from crossengine.compare.sampling import Fit, fit
 
 WORST_PER_PART = 20
 
@@ -57,6 +59,7 @@ class CompareOptions:
     completion_only: bool = False  # generation mode: only the generated tokens are rows
     noise_margin: float = 1.0  # above_noise: |lp_diff| > noise_margin × the larger floor (experiment `noise.margin`)
     rounding: float = 0.0  # above_noise: and |lp_diff| > rounding × max(|lp_ref|, |lp_cand|, 1) (noise.rounding_ulps × eps of the coarser dtype)
+    check_reading: Reading | None = None  # a dump candidate: the reading its `sampling:` declares, checked against the reference's logits (compare/sampling.py)
 
 
 @dataclass
@@ -71,6 +74,7 @@ class Part:
     noise: list = field(default_factory=list)  # this candidate's noise.NoiseRows (its floor), when it has one
     noise_s: float = 0.0
     routing: list = field(default_factory=list)  # routing.RoutingRows per sample, where both sides report routing
+    sampling: Fit | None = None  # the sampling check's errors over this batch (a dump candidate, a reference with full logits)
 
 
 @dataclass
@@ -119,6 +123,10 @@ def compare_batch(batch: list[Sample | SampleError], ref_out: list, cand_out: li
         if f is not None:
             part.routing.append(routing_rows(sample.sample_id, c.scored_ids if c.scored_ids is not None else sample.input_ids, r, c, f))
         scored.append((r, c))
+        if options.check_reading is not None and r.logits is not None and not r.logits_are_logprobs:
+            part.sampling = part.sampling or Fit()
+            both = (c.scored if c.scored is not None else np.ones(len(sample), bool)) & np.isfinite(c.token_logprobs)
+            part.sampling.add(fit(r.logits, sample.input_ids, c.token_logprobs, both, options.check_reading))
     part.worst = worst_rows(part.rows, scored, options.cand_engine, options.variant)
     part.metrics_s = time.perf_counter() - t
     return part

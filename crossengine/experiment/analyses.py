@@ -75,6 +75,13 @@ def _routing(inst: EngineInstance, plan: Plan) -> str | None:
     return None
 
 
+def _processed(inst: EngineInstance, plan: Plan) -> str | None:
+    if inst.traits.has_records or inst.traits.processes_logprobs:
+        return None
+    also = " (as a generator it reports processed ones)" if inst.traits.processed_logprobs_option else ""
+    return f"{inst.spec.type} engines score raw log-probs only: its teacher-forced lp columns stay raw{also}"
+
+
 def _tensor_transport(inst: EngineInstance, plan: Plan) -> str | None:
     if not inst.traits.gives_full_logits(inst.spec):
         return None  # nothing of its travels as full logits
@@ -87,6 +94,14 @@ ANALYSES: tuple[Analysis, ...] = (
     Analysis("full vocabulary", lambda e: e.full_vocab, _full_vocab),
     Analysis("noise floor", lambda e: e.noise is not None, _noise),
     Analysis("routing", lambda e: e.routing, _routing),
+    Analysis(
+        "processed log-probs",
+        lambda e: (
+            any(getattr(s, "sampling", None) is not None and s.sampling.logprobs == "processed" for _, _, s in e.resolved_engines().values())
+            or (e.mode != "score" and e.sampling.reading() is not None)
+        ),
+        _processed,
+    ),
     Analysis("logits budget", lambda e: e.full_vocab and e.placement.logits_budget_gb is not None, _chunking),
     Analysis("tensor transport", lambda e: e.full_vocab and e.placement.logits_transport in ("gloo", "nccl"), _tensor_transport),
 )

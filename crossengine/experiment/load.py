@@ -63,6 +63,10 @@ def _check_references(exp: Experiment, path: Path, root: yaml.Node | None) -> No
         fail(("engines", exp.reference, "refit"), "the reference cannot refit: a refit engine is a candidate, compared with the reference and with fresh loads of its checkpoints")
     if exp.mode != "score" and any(spec.refit is not None for _, _, spec in exp.resolved_engines().values()):
         fail(("mode",), "`refit` pushes weights between teacher-forced scores of each batch: mode score only")
+    processed = {name: spec.sampling for name, (_, _, spec) in exp.resolved_engines().items() if getattr(spec, "sampling", None) is not None and spec.sampling.logprobs == "processed"}
+    if len({str(v) for v in processed.values()}) > 1:
+        name = sorted(processed)[1]
+        fail(("engines", name, "sampling"), f"dumps {', '.join(sorted(processed))} declare different processed log-probs: the scoring engines can compute one quantity")
     if len(exp.engines) + len(exp.variants) < 2:
         fail(("engines",), "need a reference and at least one candidate engine or variant")
 

@@ -157,6 +157,15 @@ class Plan:
             out.append(f"noise floor: {inst.name}: {', '.join(plan.conditions) if plan else 'none'}{why}")
         return out
 
+    def score_as(self) -> dict | None:
+        """The processed quantity a dump in the run declares (its `sampling:` with `logprobs: processed`), which torch
+        engines then score; None: raw. The loader refuses dumps that declare two different ones."""
+        for inst in self.instances:
+            sampling = getattr(inst.spec, "sampling", None)
+            if inst.traits.has_records and sampling is not None and sampling.logprobs == "processed":
+                return sampling.model_dump(exclude={"logprobs"})
+        return self.experiment.sampling.reading() if self.experiment.mode != "score" else None  # a generation's own sampler
+
     def routed(self) -> set[str]:
         """The engines that record routing: all with `routing: true`, but a dump that records none (said as a skipped line)."""
         return {i.name for i in self.instances if self.experiment.routing and records_routing(i)}

@@ -164,6 +164,15 @@ class SamplingSpec(Strict):
     max_tokens: int = Field(16, ge=1)
     n: int = Field(1, ge=1, description="Completions per prompt.")
     seed: int | None = None
+    logprobs: Literal["raw", "processed"] = Field(
+        "raw",
+        description="The quantity every engine reports: raw (log_softmax of the logits, vLLM's default raw_logprobs) or processed "
+        "(after temperature and top-k/top-p, renormalised: vLLM's processed_logprobs, passed to a vLLM generator as logprobs_mode).",
+    )
+
+    def reading(self):
+        """The processed quantity this sampling makes, or None where the log-probs are raw (or greedy)."""
+        return {"temperature": self.temperature, "top_k": max(self.top_k, 0), "top_p": self.top_p} if self.logprobs == "processed" and self.temperature > 0 else None
 
 
 class LocalizeSpec(Strict):

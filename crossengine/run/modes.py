@@ -29,6 +29,7 @@ import pyarrow as pa
 from crossengine.adapters.base import Generation, RawSample, Sample, SampleError
 from crossengine.compare.inputs import first_differences
 from crossengine.compare.noise import coarser_eps
+from crossengine.compare.sampling import Fit
 from crossengine.compare.tables import noise_table, routing_part_table, token_table
 from crossengine.compare.tokens import (
     CompareOptions,
@@ -62,6 +63,7 @@ class RunContext:
     dead: dict[str, str]  # candidates whose engine died: no later batch asks them
     engine_died: Callable[[str, Exception], None]  # (candidate, EngineDied): said once, recorded
     vocab_text: pa.Array | None = None  # every token's text, from the reference (token_text column); set once engines start
+    sampling: dict = field(default_factory=dict)  # dump candidate -> (declared Reading, compare.sampling.Fit over its batches)
 
 
 def raw_sample(plan, i: int) -> RawSample:
@@ -189,7 +191,9 @@ class Mode:
         noise = self.exp.noise
         margin = noise.margin if noise is not None else 1.0
         rounding = noise.rounding_ulps * coarser_eps(self.plan.reference, inst, self.exp.dtype) if noise is not None else 0.0
-        return CompareOptions(self.plan.reference.name, inst.name, inst.cand_engine, inst.variant, self.exp.tie_eps, completion_only, margin, rounding)
+        sampling = getattr(inst.spec, "sampling", None) if inst.traits.has_records else None  # a dump's claim, checked
+        reading = sampling.reading() if sampling is not None else None
+        return CompareOptions(self.plan.reference.name, inst.name, inst.cand_engine, inst.variant, self.exp.tie_eps, completion_only, margin, rounding, reading)
 
     def write_noise(self, name: str, b: int, rows: list, seconds: float) -> None:
         """An engine's floor for one batch (noise/), where it has one; before its token part marks the batch done."""
@@ -210,6 +214,8 @@ class Mode:
             run.record_error(name, err)
         run.timings[f"{name}.metrics_s"] = run.timings.get(f"{name}.metrics_s", 0.0) + part.metrics_s
         run.timings["bytes_to_driver"] = run.timings.get("bytes_to_driver", 0) + payload_bytes(part)
+        if part.sampling is not None:  # said once at the end (Runner.sampling_lines)
+            run.sampling.setdefault(name, (options.check_reading, Fit()))[1].add(part.sampling)
         if part.inputs is not None:  # before the token part that marks the batch done
             rows = [{"cand_engine": options.cand_engine, "variant": options.variant, **r} for r in part.inputs]
             write_table(run.run_dir.inputs_part(name, b), pa.Table.from_pylist(rows, schema=INPUTS_SCHEMA))

@@ -85,6 +85,7 @@ class EnginePool:
         transports: tuple[dict[str, str], str | None] = ({}, None),
         logits_budget: int | None = None,
         log: Callable[[str, str], Path] | None = None,
+        score_as: dict | None = None,
     ):
         self.log = log  # the run's log (RunDir.append_log): where a failed load's traceback and output go
         worker = worker_class()
@@ -100,7 +101,9 @@ class EnginePool:
         self.group = None  # the Ray Direct Transport collective group of this wave, where it has one
         slots = placement.slots
         routed = set(members) if routing is True else set(routing or ())  # the engines that record routing (Plan.routed)
-        self.keys = {i.name: EngineKeeper.key(i, seed, slots[i.name].gpus, placement.node_id(i.name), cpus[i.name]) + f"|routing={i.name in routed}|budget={logits_budget}" for i in instances}
+        self.keys = {
+            i.name: EngineKeeper.key(i, seed, slots[i.name].gpus, placement.node_id(i.name), cpus[i.name]) + f"|routing={i.name in routed}|budget={logits_budget}|as={score_as}" for i in instances
+        }
         if keeper is not None:
             keeper.evict_except(set(self.keys.values()))  # kept engines no member of this wave uses give their resources back first
             for inst in instances:
@@ -139,6 +142,7 @@ class EnginePool:
                         i.name in routed,
                         (warm or {}).get(i.name),
                         logits_budget,
+                        score_as,
                     )
                     for i in group
                 }

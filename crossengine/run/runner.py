@@ -27,6 +27,7 @@ from crossengine.adapters.base import Sample, SampleError
 from crossengine.adapters.checkpoint import vocab_size_of
 from crossengine.compare.floor import expectations
 from crossengine.compare.metrics import WARM_UP_FROM_VOCAB
+from crossengine.compare.sampling import check_line
 from crossengine.errors import CrossengineError, EngineDied, EngineFailure
 from crossengine.experiment.plan import EngineInstance, Plan
 from crossengine.experiment.schema import CONTROL_SUFFIX
@@ -82,6 +83,7 @@ class Runner:
         self.reducer = None  # the run's Reducer actor (reducer_class), alive while the run is
         self.logits_transport: dict[str, str] = {}  # candidate -> object_store | gloo | nccl (run.json)
         self.placement = None
+        self.sampling_lines: dict[str, str] = {}  # dump candidate -> its sampling check's line (run.json `sampling_checks`)
         self.expect_failures: list[str] = []  # `expect: bitwise` claims the floors contradict (the CLI exits 1)
         self.expect_notes: list[str] = []  # claims that held, and what their negative controls showed
         self._ref_digests: dict[int, str] = {}  # batch -> digest of the first wave's reference scores
@@ -196,6 +198,7 @@ class Runner:
                 transports,
                 exp.placement.logits_budget_bytes,
                 self.run_dir.append_log,
+                self.plan.score_as(),
             )
             self.timings[f"engine_start_s_wave{w}"] = time.time() - t
             self.logits_transport.update(pool.paths)  # as the wave runs: a group that did not form fell back
@@ -231,6 +234,9 @@ class Runner:
         if routing is not None:
             write_table(self.run_dir.root / "routing.parquet", pa.Table.from_pandas(routing, preserve_index=False))
         self._check_expectations(floors)
+        for name, (reading, fitted) in self.context.sampling.items():  # each dump's `sampling:` claim against the reference's logits
+            self.sampling_lines[name] = check_line(name, fitted, reading)
+            self.say_plain(self.sampling_lines[name])
         if nearest is not None:
             write_table(self.run_dir.root / "nearest.parquet", pa.Table.from_pandas(nearest, preserve_index=False))
         write_table(self.run_dir.root / "alarms.parquet", pa.Table.from_pandas(alarms, preserve_index=False))
@@ -377,6 +383,7 @@ class Runner:
         assert meta is not None, "run.json is written when the engines start"
         # an engine that died leaves batches owed: the run is resumable, not complete
         meta.status, meta.engines, meta.timings, meta.stages = ("incomplete" if self.dead else "complete"), infos, self.timings, stage_table(self.timings)
+        meta.sampling_checks = {**meta.sampling_checks, **self.sampling_lines}
         meta.logits_transport = {**meta.logits_transport, **self.logits_transport}  # a resumed run keeps what earlier batches used
         meta.finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         meta.errors = meta.errors + self.errors

@@ -23,6 +23,7 @@ from crossengine.adapters.base import TokenLogprobs
 from crossengine.adapters.blocks import LogitRows
 from crossengine.adapters.capture import OutputCapture
 from crossengine.adapters.refit import Refitter
+from crossengine.adapters.sampling import Reading
 from crossengine.compare.inputs import compare_inputs, own_prompt_effect
 from crossengine.compare.metrics import warm_up
 from crossengine.compare.noise import measure
@@ -91,6 +92,7 @@ def worker_class():
             routing: bool = False,
             warm_vocab: int | None = None,
             logits_budget: int | None = None,
+            score_as: dict | None = None,
         ) -> dict:
             import torch
 
@@ -110,6 +112,9 @@ def worker_class():
             option = cls.traits.memory_share_option
             if gpu_share is not None and option and torch.cuda.is_available():  # an engine that takes its memory up front, on a shared real GPU
                 spec = spec.model_copy(update={"options": {option: gpu_share, **spec.options}})
+            if score_as and cls.traits.processed_logprobs_option:  # its sampled log-probs are the processed quantity (vLLM's logprobs_mode)
+                key, value = cls.traits.processed_logprobs_option
+                spec = spec.model_copy(update={"options": {key: value, **spec.options}})
             self.engine = self._guarded(cls, spec, model_path, instance, seed)
             if spec.refit is not None:  # weights pushed in place per batch, fresh loads at the end (crossengine/adapters/refit.py)
                 plain = spec.model_copy(update={"refit": None})
@@ -117,6 +122,8 @@ def worker_class():
             if self.warming is not None:  # ready means ready to compare at full speed: no compile left for the first batch
                 self.warming.join()
                 self.warming = None
+            if score_as and cls.traits.processes_logprobs:  # a dump in the run declares processed log-probs: score that quantity
+                self.engine.score_as = Reading(**score_as)
             if routing:  # the experiment's `routing: true`: every score carries each MoE layer's choice
                 self._guarded(self.engine.report_routing)
             if logits_budget and cls.traits.chunks_logits:  # placement.logits_budget_gb: longer samples in position blocks
