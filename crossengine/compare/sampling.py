@@ -20,7 +20,7 @@ from crossengine.adapters.sampling import Reading, processed
 
 GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0)  # temperatures the check tries (unfiltered; 1.0 is raw)
 TOP_P = (0.8, 0.9, 0.95)  # and top-p values (at temperature 1)
-CHECK_ROWS = 256  # positions per batch the check reads (its cost: len(GRID) log-softmaxes over these rows)
+CHECK_ROWS = 256  # positions of each sample the check reads (its cost: one log-softmax over these rows per reading)
 FAR_BETTER = 10.0  # another reading fits this many times better than the declared one: said
 NOISE = 1e-3  # and the declared one is off by more than this mean |Δlp|
 
