@@ -97,6 +97,16 @@ def test_its_gate_fails_ci_and_its_keys_are_nemo_rls(frameworks):
     assert keys["keys"] == "nemo-rl" and set(keys["candidates"]) == {"nemo-rl", "trainer", "trainer-r3"}
 
 
+def test_the_sampling_check_reads_a_reference_dump_with_each_candidates_logits(frameworks):
+    """The slime dump is the reference (the R3 set-up): each full-logit candidate reads it; its raw bf16 numbers fit raw."""
+    run_dir, result, _ = frameworks
+    checks = json.loads((run_dir / "run.json").read_text())["sampling_checks"]
+    assert set(checks) == {"slime (read with trainer's logits)", "slime (read with trainer-r3's logits)"}, "the dump candidate has no full-logit reference"
+    for line in checks.values():
+        assert "no reading fits its log-probs far better than `sampling`'s, raw (temperature 1, unfiltered)" in line, line
+        assert line in result.output
+
+
 def test_a_dump_that_needs_arbitrary_unpickling_is_refused_and_nothing_runs(tmp_path):
     marker = tmp_path / "ran"
 

@@ -59,7 +59,8 @@ class CompareOptions:
     completion_only: bool = False  # generation mode: only the generated tokens are rows
     noise_margin: float = 1.0  # above_noise: |lp_diff| > noise_margin × the larger floor (experiment `noise.margin`)
     rounding: float = 0.0  # above_noise: and |lp_diff| > rounding × max(|lp_ref|, |lp_cand|, 1) (noise.rounding_ulps × eps of the coarser dtype)
-    check_reading: Reading | None = None  # a dump candidate: the reading its `sampling:` declares, checked against the reference's logits (compare/sampling.py)
+    check_reading: Reading | None = None  # a dump's declared reading (its `sampling:`), checked against the other side's logits (compare/sampling.py)
+    check_side: str = "cand"  # which side is the dump: the candidate (the reference gives the logits), or "ref" (this candidate does)
 
 
 @dataclass
@@ -123,10 +124,11 @@ def compare_batch(batch: list[Sample | SampleError], ref_out: list, cand_out: li
         if f is not None:
             part.routing.append(routing_rows(sample.sample_id, c.scored_ids if c.scored_ids is not None else sample.input_ids, r, c, f))
         scored.append((r, c))
-        if options.check_reading is not None and r.logits is not None and not r.logits_are_logprobs:
+        dump, logits = (c, r) if options.check_side == "cand" else (r, c)
+        if options.check_reading is not None and logits.logits is not None and not logits.logits_are_logprobs:
             part.sampling = part.sampling or Fit()
-            both = (c.scored if c.scored is not None else np.ones(len(sample), bool)) & np.isfinite(c.token_logprobs)
-            part.sampling.add(fit(r.logits, sample.input_ids, c.token_logprobs, both, options.check_reading))
+            both = (dump.scored if dump.scored is not None else np.ones(len(sample), bool)) & np.isfinite(dump.token_logprobs)
+            part.sampling.add(fit(logits.logits, sample.input_ids, dump.token_logprobs, both, options.check_reading))
     part.worst = worst_rows(part.rows, scored, options.cand_engine, options.variant)
     part.metrics_s = time.perf_counter() - t
     return part

@@ -191,9 +191,11 @@ class Mode:
         noise = self.exp.noise
         margin = noise.margin if noise is not None else 1.0
         rounding = noise.rounding_ulps * coarser_eps(self.plan.reference, inst, self.exp.dtype) if noise is not None else 0.0
-        sampling = getattr(inst.spec, "sampling", None) if inst.traits.has_records else None  # a dump's claim, checked
+        ref = self.plan.reference
+        side = "cand" if inst.traits.has_records else "ref" if ref.traits.has_records and inst.full_logits else None  # a dump's claim, checked
+        sampling = getattr((inst if side == "cand" else ref).spec, "sampling", None) if side else None
         reading = sampling.reading() if sampling is not None else None
-        return CompareOptions(self.plan.reference.name, inst.name, inst.cand_engine, inst.variant, self.exp.tie_eps, completion_only, margin, rounding, reading)
+        return CompareOptions(ref.name, inst.name, inst.cand_engine, inst.variant, self.exp.tie_eps, completion_only, margin, rounding, reading, side or "cand")
 
     def write_noise(self, name: str, b: int, rows: list, seconds: float) -> None:
         """An engine's floor for one batch (noise/), where it has one; before its token part marks the batch done."""
@@ -215,7 +217,8 @@ class Mode:
         run.timings[f"{name}.metrics_s"] = run.timings.get(f"{name}.metrics_s", 0.0) + part.metrics_s
         run.timings["bytes_to_driver"] = run.timings.get("bytes_to_driver", 0) + payload_bytes(part)
         if part.sampling is not None:  # said once at the end (Runner.sampling_lines)
-            run.sampling.setdefault(name, (options.check_reading, Fit()))[1].add(part.sampling)
+            label = name if options.check_side == "cand" else f"{options.reference} (read with {name}'s logits)"
+            run.sampling.setdefault(label, (options.check_reading, Fit()))[1].add(part.sampling)
         if part.inputs is not None:  # before the token part that marks the batch done
             rows = [{"cand_engine": options.cand_engine, "variant": options.variant, **r} for r in part.inputs]
             write_table(run.run_dir.inputs_part(name, b), pa.Table.from_pylist(rows, schema=INPUTS_SCHEMA))
