@@ -56,12 +56,12 @@ def _chunking(inst: EngineInstance, plan: Plan) -> str | None:
     return None
 
 
-def records_routing(inst: EngineInstance) -> bool:
+def records_routing(inst: EngineInstance, plan: Plan) -> bool:
     """Whether an engine records routing: every engine that reports it, but a dump whose first record holds no routed
-    experts (read once, before anything loads; a bad first record is said where the run reads it)."""
+    experts (its source opened once per plan, `Plan.records`; a bad first record is said where the run reads it)."""
     if not inst.traits.has_records:
         return True
-    source = engine_class(inst.spec.type).records(inst.spec)
+    source = plan.records(inst.name)
     first = next(iter(source.index()), None)
     try:
         return first is not None and getattr(source.read(first[1]), "routing", None) is not None
@@ -70,7 +70,7 @@ def records_routing(inst: EngineInstance) -> bool:
 
 
 def _routing(inst: EngineInstance, plan: Plan) -> str | None:
-    if not records_routing(inst):
+    if not records_routing(inst, plan):
         return "its dump records no routed experts (`routed_experts`; slime: `rollout_routed_experts`): its routing_flips stay null"
     return None
 
@@ -80,6 +80,23 @@ def _processed(inst: EngineInstance, plan: Plan) -> str | None:
         return None
     also = " (as a generator it reports processed ones)" if inst.traits.processed_logprobs_option else ""
     return f"{inst.spec.type} engines score raw log-probs only: its teacher-forced lp columns stay raw{also}"
+
+
+def processed_dumps(exp: Experiment) -> dict:
+    """Dump engine or variant -> its `sampling:`, where it declares processed log-probs (the loader refuses two different ones)."""
+    return {
+        name: spec.sampling
+        for name, (_, _, spec) in exp.resolved_engines().items()
+        if engine_class(spec.type).traits.has_records and getattr(spec, "sampling", None) is not None and spec.sampling.logprobs == "processed"
+    }
+
+
+def score_as(exp: Experiment) -> dict | None:
+    """The processed quantity the torch engines score (a dump's declared one, else a generation's own sampler's); None: raw."""
+    declared = next(iter(processed_dumps(exp).values()), None)
+    if declared is not None:
+        return declared.model_dump(exclude={"logprobs"})
+    return exp.sampling.reading() if exp.mode != "score" else None
 
 
 def _tensor_transport(inst: EngineInstance, plan: Plan) -> str | None:
@@ -94,14 +111,7 @@ ANALYSES: tuple[Analysis, ...] = (
     Analysis("full vocabulary", lambda e: e.full_vocab, _full_vocab),
     Analysis("noise floor", lambda e: e.noise is not None, _noise),
     Analysis("routing", lambda e: e.routing, _routing),
-    Analysis(
-        "processed log-probs",
-        lambda e: (
-            any(getattr(s, "sampling", None) is not None and s.sampling.logprobs == "processed" for _, _, s in e.resolved_engines().values())
-            or (e.mode != "score" and e.sampling.reading() is not None)
-        ),
-        _processed,
-    ),
+    Analysis("processed log-probs", lambda e: score_as(e) is not None, _processed),
     Analysis("logits budget", lambda e: e.full_vocab and e.placement.logits_budget_gb is not None, _chunking),
     Analysis("tensor transport", lambda e: e.full_vocab and e.placement.logits_transport in ("gloo", "nccl"), _tensor_transport),
 )

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from crossengine.adapters import BUILTIN, engine_class, importable_from
 from crossengine.errors import ExperimentError, first_problem
+from crossengine.experiment.analyses import processed_dumps
 from crossengine.experiment.files import field_path, is_dir, is_file, line_of, read_mapping, read_text
 from crossengine.experiment.schema import (
     CONTROL_SUFFIX,
@@ -63,7 +64,7 @@ def _check_references(exp: Experiment, path: Path, root: yaml.Node | None) -> No
         fail(("engines", exp.reference, "refit"), "the reference cannot refit: a refit engine is a candidate, compared with the reference and with fresh loads of its checkpoints")
     if exp.mode != "score" and any(spec.refit is not None for _, _, spec in exp.resolved_engines().values()):
         fail(("mode",), "`refit` pushes weights between teacher-forced scores of each batch: mode score only")
-    processed = {name: spec.sampling for name, (_, _, spec) in exp.resolved_engines().items() if getattr(spec, "sampling", None) is not None and spec.sampling.logprobs == "processed"}
+    processed = processed_dumps(exp)
     if len({str(v) for v in processed.values()}) > 1:
         name = sorted(processed)[1]
         fail(("engines", name, "sampling"), f"dumps {', '.join(sorted(processed))} declare different processed log-probs: the scoring engines can compute one quantity")

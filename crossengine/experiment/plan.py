@@ -22,7 +22,7 @@ from crossengine.adapters.base import EngineTraits
 from crossengine.adapters.checkpoint import config_fields, model_is_dense, vocab_size_of
 from crossengine.compare.noise import BATCHINGS, NoisePlan
 from crossengine.errors import CrossengineError, first_problem
-from crossengine.experiment.analyses import records_routing, skipped_lines
+from crossengine.experiment.analyses import records_routing, score_as, skipped_lines
 from crossengine.experiment.files import exists, is_dir, is_file
 from crossengine.experiment.fixtures import FIXTURES, ensure_fixture, is_fixture
 from crossengine.experiment.load import experiment_error, resolve_named_paths
@@ -158,17 +158,12 @@ class Plan:
         return out
 
     def score_as(self) -> dict | None:
-        """The processed quantity a dump in the run declares (its `sampling:` with `logprobs: processed`), which torch
-        engines then score; None: raw. The loader refuses dumps that declare two different ones."""
-        for inst in self.instances:
-            sampling = getattr(inst.spec, "sampling", None)
-            if inst.traits.has_records and sampling is not None and sampling.logprobs == "processed":
-                return sampling.model_dump(exclude={"logprobs"})
-        return self.experiment.sampling.reading() if self.experiment.mode != "score" else None  # a generation's own sampler
+        """What the torch engines score (Experiment.score_as): passed to every worker at load."""
+        return score_as(self.experiment)
 
     def routed(self) -> set[str]:
         """The engines that record routing: all with `routing: true`, but a dump that records none (said as a skipped line)."""
-        return {i.name for i in self.instances if self.experiment.routing and records_routing(i)}
+        return {i.name for i in self.instances if self.experiment.routing and records_routing(i, self)}
 
     def records(self, name: str):
         """The record source of engine `name` (samples taken from its dump), opened once per plan."""
