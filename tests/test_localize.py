@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -53,6 +54,30 @@ def test_a_nudged_layer_is_localised_to_exactly_that_layer(ray_cluster, nudged_m
     assert len(same) == len(nudged) and (same["max_abs_diff"] == 0).all() and (same["first_position"] == -1).all()
     assert f"first divergence at module {NUDGED.removesuffix('.weight')}" in result.output
     assert not (tmp_path / "out" / "l" / "tokens").exists(), "localize alone scores nothing"
+    # error growth: localize.parquet's residual stream against a recomputation with hooks of this test's own
+    growth = pd.read_parquet(tmp_path / "out" / "l" / "localize.parquet")
+    stream = growth[(growth["cand_engine"] == "nudged") & (growth["part"] == "residual")].set_index("layer")["rel_error"]
+    mine = _residual_rel_error(ensure_fixture("tiny-text"), nudged_model, "The quick brown fox jumps over the lazy dog.")
+    assert list(stream.index) == list(range(len(mine))) and np.allclose(stream.to_numpy(), mine, rtol=1e-6, atol=1e-12), (stream, mine)
+    assert stream[0] == 0 < stream[1], "layer 0 untouched, layer 1's MLP nudged"
+    assert (growth.loc[growth["cand_engine"] == "same", "rel_error"] == 0).all()
+    assert "nudged: relative error of the residual stream 0 after layer 0" in result.output
+
+
+def _residual_rel_error(ref_path, cand_path, text: str) -> list[float]:
+    """‖cand − ref‖ / ‖ref‖ of each decoder layer's output, from forward hooks on two HF models."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(ref_path)(text, return_tensors="pt").input_ids
+    outs = []
+    for path in (ref_path, cand_path):
+        model, got = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), []
+        for layer in model.model.layers:
+            layer.register_forward_hook(lambda _m, _a, out, got=got: got.append((out[0] if isinstance(out, tuple) else out)[0].double()))
+        with torch.no_grad():
+            model(ids)
+        outs.append(got)
+    return [float((c - r).norm() / r.norm()) for r, c in zip(*outs)]
 
 
 def test_a_model_with_its_own_names_is_localised_with_no_modules_and_no_map(ray_cluster, tmp_path):

@@ -264,8 +264,9 @@ class Engine(abc.ABC):
         """Per sample, the outputs [T, H] of the modules matching `patterns`, in forward order."""
         raise NotImplementedError(f"engine {self.name!r} does not expose its modules")
 
-    def audit(self) -> list[dict[str, Any]]:
-        """Every registered buffer checked against a fresh construction (crossengine/adapters/inspect.py)."""
+    def audit(self, against: str | None = None) -> list[dict[str, Any]]:
+        """Every registered buffer checked against a fresh construction (crossengine/adapters/inspect.py); an engine that
+        can also reads its parameters against checkpoint `against` (the reference's model)."""
         raise NotImplementedError(f"engine {self.name!r} does not expose its buffers")
 
     def report_routing(self) -> None:

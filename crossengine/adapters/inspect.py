@@ -94,6 +94,7 @@ def audit_weights(model, missing_keys: list[str]) -> list[dict[str, Any]]:
                 "max_abs_diff_vs_fresh": None,
                 "issues": issues,
                 "ok": False,
+                "against": "the checkpoint",
             }
         )
     return rows
@@ -142,6 +143,7 @@ def audit_buffers(model, config, device: str) -> list[dict[str, Any]]:
                 "max_abs_diff_vs_fresh": max_diff,
                 "issues": issues,
                 "ok": not issues,
+                "against": "a fresh construction",
             }
         )
     return findings

@@ -236,7 +236,7 @@ class TorchEngine(RoutedScoring, MicroBatches, Engine):
 
         return [capture_outputs(self.model, lambda s=s: self.forward_logits(s), patterns, max_positions) for s in samples]
 
-    def audit(self):
+    def audit(self, against: str | None = None):
 
         return audit_weights(self.model, getattr(self, "missing_keys", [])) + audit_buffers(self.model, self.config, self.device)
 

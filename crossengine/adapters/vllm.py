@@ -6,9 +6,8 @@ checked against the reference's ids. Output is requested as `FlatLogprobs`, whos
 lists become numpy arrays with one reshape: no per-token Python objects.
 
 vLLM gives top-k, so its pairs have null full-vocabulary columns, unless the engine sets
-`full_vocab: true`: then it returns the whole distribution (prompt_logprobs=-1), placed in
-vocabulary order as `logits` (log-probs, which KL and rank do not tell from logits; the cosine
-of raw logits is then null).
+`full_vocab: true`: then its raw logits come from inside its worker (vllm_inside.py), one array
+per prompt; `full_vocab_path: prompt_logprobs` takes vLLM's own prompt_logprobs=-1 pairs instead.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -38,6 +37,8 @@ from .chat import render_chat
 from .checkpoint import lora_info
 from .spec import EngineSpec
 from .tokens import mask_kinds, text_modality, tokenizer_fingerprint, vocab_error
+from .vllm_audit import VLLMAudit
+from .vllm_inside import VLLMInside
 from .vllm_weights import VLLMWeights
 
 _CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2"}  # GiB; vLLM-CPU refuses to start without room
@@ -69,8 +70,13 @@ class VLLMSpec(EngineSpec):
 
     full_vocab: bool = Field(
         False,
-        description="Return the whole distribution at every position (prompt_logprobs=-1): exact full-vocabulary KL and rank "
-        "instead of top-k, at the cost of V log-probs per position through vLLM's output.",
+        description="Return the whole distribution at every position: exact full-vocabulary KL, rank and cosine instead of top-k. "
+        "The logits are taken inside vLLM's worker (after its logits processor) as one array per prompt.",
+    )
+    full_vocab_path: Literal["worker", "prompt_logprobs"] = Field(
+        "worker",
+        description="Where full_vocab's distribution comes from: `worker` (its logits, from vLLM's worker process) or `prompt_logprobs` "
+        "(vLLM's own prompt_logprobs=-1 output: V (id, log-prob) pairs per position through Python; slower, log-probs only, kept to check the other).",
     )
     # Run conditions (docs/guides/noise-floor.md): how vLLM batches is part of what it computes.
     max_num_seqs: int | None = Field(None, ge=1, description="Sequences vLLM schedules at once (its batch size); default: vLLM's.")
@@ -88,7 +94,7 @@ class VLLMSpec(EngineSpec):
 RUN_CONDITIONS = ("max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching")
 
 
-class VLLMEngine(VLLMWeights, Engine):
+class VLLMEngine(VLLMInside, VLLMAudit, VLLMWeights, Engine):
     name = "vllm"
     Spec = VLLMSpec
     traits = EngineTraits(
@@ -102,6 +108,9 @@ class VLLMEngine(VLLMWeights, Engine):
         environment_hint="build it with scripts/setup-vllm-env.sh",
         reports_routing=True,
         refits=True,
+        captures_modules=True,
+        audits_buffers=True,
+        chunks_logits=True,
         processed_logprobs_option=("logprobs_mode", "processed_logprobs"),
     )
 
@@ -141,9 +150,7 @@ class VLLMEngine(VLLMWeights, Engine):
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self.is_vision = getattr(self.hf_config, "vision_config", None) is not None
-        self.unpack_s = 0.0  # time spent turning vLLM's output into arrays (bench reads it)
-        self.generate_s = 0.0
-        self.score_s = 0.0
+        self.unpack_s, self.generate_s, self.score_s = 0.0, 0.0, 0.0  # unpack: turning vLLM's output into arrays (bench reads it)
 
     def info(self) -> EngineInfo:
         import torch
@@ -297,15 +304,19 @@ class VLLMEngine(VLLMWeights, Engine):
 
         k = min(top_k, self.vocab_size)
         whole = self.spec.full_vocab and full_vocab  # the whole distribution: exact KL and rank
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=-1 if whole else k, flat_logprobs=True, detokenize=False)
+        inside = whole and self.spec.full_vocab_path == "worker"  # from the logits in vLLM's worker (vllm_inside.py)
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0 if inside else -1 if whole else k, flat_logprobs=True, detokenize=False)
         out: list[TokenLogprobs | SampleError] = []
         t0 = time.perf_counter()
         routing: dict[int, Any] = {}
+        if inside or self._keeping:  # the previous batch's prompts are compared by now
+            self.llm.collective_rpc("crossengine_logits_keep", args=(("logits" if self.logits_budget is None else "hidden") if inside else None,))
+            self._keeping = inside
         if self.routing_layers:  # one prompt per call: the gates' rows are its tokens
             results = []
             for i, s in enumerate(samples):
                 results.append(self._run([s], params)[0])
-                if not isinstance(results[-1], SampleError):
+                if self.routing_layers and not isinstance(results[-1], SampleError):
                     try:
                         routing[i] = self._routing_of(s, len(results[-1].prompt_token_ids))
                     except SampleError as exc:
@@ -319,7 +330,9 @@ class VLLMEngine(VLLMWeights, Engine):
             t = time.perf_counter()
             ids = np.asarray(r.prompt_token_ids, dtype=np.int64)
             logprobs = None
-            if whole:
+            if inside:
+                token_lp, topk_ids, topk_lp, logprobs = self.worker_scores(str(i), ids, k)
+            elif whole:
                 token_lp, all_ids, all_lp = flat_to_arrays(r.prompt_logprobs, len(ids), self.vocab_size, first_scored=1)
                 logprobs = np.full((len(ids), self.vocab_size), np.nan, np.float32)
                 logprobs[np.arange(1, len(ids))[:, None], all_ids[1:]] = all_lp[1:]  # rank order -> vocabulary order
@@ -335,7 +348,7 @@ class VLLMEngine(VLLMWeights, Engine):
                     attention=self._attention(s, ids),
                     scored_ids=ids if s.images else None,
                     logits=logprobs,
-                    logits_are_logprobs=whole,
+                    logits_are_logprobs=whole and not inside,
                     routing=routing[i][0] if i in routing else None,
                     router_margin=routing[i][1] if i in routing else None,
                 )

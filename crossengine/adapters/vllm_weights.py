@@ -16,6 +16,8 @@ torch tensors back as plain lists when the caller gives no type. The worker side
 
 from __future__ import annotations
 
+from crossengine.adapters.vllm_audit import AuditExtension
+from crossengine.adapters.vllm_inside import CaptureExtension
 from crossengine.adapters.vllm_routing import RoutingExtension
 
 
@@ -35,8 +37,8 @@ def decode(item):
     return name, torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype)).reshape(shape) if data else torch.empty(shape, dtype=getattr(torch, dtype))
 
 
-class WorkerExtension(RoutingExtension):
-    """Everything crossengine calls inside vLLM's worker: the routing hook and these weight methods."""
+class WorkerExtension(RoutingExtension, CaptureExtension, AuditExtension):
+    """Everything crossengine calls inside vLLM's worker: the routing hook, module capture and full logits, the weight audit, these weight methods."""
 
     def crossengine_reload(self, weights: list) -> None:
         self.reload_weights(weights_iterator=(decode(w) for w in weights))

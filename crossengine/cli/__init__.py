@@ -217,12 +217,12 @@ def localize(
     overwrite: bool = typer.Option(False, "--overwrite"),
     num_gpus: float | None = NUM_GPUS_OPTION,
 ) -> None:
-    """Find the first module and token where each hf/native candidate leaves the reference; audit buffers."""
+    """Find the first module and token where each candidate (hf, native, vllm) leaves the reference, how its error grows by layer; audit weights and buffers."""
     from crossengine.run.runner import Runner
 
     plan, signals = _plan_interruptibly(experiment, run_id, output_dir, localize=True)
     out = _execute(Runner(plan, console=console, err_console=err_console, address=address, overwrite=overwrite, localize_only=True, num_gpus=num_gpus, signals=signals))
-    written = [str(out / f) for f in ("layers.parquet", "buffers.parquet") if (out / f).exists()]
+    written = [str(out / f) for f in ("layers.parquet", "localize.parquet", "buffers.parquet") if (out / f).exists()]
     console.print(f"results: {', '.join(written) or f'{out} (no module table: see the messages above)'}", soft_wrap=True)
 
 
@@ -241,9 +241,13 @@ def report(run_dir: Path = typer.Argument(..., help="A results/<run_id> folder."
     from crossengine.report.terminal import print_summary
     from crossengine.report.verdicts import write_framework_keys
 
+    localised = (run_dir / "layers.parquet").exists() or (run_dir / "buffers.parquet").exists()
     if not (run_dir / "summary.parquet").exists():
-        fail(CrossengineError(f"{run_dir}: no summary.parquet (not a finished run)"))
-    print_summary(run_dir, console, err_console)
+        if not localised or keys:  # `crossengine localize` scores nothing: its page is the localisation alone
+            fail(CrossengineError(f"{run_dir}: no summary.parquet (not a finished run{'' if localised else ' or localisation'})"))
+        console.print(f"{run_dir}: a localisation (crossengine localize): no scores; --html draws its tables", highlight=False)
+    else:
+        print_summary(run_dir, console, err_console)
     if keys:
         write_framework_keys(run_dir, keys, console)
     page = _html_path(html, out, run_dir / "report.html")

@@ -17,6 +17,8 @@ import re
 import numpy as np
 import pandas as pd
 
+from crossengine.compare.fused import fuse_parts
+from crossengine.compare.growth import block_of
 from crossengine.identity import display_name
 
 # OLMo-core module names -> HF's (after HF's "model." prefix is stripped)
@@ -113,7 +115,14 @@ def _diff(r: np.ndarray, c: np.ndarray, tol: float) -> dict:
     over = np.flatnonzero(per_pos > tol)
     norms = np.linalg.norm(r64, axis=1) * np.linalg.norm(c64, axis=1)
     cos = np.where(norms > 0, (r64 * c64).sum(1) / np.where(norms > 0, norms, 1), 1.0)
-    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "cos_sim": float(cos.mean()), "first_position": int(over[0]) if len(over) else -1}
+    scale = np.linalg.norm(r64)
+    return {
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "rel_error": float(np.linalg.norm(r64 - c64) / scale) if scale > 0 else (np.inf if diff.max() > 0 else 0.0),
+        "cos_sim": float(cos.mean()),
+        "first_position": int(over[0]) if len(over) else -1,
+    }
 
 
 def compare(ref: list[dict], cand: list[dict], tol: float) -> pd.DataFrame:
@@ -126,7 +135,8 @@ def compare(ref: list[dict], cand: list[dict], tol: float) -> pd.DataFrame:
     rows = []
     for i, j in align(ref, cand):
         r, c = ref[i], cand[j]
-        row = {"order": i, "module": r["name"], "cand_module": c["name"], "leaf": r["leaf"], **_diff(r["output"], c["output"], tol), "input_max_abs_diff": None}
+        layer, part = block_of(r["key"])
+        row = {"order": i, "module": r["name"], "cand_module": c["name"], "leaf": r["leaf"], "layer": layer, "part": part, **_diff(r["output"], c["output"], tol), "input_max_abs_diff": None}
         if r["input"] is not None and c["input"] is not None and r["input"].shape == c["input"].shape:
             row["input_max_abs_diff"] = float(np.abs(r["input"].astype(np.float64) - c["input"].astype(np.float64)).max())
         rows.append(row)
@@ -151,6 +161,24 @@ def _unmatched(ref_name: str, cand_name: str, ref: list[dict], cand: list[dict])
         f"{ref_name} has [{few(ref) or 'none'}], {cand_name} has [{few(cand) or 'none'}]; "
         "set localize.modules to what both compute, or localize.module_map"
     )
+
+
+def _alignment_notes(ref_name: str, cand_name: str, table: pd.DataFrame, ref_cap, cand_cap, ref_k, cand_k) -> list[str]:
+    """What the alignment did beyond equal names: pairs under other names, and each side's modules with no counterpart
+    (never a silent gap)."""
+    notes = []
+    renamed = table.loc[table["module"] != table["cand_module"], ["module", "cand_module"]]
+    if len(renamed):
+        pairs = ", ".join(f"{a} ↔ {b}" for a, b in renamed.head(4).itertuples(index=False))
+        notes.append(f"{cand_name}: {len(table)} modules aligned by forward order, shape and values ({len(renamed)} with other names: {pairs}, ...; all in layers.parquet's cand_module)")
+    for who, caps, used, col in ((ref_name, ref_cap, ref_k, "module"), (cand_name, cand_cap, cand_k, "cand_module")):
+        paired = set(table[col])
+        paired |= {f"{f.rpartition('.')[0]}.{part}" for f in paired if "+" in f for part in f.rpartition(".")[2].split("+")}  # compared inside a fused pair
+        alone = [c["name"] for c in used if c["name"] not in paired and "+" not in c["name"]] + [c["name"] for c in caps if c.get("internal")]
+        if alone:
+            few = ", ".join(alone[:6]) + (", ..." if len(alone) > 6 else "")
+            notes.append(f"{who}: {len(alone)} modules have no counterpart in {cand_name if who == ref_name else ref_name} and are not compared: {few}")
+    return notes
 
 
 def localize_wave(pool, plan, samples, raw: dict) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
@@ -179,22 +207,21 @@ def localize_wave(pool, plan, samples, raw: dict) -> tuple[pd.DataFrame, pd.Data
 
     def keyed(engine: str, caps: list[dict]) -> list[dict]:
         extra = spec.module_map.get(engine, {})
-        return [{**c, "key": canonical(c["name"], kind[engine], extra)} for c in caps]
+        return [{**c, "key": canonical(c["name"], kind[engine], extra)} for c in caps if not c.get("internal")]
 
     layer_rows = []
     for inst in torch_engines:
         if inst.is_reference:
             continue
-        for s, ref_cap, cand_cap in zip(traced, captures[ref_name], captures[inst.name]):
+        for n, (s, ref_cap, cand_cap) in enumerate(zip(traced, captures[ref_name], captures[inst.name])):
             ref_k, cand_k = keyed(ref_name, ref_cap), keyed(inst.name, cand_cap)
+            ref_k, cand_k = fuse_parts(ref_k, cand_k), fuse_parts(cand_k, ref_k)  # one side's qkv_proj, the other's q, k, v
             table = compare(ref_k, cand_k, spec.tolerance)
             if table.empty:
                 messages.append(_unmatched(ref_name, inst.name, ref_cap, cand_cap))
                 continue
-            renamed = int((table["module"] != table["cand_module"]).sum())
-            if renamed:
-                pairs = ", ".join(f"{a} ↔ {b}" for a, b in table.loc[table["module"] != table["cand_module"], ["module", "cand_module"]].head(4).itertuples(index=False))
-                messages.append(f"{inst.name}: {len(table)} modules aligned by forward order, shape and values ({renamed} with other names: {pairs}, ...; all in layers.parquet's cand_module)")
+            if n == 0:
+                messages.extend(_alignment_notes(ref_name, inst.name, table, ref_cap, cand_cap, ref_k, cand_k))
             table.insert(0, "sample_id", s.sample_id)
             table.insert(0, "variant", inst.variant)
             table.insert(0, "cand_engine", inst.cand_engine)
@@ -202,7 +229,8 @@ def localize_wave(pool, plan, samples, raw: dict) -> tuple[pd.DataFrame, pd.Data
     layers = pd.concat(layer_rows, ignore_index=True) if layer_rows else pd.DataFrame()
     buffers = pd.DataFrame()
     if spec.audit_buffers:
-        audits = {i.name: ray.get(pool.call(i.name, "audit")) for i in torch_engines if i.traits.audits_buffers}
+        against = plan.reference.model_path if plan.reference.traits.audits_buffers else None  # the weights the comparison assumes
+        audits = {i.name: ray.get(pool.call(i.name, "audit", against)) for i in torch_engines if i.traits.audits_buffers}
         buffers = pd.DataFrame([{"engine": name, **row} for name, rows in audits.items() for row in rows])
         if not buffers.empty:
             buffers["issues"] = buffers["issues"].map(lambda xs: "; ".join(xs))
@@ -222,7 +250,7 @@ def print_localization(layers: pd.DataFrame, buffers: pd.DataFrame, tol: float, 
                 console.print(f"{name}: no module differs by more than {tol:g} from the reference", highlight=False)
             else:
                 where = "already present in its inputs (it came from outside the module)" if first["origin"] == "inputs" else "appearing inside it (its inputs agree)"
-                other = f" (candidate's {first['cand_module']})" if first["cand_module"] != first["module"] else ""
+                other = f" ({cand}'s {first['cand_module']})" if first["cand_module"] != first["module"] else ""
                 console.print(
                     f"{name}: first divergence at module [bold]{first['module']}[/bold]{other}, token position {first['first_position']} "
                     f"(sample {first['sample_id']}, max |Δ| {first['max_abs_diff']:.3g}), {where}",
@@ -240,7 +268,7 @@ def print_localization(layers: pd.DataFrame, buffers: pd.DataFrame, tol: float, 
             console.print(table)
     if not buffers.empty:
         bad = buffers[~buffers["ok"]]
-        console.print(f"buffer audit: {len(buffers)} buffers checked, {len(bad)} with problems", highlight=False)
+        console.print(f"audit: {len(buffers)} parameters and buffers checked, {len(bad)} with problems", highlight=False)
         for _, r in bad.iterrows():
-            kind = "persistent" if r["persistent"] else "non-persistent"
+            kind = "parameter" if r["kind"] == "parameter" else "persistent" if r["persistent"] else "non-persistent"
             console.print(f"  [red]{r['engine']}[/red]: {r['buffer']} ({kind}): {r['issues']}")

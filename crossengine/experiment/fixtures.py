@@ -81,6 +81,25 @@ def _build_tiny_vision_lora(out: Path, seed: int) -> None:
     _build_lora(out, seed, "tiny-vision", _VISION_TARGETS, b_std=0.05)
 
 
+NUDGED_PARAMETER = "model.layers.1.mlp.gate_proj.weight"  # tiny-text-nudged: this weight + 1e-3, nothing else
+
+
+def _build_tiny_text_nudged(out: Path, seed: int) -> None:
+    """tiny-text with one MLP weight of layer 1 moved by 1e-3: a bug planted where a localisation must find it (in
+    vLLM, gate_proj is half of the fused gate_up_proj)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = ensure_fixture("tiny-text", seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        dict(model.named_parameters())[NUDGED_PARAMETER].add_(1e-3)
+    model.save_pretrained(out)
+    for f in base.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, out / f.name)
+
+
 DRIFT_STEPS = 3  # tiny-text-step1 .. tiny-text-step3
 DRIFT_STD = 0.01  # per step, relative to each weight's own std
 
@@ -122,6 +141,7 @@ FIXTURES: dict[str, Callable[[Path, int], None]] = {
     "tiny-text-lora": _build_tiny_text_lora,
     "tiny-text-lora-zero": _build_tiny_text_lora_zero,
     "tiny-vision-lora": _build_tiny_vision_lora,
+    "tiny-text-nudged": _build_tiny_text_nudged,
     **{f"tiny-text-step{k}": _build_drift_step(k) for k in range(1, DRIFT_STEPS + 1)},
 }
 

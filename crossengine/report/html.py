@@ -68,11 +68,15 @@ SUMMARY_COLUMNS = [
 
 
 def run_report(run_dir: Path, out: Path | None = None) -> Path:
-    """Write (and return) the HTML report of a finished run."""
+    """Write (and return) the HTML report of a finished run (of a `crossengine localize` run: its localisation alone)."""
     from crossengine.results import write_text
 
     run_dir = Path(run_dir)
     meta = RunMeta.read(run_dir)
+    if not (run_dir / "summary.parquet").exists():
+        out = Path(out) if out else run_dir / "report.html"
+        write_text(out, page(f"crossengine: {meta.run_id}", [("Run", _run_section(meta)), ("Localisation", localisation_section(run_dir, meta))]))
+        return out
     summary = pd.read_parquet(run_dir / "summary.parquet")
     sections = [("Run", _run_section(meta))]
     inputs = read_inputs(run_dir)

@@ -213,11 +213,35 @@ def localisation_section(run_dir: Path, meta: RunMeta) -> str:
         fig.add_hline(y=tol, line_dash="dot", annotation_text=f"tolerance {tol:g}")
         fig.update_layout(title="max |Δ| of each module's output, in the reference's forward order", yaxis_type="log", height=420)
         parts.append(figure(fig, "layers") + html_table(pd.DataFrame(firsts)))
+    if (run_dir / "localize.parquet").exists():
+        parts.append(growth_figure(pd.read_parquet(run_dir / "localize.parquet")))
     if (run_dir / "buffers.parquet").exists():
         buffers = pd.read_parquet(run_dir / "buffers.parquet")
         bad = buffers[~buffers["ok"]]
-        parts.append(f"<h3>Buffer audit: {len(buffers)} checked, {len(bad)} with problems</h3>" + html_table(bad.drop(columns=["shape"], errors="ignore")))
+        parts.append(f"<h3>Weight and buffer audit: {len(buffers)} checked, {len(bad)} with problems</h3>" + html_table(bad.drop(columns=["shape"], errors="ignore")))
     return "".join(parts)
+
+
+def growth_figure(growth: pd.DataFrame) -> str:
+    """The error-growth chart: per candidate, the residual stream's relative error after each layer (worst sample), its
+    blocks' as dotted lines, the logits as the last point: one gap at one layer, or one that compounds."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for (cand, variant), g in growth.groupby(["cand_engine", "variant"], sort=False):
+        name = display_name(str(cand), str(variant))
+        per = g.groupby(["part", "layer"])["rel_error"].max()
+        for part, dash in (("residual", "solid"), ("attention", "dot"), ("mlp", "dash"), ("logits", None)):
+            if part not in per.index.get_level_values(0):
+                continue
+            line = per.loc[part]
+            label = f"{name}: {'residual stream' if part == 'residual' else part}"
+            mode = "markers" if part == "logits" else "lines+markers"
+            fig.add_trace(
+                go.Scatter(x=list(line.index), y=line.clip(lower=1e-12).values, mode=mode, name=label, line=dict(dash=dash) if dash else None, marker=dict(size=11 if part == "logits" else 6))
+            )
+    fig.update_layout(title="error growth: relative error ‖cand − ref‖ / ‖ref‖ after each layer (last point: the logits)", xaxis_title="layer", xaxis_dtick=1, yaxis_type="log", height=420)
+    return figure(fig, "growth")
 
 
 def refit_section(run_dir: Path, meta: RunMeta) -> str:
