@@ -8,6 +8,8 @@ the two reserved values, so the three can never be confused in the Parquet.
 
 from __future__ import annotations
 
+import numpy as np
+
 BASE = "base"
 SAMPLED = "sampled"
 RESERVED = (BASE, SAMPLED)
@@ -21,6 +23,11 @@ def display_name(cand_engine: str, variant: str) -> str:
     return f"{cand_engine}:{SAMPLED}" if variant == SAMPLED else variant
 
 
-def display_names(df) -> list[str]:
-    """display_name of every row of a frame with cand_engine and variant columns."""
-    return [display_name(c, v) for c, v in zip(df["cand_engine"], df["variant"])]
+def display_names(df):
+    """display_name of every row of a frame with cand_engine and variant columns (an object array): computed once per
+    pair, not per row (a run's token rows are millions, its pairs a handful)."""
+    if not len(df):
+        return np.array([], dtype=object)
+    groups = df.groupby(["cand_engine", "variant"], observed=True, dropna=False)
+    names = np.array([display_name(c, v) for c, v in groups.size().index], dtype=object)  # numbered as ngroup numbers them
+    return names[groups.ngroup().to_numpy()]

@@ -98,21 +98,21 @@ class DumpFile:
         self.parquet = self.path.suffix == ".parquet"
         self.torch = self.path.suffix in (".pt", ".pth")
         self._loaded: list | None = None  # a .pt file's records: one torch.load, held while the dump is read
-        self._group: tuple[int, list[dict]] | None = None
+        self._group: tuple[int, Any] | None = None  # (row group, its pyarrow Table)
         self.vocab_size: int | None = None  # set by whoever knows the model: ids at or above it are refused, naming the record
 
     # ---------------------------------------------------------------- reading
 
-    def _raw(self) -> Iterator[tuple[tuple[int, int], str, dict | Exception]]:
+    def _raw(self, columns: list[str] | None = None) -> Iterator[tuple[tuple[int, int], str, dict | Exception]]:
         """(pointer, where, object or the reason it does not parse), in file order; a pointer is
-        (byte offset, line) in JSONL, (row, row) in Parquet."""
+        (byte offset, line) in JSONL, (row, row) in Parquet (of which only `columns`, where given, are read)."""
         if self.torch:
             for i, obj in enumerate(self._torch_records()):
                 yield (i, i), f"{self.path}:samples[{i}]", obj
             return
         if self.parquet:
             n = 0
-            for batch in _parquet_file(self.path).iter_batches(batch_size=256):
+            for batch in _parquet_file(self.path).iter_batches(batch_size=256, columns=columns):
                 for obj in batch.to_pylist():
                     yield (n, n + 1), f"{self.path}:row {n + 1}", obj
                     n += 1
@@ -125,8 +125,14 @@ class DumpFile:
                     yield (start, line_no), f"{self.path}:{line_no}", _parse(line)
 
     def index(self) -> Iterator[tuple[str, tuple[int, int], str]]:
-        """(record id, pointer, where) of every record; a record without a readable id gets `line<N>`."""
-        for pointer, where, obj in self._raw():
+        """(record id, pointer, where) of every record; a record without a readable id gets `line<N>`. From Parquet,
+        only the columns an id is made of are read (the token and log-prob lists of millions of tokens are not)."""
+        columns = None
+        if self.parquet:
+            present = set(_parquet_file(self.path).schema_arrow.names)
+            wanted = [self.names["id"]] if "id" in self.names else ["export_step", "step", "rank", "export_sequence_idx"]
+            columns = [c for c in wanted if c in present] or None
+        for pointer, where, obj in self._raw(columns):
             try:
                 rid = self._id(obj, where) if isinstance(obj, dict) else None
             except RecordError:
@@ -156,9 +162,9 @@ class DumpFile:
             for g in range(f.num_row_groups):
                 rows = f.metadata.row_group(g).num_rows
                 if at < start + rows:
-                    if self._group is None or self._group[0] != g:  # one row group held at a time
-                        self._group = (g, f.read_row_group(g).to_pylist())
-                    return f"{self.path}:row {line_no}", self._group[1][at - start]
+                    if self._group is None or self._group[0] != g:  # one row group held at a time, as Arrow (Python objects per record read)
+                        self._group = (g, f.read_row_group(g))
+                    return f"{self.path}:row {line_no}", self._group[1].slice(at - start, 1).to_pylist()[0]
                 start += rows
             raise IndexError(at)
         with open(self.path, "rb") as f:

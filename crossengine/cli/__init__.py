@@ -31,6 +31,7 @@ from crossengine.experiment.load import load_experiment
 from crossengine.experiment.plan import make_plan
 from crossengine.experiment.preflight import preflight
 from crossengine.experiment.schema import LocalizeSpec, json_schema
+from crossengine.experiment.shapes import SHAPES
 from crossengine.experiment.sweep import is_sweep_file, load_sweep
 from crossengine.run.cluster import stop_local_cluster
 from crossengine.run.pool import one_line
@@ -372,10 +373,10 @@ def validate(experiment: Path = typer.Argument(..., help="Experiment YAML file, 
 
 
 @fixtures_app.command("build")
-def fixtures_build(names: list[str] | None = typer.Argument(None, help="Fixture names (default: all).")) -> None:
-    """Build the tiny offline fixtures (done automatically when an experiment names one)."""
+def fixtures_build(names: list[str] | None = typer.Argument(None, help="Fixture names (default: all but the real shapes, shape-*).")) -> None:
+    """Build the offline fixtures (done automatically when an experiment names one); the real-shape ones when named."""
 
-    for name in names or list(FIXTURES):
+    for name in names or [n for n in FIXTURES if n not in SHAPES]:
         if name not in FIXTURES:
             fail(CrossengineError(f"unknown fixture {name!r}; known: {sorted(FIXTURES)}"))
         console.print(f"{name}: {ensure_fixture(name)}")

@@ -65,7 +65,7 @@ def fast_tokenizer(special: list[str], vocab_size: int, **extra):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", **extra)
 
 
-def _save_tokenizer(tokenizer, out: Path) -> None:
+def save_tokenizer(tokenizer, out: Path) -> None:
     """Save so that transformers 4.x loads it too (5.x writes the 5-only class TokenizersBackend)."""
     tokenizer.save_pretrained(out)
     cfg_path = out / "tokenizer_config.json"
@@ -117,7 +117,7 @@ def _build_causal_lm(out: Path, seed: int, config_cls, model_cls, **extra) -> No
     model = model_cls(config).eval()
     _sharpen_attention(model)
     model.save_pretrained(out)
-    _save_tokenizer(tokenizer, out)
+    save_tokenizer(tokenizer, out)
 
 
 def build_tiny_text(out: Path, seed: int) -> None:
@@ -223,7 +223,7 @@ def build_tiny_remote(out: Path, seed: int) -> None:
         model = model_mod.TinyRopeForCausalLM(config).eval()
         model.save_pretrained(out)
         config.save_pretrained(out)
-        _save_tokenizer(tokenizer, out)
+        save_tokenizer(tokenizer, out)
 
 
 # The HF port's chat template: Qwen-style turns; an image part becomes the processor's <image>.
@@ -269,7 +269,7 @@ def build_tiny_molmo(out: Path, seed: int) -> None:
         image_processor = CLIPImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False)
         processor = proc_mod.TinyMolmoProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=_QWEN_TEMPLATE)
         processor.save_pretrained(out)
-        _save_tokenizer(tokenizer, out)
+        save_tokenizer(tokenizer, out)
         for name in ("processor_config.json", "preprocessor_config.json"):  # what register_for_auto_class writes, which
             path = out / name  # would also copy the code onto itself
             if path.exists():

@@ -29,6 +29,7 @@ from crossengine.experiment.fixture_builders import (
     build_tiny_vision,
     seed_all,
 )
+from crossengine.experiment.shapes import SHAPES
 
 FIXTURE_VERSION = "2"
 
@@ -143,6 +144,7 @@ FIXTURES: dict[str, Callable[[Path, int], None]] = {
     "tiny-vision-lora": _build_tiny_vision_lora,
     "tiny-text-nudged": _build_tiny_text_nudged,
     **{f"tiny-text-step{k}": _build_drift_step(k) for k in range(1, DRIFT_STEPS + 1)},
+    **SHAPES,  # real shapes (crossengine/experiment/shapes.py): built when named
 }
 
 

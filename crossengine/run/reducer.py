@@ -49,7 +49,7 @@ def reduce_tokens(root: str, reference: str, expected: list[tuple[str, str]], al
     floors = floor_table(Path(root) / "noise")
     rates = routing_table(Path(root) / "routing") if routing else None
     scored = summary[(summary["modality"] == "all") & (summary["n_tokens"] > 0) & (summary["variant"] != SAMPLED)] if len(summary) else summary
-    if len(scored) < 2:  # nearest needs two candidates with token rows (the generator's own sampling is not one)
+    if len(scored[["cand_engine", "variant"]].drop_duplicates()) < 2:  # nearest needs two candidates with token rows (the generator's own sampling is not one)
         return summary, None, alarms, floors, rates
     from crossengine.compare.nearest import nearest_table
 
