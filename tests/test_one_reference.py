@@ -143,10 +143,10 @@ def test_above_noise_knows_rounding(run):
         np.testing.assert_array_equal(rows["above_noise"].to_numpy(bool), expected, err_msg=inst)
 
 
-@pytest.mark.parametrize("attempt", [1, 2])
-def test_vllm_full_vocabulary_loads_again_and_again(ray_cluster, tmp_path_factory, attempt):
-    """The load deadlock came 5 times in 5 before the fix: beside the module's run, two more loads of a vLLM
-    engine with its full vocabulary at 32k ids (the compile thread starts beside each)."""
+def test_vllm_full_vocabulary_loads_again(ray_cluster, tmp_path_factory):
+    """The load deadlock came 5 times in 5 before the fix: beside the module's run, one more load of a vLLM engine
+    with its full vocabulary at 32k ids (the compile thread starts beside each)."""
+    attempt = 1
     text = f"model: tiny-text-32k\nreference: hf\nengines:\n  hf: {{type: hf}}\n  vllm: {{type: vllm, full_vocab: true, {VLLM}}}\nsamples:\n  - token_ids: [1, 5, 900, 31000, 17]\n"
     _, run_dir, runner = run_text(tmp_path_factory, f"again{attempt}", text)
     assert not runner.errors, runner.errors

@@ -4,8 +4,6 @@ full logits from the worker. Real vLLM on the CPU (.venvs/vllm); three runs, eac
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -109,13 +107,24 @@ def test_full_logits_from_the_worker_equal_vllms_own_pairs(inside_run):
     assert pairs["cos_sim"].isna().all(), "vLLM's pairs are log-probs: no cosine"
 
 
+MOE_NUDGED = "model.layers.3.self_attn.q_proj.weight"  # the last of tiny-moe's four layers: three MoE layers before it
+
+
 @pytest.fixture(scope="module")
 def vllm_reference(ray_cluster, tmp_path_factory):
-    """`crossengine localize` with vLLM as the reference and HF (loading the nudged copy) as the candidate."""
+    """`crossengine localize` with vLLM (tiny-moe) as the reference and HF as the candidate, loading a copy of it with
+    one attention weight of its last layer nudged: the MoE layers before it must align and agree."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     d = tmp_path_factory.mktemp("vref")
+    model = AutoModelForCausalLM.from_pretrained(ensure_fixture("tiny-moe"), dtype=torch.float32)
+    with torch.no_grad():
+        dict(model.named_parameters())[MOE_NUDGED][:, 0].add_(1e-2)  # every q feature moves with the input's first: well over 1e-4
+    model.save_pretrained(d / "nudged")
+    AutoTokenizer.from_pretrained(ensure_fixture("tiny-moe")).save_pretrained(d / "nudged")
     (d / "x.yaml").write_text(
-        f"model: tiny-text\nreference: vllm\nengines:\n  vllm: {{type: vllm, dtype: float32, env: {{python: {VLLM_PYTHON}}}, options: {{max_model_len: 256}}}}\n"
-        "  hf-nudged: {type: hf, dtype: float32, model: tiny-text-nudged}\n"
+        f"model: tiny-moe\nreference: vllm\nengines:\n  vllm: {{type: vllm, dtype: float32, env: {{python: {VLLM_PYTHON}}}, options: {{max_model_len: 256}}}}\n"
+        f"  hf-nudged: {{type: hf, dtype: float32, model: {d / 'nudged'}}}\n"
         "samples:\n  - text: 'The quick brown fox jumps over the lazy dog.'\nlocalize: {}\n"
     )
     result = CliRunner().invoke(app, ["localize", str(d / "x.yaml"), "--output-dir", str(d / "out"), "--run-id", "a"])
@@ -123,40 +132,20 @@ def vllm_reference(ray_cluster, tmp_path_factory):
     return d / "out" / "a", result.output
 
 
-def test_vllm_as_the_reference_finds_the_same_module(vllm_reference):
+def test_vllm_as_the_reference_finds_the_nudged_module_in_a_moe_model(vllm_reference):
     run_dir, output = vllm_reference
     layers = pd.read_parquet(run_dir / "layers.parquet")
     first = layers[layers["max_abs_diff"] > 1e-4].sort_values("order").iloc[0]
-    assert (first["module"], first["cand_module"]) == (FUSED, PARTS)
-    assert f"first divergence at module {FUSED} (hf-nudged's {PARTS})" in " ".join(output.split())
+    assert (first["module"], first["cand_module"]) == ("model.layers.3.self_attn.qkv_proj", "model.layers.3.self_attn.q_proj+k_proj+v_proj")
+    assert "first divergence at module model.layers.3.self_attn.qkv_proj (hf-nudged's model.layers.3.self_attn.q_proj+k_proj+v_proj)" in " ".join(output.split())
+    before = layers[layers["order"] < first["order"]]
+    assert (before["rel_error"] <= 1e-4).all(), before.sort_values("rel_error").tail(3)
+    assert sorted(before.loc[before["part"] == "mlp", "layer"]) == [0, 1, 2], "the three MoE blocks before it align and agree"
+    assert sorted(before.loc[before["part"] == "residual", "layer"]) == [0, 1, 2]
     assert "localize.parquet" in output.split("results:")[-1], "the results line names the error-growth table"
     page = CliRunner().invoke(app, ["report", str(run_dir), "--html"])
     assert page.exit_code == 0 and "a localisation (crossengine localize)" in page.output, page.output
     assert "error growth" in (run_dir / "report.html").read_text(), "a localize-only run has a report: its localisation"
-
-
-@pytest.fixture(scope="module")
-def moe_run(ray_cluster, tmp_path_factory):
-    d = tmp_path_factory.mktemp("moe")
-    (d / "x.yaml").write_text(
-        f"model: tiny-moe\nreference: hf\nengines:\n  hf: {{type: hf, dtype: float32}}\n"
-        f"  vllm: {{type: vllm, dtype: float32, env: {{python: {VLLM_PYTHON}}}, options: {{max_model_len: 256}}}}\n"
-        "samples:\n  - text: 'The quick brown fox jumps over the lazy dog.'\nlocalize: {}\n"
-    )
-    result = CliRunner().invoke(app, ["localize", str(d / "x.yaml"), "--output-dir", str(d / "out"), "--run-id", "a"])
-    assert result.exit_code == 0, result.output
-    return d / "out" / "a", result.output
-
-
-def test_a_moe_model_aligns_layer_by_layer_in_fp32(moe_run):
-    run_dir, output = moe_run
-    layers = pd.read_parquet(run_dir / "layers.parquet")
-    assert (layers["rel_error"] <= 1e-4).all(), layers.sort_values("rel_error").tail(3)
-    residual = layers[layers["part"] == "residual"]
-    mlp = layers[layers["part"] == "mlp"]
-    config = json.loads((ensure_fixture("tiny-moe") / "config.json").read_text())
-    assert sorted(residual["layer"]) == sorted(mlp["layer"]) == list(range(config["num_hidden_layers"])), "every layer's stream and its MoE block"
-    assert "no module differs by more than" in output
 
 
 def test_the_residual_stream_is_the_sum_of_vllms_deferred_add():
@@ -182,7 +171,7 @@ def test_fused_projections_align_with_their_parts_and_nothing_else():
     hf = [rec("q_proj", q), rec("k_proj", k), rec("v_proj", v), rec("o_proj", q)]
     vllm = [rec("qkv_proj", np.concatenate([q, k, v], 1)), rec("o_proj", q)]
     fused = fuse_parts(hf, vllm)
-    assert [r["name"].rpartition(".")[2] for r in fused] == ["q_proj", "k_proj", "v_proj", "q_proj+k_proj+v_proj", "o_proj"]
+    assert [r["name"].rpartition(".")[2] for r in fused] == ["q_proj+k_proj+v_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
     table = compare(fused, vllm, 1e-9)
     assert set(zip(table["module"], table["cand_module"])) == {("model.layers.0.self_attn.q_proj+k_proj+v_proj", "model.layers.0.self_attn.qkv_proj"), ("model.layers.0.self_attn.o_proj",) * 2}
     assert (table["max_abs_diff"] == 0).all()

@@ -1,13 +1,11 @@
 """vLLM engine: `vllm.LLM` offline, in its own Python environment.
 
-Scoring asks for `prompt_logprobs=k` on the exact ids the reference produced (a
-TokensPrompt); a multimodal sample goes in as text + images and vLLM's own expansion is
-checked against the reference's ids. Output is requested as `FlatLogprobs`, whose parallel
-lists become numpy arrays with one reshape: no per-token Python objects.
-
-vLLM gives top-k, so its pairs have null full-vocabulary columns, unless the engine sets
-`full_vocab: true`: then its raw logits come from inside its worker (vllm_inside.py), one array
-per prompt; `full_vocab_path: prompt_logprobs` takes vLLM's own prompt_logprobs=-1 pairs instead.
+Scoring asks for `prompt_logprobs=k` on the exact ids the reference produced (a TokensPrompt); a multimodal sample
+goes in as text + images and vLLM's own expansion is checked against the reference's ids. Output is requested as
+`FlatLogprobs`, whose parallel lists become numpy arrays with one reshape: no per-token Python objects.
+vLLM gives top-k, so its pairs have null full-vocabulary columns, unless the engine sets `full_vocab: true`: then its
+raw logits come from inside its worker (vllm_inside.py), one array per prompt; `full_vocab_path: prompt_logprobs`
+takes vLLM's own prompt_logprobs=-1 pairs instead.
 """
 
 from __future__ import annotations
@@ -331,7 +329,11 @@ class VLLMEngine(VLLMInside, VLLMAudit, VLLMWeights, Engine):
             ids = np.asarray(r.prompt_token_ids, dtype=np.int64)
             logprobs = None
             if inside:
-                token_lp, topk_ids, topk_lp, logprobs = self.worker_scores(str(i), ids, k)
+                try:
+                    token_lp, topk_ids, topk_lp, logprobs = self.worker_scores(str(i), ids, k)
+                except Exception as exc:  # noqa: BLE001 - one sample's logits missing from the worker: that sample, named
+                    out.append(SampleError.from_exception(s.sample_id, self.instance, exc))
+                    continue
             elif whole:
                 token_lp, all_ids, all_lp = flat_to_arrays(r.prompt_logprobs, len(ids), self.vocab_size, first_scored=1)
                 logprobs = np.full((len(ids), self.vocab_size), np.nan, np.float32)
@@ -393,6 +395,5 @@ class VLLMEngine(VLLMInside, VLLMAudit, VLLMWeights, Engine):
         return out
 
     def close(self) -> None:
-
         del self.llm
         gc.collect()

@@ -29,7 +29,8 @@ def _parts(key: str, have: set[str]) -> list[str] | None:
 
 def fuse_parts(side: list[dict], other: list[dict]) -> list[dict]:
     """`side`'s records plus, for each fused module of `other` that `side` computes in parts, their concatenation
-    (named `parent.q_proj+k_proj+v_proj`, keyed as the fused module), placed after the last of its parts."""
+    (named `parent.q_proj+k_proj+v_proj`, keyed as the fused module), placed where the first of its parts is: the fused
+    module runs before whatever follows any part (Qwen3 norms q before it computes k: q_proj, q_norm, k_proj, ...)."""
     keys = {r["key"]: i for i, r in enumerate(side)}
     extra: dict[int, list[dict]] = {}
     for fused in other:
@@ -44,11 +45,11 @@ def fuse_parts(side: list[dict], other: list[dict]) -> list[dict]:
         parent = records[0]["name"].rpartition(".")[0]
         name = f"{parent}.{'+'.join(r['name'].rpartition('.')[2] for r in records)}"
         merged = {**records[0], "name": name, "key": fused["key"], "output": np.concatenate([r["output"] for r in records], axis=1)}
-        extra.setdefault(max(keys[p] for p in parts), []).append(merged)
+        extra.setdefault(min(keys[p] for p in parts), []).append(merged)
     if not extra:
         return side
     out = []
     for i, r in enumerate(side):
-        out.append(r)
         out.extend(extra.get(i, []))
+        out.append(r)
     return out
