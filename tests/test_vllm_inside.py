@@ -35,8 +35,13 @@ def inside_run(ray_cluster, tmp_path_factory):
     text = text.replace(
         "samples:\n", f"  pairs: {{type: vllm, dtype: float32, full_vocab: true, full_vocab_path: prompt_logprobs, env: {{python: {VLLM_PYTHON}}}, options: {{max_model_len: 256}}}}\nsamples:\n", 1
     )
-    (d / "x.yaml").write_text(text)
-    result = CliRunner().invoke(app, ["run", str(d / "x.yaml"), "--output-dir", str(d / "out"), "--run-id", "a"])
+    return _cli("run", d, text)
+
+
+def _cli(command: str, d, experiment: str):
+    """`crossengine COMMAND` on this experiment text as a user runs it: (run folder, what it printed)."""
+    (d / "x.yaml").write_text(experiment)
+    result = CliRunner().invoke(app, [command, str(d / "x.yaml"), "--output-dir", str(d / "out"), "--run-id", "a"])
     assert result.exit_code == 0, result.output
     return d / "out" / "a", result.output
 
@@ -122,14 +127,13 @@ def vllm_reference(ray_cluster, tmp_path_factory):
         dict(model.named_parameters())[MOE_NUDGED][:, 0].add_(1e-2)  # every q feature moves with the input's first: well over 1e-4
     model.save_pretrained(d / "nudged")
     AutoTokenizer.from_pretrained(ensure_fixture("tiny-moe")).save_pretrained(d / "nudged")
-    (d / "x.yaml").write_text(
+    return _cli(
+        "localize",
+        d,
         f"model: tiny-moe\nreference: vllm\nengines:\n  vllm: {{type: vllm, dtype: float32, env: {{python: {VLLM_PYTHON}}}, options: {{max_model_len: 256}}}}\n"
         f"  hf-nudged: {{type: hf, dtype: float32, model: {d / 'nudged'}}}\n"
-        "samples:\n  - text: 'The quick brown fox jumps over the lazy dog.'\nlocalize: {}\n"
+        "samples:\n  - text: 'The quick brown fox jumps over the lazy dog.'\nlocalize: {}\n",
     )
-    result = CliRunner().invoke(app, ["localize", str(d / "x.yaml"), "--output-dir", str(d / "out"), "--run-id", "a"])
-    assert result.exit_code == 0, result.output
-    return d / "out" / "a", result.output
 
 
 def test_vllm_as_the_reference_finds_the_nudged_module_in_a_moe_model(vllm_reference):
