@@ -36,9 +36,11 @@ def test_a_model_of_real_width_and_vocabulary_scores_alike_in_hf_and_vllm(ray_cl
         f"  vllm: {{type: vllm, dtype: float32, full_vocab: true, env: {{python: {VLLM_PYTHON}}}, options: {{max_model_len: 256}}}}\n"
         "samples:\n  - text: 'The quick brown fox jumps over the lazy dog while the engines compare their numbers.'\n"
         "  - {id: high-ids, token_ids: [1, 151000, 150001, 100000, 77777, 151935, 5, 6, 7, 120000]}\ntop_k: 5\nfull_vocab: true\n"
+        "placement: {logits_budget_gb: 0.001}\n"  # 1 MiB: every sample's 151,936-wide logits come a block of rows at a time, vLLM's from its worker
     )
     result = CliRunner().invoke(app, ["run", str(tmp_path / "x.yaml"), "--output-dir", str(tmp_path / "out"), "--run-id", "r"])
     assert result.exit_code == 0, result.output
+    assert "logits budget 0.001 GiB per worker: hf, vllm score samples beyond 1 tokens" in " ".join(result.output.split())
     tokens = pd.read_parquet(tmp_path / "out" / "r" / "tokens")
     assert set(tokens["sample_id"].astype(str)) == {"s0", "high-ids"}, "ids past the tokenizer's 508 reach the real vocabulary"
     assert tokens["abs_lp_diff"].max() <= 1e-4 and tokens["kl_ref_cand"].max() <= 1e-6, tokens[["abs_lp_diff", "kl_ref_cand"]].max()

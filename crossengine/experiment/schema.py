@@ -253,7 +253,7 @@ class PlacementSpec(Strict):
         None,
         gt=0,
         description="Most full-vocabulary logits one worker holds at once (GiB): a sample whose logits exceed it is scored and "
-        "compared a block of positions at a time (engines with the chunks_logits trait: hf). Default: whole samples.",
+        "compared a block of positions at a time (engines with the chunks_logits trait: hf, vllm). Default: whole samples.",
     )
 
     @property
