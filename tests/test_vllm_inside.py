@@ -112,7 +112,8 @@ def test_full_logits_from_the_worker_equal_vllms_own_pairs(inside_run):
     assert pairs["cos_sim"].isna().all(), "vLLM's pairs are log-probs: no cosine"
 
 
-MOE_NUDGED = "model.layers.3.self_attn.q_proj.weight"  # the last of tiny-moe's four layers: three MoE layers before it
+MOE_NUDGED = "model.layers.3.self_attn.q_proj.weight"
+LONG = " ".join(["the engines compare their numbers"] * 60)  # over the vLLM engine's max_model_len of 256  # the last of tiny-moe's four layers: three MoE layers before it
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +133,8 @@ def vllm_reference(ray_cluster, tmp_path_factory):
         d,
         f"model: tiny-moe\nreference: vllm\nengines:\n  vllm: {{type: vllm, dtype: float32, env: {{python: {VLLM_PYTHON}}}, options: {{max_model_len: 256}}}}\n"
         f"  hf-nudged: {{type: hf, dtype: float32, model: {d / 'nudged'}}}\n"
-        "samples:\n  - text: 'The quick brown fox jumps over the lazy dog.'\nlocalize: {}\n",
+        "samples:\n  - text: 'The quick brown fox jumps over the lazy dog.'\n"
+        f"  - {{id: too-long, text: '{LONG}'}}\nlocalize: {{samples: 2}}\n",
     )
 
 
@@ -147,6 +149,8 @@ def test_vllm_as_the_reference_finds_the_nudged_module_in_a_moe_model(vllm_refer
     assert sorted(before.loc[before["part"] == "mlp", "layer"]) == [0, 1, 2], "the three MoE blocks before it align and agree"
     assert sorted(before.loc[before["part"] == "residual", "layer"]) == [0, 1, 2]
     assert "localize.parquet" in output.split("results:")[-1], "the results line names the error-growth table"
+    assert "hf-nudged: sample too-long not localised: vllm cannot run it (" in output and "exceed max_model_len 256" in output
+    assert set(layers["sample_id"]) == {"s0"}, "the other sample is localised all the same"
     page = CliRunner().invoke(app, ["report", str(run_dir), "--html"])
     assert page.exit_code == 0 and "a localisation (crossengine localize)" in page.output, page.output
     assert "error growth" in (run_dir / "report.html").read_text(), "a localize-only run has a report: its localisation"

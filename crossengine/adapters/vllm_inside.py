@@ -251,7 +251,8 @@ class VLLMInside:
     _keeping = False  # its worker keeps prompts' hidden states (full_vocab through the worker)
 
     def capture(self, samples: list, patterns: list[str] | None, max_positions: int = 512) -> list[list[dict]]:
-        """Per sample, its module outputs inside vLLM's worker (one prompt per call: the hooks see only its tokens)."""
+        """Per sample, its module outputs inside vLLM's worker (one prompt per call: the hooks see only its tokens); a
+        sample this engine cannot run is its SampleError, in its place."""
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
@@ -263,7 +264,8 @@ class VLLMInside:
             finally:
                 records = self.llm.collective_rpc("crossengine_capture_end")[0]
             if isinstance(result, SampleError):
-                raise result
+                out.append(result)
+                continue
             out.append(
                 [{"name": n, "leaf": leaf, "output": decode_array(o).copy(), "input": None if i is None else decode_array(i).copy(), "internal": internal(cls)} for n, leaf, cls, o, i in records]
             )

@@ -17,6 +17,7 @@ import re
 import numpy as np
 import pandas as pd
 
+from crossengine.adapters.base import SampleError
 from crossengine.compare.fused import fuse_parts
 from crossengine.compare.growth import block_of
 from crossengine.identity import display_name
@@ -209,18 +210,24 @@ def localize_wave(pool, plan, samples, raw: dict) -> tuple[pd.DataFrame, pd.Data
         extra = spec.module_map.get(engine, {})
         return [{**c, "key": canonical(c["name"], kind[engine], extra)} for c in caps if not c.get("internal")]
 
-    layer_rows = []
+    layer_rows, noted = [], set()
     for inst in torch_engines:
         if inst.is_reference:
             continue
-        for n, (s, ref_cap, cand_cap) in enumerate(zip(traced, captures[ref_name], captures[inst.name])):
+        for s, ref_cap, cand_cap in zip(traced, captures[ref_name], captures[inst.name]):
+            failed = next((c for c in (ref_cap, cand_cap) if isinstance(c, SampleError)), None)
+            if failed is not None:  # an engine that cannot run this sample (too long for it): said, the others go on
+                who = ref_name if failed is ref_cap else inst.name
+                messages.append(f"{inst.name}: sample {s.sample_id} not localised: {who} cannot run it ({failed.message})")
+                continue
             ref_k, cand_k = keyed(ref_name, ref_cap), keyed(inst.name, cand_cap)
             ref_k, cand_k = fuse_parts(ref_k, cand_k), fuse_parts(cand_k, ref_k)  # one side's qkv_proj, the other's q, k, v
             table = compare(ref_k, cand_k, spec.tolerance)
             if table.empty:
                 messages.append(_unmatched(ref_name, inst.name, ref_cap, cand_cap))
                 continue
-            if n == 0:
+            if inst.name not in noted:  # once per candidate, at its first localised sample
+                noted.add(inst.name)
                 messages.extend(_alignment_notes(ref_name, inst.name, table, ref_cap, cand_cap, ref_k, cand_k))
             table.insert(0, "sample_id", s.sample_id)
             table.insert(0, "variant", inst.variant)
