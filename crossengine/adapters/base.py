@@ -175,6 +175,12 @@ def check_traits(cls: type) -> str | None:
     return None
 
 
+# blocks of logits a candidate's worker may hold at once: on its main thread the next batch's scoring (a block and
+# its log-softmax), on its compare thread its own block and the reference's (one more prefetched), and slack for the
+# allocator and the kernel (measured: 6 blocks' worth peaks at 93 % of the budget, tests/test_scale.py)
+CHUNK_COPIES = 8
+
+
 class SampleError(ValueError):
     """A problem with one sample that the run reports and skips, e.g. a prompt too long."""
 
@@ -276,6 +282,13 @@ class Engine(abc.ABC):
     def replay_routing(self, routing: dict[str, np.ndarray]) -> None:
         """Route the next scores' samples (by id) with these expert choices [T, L, k] instead of its own (traits.replays_routing)."""
         raise NotImplementedError(f"engine {self.name!r} cannot replay routing")
+
+    def _block_rows(self, tokens: int) -> int | None:
+        """Rows of logits per block where a sample of `tokens` (of `self.vocab_size`) exceeds `logits_budget`, else None
+        (whole logits). A worker holds fewer than CHUNK_COPIES blocks at once (see there)."""
+        if self.logits_budget is None or tokens * self.vocab_size * 4 <= self.logits_budget:
+            return None
+        return max(2, self.logits_budget // (CHUNK_COPIES * 4 * self.vocab_size))
 
     def limit_logits(self, budget: int) -> None:
         """From now on a sample whose full logits exceed `budget` bytes is scored in position blocks and its

@@ -41,11 +41,6 @@ from .tokens import mask_kinds, text_modality, tokenizer_fingerprint, vocab_erro
 from .torch_routing import RoutedScoring
 from .torch_spec import resolve_device, torch_dtype, versions
 
-# blocks of logits a candidate's worker may hold at once: on its main thread the next batch's scoring (a block and
-# its log-softmax), on its compare thread its own block and the reference's (one more prefetched), and slack for the
-# allocator and the kernel (measured: 6 blocks' worth peaks at 93 % of the budget, tests/test_scale.py)
-CHUNK_COPIES = 8
-
 
 class TorchEngine(RoutedScoring, MicroBatches, Engine):
     """A torch model scoring one unpadded sample per forward; see the module docstring."""
@@ -287,13 +282,6 @@ class TorchEngine(RoutedScoring, MicroBatches, Engine):
             top_lps.append(v)
             del lp
         return self._pack(s, np.concatenate(lps), np.concatenate(top_ids), np.concatenate(top_lps), logits)
-
-    def _block_rows(self, tokens: int) -> int | None:
-        """Rows of logits per block where a sample of `tokens` exceeds the budget, else None (whole logits).
-        A worker holds fewer than CHUNK_COPIES blocks at once (see there)."""
-        if self.logits_budget is None or tokens * self.vocab_size * 4 <= self.logits_budget:
-            return None
-        return max(2, self.logits_budget // (CHUNK_COPIES * 4 * self.vocab_size))
 
     def limit_logits(self, budget: int) -> None:
         """Score longer samples in blocks (Engine.limit_logits), once a short probe shows that the output layer

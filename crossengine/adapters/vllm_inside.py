@@ -247,7 +247,6 @@ class WorkerRows(LogitRows):
 class VLLMInside:
     """The vllm engine's localisation and full-logits methods (traits captures_modules, chunks_logits)."""
 
-    logits_budget: int | None = None
     _keeping = False  # its worker keeps prompts' hidden states (full_vocab through the worker)
 
     def capture(self, samples: list, patterns: list[str] | None, max_positions: int = 512) -> list[list[dict]]:
@@ -280,8 +279,9 @@ class VLLMInside:
         run under `key`: from its logits in vLLM's worker; row 0 (it predicts nothing) padded. Whole logits come through
         a file in shared memory (mapped here, unlinked at once: the mapping keeps it until the array is dropped)."""
         n, vocab = len(ids), self.vocab_size
-        whole = self.logits_budget is None or n * vocab * 4 <= self.logits_budget
-        block = n if whole else max(2, self.logits_budget // (8 * 4 * vocab))
+        block = self._block_rows(n)
+        whole = block is None
+        block = block or n
         path = None
         if whole:
             fd, path = tempfile.mkstemp(prefix="crossengine-logits-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
